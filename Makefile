@@ -1,0 +1,40 @@
+# blktap2-rs: top-level targets. `make help` lists them.
+#
+# The kernel is built once into a cache outside the repo ($(CACHE)); KDIR points at that build.
+
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/blktap2-rs
+VARIANT ?= default
+KDIR ?= $(CACHE)/kernel/$(VARIANT)
+
+.PHONY: help setup kernel module userspace test demo check-host clean
+
+help:
+	@echo "make demo       set up everything, then show blktap in a VM (the main job)"
+	@echo "make test       run every test (host checks, KUnit, VM tests)"
+	@echo "make setup      install packages, toolchain and kernel source (idempotent)"
+	@echo "make kernel     build the test kernel into the cache (once)"
+	@echo "make module     build blktap.ko against the cached kernel"
+	@echo "make userspace  build tap-ctl and tapdisk"
+
+setup:
+	@scripts/setup
+
+kernel: setup
+	@scripts/build-kernel $(VARIANT) >/dev/null
+
+module: kernel
+	@$(MAKE) -s -C $(KDIR) M=$(CURDIR) LLVM=-19 modules
+
+userspace:
+	@cd userspace && cargo build --release --quiet
+
+test:
+	@scripts/test
+
+demo:
+	@scripts/demo
+
+clean:
+	@[ -d $(KDIR) ] && $(MAKE) -s -C $(KDIR) M=$(CURDIR) LLVM=-19 clean || true
+	@cd userspace && cargo clean
