@@ -1,0 +1,85 @@
+# tests/vm/lib.sh: helpers for test scripts that run inside the guest (sourced).
+#
+# Each `check` prints one TAP-like line, `ok - what` or `not ok - what` followed by the failing
+# command's output; the host counts them. A script ends with `finish`, whose status is the
+# script's: 0 only if every check passed.
+
+REPO=${BLKTAP_REPO:-$(pwd)}
+KO=$REPO/blktap.ko
+TAPCTL=$REPO/userspace/target/release/tap-ctl
+DEVDIR=/dev/xen/blktap-2
+CLASS=/sys/class/blktap2
+export PATH=$REPO/userspace/target/release:$PATH
+
+_pass=0
+_fail=0
+_out=/tmp/check.out
+
+# check WHAT CMD...: CMD must succeed.
+check() {
+    what=$1
+    shift
+    if "$@" >"$_out" 2>&1; then
+        echo "ok - $what"
+        _pass=$((_pass + 1))
+    else
+        echo "not ok - $what"
+        sed 's/^/#   /' "$_out" | head -n 20
+        _fail=$((_fail + 1))
+    fi
+}
+
+# fails CMD...: succeeds if CMD fails (for use inside check).
+fails() { ! "$@"; }
+
+# errno_of CMD...: runs a command that reports an errno as its exit status (tap-ctl does), and
+# prints that status.
+errno_of() {
+    "$@" >/dev/null 2>&1
+    echo $?
+}
+
+# ioctl NODE CMD ARG: prints the errno name an ioctl answers (OK on success). ARG is passed as a
+# full-width unsigned long, so out-of-range values reach the kernel as they are.
+ioctl() {
+    python3 - "$@" <<'PY'
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+node, cmd, arg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+try:
+    fd = os.open(node, os.O_RDWR)
+except OSError as e:
+    print("open:" + errno.errorcode[e.errno]); sys.exit(0)
+ret = libc.ioctl(fd, ctypes.c_ulong(cmd), ctypes.c_ulong(arg % 2**64))
+print("OK" if ret >= 0 else errno.errorcode[ctypes.get_errno()])
+PY
+}
+
+# is TEXT EXPECTED: the two strings are equal (prints both if not).
+is() {
+    if [ "$1" = "$2" ]; then return 0; fi
+    echo "got:      '$1'"
+    echo "expected: '$2'"
+    return 1
+}
+
+load() { insmod "$KO"; }
+unload() { rmmod blktap; }
+
+finish() {
+    echo "# $_pass passed, $_fail failed"
+    [ "$_fail" = 0 ]
+}
+
+# write_attr FILE DATA: writes DATA (no newline added) in one write(2); prints OK or the errno name.
+write_attr() {
+    python3 - "$@" <<'PY'
+import errno, os, sys
+try:
+    fd = os.open(sys.argv[1], os.O_WRONLY)
+    os.write(fd, sys.argv[2].encode())
+    print("OK")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+PY
+}
