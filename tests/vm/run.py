@@ -72,6 +72,10 @@ def qemu_cmd(kernel_dir, accel, script, serial_log):
         "-serial", f"file:{serial_log}",
         "-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=root,mount_tag=blktaproot",
+        # The repo again, mounted at its own path after the guest's tmpfs mounts, which would
+        # hide it if it lived under /tmp.
+        "-fsdev", f"local,id=repo,path={REPO},security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=repo,mount_tag=blktaprepo",
     ]
     if accel == "kvm":
         cmd += ["-accel", "kvm", "-cpu", "host"]
