@@ -22,8 +22,10 @@ use kernel::{
         c_ulong, //
     },
     fs::File,
+    mm::virt::VmaNew,
     module::this_module,
     prelude::*,
+    sync::poll::PollTable,
     types::{
         ForeignOwnable,
         Opaque, //
@@ -91,6 +93,24 @@ pub trait CharDevice: Sized {
     /// Releases a file when its last reference is dropped.
     fn release(ptr: Self::Ptr, _file: &File) {
         drop(ptr);
+    }
+
+    /// Sets up a new mapping of the file.
+    fn mmap(
+        _ptr: <Self::Ptr as ForeignOwnable>::Borrowed<'_>,
+        _file: &File,
+        _vma: &VmaNew,
+    ) -> Result {
+        build_error!(VTABLE_DEFAULT_ERROR)
+    }
+
+    /// Registers `table` with the file's wait queues and returns the ready events (`POLL*`).
+    fn poll(
+        _ptr: <Self::Ptr as ForeignOwnable>::Borrowed<'_>,
+        _file: &File,
+        _table: PollTable<'_>,
+    ) -> u32 {
+        build_error!(VTABLE_DEFAULT_ERROR)
     }
 
     /// Handles an `ioctl`.
@@ -216,9 +236,46 @@ impl<T: CharDevice> FopsVTable<T> {
         }
     }
 
+    /// # Safety
+    ///
+    /// `file` is an open file of a `Cdev<T>` and `vma` a mapping of it being set up.
+    unsafe extern "C" fn mmap(
+        file: *mut bindings::file,
+        vma: *mut bindings::vm_area_struct,
+    ) -> c_int {
+        // SAFETY: Between `open` and `release` the private data may be borrowed.
+        let ptr = unsafe { <T::Ptr as ForeignOwnable>::borrow((*file).private_data.cast()) };
+        // SAFETY: The file is valid for the duration of the call, with no `fdget_pos` region.
+        let f = unsafe { File::from_raw_file(file) };
+        // SAFETY: `vma` is a mapping undergoing its initial set-up, as `mmap` is called.
+        let area = unsafe { VmaNew::from_raw(vma) };
+        match T::mmap(ptr, f, area) {
+            Ok(()) => 0,
+            Err(e) => e.to_errno(),
+        }
+    }
+
+    /// # Safety
+    ///
+    /// `file` is an open file of a `Cdev<T>` and `table` a poll table or null.
+    unsafe extern "C" fn poll(
+        file: *mut bindings::file,
+        table: *mut bindings::poll_table_struct,
+    ) -> bindings::__poll_t {
+        // SAFETY: Between `open` and `release` the private data may be borrowed.
+        let ptr = unsafe { <T::Ptr as ForeignOwnable>::borrow((*file).private_data.cast()) };
+        // SAFETY: The file is valid for the duration of the call, with no `fdget_pos` region.
+        let f = unsafe { File::from_raw_file(file) };
+        // SAFETY: `table` is the poll table of this `poll` call, valid for its duration.
+        let table = unsafe { PollTable::from_raw(table) };
+        T::poll(ptr, f, table)
+    }
+
     const VTABLE: bindings::file_operations = bindings::file_operations {
         open: Some(Self::open),
         release: Some(Self::release),
+        mmap: if T::HAS_MMAP { Some(Self::mmap) } else { None },
+        poll: if T::HAS_POLL { Some(Self::poll) } else { None },
         unlocked_ioctl: if T::HAS_IOCTL {
             Some(Self::ioctl)
         } else {

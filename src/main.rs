@@ -17,7 +17,8 @@
 //! # Lock order
 //!
 //! 1. `Taps::table` (`blktap_taps`);
-//! 2. `Tap::inner` (`blktap_tap`).
+//! 2. `Tap::inner` (`blktap_tap`);
+//! 3. `Tap::ring` (`blktap_ring`, spinlock).
 //!
 //! # Teardown
 //!
@@ -38,6 +39,8 @@ use kernel::{
 };
 
 mod control;
+mod device;
+mod request;
 mod ring;
 mod sysfs;
 mod tap;
@@ -45,6 +48,8 @@ mod uapi;
 
 // The project's own abstractions over `kernel::bindings` (see `rust/`), public so that each is
 // usable on its own.
+#[path = "../rust/blk_mq.rs"]
+pub mod blk_mq;
 #[path = "../rust/blkdev.rs"]
 pub mod blkdev;
 #[path = "../rust/chrdev.rs"]
@@ -98,7 +103,7 @@ pub(crate) struct Taps {
 }
 
 impl Taps {
-    fn verbose(&self) -> bool {
+    pub(crate) fn verbose(&self) -> bool {
         self.verbosity.load(core::sync::atomic::Ordering::Relaxed) > 0
     }
 }
@@ -136,6 +141,16 @@ impl Blktap {
             }),
             GFP_KERNEL,
         )
+    }
+
+    /// The block major of the disks.
+    pub(crate) fn bdev_major(&self) -> u32 {
+        self.bdev_major.major()
+    }
+
+    /// Whether to log each operation.
+    pub(crate) fn verbose(&self) -> bool {
+        self.taps.verbose()
     }
 
     /// Allocates the tap with the lowest free minor (`ALLOC_TAP`).

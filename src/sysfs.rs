@@ -49,8 +49,22 @@ impl ClassAttributes for Arc<Taps> {
     fn show(&self, name: &CStr, out: &mut SysfsBuf<'_>) -> Result {
         match name.to_bytes() {
             b"verbosity" => writeln!(out, "{}", self.verbosity.load(Ordering::Relaxed))?,
-            // Disks come with CREATE_DEVICE on the ring; until a tap has one it is not listed.
-            b"devices" => {}
+            b"devices" => {
+                let table = self.table.lock();
+                for (minor, entry) in table.iter() {
+                    let inner = entry.tap.inner.lock();
+                    if inner.disk.is_none() {
+                        continue;
+                    }
+                    write!(out, "{minor} ")?;
+                    if inner.name.is_empty() {
+                        writeln!(out, "{minor}")?;
+                    } else {
+                        out.write_bytes(&inner.name)?;
+                        out.write_bytes(b"\n")?;
+                    }
+                }
+            }
             _ => return Err(EIO),
         }
         Ok(())
@@ -98,7 +112,18 @@ impl DeviceAttributes for Tap {
                     Some(pid) if inner.ring_open => writeln!(out, "ring: open by {pid}")?,
                     _ => writeln!(out, "ring: closed")?,
                 }
-                writeln!(out, "disk: none")?;
+                if inner.disk.is_some() {
+                    let ro = if inner.read_only { " (read-only)" } else { "" };
+                    writeln!(out, "disk: tapdev{}{ro}", self.minor())?;
+                } else {
+                    writeln!(out, "disk: none")?;
+                }
+                let ring = self.ring.lock();
+                let mapped = if ring.is_mapped() { "yes" } else { "no" };
+                writeln!(out, "mapped: {mapped}")?;
+                writeln!(out, "pending: {}", ring.pending())?;
+                writeln!(out, "completed: {}", ring.completed)?;
+                writeln!(out, "refused: {}", ring.refused)?;
             }
             _ => return Err(EIO),
         }

@@ -9,7 +9,8 @@
 //! # Lock order
 //!
 //! 1. `Blktap::taps` (`blktap_taps`), the table of taps;
-//! 2. `Tap::inner` (`blktap_tap`), one tap's state.
+//! 2. `Tap::inner` (`blktap_tap`), one tap's state;
+//! 3. `Tap::ring` (`blktap_ring`, a spinlock), the ring's I/O state.
 //!
 //! A tap's sysfs callbacks take only `Tap::inner`, so a class device may be removed with
 //! `Blktap::taps` held; they never take `Blktap::taps`. Neither lock is held across a copy to or
@@ -18,14 +19,22 @@
 use kernel::{
     prelude::*,
     sync::{
+        poll::PollCondVar,
         Arc,
-        Mutex, //
+        Mutex,
+        SpinLock, //
     },
     task::Pid,
 };
 
 use crate::{
+    blk_mq::Disk,
+    device::TapDisk,
     module_ref::ModuleRef,
+    ring::{
+        RingPages,
+        RingState, //
+    },
     uapi, //
 };
 
@@ -37,6 +46,12 @@ pub(crate) struct TapInner {
     pub(crate) ring_open: bool,
     /// The thread group of the process that opened the ring.
     pub(crate) ring_pid: Option<Pid>,
+    /// The shared pages, from the first mapping until the tap is freed.
+    pub(crate) pages: Option<Arc<RingPages>>,
+    /// The tap's disk, between `CREATE_DEVICE` and `REMOVE_DEVICE` (or the ring's close).
+    pub(crate) disk: Option<Disk<TapDisk>>,
+    /// The disk is read-only.
+    pub(crate) read_only: bool,
 }
 
 /// An allocated tap.
@@ -49,6 +64,12 @@ pub(crate) struct Tap {
     minor: u32,
     #[pin]
     pub(crate) inner: Mutex<TapInner>,
+    /// The ring's I/O state, used by `queue_rq` and `RESPOND`.
+    #[pin]
+    pub(crate) ring: SpinLock<RingState>,
+    /// Woken when requests are published or the ring's state changes.
+    #[pin]
+    pub(crate) poll: PollCondVar,
     /// Keeps the module loaded while the tap exists.
     _module: ModuleRef,
 }
@@ -68,9 +89,14 @@ impl Tap {
                         name: KVec::new(),
                         ring_open: false,
                         ring_pid: None,
+                        pages: None,
+                        disk: None,
+                        read_only: false,
                     },
                     "blktap_tap"
                 ),
+                ring <- kernel::new_spinlock!(RingState::new(), "blktap_ring"),
+                poll <- kernel::new_poll_condvar!("blktap_poll"),
                 _module: ModuleRef::get(module)?,
             }),
             GFP_KERNEL,

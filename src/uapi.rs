@@ -59,6 +59,24 @@ pub(crate) const SEGMENT_MAX: usize = 11;
 pub(crate) const MMAP_PAGES: usize = 1 + RING_SIZE * SEGMENT_MAX;
 /// Bytes before the first ring entry.
 pub(crate) const RING_HEADER_SIZE: usize = 64;
+/// Bytes of a ring entry (a request or a response).
+pub(crate) const RING_ENTRY_SIZE: usize = 112;
+/// Offset of the `msg` byte in the ring header.
+pub(crate) const RING_MSG_OFFSET: usize = 16;
+/// `msg`: the kernel asks tapdisk to close the ring.
+pub(crate) const RING_MSG_CLOSE: u8 = 3;
+
+/// Request operation: read.
+pub(crate) const OP_READ: u8 = 0;
+/// Request operation: write.
+pub(crate) const OP_WRITE: u8 = 1;
+/// Response status: success.
+pub(crate) const RSP_OKAY: i16 = 0;
+
+/// `blktap_device_info.flags`: the disk is read-only.
+pub(crate) const DEVICE_RO: usize = 1;
+/// Flags this driver knows.
+pub(crate) const DEVICE_FLAGS_KNOWN: usize = DEVICE_RO;
 
 /// `ALLOC_TAP` result.
 #[repr(C)]
@@ -186,6 +204,8 @@ mod tests {
         assert_eq!(offset_of!(Response, operation), 8);
         assert_eq!(offset_of!(Response, status), 10);
         assert_eq!(size_of::<SringHeader>(), RING_HEADER_SIZE);
+        assert_eq!(size_of::<Request>(), RING_ENTRY_SIZE);
+        assert_eq!(offset_of!(SringHeader, msg), RING_MSG_OFFSET);
         assert_eq!(offset_of!(SringHeader, rsp_prod), 8);
         assert_eq!(offset_of!(SringHeader, msg), 16);
     }

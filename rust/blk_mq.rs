@@ -1,0 +1,479 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A blk-mq disk served by a Rust driver, with what `kernel::block::mq` lacks in Linux 7.3:
+//! queue limits on segments, read-only disks, a devtmpfs node name, and requests whose sector,
+//! operation and data the driver reads and copies, and that it may end with an error.
+//!
+//! - [`TagSet`]: one hardware queue with a fixed number of tags;
+//! - [`Operations`]: the driver's `queue_rq` and `commit_rqs`;
+//! - [`Request`]: an owned, started request; it ends exactly once, by [`Request::end`] or, if
+//!   the driver drops it, with an I/O error;
+//! - [`Disk`]: a gendisk on a tag set, removed on drop.
+//!
+//! Field accesses go through small C helpers (`rust/helpers.c`) that follow the C compiler's
+//! layout.
+//!
+//! C header: [`include/linux/blk-mq.h`](srctree/include/linux/blk-mq.h)
+
+use core::{
+    marker::PhantomData,
+    mem::ManuallyDrop,
+    ptr::NonNull, //
+};
+
+use kernel::{
+    bindings,
+    error::{
+        to_result,
+        VTABLE_DEFAULT_ERROR, //
+    },
+    ffi::{
+        c_char,
+        c_int, //
+    },
+    module::this_module,
+    page::Page,
+    prelude::*,
+    str::CString,
+    sync::Arc,
+    types::{
+        ForeignOwnable,
+        Opaque, //
+    },
+};
+
+mod ffi {
+    use kernel::{
+        bindings,
+        ffi::{
+            c_char,
+            c_int,
+            c_void, //
+        },
+    };
+
+    // Only pointers cross this boundary; some pointees contain zero-sized C structs.
+    #[allow(improper_ctypes, reason = "opaque pointers only")]
+    extern "C" {
+        pub(super) fn blktap_rq_pos(rq: *mut bindings::request) -> u64;
+        pub(super) fn blktap_rq_bytes(rq: *mut bindings::request) -> u32;
+        pub(super) fn blktap_rq_op(rq: *mut bindings::request) -> u32;
+        pub(super) fn blktap_rq_tag(rq: *mut bindings::request) -> c_int;
+        pub(super) fn blktap_rq_copy(
+            rq: *mut bindings::request,
+            pages: *const *mut bindings::page,
+            npages: u32,
+            len: usize,
+            to_pages: bool,
+        ) -> usize;
+        pub(super) fn blktap_hctx_queuedata(hctx: *mut bindings::blk_mq_hw_ctx) -> *mut c_void;
+        pub(super) fn blktap_disk_queuedata(disk: *mut bindings::gendisk) -> *mut c_void;
+        pub(super) fn blktap_disk_openers(disk: *mut bindings::gendisk) -> c_int;
+        pub(super) fn blktap_tag_set_alloc(
+            set: *mut bindings::blk_mq_tag_set,
+            ops: *const bindings::blk_mq_ops,
+            depth: u32,
+            flags: u32,
+        ) -> c_int;
+        pub(super) fn blktap_alloc_disk(
+            set: *mut bindings::blk_mq_tag_set,
+            queuedata: *mut c_void,
+            fops: *const bindings::block_device_operations,
+            major: c_int,
+            first_minor: c_int,
+            name: *const c_char,
+            capacity: u64,
+            lbs: u32,
+            pbs: u32,
+            max_hw_sectors: u32,
+            max_segments: u16,
+            read_only: bool,
+        ) -> *mut bindings::gendisk;
+    }
+}
+
+// From `include/linux/blk_types.h`.
+const BLK_STS_OK: u8 = 0;
+const BLK_STS_NOTSUPP: u8 = 1;
+const BLK_STS_IOERR: u8 = 10;
+
+/// A request's operation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Op {
+    /// `REQ_OP_READ`.
+    Read,
+    /// `REQ_OP_WRITE`.
+    Write,
+    /// `REQ_OP_FLUSH`.
+    Flush,
+    /// `REQ_OP_DISCARD`.
+    Discard,
+    /// Any other operation, by number.
+    Other(u32),
+}
+
+impl Op {
+    fn from_raw(op: u32) -> Self {
+        match op {
+            0 => Op::Read,
+            1 => Op::Write,
+            2 => Op::Flush,
+            3 => Op::Discard,
+            n => Op::Other(n),
+        }
+    }
+}
+
+/// A started request the driver owns.
+///
+/// # Invariants
+///
+/// `ptr` is a request of a [`TagSet`] that was started with `blk_mq_start_request()` and has not
+/// been ended; it is ended exactly once, by [`Request::end`] or by [`Drop`].
+pub struct Request {
+    ptr: NonNull<bindings::request>,
+}
+
+// SAFETY: A started request may be ended from any context.
+unsafe impl Send for Request {}
+
+impl Request {
+    /// The request's tag: unique among the tag set's requests in flight, below its depth.
+    pub fn tag(&self) -> u32 {
+        // SAFETY: By the type invariants, `ptr` is a live, started request.
+        let tag = unsafe { ffi::blktap_rq_tag(self.ptr.as_ptr()) };
+        // CAST: A started request's tag is non-negative.
+        tag as u32
+    }
+
+    /// The first sector (512 bytes).
+    pub fn sector(&self) -> u64 {
+        // SAFETY: By the type invariants, `ptr` is a live, started request.
+        unsafe { ffi::blktap_rq_pos(self.ptr.as_ptr()) }
+    }
+
+    /// The request's data length in bytes.
+    pub fn bytes(&self) -> u32 {
+        // SAFETY: By the type invariants, `ptr` is a live, started request.
+        unsafe { ffi::blktap_rq_bytes(self.ptr.as_ptr()) }
+    }
+
+    /// The request's operation.
+    pub fn op(&self) -> Op {
+        // SAFETY: By the type invariants, `ptr` is a live, started request.
+        Op::from_raw(unsafe { ffi::blktap_rq_op(self.ptr.as_ptr()) })
+    }
+
+    /// Copies the first `len` bytes of the request's data into `pages`, as one linear buffer.
+    /// Returns the bytes copied: less than `len` if the request or the pages are shorter.
+    pub fn copy_to_pages(&self, pages: &[Page], len: usize) -> usize {
+        self.copy(pages, len, true)
+    }
+
+    /// Copies `len` bytes from `pages`, as one linear buffer, into the request's data.
+    /// Returns the bytes copied.
+    pub fn copy_from_pages(&self, pages: &[Page], len: usize) -> usize {
+        self.copy(pages, len, false)
+    }
+
+    fn copy(&self, pages: &[Page], len: usize, to_pages: bool) -> usize {
+        let mut raw = [core::ptr::null_mut::<bindings::page>(); 16];
+        let n = pages.len().min(raw.len());
+        for (slot, page) in raw.iter_mut().zip(&pages[..n]) {
+            *slot = page.as_ptr();
+        }
+        // SAFETY: By the type invariants the request is live; `raw[..n]` are valid pages that
+        // `pages` keeps alive during the call.
+        // CAST: `n <= 16`.
+        unsafe { ffi::blktap_rq_copy(self.ptr.as_ptr(), raw.as_ptr(), n as u32, len, to_pages) }
+    }
+
+    /// Ends the request: success, or an error (`EOPNOTSUPP` is reported as not supported, any
+    /// other as an I/O error).
+    pub fn end(self, result: Result) {
+        let status = match result {
+            Ok(()) => BLK_STS_OK,
+            Err(e) if e == EOPNOTSUPP => BLK_STS_NOTSUPP,
+            Err(_) => BLK_STS_IOERR,
+        };
+        let this = ManuallyDrop::new(self);
+        // SAFETY: By the type invariants the request is started and not ended; `this` is not
+        // dropped, so this is the only end.
+        unsafe { bindings::blk_mq_end_request(this.ptr.as_ptr(), status) };
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        // SAFETY: By the type invariants the request is started and not ended.
+        unsafe { bindings::blk_mq_end_request(self.ptr.as_ptr(), BLK_STS_IOERR) };
+    }
+}
+
+/// What a blk-mq driver implements.
+#[vtable]
+pub trait Operations: Sized {
+    /// Data of each disk, kept as the queue's `queuedata`.
+    type QueueData: ForeignOwnable + Send + Sync;
+
+    /// Takes a started request. The driver keeps it until it ends it, or ends it at once.
+    /// `last` is false when more requests follow in the same batch.
+    fn queue_rq(data: <Self::QueueData as ForeignOwnable>::Borrowed<'_>, rq: Request, last: bool);
+
+    /// Ends a batch whose last request was queued with `last == false`.
+    fn commit_rqs(data: <Self::QueueData as ForeignOwnable>::Borrowed<'_>);
+
+    /// The devtmpfs node of the disk, relative to `/dev`, and its mode.
+    fn devnode(_data: <Self::QueueData as ForeignOwnable>::Borrowed<'_>) -> Option<(CString, u16)> {
+        build_error!(VTABLE_DEFAULT_ERROR)
+    }
+}
+
+/// A tag set with one hardware queue.
+///
+/// # Invariants
+///
+/// `set` was allocated with `blk_mq_alloc_tag_set()` for `T`'s operations, and is freed exactly
+/// once, in [`Drop`], after every disk on it is gone (each [`Disk`] holds an `Arc` of it).
+#[pin_data(PinnedDrop)]
+pub struct TagSet<T: Operations> {
+    #[pin]
+    set: Opaque<bindings::blk_mq_tag_set>,
+    _t: PhantomData<T>,
+}
+
+// SAFETY: The C tag set may be used and freed from any thread.
+unsafe impl<T: Operations> Send for TagSet<T> {}
+// SAFETY: The C tag set synchronises itself.
+unsafe impl<T: Operations> Sync for TagSet<T> {}
+
+impl<T: Operations> TagSet<T> {
+    /// A tag set of `depth` tags. With `blocking`, `queue_rq` may sleep.
+    pub fn new(depth: u32, blocking: bool) -> impl PinInit<Self, Error> {
+        let flags = if blocking {
+            bindings::BLK_MQ_F_BLOCKING
+        } else {
+            0
+        };
+        try_pin_init!(Self {
+            set <- Opaque::try_ffi_init(move |slot: *mut bindings::blk_mq_tag_set| {
+                // SAFETY: `slot` is valid for writes; the helper initialises all of it. The ops
+                // table is static.
+                // INVARIANT: On success the tag set is allocated.
+                to_result(unsafe {
+                    ffi::blktap_tag_set_alloc(slot, OpsVTable::<T>::build(), depth, flags)
+                })
+            }),
+            _t: PhantomData,
+        })
+    }
+}
+
+#[pinned_drop]
+impl<T: Operations> PinnedDrop for TagSet<T> {
+    fn drop(self: Pin<&mut Self>) {
+        // SAFETY: By the type invariants the tag set is allocated and no disk uses it.
+        unsafe { bindings::blk_mq_free_tag_set(self.set.get()) };
+    }
+}
+
+/// How to make a [`Disk`].
+pub struct DiskParams<'a> {
+    /// The disk's name (e.g. `tda`).
+    pub name: &'a CStr,
+    /// Block major and the disk's minor.
+    pub major: u32,
+    /// The disk's minor.
+    pub minor: u32,
+    /// Size in 512-byte sectors.
+    pub capacity: u64,
+    /// Logical block size in bytes.
+    pub logical_block_size: u32,
+    /// Physical block size in bytes.
+    pub physical_block_size: u32,
+    /// Largest request, in 512-byte sectors.
+    pub max_hw_sectors: u32,
+    /// Most segments (each at most a page, never crossing one) per request.
+    pub max_segments: u16,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// A disk on a [`TagSet`], in the VFS until dropped.
+///
+/// # Invariants
+///
+/// `disk` was allocated on `tagset` with `queuedata` from `T::QueueData::into_foreign()` and
+/// added with `device_add_disk()`; [`Drop`] deletes it, puts it and drops the queue data, once.
+pub struct Disk<T: Operations> {
+    disk: NonNull<bindings::gendisk>,
+    tagset: Arc<TagSet<T>>,
+}
+
+// SAFETY: The gendisk may be removed from any thread; `T::QueueData` is `Send`.
+unsafe impl<T: Operations> Send for Disk<T> {}
+// SAFETY: `&self` methods only read through C helpers that are safe concurrently.
+unsafe impl<T: Operations> Sync for Disk<T> {}
+
+impl<T: Operations> Disk<T> {
+    /// Makes and adds a disk.
+    ///
+    /// # Errors
+    ///
+    /// `EINVAL` for block sizes the block layer refuses, `ENOMEM`, or what `add_disk` returns.
+    pub fn new(
+        tagset: Arc<TagSet<T>>,
+        params: &DiskParams<'_>,
+        data: T::QueueData,
+    ) -> Result<Self> {
+        let data = data.into_foreign();
+        // SAFETY: The tag set is allocated; the fops table is static; `name` is copied.
+        let disk = unsafe {
+            ffi::blktap_alloc_disk(
+                tagset.set.get(),
+                data.cast(),
+                &DiskVTable::<T>::FOPS,
+                // CAST: Major and minor numbers fit `int`.
+                params.major as c_int,
+                params.minor as c_int,
+                params.name.as_char_ptr(),
+                params.capacity,
+                params.logical_block_size,
+                params.physical_block_size,
+                params.max_hw_sectors,
+                params.max_segments,
+                params.read_only,
+            )
+        };
+        let disk = match kernel::error::from_err_ptr(disk) {
+            Ok(d) => d,
+            Err(e) => {
+                // SAFETY: `data` came from `into_foreign()` above and the disk does not hold it.
+                drop(unsafe { T::QueueData::from_foreign(data) });
+                return Err(e);
+            }
+        };
+        // SAFETY: `disk` was just allocated and is not added yet.
+        let ret = unsafe {
+            bindings::device_add_disk(core::ptr::null_mut(), disk, core::ptr::null_mut())
+        };
+        if let Err(e) = to_result(ret) {
+            // SAFETY: The disk was never added; putting it frees it. Then `data` is ours again.
+            unsafe { bindings::put_disk(disk) };
+            // SAFETY: `data` came from `into_foreign()` above.
+            drop(unsafe { T::QueueData::from_foreign(data) });
+            return Err(e);
+        }
+        // INVARIANT: The disk is allocated with `data` and added.
+        Ok(Self {
+            // SAFETY: `from_err_ptr` returned a valid pointer.
+            disk: unsafe { NonNull::new_unchecked(disk) },
+            tagset,
+        })
+    }
+
+    /// How many times the block device is open.
+    pub fn openers(&self) -> u32 {
+        // SAFETY: By the type invariants the disk is live.
+        let n = unsafe { ffi::blktap_disk_openers(self.disk.as_ptr()) };
+        // CAST: An open count is non-negative.
+        n.max(0) as u32
+    }
+
+    /// The tag set the disk is on.
+    pub fn tagset(&self) -> &Arc<TagSet<T>> {
+        &self.tagset
+    }
+}
+
+impl<T: Operations> Drop for Disk<T> {
+    fn drop(&mut self) {
+        let disk = self.disk.as_ptr();
+        // SAFETY: By the type invariants the disk is live, with our queue data.
+        let data = unsafe { ffi::blktap_disk_queuedata(disk) };
+        // SAFETY: By the type invariants the disk was added; this removes it, failing further
+        // I/O and waiting for requests in flight to end.
+        unsafe { bindings::del_gendisk(disk) };
+        // SAFETY: `del_gendisk()` was called; this drops our reference.
+        unsafe { bindings::put_disk(disk) };
+        // SAFETY: `data` came from `into_foreign()` in `new`, and no callback can run any more.
+        drop(unsafe { T::QueueData::from_foreign(data.cast()) });
+    }
+}
+
+struct OpsVTable<T: Operations>(PhantomData<T>);
+
+impl<T: Operations> OpsVTable<T> {
+    /// # Safety
+    ///
+    /// Called by blk-mq with a hardware context of a disk made by [`Disk::new`] and a request
+    /// it hands over.
+    unsafe extern "C" fn queue_rq(
+        hctx: *mut bindings::blk_mq_hw_ctx,
+        bd: *const bindings::blk_mq_queue_data,
+    ) -> bindings::blk_status_t {
+        // SAFETY: `bd` is valid for the call.
+        let (rq, last) = unsafe { ((*bd).rq, (*bd).last) };
+        // SAFETY: `rq` is a request handed to the driver; starting it makes it ours.
+        unsafe { bindings::blk_mq_start_request(rq) };
+        // SAFETY: The queue data was set by `Disk::new` and lives until the disk is deleted,
+        // which waits for `queue_rq` calls to return.
+        let data = unsafe { T::QueueData::borrow(ffi::blktap_hctx_queuedata(hctx).cast()) };
+        // SAFETY: blk-mq passes a valid, non-null request.
+        let ptr = unsafe { NonNull::new_unchecked(rq) };
+        // INVARIANT: The request is started and not ended.
+        let rq = Request { ptr };
+        T::queue_rq(data, rq, last);
+        BLK_STS_OK
+    }
+
+    /// # Safety
+    ///
+    /// Called by blk-mq with a hardware context of a disk made by [`Disk::new`].
+    unsafe extern "C" fn commit_rqs(hctx: *mut bindings::blk_mq_hw_ctx) {
+        // SAFETY: As in `queue_rq`.
+        let data = unsafe { T::QueueData::borrow(ffi::blktap_hctx_queuedata(hctx).cast()) };
+        T::commit_rqs(data);
+    }
+
+    const OPS: bindings::blk_mq_ops = bindings::blk_mq_ops {
+        queue_rq: Some(Self::queue_rq),
+        commit_rqs: Some(Self::commit_rqs),
+        ..pin_init::zeroed()
+    };
+
+    const fn build() -> &'static bindings::blk_mq_ops {
+        &Self::OPS
+    }
+}
+
+struct DiskVTable<T: Operations>(PhantomData<T>);
+
+impl<T: Operations> DiskVTable<T> {
+    /// # Safety
+    ///
+    /// Called by the driver core with a disk made by [`Disk::new`].
+    unsafe extern "C" fn devnode(disk: *mut bindings::gendisk, mode: *mut u16) -> *mut c_char {
+        // SAFETY: The disk is live during the call, with our queue data.
+        let data = unsafe { T::QueueData::borrow(ffi::blktap_disk_queuedata(disk).cast()) };
+        let Some((path, m)) = T::devnode(data) else {
+            return core::ptr::null_mut();
+        };
+        if !mode.is_null() {
+            // SAFETY: `mode` is valid for writes when not null.
+            unsafe { *mode = m };
+        }
+        // SAFETY: `path` is a valid C string; the driver core frees the copy with `kfree()`.
+        unsafe { bindings::kstrdup(path.as_char_ptr(), bindings::GFP_KERNEL) }
+    }
+
+    const FOPS: bindings::block_device_operations = bindings::block_device_operations {
+        devnode: if T::HAS_DEVNODE {
+            Some(Self::devnode)
+        } else {
+            None
+        },
+        owner: this_module::<T::OwnerModule>().as_ptr(),
+        ..pin_init::zeroed()
+    };
+}

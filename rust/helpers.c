@@ -1,0 +1,188 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * C helpers for the project's Rust abstractions: static inline kernel functions and macros that
+ * Rust cannot call, and field accesses that must follow the C compiler's layout.
+ *
+ * Every helper is a thin, side-effect-free wrapper; the safety contracts are on the Rust side
+ * (rust/blk_mq.rs, src/ring.rs).
+ */
+#include <linux/blk-mq.h>
+#include <linux/blkdev.h>
+#include <linux/highmem.h>
+#include <linux/mm.h>
+#include <linux/sched.h>
+
+/* The mm of the current task (NULL for kernel threads). Compared, never dereferenced. */
+const void *blktap_current_mm(void)
+{
+	return current->mm;
+}
+
+/* The thread-group id of the current task in the initial pid namespace. */
+int blktap_current_tgid(void)
+{
+	return task_tgid_nr(current);
+}
+
+u64 blktap_rq_pos(struct request *rq)
+{
+	return blk_rq_pos(rq);
+}
+
+unsigned int blktap_rq_bytes(struct request *rq)
+{
+	return blk_rq_bytes(rq);
+}
+
+unsigned int blktap_rq_op(struct request *rq)
+{
+	return req_op(rq);
+}
+
+int blktap_rq_tag(struct request *rq)
+{
+	return rq->tag;
+}
+
+/*
+ * Copies the first @len bytes of @rq's data from (@to_pages false) or to (@to_pages true) the
+ * linear buffer made of @npages pages. Returns the bytes copied.
+ */
+size_t blktap_rq_copy(struct request *rq, struct page *const *pages, unsigned int npages,
+		      size_t len, bool to_pages)
+{
+	struct req_iterator iter;
+	struct bio_vec bv;
+	size_t done = 0;
+
+	rq_for_each_segment(bv, rq, iter) {
+		size_t left = bv.bv_len;
+		size_t bv_off = 0;
+
+		while (left && done < len) {
+			unsigned int pg = done >> PAGE_SHIFT;
+			size_t pg_off = done & ~PAGE_MASK;
+			size_t n = min3(left, PAGE_SIZE - pg_off, len - done);
+			char *buf;
+
+			if (pg >= npages)
+				return done;
+			buf = kmap_local_page(pages[pg]);
+			if (to_pages)
+				memcpy_from_page(buf + pg_off, bv.bv_page, bv.bv_offset + bv_off, n);
+			else
+				memcpy_to_page(bv.bv_page, bv.bv_offset + bv_off, buf + pg_off, n);
+			kunmap_local(buf);
+			done += n;
+			bv_off += n;
+			left -= n;
+		}
+	}
+	return done;
+}
+
+int blktap_disk_openers(struct gendisk *disk)
+{
+	return disk_openers(disk);
+}
+
+void blktap_vma_set_ops(struct vm_area_struct *vma, const struct vm_operations_struct *ops,
+			void *private_data)
+{
+	vma->vm_ops = ops;
+	vma->vm_private_data = private_data;
+}
+
+void *blktap_vma_private(struct vm_area_struct *vma)
+{
+	return vma->vm_private_data;
+}
+
+unsigned long blktap_vma_start(struct vm_area_struct *vma)
+{
+	return vma->vm_start;
+}
+
+unsigned long blktap_vma_size(struct vm_area_struct *vma)
+{
+	return vma->vm_end - vma->vm_start;
+}
+
+unsigned long blktap_vma_pgoff(struct vm_area_struct *vma)
+{
+	return vma->vm_pgoff;
+}
+
+const void *blktap_vma_mm(struct vm_area_struct *vma)
+{
+	return vma->vm_mm;
+}
+
+void *blktap_hctx_queuedata(struct blk_mq_hw_ctx *hctx)
+{
+	return hctx->queue->queuedata;
+}
+
+void *blktap_disk_queuedata(struct gendisk *disk)
+{
+	return disk->queue->queuedata;
+}
+
+int blktap_disk_first_minor(struct gendisk *disk)
+{
+	return disk->first_minor;
+}
+
+/* Fills in and allocates a tag set of @depth tags on one hardware queue. */
+int blktap_tag_set_alloc(struct blk_mq_tag_set *set, const struct blk_mq_ops *ops,
+			 unsigned int depth, unsigned int flags)
+{
+	memset(set, 0, sizeof(*set));
+	set->ops = ops;
+	set->nr_hw_queues = 1;
+	set->nr_maps = 1;
+	set->queue_depth = depth;
+	set->numa_node = NUMA_NO_NODE;
+	set->flags = flags;
+	return blk_mq_alloc_tag_set(set);
+}
+
+/*
+ * Allocates a disk on @set with the given limits and identity; the caller adds it. Every
+ * segment is at most a page and never crosses one.
+ */
+struct gendisk *blktap_alloc_disk(struct blk_mq_tag_set *set, void *queuedata,
+				  const struct block_device_operations *fops, int major,
+				  int first_minor, const char *name, u64 capacity,
+				  unsigned int lbs, unsigned int pbs, unsigned int max_hw_sectors,
+				  unsigned short max_segments, bool read_only)
+{
+	struct queue_limits lim = {
+		.logical_block_size = lbs,
+		.physical_block_size = pbs,
+		.max_hw_sectors = max_hw_sectors,
+		.max_segments = max_segments,
+		.max_segment_size = PAGE_SIZE,
+		.seg_boundary_mask = PAGE_SIZE - 1,
+	};
+	struct gendisk *disk;
+
+	disk = blk_mq_alloc_disk(set, &lim, queuedata);
+	if (IS_ERR(disk))
+		return disk;
+	disk->major = major;
+	disk->first_minor = first_minor;
+	disk->minors = 1;
+	disk->fops = fops;
+	disk->flags |= GENHD_FL_NO_PART;
+	strscpy(disk->disk_name, name, sizeof(disk->disk_name));
+	set_capacity(disk, capacity);
+	set_disk_ro(disk, read_only);
+	return disk;
+}
+
+/* The kernel address of a lowmem page (every GFP_KERNEL page); valid while the page lives. */
+void *blktap_page_address(struct page *page)
+{
+	return page_address(page);
+}

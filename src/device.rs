@@ -1,0 +1,242 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The tapdev disks, `/dev/xen/blktap-2/tapdevN` (`tda`, `tdb`, ...), on blk-mq.
+//!
+//! Improved request dequeuing: the old driver woke tapdisk and pulled requests inside tapdisk's
+//! `poll`, mapping pages per request. Here each disk has one hardware queue of 32 tags, and a
+//! request's tag is its ring slot, so the ring can never overflow. `queue_rq` writes the ring
+//! entry itself and copies write data into the slot's pages (mapped once for the ring's life);
+//! `req_prod` is published, and tapdisk woken, once per batch (`last` / `commit_rqs`).
+
+use kernel::{
+    prelude::*,
+    str::CString,
+    sync::{
+        Arc,
+        ArcBorrow, //
+    },
+};
+
+use crate::{
+    blk_mq::{
+        Disk,
+        DiskParams,
+        Operations,
+        Request,
+        TagSet, //
+    },
+    request,
+    ring::RingPages,
+    tap::Tap,
+    uapi,
+    Blktap, //
+};
+
+/// A validated disk description, from `CREATE_DEVICE` or `CREATE_DEVICE_COMPAT`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct DeviceInfo {
+    pub(crate) capacity: u64,
+    pub(crate) sector_size: u32,
+    pub(crate) physical_sector_size: u32,
+    pub(crate) read_only: bool,
+}
+
+impl DeviceInfo {
+    /// From `struct blktap_device_info`.
+    ///
+    /// # Errors
+    ///
+    /// `EINVAL` for a zero capacity, a sector size that is not a power of two in 512..=4096, a
+    /// physical sector size that is not a power of two of at least 512, or unknown flags.
+    pub(crate) fn from_info(info: &uapi::BlktapDeviceInfo) -> Result<Self> {
+        if info.flags & !uapi::DEVICE_FLAGS_KNOWN != 0 {
+            return Err(EINVAL);
+        }
+        Self {
+            capacity: info.capacity,
+            sector_size: info.sector_size,
+            physical_sector_size: info.physical_sector_size,
+            read_only: info.flags & uapi::DEVICE_RO != 0,
+        }
+        .validate()
+    }
+
+    /// From the 272-byte `CREATE_DEVICE_COMPAT` parameters.
+    ///
+    /// # Errors
+    ///
+    /// As [`DeviceInfo::from_info`].
+    pub(crate) fn from_params(params: &uapi::BlktapParams) -> Result<Self> {
+        let sector_size = u32::try_from(params.sector_size).map_err(|_| EINVAL)?;
+        Self {
+            capacity: params.capacity,
+            sector_size,
+            physical_sector_size: sector_size,
+            read_only: false,
+        }
+        .validate()
+    }
+
+    fn validate(self) -> Result<Self> {
+        let ss = self.sector_size;
+        let pss = self.physical_sector_size;
+        if self.capacity == 0
+            || !ss.is_power_of_two()
+            || !(512..=4096).contains(&ss)
+            || !pss.is_power_of_two()
+            || pss < 512
+            || self.capacity > u64::MAX / 512
+        {
+            return Err(EINVAL);
+        }
+        Ok(self)
+    }
+}
+
+/// The queue data of a tap's disk.
+pub(crate) struct DiskQueue {
+    tap: Arc<Tap>,
+    pages: Arc<RingPages>,
+}
+
+/// The tapdev disks' blk-mq operations.
+pub(crate) struct TapDisk;
+
+#[vtable]
+impl Operations for TapDisk {
+    type QueueData = Arc<DiskQueue>;
+
+    fn queue_rq(q: ArcBorrow<'_, DiskQueue>, rq: Request, last: bool) {
+        q.tap.queue(&q.pages, rq, last);
+    }
+
+    fn commit_rqs(q: ArcBorrow<'_, DiskQueue>) {
+        q.tap.commit();
+    }
+
+    fn devnode(q: ArcBorrow<'_, DiskQueue>) -> Option<(CString, u16)> {
+        let minor = q.tap.minor();
+        let path = CString::try_from_fmt(fmt!("xen/blktap-2/tapdev{minor}")).ok()?;
+        Some((path, uapi::NODE_MODE))
+    }
+}
+
+/// Creates tap `tap`'s disk (`CREATE_DEVICE`).
+///
+/// # Errors
+///
+/// `EEXIST` if the tap has a disk, `ENXIO` if its ring is not mapped, `ENOMEM`, or what adding
+/// the disk answers.
+pub(crate) fn create(blktap: &Blktap, tap: &Arc<Tap>, info: &DeviceInfo) -> Result {
+    let mut inner = tap.inner.lock();
+    if inner.disk.is_some() {
+        return Err(EEXIST);
+    }
+    let pages = inner.pages.clone().ok_or(ENXIO)?;
+    let tagset = Arc::pin_init(TagSet::new(uapi::RING_SIZE as u32, false), GFP_KERNEL)?;
+    let mut name = [0u8; 32];
+    let params = DiskParams {
+        name: request::disk_name(tap.minor(), &mut name),
+        major: blktap.bdev_major(),
+        minor: tap.minor(),
+        capacity: info.capacity,
+        logical_block_size: info.sector_size,
+        physical_block_size: info.physical_sector_size,
+        max_hw_sectors: request::MAX_REQUEST_BYTES / request::SECTOR_SIZE,
+        // CAST: 11 fits `u16`.
+        max_segments: uapi::SEGMENT_MAX as u16,
+        read_only: info.read_only,
+    };
+    let queue = Arc::new(
+        DiskQueue {
+            tap: tap.clone(),
+            pages,
+        },
+        GFP_KERNEL,
+    )?;
+    let disk = Disk::new(tagset, &params, queue)?;
+    inner.disk = Some(disk);
+    inner.read_only = info.read_only;
+    drop(inner);
+    if blktap.verbose() {
+        pr_info!(
+            "blktap{}: disk {} created, {} sectors\n",
+            tap.minor(),
+            params.name.to_str().unwrap_or("?"),
+            info.capacity
+        );
+    }
+    Ok(())
+}
+
+/// Removes tap `tap`'s disk (`REMOVE_DEVICE`).
+///
+/// # Errors
+///
+/// `ENODEV` if there is no disk, `EBUSY` while it is open or has requests on the ring.
+pub(crate) fn remove(tap: &Tap) -> Result {
+    let mut inner = tap.inner.lock();
+    let disk = inner.disk.as_ref().ok_or(ENODEV)?;
+    if disk.openers() > 0 || tap.ring.lock().pending() > 0 {
+        return Err(EBUSY);
+    }
+    // Deleting the disk waits for requests in flight, and tapdisk (the caller) cannot answer
+    // any now: new requests fail until the disk is gone.
+    tap.ring.lock().set_removing(true);
+    drop(inner.disk.take());
+    tap.ring.lock().set_removing(false);
+    Ok(())
+}
+
+#[kunit_tests(blktap_device)]
+mod tests {
+    use super::*;
+
+    fn info(capacity: u64, ss: u32, pss: u32, flags: usize) -> uapi::BlktapDeviceInfo {
+        uapi::BlktapDeviceInfo {
+            capacity,
+            sector_size: ss,
+            physical_sector_size: pss,
+            flags,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn valid_device_info() -> Result {
+        let d = DeviceInfo::from_info(&info(2048, 512, 4096, uapi::DEVICE_RO))?;
+        assert_eq!(d.capacity, 2048);
+        assert!(d.read_only);
+        assert!(DeviceInfo::from_info(&info(8, 4096, 4096, 0)).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn invalid_device_info() {
+        for bad in [
+            info(0, 512, 512, 0),
+            info(8, 256, 512, 0),
+            info(8, 8192, 8192, 0),
+            info(8, 1000, 1024, 0),
+            info(8, 512, 100, 0),
+            info(8, 512, 0, 0),
+            info(8, 512, 512, 0x100),
+            info(u64::MAX, 512, 512, 0),
+        ] {
+            assert_eq!(DeviceInfo::from_info(&bad), Err(EINVAL));
+        }
+    }
+
+    #[test]
+    fn compat_params() -> Result {
+        let mut p = uapi::BlktapParams {
+            name: [0; 256],
+            capacity: 100,
+            sector_size: 512,
+        };
+        assert_eq!(DeviceInfo::from_params(&p)?.physical_sector_size, 512);
+        p.sector_size = 1 << 40;
+        assert_eq!(DeviceInfo::from_params(&p), Err(EINVAL));
+        Ok(())
+    }
+}
