@@ -40,6 +40,7 @@ def main():
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     req_cons = rsp_prod = 0
+    ops = {0: 0, 1: 0, "other": 0}
     p = select.poll()
     p.register(fd, select.POLLIN)
     print(f"pytap: serving tap {minor}", flush=True)
@@ -50,6 +51,7 @@ def main():
         while req_cons != req_prod:
             off = 64 + (req_cons % RING_SIZE) * 112
             op, nseg, rid, sector = struct.unpack_from("BBxxxxxxQQ", m, off)
+            ops[op if op in (0, 1) else "other"] += 1
             status = 0
             pos = sector * 512
             for j in range(nseg):
@@ -78,6 +80,7 @@ def main():
         except OSError as e:
             print(f"pytap: remove: {e}", flush=True)
             time.sleep(0.1)
+    print(f"pytap: ops read={ops[0]} write={ops[1]} other={ops['other']}", flush=True)
     m.close()
     os.close(fd)
 

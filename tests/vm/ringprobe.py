@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Probes the ring device's error handling; prints one line per probe: `NAME RESULT`.
+
+    ringprobe.py MINOR
+
+RESULT is OK or the errno name. The caller (t65-ring-errors.sh) compares them with the ABI.
+"""
+import ctypes, errno, mmap, os, struct, sys
+
+PAGE = 4096
+PAGES = 1 + 32 * 11
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def res(f):
+    try:
+        f()
+        return "OK"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+
+def ioctl(fd, cmd, arg=0):
+    r = libc.ioctl(fd, ctypes.c_ulong(cmd), arg)
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def mmap_raw(fd, length, offset=0):
+    addr = libc.mmap(None, length, 3, 1, fd, offset)  # RW, MAP_SHARED
+    if addr in (None, ctypes.c_void_p(-1).value):
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return addr
+
+
+def info(capacity, ss=512, pss=512, flags=0):
+    return ctypes.create_string_buffer(struct.pack("QIIQ4Q", capacity, ss, pss, flags, 0, 0, 0, 0))
+
+
+def out(name, r):
+    print(f"{name} {r}", flush=True)
+
+
+minor = int(sys.argv[1])
+fd = os.open(f"/dev/xen/blktap-2/blktap{minor}", os.O_RDWR)
+out("create-before-mmap", res(lambda: ioctl(fd, 208, info(2048))))
+out("respond-before-mmap", res(lambda: ioctl(fd, 1)))
+out("mmap-too-small", res(lambda: mmap_raw(fd, PAGE * (PAGES - 1))))
+out("mmap-too-big", res(lambda: mmap_raw(fd, PAGE * (PAGES + 1))))
+out("mmap-offset", res(lambda: mmap_raw(fd, PAGE * PAGES, PAGE)))
+m = mmap.mmap(fd, PAGE * PAGES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+out("ring-page-zeroed", "OK" if m[:PAGE] == bytes(PAGE) else "DIRTY")
+m[0:8] = b"\xff" * 8  # scribble on the header
+out("mmap-twice", res(lambda: mmap_raw(fd, PAGE * PAGES)))
+out("partial-munmap", "OK" if libc.munmap(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(m)) + PAGE), PAGE) == 0 else errno.errorcode[ctypes.get_errno()])
+out("create-capacity-0", res(lambda: ioctl(fd, 208, info(0))))
+out("create-sector-1000", res(lambda: ioctl(fd, 208, info(2048, 1000, 1024))))
+out("create-sector-8192", res(lambda: ioctl(fd, 208, info(2048, 8192, 8192))))
+out("create-physical-256", res(lambda: ioctl(fd, 208, info(2048, 512, 256))))
+out("create-unknown-flag", res(lambda: ioctl(fd, 208, info(2048, flags=0x80))))
+out("create-bad-pointer", res(lambda: ioctl(fd, 208, ctypes.c_void_p(16))))
+out("unknown-ring-ioctl", res(lambda: ioctl(fd, 203)))
+out("remove-without-disk", res(lambda: ioctl(fd, 207)))
+out("create", res(lambda: ioctl(fd, 208, info(2048))))
+out("create-again", res(lambda: ioctl(fd, 208, info(2048))))
+pid = os.fork()
+if pid == 0:
+    # A child shares the fd but not the mapping (no copy on fork): refused.
+    print(f"child-respond {res(lambda: ioctl(fd, 1))}", flush=True)
+    print(f"child-remove {res(lambda: ioctl(fd, 207))}", flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+bd = os.open(f"/dev/xen/blktap-2/tapdev{minor}", os.O_RDONLY | os.O_NONBLOCK)
+out("remove-while-open", res(lambda: ioctl(fd, 207)))
+os.close(bd)
+out("remove", res(lambda: ioctl(fd, 207)))
+out("compat-create", res(lambda: ioctl(fd, 202, ctypes.create_string_buffer(struct.pack("256sQQ", b"x", 4096, 512)))))
+out("remove-compat", res(lambda: ioctl(fd, 207)))
+m.close()
+out("respond-after-munmap", res(lambda: ioctl(fd, 1)))
+os.close(fd)
