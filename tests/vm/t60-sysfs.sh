@@ -20,7 +20,8 @@ check "task permissions" is "$(stat -c %a "$T/task")" 444
 check "debug permissions" is "$(stat -c %a "$T/debug")" 444
 check "name shows the minor while unset" is "$(cat "$T/name")" 0
 check "task is empty without tapdisk" is "$(cat "$T/task")" ""
-check "debug shows the state" is "$(cat "$T/debug" | tr '\n' '|')" "minor: 0|name: |ring: closed|disk: none|"
+check "debug shows the state" is "$(cat "$T/debug" | tr '\n' '|')" \
+    "minor: 0|name: |ring: closed|disk: none|mapped: no|pending: 0|completed: 0|refused: 0|"
 check "name is writable" sh -c "echo vbd-1-768 > '$T/name'"
 check "name reads back" is "$(cat "$T/name")" vbd-1-768
 name255=$(head -c 255 /dev/zero | tr '\0' n)
