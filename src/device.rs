@@ -177,14 +177,15 @@ pub(crate) fn create(blktap: &Blktap, tap: &Arc<Tap>, info: &DeviceInfo) -> Resu
 pub(crate) fn remove(tap: &Tap) -> Result {
     let mut inner = tap.inner.lock();
     let disk = inner.disk.as_ref().ok_or(ENODEV)?;
-    if disk.openers() > 0 || tap.ring.lock().pending() > 0 {
+    if disk.openers() > 0 {
         return Err(EBUSY);
     }
     // Deleting the disk waits for requests in flight, and tapdisk (the caller) cannot answer
-    // any now: new requests fail until the disk is gone.
-    tap.ring.lock().set_removing(true);
+    // any while it waits here. So, in one critical section: refuse if any request is on the
+    // ring, and make every new one fail at once until the disk is gone.
+    tap.ring.lock().start_removing()?;
     drop(inner.disk.take());
-    tap.ring.lock().set_removing(false);
+    tap.ring.lock().end_removing();
     Ok(())
 }
 

@@ -238,8 +238,22 @@ impl RingState {
         self.mm != 0
     }
 
-    pub(crate) fn set_removing(&mut self, removing: bool) {
-        self.removing = removing;
+    /// Starts removing the disk: new requests fail at once from now on.
+    ///
+    /// # Errors
+    ///
+    /// `EBUSY` if requests are on the ring.
+    pub(crate) fn start_removing(&mut self) -> Result {
+        if self.pending() > 0 {
+            return Err(EBUSY);
+        }
+        self.removing = true;
+        Ok(())
+    }
+
+    /// The disk is gone; a new one may take requests.
+    pub(crate) fn end_removing(&mut self) {
+        self.removing = false;
     }
 
     /// Publishes the requests written since the last call; true if tapdisk must be woken.
