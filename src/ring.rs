@@ -450,6 +450,7 @@ fn report_bad(minor: u32, rsp: &uapi::Response, why: BadResponse) {
 /// `tap.inner.ring_open` is set for as long as this object exists.
 pub(crate) struct RingFile {
     tap: Arc<Tap>,
+    /// The driver, for the block major of the disk the ring creates.
     blktap: Arc<Blktap>,
     /// Mapped once already (a file is mapped at most once).
     mapped: core::sync::atomic::AtomicBool,
@@ -471,7 +472,6 @@ impl Drop for RingFile {
             );
         }
         drop(disk);
-        let _ = &self.blktap;
     }
 }
 
