@@ -342,17 +342,17 @@ impl Tap {
                 return Err(ENXIO);
             };
             let rsp_prod = pages.read_rsp_prod();
-            let outstanding = ring.published.wrapping_sub(ring.rsp_cons);
-            let n = match request::new_responses(rsp_prod, ring.rsp_cons, outstanding) {
+            let n = match request::new_responses(rsp_prod, ring.rsp_cons) {
                 Ok(n) => n,
                 Err(e) => {
                     ring.refused += 1;
                     let log = worth_logging(ring.refused);
+                    let rsp_cons = ring.rsp_cons;
                     drop(ring);
                     if log {
                         pr_warn!(
-                            "blktap{}: refused rsp_prod {rsp_prod}: not within the {outstanding} \
-                         requests outstanding\n",
+                            "blktap{}: refused rsp_prod {rsp_prod}: more than a ring from \
+                             rsp_cons {rsp_cons}\n",
                             self.minor()
                         );
                     }
