@@ -40,6 +40,30 @@ pub enum Error {
     /// No such tap.
     #[error("no tap with minor {0}")]
     NoSuchTap(u32),
+    /// A system call other than an ioctl failed, on something that is not simply a path.
+    #[error("{what}: {}", describe_errno(*.errno))]
+    Os {
+        /// What was being done.
+        what: String,
+        /// The errno.
+        errno: i32,
+    },
+    /// An argument was not acceptable (a malformed `type:path`, a bad size, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A tapdisk answered a control request with an error.
+    #[error("tapdisk {pid}: {message}")]
+    Remote {
+        /// The tapdisk's pid.
+        pid: i32,
+        /// The errno it answered.
+        errno: i32,
+        /// Its explanation.
+        message: String,
+    },
+    /// A control-socket peer broke the protocol (bad JSON, no answer).
+    #[error("control protocol: {0}")]
+    Protocol(String),
 }
 
 impl Error {
@@ -49,11 +73,27 @@ impl Error {
             Error::NotLoaded | Error::NoSuchTap(_) => Errno::ENODEV as i32,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(Errno::EIO as i32),
             Error::Ioctl { errno, .. } => *errno,
-            Error::Parse { .. } => Errno::EINVAL as i32,
+            Error::Parse { .. } | Error::InvalidArgument(_) => Errno::EINVAL as i32,
+            Error::Os { errno, .. } | Error::Remote { errno, .. } => *errno,
+            Error::Protocol(_) => Errno::EPROTO as i32,
         }
     }
 
-    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+    /// An error for `what` failing with `errno`.
+    pub fn os(what: impl Into<String>, errno: Errno) -> Self {
+        Error::Os {
+            what: what.into(),
+            errno: errno as i32,
+        }
+    }
+
+    /// An error for an unacceptable argument (`EINVAL`).
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Error::InvalidArgument(detail.into())
+    }
+
+    /// An error for `what` (e.g. "cannot open") failing on `path`.
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             what,
             path: path.into(),
@@ -97,5 +137,23 @@ mod tests {
         };
         assert_eq!(e.errno(), 16);
         assert_eq!(e.to_string(), "free tap 3: EBUSY (Device or resource busy)");
+    }
+
+    #[test]
+    fn every_variant_has_an_errno() {
+        assert_eq!(Error::os("open ring 2", Errno::ENXIO).errno(), 6);
+        assert_eq!(
+            Error::os("open ring 2", Errno::ENXIO).to_string(),
+            "open ring 2: ENXIO (No such device or address)"
+        );
+        assert_eq!(Error::invalid("bad size").errno(), 22);
+        assert_eq!(Error::Protocol("eof".into()).errno(), Errno::EPROTO as i32);
+        let remote = Error::Remote {
+            pid: 12,
+            errno: 95,
+            message: "pause is not supported".into(),
+        };
+        assert_eq!(remote.errno(), 95);
+        assert_eq!(remote.to_string(), "tapdisk 12: pause is not supported");
     }
 }

@@ -1,11 +1,23 @@
-//! Userspace side of blktap2: talking to the kernel module the way the original tools did.
+//! Userspace side of blktap2: talking to the kernel module the way the original tools did, and
+//! serving taps.
 //!
 //! - [`control`]: the control device (`ALLOC_TAP`, `FREE_TAP`), found through `/proc/misc`;
 //! - [`sysfs`]: the taps and attributes under `/sys/class/blktap2`, and majors in `/proc/devices`;
+//! - [`ring`]: a tap's shared ring: its memory, request validation, the ring protocol, and the
+//!   ring device with its ioctls;
+//! - [`backend`]: image backends (`aio:`, `ram:`, `null:`);
+//! - [`server`]: serving a ring from a backend;
+//! - [`ctl`]: the tapdisk control protocol (JSON lines over unix sockets);
+//! - [`mapping`]: owned memory mappings;
 //! - [`Error`]: one error type, with the errno a caller can act on.
 
+pub mod backend;
 pub mod control;
+pub mod ctl;
 pub mod error;
+pub mod mapping;
+pub mod ring;
+pub mod server;
 pub mod sysfs;
 
 pub use error::{Error, Result};

@@ -1,0 +1,705 @@
+//! `aio:/path`: a raw image file or block device, through io_uring.
+//!
+//! The image is opened with `O_DIRECT` when its file system allows it (buffered otherwise).
+//! Each I/O is one `readv`/`writev` straight between the image and the caller's buffers (the
+//! ring's data pages). A batch is submitted with one `io_uring_enter`; completions are signalled
+//! on an eventfd for the event loop. Short transfers are continued where they stopped; a
+//! transfer that makes no progress (a read at end of file) fails with `EIO`.
+//!
+//! If an `O_DIRECT` transfer fails with `EFAULT` (buffers the kernel cannot pin, e.g. a ring
+//! mapped as raw page frames) or `EINVAL` (alignment the device does not accept), the image is
+//! reopened without `O_DIRECT` and the transfer, and every later one, goes through the page
+//! cache instead.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use io_uring::{opcode, types, IoUring};
+use nix::errno::Errno;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::{check_range, Backend, Completion, ImageKind, Io};
+use crate::ring::Op;
+use crate::{Error, Result};
+
+/// BLKGETSIZE64, kept private (the macro makes a public function).
+mod ioctls {
+    nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
+}
+
+use ioctls::ioctl_blkgetsize64;
+
+/// Submission queue entries: at most 32 requests are in flight per tap, each one entry.
+const QUEUE_DEPTH: u32 = 64;
+/// How often an I/O is retried after `EAGAIN`/`EINTR` before it fails.
+const MAX_RETRIES: u32 = 16;
+
+/// An I/O handed to the kernel.
+#[derive(Debug)]
+struct Pending {
+    tag: u64,
+    op: Op,
+    /// Where the rest of the transfer starts on the image.
+    offset: u64,
+    /// The buffers; `iov[first..]` (the first one trimmed) is what remains to transfer. The
+    /// vector's heap block never moves while the kernel may read it.
+    iov: Vec<libc::iovec>,
+    first: usize,
+    remaining: u64,
+    retries: u32,
+}
+
+impl Pending {
+    /// Drops the first `n` bytes of the remaining buffers.
+    fn advance(&mut self, mut n: u64) {
+        self.offset += n;
+        self.remaining -= n;
+        while n > 0 {
+            let v = &mut self.iov[self.first];
+            let len = v.iov_len as u64;
+            if n < len {
+                // SAFETY: n < iov_len, so the new base stays inside the same buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n as usize) }.cast();
+                v.iov_len -= n as usize;
+                return;
+            }
+            n -= len;
+            self.first += 1;
+        }
+    }
+}
+
+/// A raw image served through io_uring.
+pub struct AioBackend {
+    uring: IoUring,
+    eventfd: EventFd,
+    file: File,
+    /// The `O_DIRECT` descriptor after falling back to buffered I/O: transfers submitted on it
+    /// may still be in flight, so it stays open (its number must not be reused) until drop.
+    retired: Option<File>,
+    path: PathBuf,
+    size: u64,
+    readonly: bool,
+    direct: bool,
+    /// In-flight I/Os, indexed by their io_uring `user_data`.
+    ops: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// Completions decided without the kernel (out of range, submission failed).
+    done: Vec<Completion>,
+    active: usize,
+}
+
+impl std::fmt::Debug for AioBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AioBackend")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("direct", &self.direct)
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+impl AioBackend {
+    /// Opens the image at `path`, with `O_DIRECT` if the file system allows it.
+    pub fn open(path: &Path, readonly: bool) -> Result<Self> {
+        Self::open_with(path, readonly, true)
+    }
+
+    /// Opens the image at `path`; `O_DIRECT` is tried only if `try_direct`.
+    pub fn open_with(path: &Path, readonly: bool, try_direct: bool) -> Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!readonly);
+        let direct_open = if try_direct {
+            opts.clone().custom_flags(libc::O_DIRECT).open(path)
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+        };
+        let (file, direct) = match direct_open {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
+                opts.open(path)
+                    .map_err(|e| Error::io("cannot open", path, e))?,
+                false,
+            ),
+            Err(e) => return Err(Error::io("cannot open", path, e)),
+        };
+        let size = image_size(&file, path)?;
+        // No `dontfork()`: tapdisk does not fork once serving, and it needs `madvise`, which
+        // small kernels (tinyconfig without ADVISE_SYSCALLS) lack.
+        let uring = IoUring::builder()
+            .build(QUEUE_DEPTH)
+            .map_err(|e| Error::io("cannot set up io_uring for", path, e))?;
+        let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| Error::os("create an eventfd", e))?;
+        uring
+            .submitter()
+            .register_eventfd(eventfd.as_fd().as_raw_fd())
+            .map_err(|e| Error::io("cannot register the eventfd of", path, e))?;
+        Ok(Self {
+            uring,
+            eventfd,
+            file,
+            retired: None,
+            path: path.into(),
+            size,
+            readonly,
+            direct,
+            ops: Vec::new(),
+            free: Vec::new(),
+            done: Vec::new(),
+            active: 0,
+        })
+    }
+
+    /// Whether the image is open with `O_DIRECT`.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reopens the image without `O_DIRECT` after a direct transfer failed with `errno`.
+    /// Returns whether later transfers go through the page cache now.
+    fn fall_back_to_buffered(&mut self, errno: Errno) -> bool {
+        let reopened = OpenOptions::new()
+            .read(true)
+            .write(!self.readonly)
+            .open(&self.path);
+        match reopened {
+            Ok(file) => {
+                eprintln!(
+                    "blktap: aio {}: O_DIRECT transfer failed ({errno}); using buffered I/O",
+                    self.path.display()
+                );
+                self.retired = Some(std::mem::replace(&mut self.file, file));
+                self.direct = false;
+                true
+            }
+            Err(e) => {
+                eprintln!(
+                    "blktap: aio {}: O_DIRECT transfer failed ({errno}) and reopening without \
+                     it failed: {e}",
+                    self.path.display()
+                );
+                false
+            }
+        }
+    }
+
+    fn complete(&mut self, token: usize, result: Result<(), Errno>) {
+        if let Some(p) = self.ops.get_mut(token).and_then(Option::take) {
+            self.free.push(token);
+            self.active -= 1;
+            self.done.push(Completion { tag: p.tag, result });
+        }
+    }
+
+    /// Puts the remaining part of I/O `token` on the submission queue.
+    fn push(&mut self, token: usize) {
+        let Some(p) = self.ops.get(token).and_then(Option::as_ref) else {
+            return;
+        };
+        let fd = types::Fd(self.file.as_raw_fd());
+        let rest = &p.iov[p.first..];
+        let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
+        let entry = match p.op {
+            Op::Read => opcode::Readv::new(fd, ptr, len).offset(p.offset).build(),
+            Op::Write => opcode::Writev::new(fd, ptr, len).offset(p.offset).build(),
+        }
+        .user_data(token as u64);
+        for _ in 0..2 {
+            // SAFETY: the entry points at `p.iov[first..]`, whose heap block stays put until the
+            // I/O completes (it is only dropped in `complete`, after its CQE), and at buffers the
+            // `queue` contract keeps valid until then.
+            if unsafe { self.uring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Queue full: hand what is queued to the kernel and retry once.
+            if let Err(e) = self.submit_queued() {
+                eprintln!("blktap: aio {}: submit: {e}", self.path.display());
+            }
+        }
+        self.complete(token, Err(Errno::EAGAIN));
+    }
+
+    fn submit_queued(&mut self) -> std::io::Result<usize> {
+        loop {
+            match self.uring.submit() {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// Handles the completion of one transfer of I/O `token`: finishes it, or continues it.
+    fn handle(&mut self, token: usize, res: i32) -> bool {
+        let Some(p) = self.ops.get_mut(token).and_then(Option::as_mut) else {
+            eprintln!(
+                "blktap: aio {}: unknown completion {token}",
+                self.path.display()
+            );
+            return false;
+        };
+        if res < 0 {
+            let errno = Errno::from_raw(-res);
+            if matches!(errno, Errno::EAGAIN | Errno::EINTR) && p.retries < MAX_RETRIES {
+                p.retries += 1;
+                self.push(token);
+                return true;
+            }
+            if matches!(errno, Errno::EFAULT | Errno::EINVAL)
+                && self.direct
+                && self.fall_back_to_buffered(errno)
+            {
+                self.push(token);
+                return true;
+            }
+            self.complete(token, Err(errno));
+            return false;
+        }
+        let n = res as u64;
+        if n == 0 || n > p.remaining {
+            // End of file, or a transfer that made no progress (or more than asked).
+            self.complete(token, Err(Errno::EIO));
+            return false;
+        }
+        p.advance(n);
+        if p.remaining == 0 {
+            self.complete(token, Ok(()));
+            return false;
+        }
+        self.push(token);
+        true
+    }
+
+    /// Takes every completion the kernel has posted. Returns whether transfers were continued.
+    fn reap_kernel(&mut self) -> bool {
+        let cqes: Vec<(u64, i32)> = self
+            .uring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        let mut continued = false;
+        for (token, res) in cqes {
+            continued |= self.handle(token as usize, res);
+        }
+        continued
+    }
+}
+
+impl Backend for AioBackend {
+    fn kind(&self) -> ImageKind {
+        ImageKind::Aio
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    unsafe fn queue(&mut self, io: Io) {
+        if let Err(e) = check_range(&io, self.size) {
+            self.done.push(Completion {
+                tag: io.tag,
+                result: Err(e),
+            });
+            return;
+        }
+        let remaining = io.len();
+        if remaining == 0 {
+            self.done.push(Completion {
+                tag: io.tag,
+                result: Ok(()),
+            });
+            return;
+        }
+        let pending = Pending {
+            tag: io.tag,
+            op: io.op,
+            offset: io.offset,
+            iov: io.iov,
+            first: 0,
+            remaining,
+            retries: 0,
+        };
+        let token = match self.free.pop() {
+            Some(t) => {
+                self.ops[t] = Some(pending);
+                t
+            }
+            None => {
+                self.ops.push(Some(pending));
+                self.ops.len() - 1
+            }
+        };
+        self.active += 1;
+        self.push(token);
+    }
+
+    fn submit(&mut self) -> Result<()> {
+        self.submit_queued()
+            .map_err(|e| Error::io("cannot submit I/O to", &self.path, e))?;
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        // Clear the eventfd first: completions posted after this read signal it again.
+        let _ = self.eventfd.read();
+        if self.reap_kernel() {
+            if let Err(e) = self.submit_queued() {
+                eprintln!("blktap: aio {}: submit: {e}", self.path.display());
+            }
+        }
+        out.append(&mut self.done);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.active + self.done.len()
+    }
+
+    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        while self.active > 0 {
+            match self.uring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(Error::io("cannot wait for I/O on", &self.path, e)),
+            }
+            self.reap_kernel();
+        }
+        let _ = self.eventfd.read();
+        out.append(&mut self.done);
+        Ok(())
+    }
+
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.eventfd.as_fd())
+    }
+}
+
+impl Drop for AioBackend {
+    fn drop(&mut self) {
+        // The kernel must be done with the caller's buffers before they may go away.
+        let mut lost = Vec::new();
+        if let Err(e) = self.drain(&mut lost) {
+            eprintln!("blktap: aio {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// The size in bytes of an image: a regular file's length, or a block device's size.
+fn image_size(file: &File, path: &Path) -> Result<u64> {
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io("cannot stat", path, e))?;
+    let ft = meta.file_type();
+    if ft.is_file() {
+        Ok(meta.len())
+    } else if ft.is_block_device() {
+        let mut size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which points at `size`.
+        unsafe { ioctl_blkgetsize64(file.as_raw_fd(), &mut size) }
+            .map_err(|e| Error::os(format!("get the size of {}", path.display()), e))?;
+        Ok(size)
+    } else {
+        Err(Error::invalid(format!(
+            "{}: not a regular file or block device",
+            path.display()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::Mapping;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    /// A scratch file (O_DIRECT is used if the temporary directory's file system allows it).
+    fn scratch(name: &str, len: u64) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("aio-{name}-{}.img", std::process::id()));
+        let f = File::create(&path).unwrap();
+        f.set_len(len).unwrap();
+        path
+    }
+
+    fn iov(base: *mut u8, len: usize) -> libc::iovec {
+        libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        }
+    }
+
+    /// Waits for the eventfd and reaps until `n` completions arrived.
+    fn wait_for(aio: &mut AioBackend, n: usize) -> Vec<Completion> {
+        let mut done = Vec::new();
+        while done.len() < n {
+            let fd = aio.event_fd().unwrap();
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1);
+            aio.reap(&mut done);
+        }
+        done
+    }
+
+    #[test]
+    fn writes_and_reads_a_file_asynchronously() {
+        let path = scratch("rw", 1 << 20);
+        let mut aio = AioBackend::open(&path, false).unwrap();
+        assert_eq!(aio.size(), 1 << 20);
+        assert_eq!(aio.kind(), ImageKind::Aio);
+        let buf = Mapping::anonymous(64 * 4096).unwrap();
+        let p = buf.as_ptr().as_ptr();
+        // 32 I/Os of two 512-byte-aligned pieces each, in one batch.
+        for i in 0..32usize {
+            // SAFETY: the pieces are inside `buf`, which outlives the I/Os (waited for below).
+            unsafe {
+                std::ptr::write_bytes(p.add(i * 8192), i as u8 + 1, 8192);
+                aio.queue(Io {
+                    tag: i as u64,
+                    op: Op::Write,
+                    offset: i as u64 * 6144,
+                    iov: vec![
+                        iov(p.add(i * 8192), 4096),
+                        iov(p.add(i * 8192 + 4096), 2048),
+                    ],
+                });
+            }
+        }
+        assert_eq!(aio.in_flight(), 32);
+        aio.submit().unwrap();
+        let mut done = wait_for(&mut aio, 32);
+        done.sort_by_key(|c| c.tag);
+        assert!(done
+            .iter()
+            .enumerate()
+            .all(|(i, c)| c.tag == i as u64 && c.result.is_ok()));
+        assert_eq!(aio.in_flight(), 0);
+
+        let mut content = Vec::new();
+        File::open(&path)
+            .unwrap()
+            .read_to_end(&mut content)
+            .unwrap();
+        for i in 0..32 {
+            let piece = &content[i * 6144..(i + 1) * 6144];
+            assert!(piece.iter().all(|&b| b == i as u8 + 1), "piece {i}");
+        }
+        assert!(content[32 * 6144..].iter().all(|&b| b == 0));
+
+        // Read back pieces 3 and 4 (12 KiB) into one buffer.
+        // SAFETY: as above.
+        unsafe {
+            aio.queue(Io {
+                tag: 99,
+                op: Op::Read,
+                offset: 3 * 6144,
+                iov: vec![iov(p.add(40 * 4096), 12288)],
+            });
+        }
+        aio.submit().unwrap();
+        assert_eq!(
+            wait_for(&mut aio, 1),
+            [Completion {
+                tag: 99,
+                result: Ok(())
+            }]
+        );
+        // SAFETY: the read has completed; nothing else touches the buffer.
+        let back = unsafe { std::slice::from_raw_parts(p.add(40 * 4096), 12288) };
+        assert!(back[..6144].iter().all(|&b| b == 4));
+        assert!(back[6144..].iter().all(|&b| b == 5));
+        drop(aio);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn reads_past_the_end_fail_and_short_reads_are_not_truncated() {
+        let path = scratch("short", 16384);
+        let mut aio = AioBackend::open(&path, true).unwrap();
+        let buf = Mapping::anonymous(4 * 4096).unwrap();
+        let p = buf.as_ptr().as_ptr();
+        // Beyond the size known at open: refused without touching the file.
+        // SAFETY: the buffer outlives the I/O.
+        unsafe {
+            aio.queue(Io {
+                tag: 1,
+                op: Op::Read,
+                offset: 16384,
+                iov: vec![iov(p, 512)],
+            });
+        }
+        let mut done = Vec::new();
+        aio.reap(&mut done);
+        assert_eq!(
+            done,
+            [Completion {
+                tag: 1,
+                result: Err(Errno::EIO)
+            }]
+        );
+
+        // The file shrinks under us: the read comes back short, then at end of file.
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4608)
+            .unwrap();
+        // SAFETY: as above.
+        unsafe {
+            aio.queue(Io {
+                tag: 2,
+                op: Op::Read,
+                offset: 0,
+                iov: vec![iov(p, 8192), iov(p.add(8192), 8192)],
+            });
+        }
+        aio.submit().unwrap();
+        assert_eq!(
+            wait_for(&mut aio, 1),
+            [Completion {
+                tag: 2,
+                result: Err(Errno::EIO)
+            }]
+        );
+
+        // A read-only image refuses writes (EBADF from the kernel).
+        // SAFETY: as above.
+        unsafe {
+            aio.queue(Io {
+                tag: 3,
+                op: Op::Write,
+                offset: 0,
+                iov: vec![iov(p, 512)],
+            });
+        }
+        aio.submit().unwrap();
+        let done = wait_for(&mut aio, 1);
+        assert_eq!(done[0].tag, 3);
+        assert!(done[0].result.is_err());
+        drop(aio);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn buffered_mode_and_drain() {
+        let path = scratch("buffered", 8192);
+        let mut f = File::options().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(&[7u8; 4096]).unwrap();
+        let mut aio = AioBackend::open_with(&path, false, false).unwrap();
+        assert!(!aio.direct());
+        assert_eq!(aio.path(), path);
+        let buf = Mapping::anonymous(4096).unwrap();
+        let p = buf.as_ptr().as_ptr();
+        // An unaligned piece is fine without O_DIRECT.
+        // SAFETY: the buffer outlives the I/O, which `drain` waits for.
+        unsafe {
+            aio.queue(Io {
+                tag: 5,
+                op: Op::Read,
+                offset: 4096,
+                iov: vec![iov(p.add(1), 100)],
+            });
+        }
+        aio.submit().unwrap();
+        let mut done = Vec::new();
+        aio.drain(&mut done).unwrap();
+        assert_eq!(
+            done,
+            [Completion {
+                tag: 5,
+                result: Ok(())
+            }]
+        );
+        // SAFETY: the read completed.
+        assert_eq!(unsafe { p.add(1).read() }, 7);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn direct_transfers_the_device_refuses_fall_back_to_buffered() {
+        let path = scratch("fallback", 8192);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&[9u8; 8192])
+            .unwrap();
+        let mut aio = AioBackend::open(&path, false).unwrap();
+        if !aio.direct() {
+            // The temporary directory's file system has no O_DIRECT: nothing to fall back from.
+            std::fs::remove_file(path).unwrap();
+            return;
+        }
+        let buf = Mapping::anonymous(8192).unwrap();
+        let p = buf.as_ptr().as_ptr();
+        // A length that is no multiple of the block size: O_DIRECT refuses it (EINVAL), the page
+        // cache does not.
+        // SAFETY: the buffer outlives the I/O, which `drain` waits for.
+        unsafe {
+            aio.queue(Io {
+                tag: 1,
+                op: Op::Read,
+                offset: 512,
+                iov: vec![iov(p.add(3), 100)],
+            });
+        }
+        aio.submit().unwrap();
+        let mut done = Vec::new();
+        aio.drain(&mut done).unwrap();
+        assert_eq!(
+            done,
+            [Completion {
+                tag: 1,
+                result: Ok(())
+            }]
+        );
+        assert!(!aio.direct());
+        // SAFETY: the read completed.
+        assert_eq!(unsafe { p.add(3 + 99).read() }, 9);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn opening_reports_missing_files_and_odd_types() {
+        let e = AioBackend::open(Path::new("/nonexistent/disk.img"), false).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOENT);
+        let e = AioBackend::open(Path::new("/dev/null"), true).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+    }
+
+    #[test]
+    fn partial_transfers_advance_the_buffers() {
+        let mut a = [0u8; 16];
+        let base = a.as_mut_ptr();
+        let mut p = Pending {
+            tag: 0,
+            op: Op::Read,
+            offset: 100,
+            iov: vec![
+                iov(base, 4),
+                iov(base.wrapping_add(4), 8),
+                iov(base.wrapping_add(12), 4),
+            ],
+            first: 0,
+            remaining: 16,
+            retries: 0,
+        };
+        p.advance(6);
+        assert_eq!((p.offset, p.remaining, p.first), (106, 10, 1));
+        assert_eq!(p.iov[1].iov_len, 6);
+        assert_eq!(p.iov[1].iov_base as usize, base as usize + 6);
+        p.advance(6);
+        assert_eq!((p.offset, p.remaining, p.first), (112, 4, 2));
+        assert_eq!(p.iov[2].iov_len, 4);
+        p.advance(4);
+        assert_eq!(p.remaining, 0);
+    }
+}

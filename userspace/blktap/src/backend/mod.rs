@@ -1,0 +1,255 @@
+//! Image backends, chosen by `type:path`:
+//!
+//! - `aio:/path`: a raw file or block device through io_uring ([`aio`]);
+//! - `ram:SIZE`: an in-memory disk ([`ram`]);
+//! - `null:SIZE`: reads return zeros, writes are dropped ([`null`]).
+//!
+//! A backend takes I/Os whose buffers are raw `iovec`s (into the ring's data pages), and reports
+//! their completions later, so the event loop never blocks on I/O.
+
+use std::fmt;
+use std::os::fd::BorrowedFd;
+use std::str::FromStr;
+
+use nix::errno::Errno;
+
+use crate::ring::Op;
+use crate::{Error, Result};
+
+pub mod aio;
+pub mod null;
+pub mod ram;
+
+/// One I/O: a contiguous range of the image, scattered over `iov`.
+#[derive(Debug)]
+pub struct Io {
+    /// The caller's tag, handed back with the completion.
+    pub tag: u64,
+    /// Read from the image into `iov`, or write `iov` to the image.
+    pub op: Op,
+    /// Byte offset on the image.
+    pub offset: u64,
+    /// The buffers, in image order.
+    pub iov: Vec<libc::iovec>,
+}
+
+impl Io {
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.iov.iter().map(|v| v.iov_len as u64).sum()
+    }
+
+    /// Whether the I/O moves no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The outcome of an I/O: all of its bytes were moved, or it failed with an errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The tag of the I/O.
+    pub tag: u64,
+    /// `Ok` only if every byte was transferred.
+    pub result: Result<(), Errno>,
+}
+
+/// An image backend.
+pub trait Backend {
+    /// The image type (`aio`, `ram`, `null`).
+    fn kind(&self) -> ImageKind;
+
+    /// Size of the image in bytes.
+    fn size(&self) -> u64;
+
+    /// Queues an I/O; it is started by the next [`Backend::submit`] at the latest. Its
+    /// completion comes from [`Backend::reap`] or [`Backend::drain`], exactly once.
+    ///
+    /// # Safety
+    ///
+    /// Every buffer of `io.iov` must stay valid (for writes when reading from the image, for
+    /// reads when writing to it) until the I/O's completion has been handed out or the backend
+    /// has been dropped, and no Rust reference may reach those buffers meanwhile.
+    unsafe fn queue(&mut self, io: Io);
+
+    /// Starts every queued I/O, in one go.
+    fn submit(&mut self) -> Result<()>;
+
+    /// Appends the completions available now to `out`, without blocking.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+
+    /// I/Os queued whose completions were not handed out yet.
+    fn in_flight(&self) -> usize;
+
+    /// Waits for every I/O in flight, appending their completions to `out`.
+    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()>;
+
+    /// A descriptor that becomes readable when completions are available (none: completions are
+    /// available as soon as [`Backend::submit`] returns).
+    fn event_fd(&self) -> Option<BorrowedFd<'_>>;
+}
+
+/// The image types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    /// A raw file or block device through io_uring.
+    Aio,
+    /// An in-memory disk.
+    Ram,
+    /// Zeros, writes dropped.
+    Null,
+}
+
+impl ImageKind {
+    /// The type's name in `type:path`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageKind::Aio => "aio",
+            ImageKind::Ram => "ram",
+            ImageKind::Null => "null",
+        }
+    }
+}
+
+/// An image as tap-ctl names it: `type:path` (for `ram` and `null`, `type:SIZE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// The type.
+    pub kind: ImageKind,
+    /// The path, or size.
+    pub arg: String,
+}
+
+impl FromStr for ImageSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (kind, arg) = s
+            .split_once(':')
+            .ok_or_else(|| Error::invalid(format!("image {s:?} is not type:path")))?;
+        let kind = match kind {
+            "aio" => ImageKind::Aio,
+            "ram" => ImageKind::Ram,
+            "null" => ImageKind::Null,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "image {s:?}: unknown type {kind:?} (aio, ram, null)"
+                )))
+            }
+        };
+        if arg.is_empty() {
+            return Err(Error::invalid(format!("image {s:?}: empty path")));
+        }
+        if kind != ImageKind::Aio {
+            parse_size(arg)?;
+        }
+        Ok(Self {
+            kind,
+            arg: arg.into(),
+        })
+    }
+}
+
+impl fmt::Display for ImageSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.name(), self.arg)
+    }
+}
+
+/// Parses a size in bytes: a number with an optional `K`, `M`, `G` or `T` suffix (powers of
+/// 1024). It must be a positive multiple of 512.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let bad = || Error::invalid(format!("size {s:?}: not a positive multiple of 512 bytes"));
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+    if bytes == 0 || bytes % 512 != 0 {
+        return Err(bad());
+    }
+    Ok(bytes)
+}
+
+/// Opens the image `spec`; writes are refused when `readonly`.
+pub fn open(spec: &ImageSpec, readonly: bool) -> Result<Box<dyn Backend>> {
+    Ok(match spec.kind {
+        ImageKind::Aio => Box::new(aio::AioBackend::open(spec.arg.as_ref(), readonly)?),
+        ImageKind::Ram => Box::new(ram::RamBackend::new(parse_size(&spec.arg)?)?),
+        ImageKind::Null => Box::new(null::NullBackend::new(parse_size(&spec.arg)?)),
+    })
+}
+
+/// Checks that `io` lies inside an image of `size` bytes.
+pub(crate) fn check_range(io: &Io, size: u64) -> Result<(), Errno> {
+    match io.offset.checked_add(io.len()) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Errno::EIO),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_type_and_path() {
+        let s: ImageSpec = "aio:/var/tmp/disk.raw".parse().unwrap();
+        assert_eq!(s.kind, ImageKind::Aio);
+        assert_eq!(s.arg, "/var/tmp/disk.raw");
+        assert_eq!(s.to_string(), "aio:/var/tmp/disk.raw");
+        // Only the first colon separates.
+        assert_eq!("aio:/a:b".parse::<ImageSpec>().unwrap().arg, "/a:b");
+        assert_eq!("ram:64M".parse::<ImageSpec>().unwrap().kind, ImageKind::Ram);
+        assert_eq!(
+            "null:1G".parse::<ImageSpec>().unwrap().kind,
+            ImageKind::Null
+        );
+        for bad in ["", "aio", "aio:", "vhd:/x", "ram:12", "null:lots"] {
+            let e = bad.parse::<ImageSpec>().unwrap_err();
+            assert_eq!(e.errno(), 22, "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_sizes_with_suffixes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("4K").unwrap(), 4096);
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        for bad in ["0", "100", "K", "-1M", "1.5M", "1X", "99999999999T", " 1M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ranges_are_checked_without_overflow() {
+        let io = |offset, len| Io {
+            tag: 0,
+            op: Op::Read,
+            offset,
+            iov: vec![libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: len,
+            }],
+        };
+        assert!(check_range(&io(0, 1024), 1024).is_ok());
+        assert_eq!(check_range(&io(512, 1024), 1024), Err(Errno::EIO));
+        assert_eq!(check_range(&io(u64::MAX, 512), 1024), Err(Errno::EIO));
+    }
+}

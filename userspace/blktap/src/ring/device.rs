@@ -1,0 +1,276 @@
+//! A tap's ring device: `/dev/xen/blktap-2/blktapN`, opened and mapped, and its ioctls.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use blktap_abi::{self as abi, blktap2_params, blktap_device_info};
+use nix::errno::Errno;
+
+use super::memory::{RingMemory, MAP_SIZE, PAGE_SIZE};
+use crate::control::ensure_char_node;
+use crate::mapping::Mapping;
+use crate::sysfs::{self, DeviceKind};
+use crate::{Error, Result};
+
+/// The ring ioctls, kept private (the macros make public functions).
+mod ioctls {
+    use blktap_abi::{self as abi, blktap2_params, blktap_device_info};
+
+    nix::ioctl_write_int_bad!(ioctl_respond, abi::IOCTL_RESPOND);
+    nix::ioctl_write_ptr_bad!(
+        ioctl_create_device,
+        abi::IOCTL_CREATE_DEVICE,
+        blktap_device_info
+    );
+    nix::ioctl_write_ptr_bad!(
+        ioctl_create_device_compat,
+        abi::IOCTL_CREATE_DEVICE_COMPAT,
+        blktap2_params
+    );
+    nix::ioctl_write_int_bad!(ioctl_remove_device, abi::IOCTL_REMOVE_DEVICE);
+}
+
+use ioctls::{ioctl_create_device, ioctl_create_device_compat, ioctl_remove_device, ioctl_respond};
+
+/// The disk to create on a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskParams {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Logical sector size in bytes.
+    pub sector_size: u32,
+    /// Physical sector size in bytes.
+    pub physical_sector_size: u32,
+    /// Whether the disk is read-only.
+    pub readonly: bool,
+    /// A name for the disk (the image, `type:path`); only the compat ioctl carries it.
+    pub name: String,
+}
+
+impl DiskParams {
+    /// A disk of `capacity` 512-byte sectors.
+    pub fn new(capacity: u64, readonly: bool, name: impl Into<String>) -> Self {
+        Self {
+            capacity,
+            sector_size: 512,
+            physical_sector_size: 512,
+            readonly,
+            name: name.into(),
+        }
+    }
+
+    /// The `CREATE_DEVICE` argument.
+    pub fn device_info(&self) -> blktap_device_info {
+        blktap_device_info {
+            capacity: self.capacity,
+            sector_size: self.sector_size,
+            physical_sector_size: self.physical_sector_size,
+            flags: if self.readonly { abi::DEVICE_RO } else { 0 },
+            ..Default::default()
+        }
+    }
+
+    /// The `CREATE_DEVICE_COMPAT` argument (the name is cut to 255 bytes).
+    pub fn compat_params(&self) -> blktap2_params {
+        let mut params = blktap2_params {
+            capacity: self.capacity,
+            sector_size: self.sector_size.into(),
+            ..Default::default()
+        };
+        let name = self.name.as_bytes();
+        let n = name.len().min(abi::NAME_MAX - 1);
+        for (dst, src) in params.name.iter_mut().zip(&name[..n]) {
+            *dst = *src as libc::c_char;
+        }
+        params
+    }
+}
+
+/// An open, mapped ring device. Dropping it unmaps the ring and closes the device.
+#[derive(Debug)]
+pub struct Ring {
+    // Fields drop in order: unmap, then close.
+    map: Mapping,
+    file: File,
+    minor: u32,
+    path: PathBuf,
+}
+
+impl Ring {
+    /// Opens and maps the ring of tap `minor`, making its node first if it is missing.
+    pub fn open(minor: u32) -> Result<Self> {
+        if minor >= abi::MAX_MINORS {
+            return Err(Error::os(
+                format!("tap {minor} is out of range (0..{})", abi::MAX_MINORS),
+                Errno::EINVAL,
+            ));
+        }
+        let path = PathBuf::from(abi::ring_path(minor));
+        if !path.exists() {
+            let major = sysfs::major(DeviceKind::Char, abi::RING_REGION_NAME)?;
+            ensure_char_node(&path, major.into(), minor.into())?;
+        }
+        Self::open_path(&path, minor)
+    }
+
+    /// Opens and maps the ring device at `path`, for tap `minor`.
+    pub fn open_path(path: &Path, minor: u32) -> Result<Self> {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten();
+        if page != Some(PAGE_SIZE as libc::c_long) {
+            return Err(Error::invalid(format!(
+                "the ring layout needs {PAGE_SIZE}-byte pages, this system has {page:?}"
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| open_error(minor, path, e))?;
+        let map = Mapping::shared(file.as_fd(), MAP_SIZE)
+            .map_err(|e| Error::os(format!("map the ring of tap {minor}"), e))?;
+        Ok(Self {
+            map,
+            file,
+            minor,
+            path: path.into(),
+        })
+    }
+
+    /// The tap's minor.
+    pub fn minor(&self) -> u32 {
+        self.minor
+    }
+
+    /// The device node.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The ring fd, to poll for requests.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Creates the tap's disk (`CREATE_DEVICE`, or `CREATE_DEVICE_COMPAT` on kernels that do
+    /// not know it).
+    pub fn create_device(&self, params: &DiskParams) -> Result<()> {
+        let info = params.device_info();
+        let fd = self.file.as_raw_fd();
+        // SAFETY: `info` is a valid `blktap_device_info` the kernel only reads.
+        match unsafe { ioctl_create_device(fd, &info) } {
+            Ok(_) => return Ok(()),
+            Err(Errno::ENOTTY) => {}
+            Err(e) => {
+                return Err(Error::ioctl(
+                    format!("create the disk of tap {}", self.minor),
+                    e,
+                ))
+            }
+        }
+        let compat = params.compat_params();
+        // SAFETY: `compat` is a valid `blktap2_params` the kernel only reads.
+        unsafe { ioctl_create_device_compat(fd, &compat) }.map_err(|e| {
+            Error::ioctl(
+                format!("create the disk of tap {} (compat ioctl)", self.minor),
+                e,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Removes the tap's disk. `EBUSY` while the block device is open.
+    pub fn remove_device(&self) -> Result<()> {
+        // SAFETY: REMOVE_DEVICE takes no argument and touches no memory of ours.
+        unsafe { ioctl_remove_device(self.file.as_raw_fd(), 0) }.map_err(|e| {
+            let what = if e == Errno::EBUSY {
+                format!(
+                    "remove the disk of tap {} ({} is still open)",
+                    self.minor,
+                    abi::device_path(self.minor)
+                )
+            } else {
+                format!("remove the disk of tap {}", self.minor)
+            };
+            Error::ioctl(what, e)
+        })?;
+        Ok(())
+    }
+
+    /// Tells the kernel that responses are in the ring (`RESPOND`).
+    pub fn respond(&self) -> Result<()> {
+        // SAFETY: RESPOND ignores its argument and touches no memory of ours.
+        unsafe { ioctl_respond(self.file.as_raw_fd(), 0) }
+            .map_err(|e| Error::ioctl(format!("respond on tap {}", self.minor), e))?;
+        Ok(())
+    }
+}
+
+// SAFETY: the mapping is MAP_SIZE bytes from mmap (page-aligned), lives as long as the `Ring`,
+// and is only reached through raw pointers and atomics.
+unsafe impl RingMemory for Ring {
+    fn base(&self) -> NonNull<u8> {
+        self.map.as_ptr()
+    }
+
+    fn kick(&self) -> Result<()> {
+        self.respond()
+    }
+}
+
+fn open_error(minor: u32, path: &Path, e: std::io::Error) -> Error {
+    let errno = Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32));
+    let what = match errno {
+        Errno::ENXIO => format!("open {}: tap {minor} is not allocated", path.display()),
+        Errno::EBUSY => format!(
+            "open {}: the ring of tap {minor} is already open (served by another process)",
+            path.display()
+        ),
+        _ => format!("open {}", path.display()),
+    };
+    Error::os(what, errno)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_params_fill_both_ioctl_structs() {
+        let p = DiskParams::new(2048, true, "aio:/var/tmp/disk.raw");
+        let info = p.device_info();
+        assert_eq!(info.capacity, 2048);
+        assert_eq!(info.sector_size, 512);
+        assert_eq!(info.physical_sector_size, 512);
+        assert_eq!(info.flags, 1);
+        let compat = p.compat_params();
+        assert_eq!(compat.capacity, 2048);
+        assert_eq!(compat.sector_size, 512);
+        assert_eq!(compat.name[0] as u8, b'a');
+        assert_eq!(compat.name[20] as u8, b'w');
+        assert_eq!(compat.name[21], 0);
+        let long = DiskParams::new(1, false, "x".repeat(400)).compat_params();
+        assert_eq!(long.name[254] as u8, b'x');
+        assert_eq!(long.name[255], 0);
+        assert_eq!(DiskParams::new(1, false, "").device_info().flags, 0);
+    }
+
+    #[test]
+    fn minors_out_of_range_make_no_node() {
+        let err = Ring::open(abi::MAX_MINORS).unwrap_err();
+        assert_eq!(err.errno(), Errno::EINVAL as i32);
+        assert!(!Path::new(&abi::ring_path(abi::MAX_MINORS)).exists());
+    }
+
+    #[test]
+    fn opening_a_missing_ring_names_the_errno() {
+        let err = Ring::open_path(Path::new("/nonexistent/blktap7"), 7).unwrap_err();
+        assert_eq!(err.errno(), Errno::ENOENT as i32);
+        assert!(err.to_string().contains("ENOENT"), "{err}");
+    }
+}

@@ -1,0 +1,22 @@
+//! The shared ring between the kernel and tapdisk.
+//!
+//! - [`memory`]: the ring's memory ([`RingMemory`]) and bounds-checked access ([`SharedRing`]);
+//! - [`request`]: validating the copy of a request ([`validate`]);
+//! - [`protocol`]: the back end of the ring ([`BackRing`]): fetching requests, publishing
+//!   responses;
+//! - [`device`]: the ring device of a tap, opened and mapped ([`Ring`]), and its ioctls.
+//!
+//! The protocol code is generic over [`RingMemory`], so it runs the same over a real ring and
+//! over [`AnonRing`], where a test plays the kernel.
+
+pub mod device;
+pub mod memory;
+pub mod protocol;
+pub mod request;
+
+pub use device::{DiskParams, Ring};
+pub use memory::{
+    AnonRing, RingMemory, SharedRing, ENTRY_SIZE, MAP_SIZE, PAGE_SIZE, RING_MESSAGE_CLOSE,
+};
+pub use protocol::{BackRing, NoRequest, RingCorrupt};
+pub use request::{validate, Invalid, Op, Request, Segment, SECTOR_SIZE};

@@ -1,0 +1,467 @@
+//! The server against a simulated kernel.
+
+use std::cell::Cell;
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blktap_abi::{blktap_request, blktap_response};
+
+use super::sim::SimKernel;
+use super::*;
+use crate::backend::aio::AioBackend;
+use crate::backend::ram::RamBackend;
+use crate::backend::ImageKind;
+use crate::ring::{AnonRing, SharedRing};
+
+const R: u8 = abi::OP_READ;
+const W: u8 = abi::OP_WRITE;
+
+fn ram_server(k: &SimKernel, size: u64, readonly: bool) -> Server<Rc<AnonRing>> {
+    let backend = Box::new(RamBackend::new(size).unwrap());
+    Server::new(Rc::clone(&k.mem), backend, format!("ram:{size}"), readonly)
+}
+
+/// A byte that differs by page, segment and position.
+fn pattern(tag: usize, seg: usize, i: usize) -> u8 {
+    (tag * 31 + seg * 7 + i / 512 * 3 + i) as u8
+}
+
+fn statuses(rsps: &[blktap_response]) -> Vec<(u64, u8, i16)> {
+    rsps.iter().map(|r| (r.id, r.operation, r.status)).collect()
+}
+
+#[test]
+fn writes_and_reads_of_1_to_11_segments_land_in_the_right_pages() {
+    let mut k = SimKernel::new();
+    let mut server = ram_server(&k, 1 << 20, false);
+    for n in 1..=11usize {
+        let slot = n - 1;
+        for j in 0..n {
+            k.fill(slot, j, |i| pattern(n, j, i));
+        }
+        k.push(W, slot as u64, n as u64 * 100, &vec![(0, 7); n]);
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = k.responses();
+    assert_eq!(rsps.len(), 11);
+    assert!(rsps.iter().all(|r| r.status == 0 && r.operation == W));
+
+    // Read everything back into other slots.
+    for n in 1..=11usize {
+        k.push(R, (n + 15) as u64, n as u64 * 100, &vec![(0, 7); n]);
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = k.responses();
+    assert_eq!(
+        statuses(&rsps),
+        (1..=11).map(|n| (n + 15, R, 0)).collect::<Vec<_>>()
+    );
+    for n in 1..=11usize {
+        for j in 0..n {
+            let page = k.page(n + 15, j);
+            assert!(
+                page.iter().enumerate().all(|(i, &b)| b == pattern(n, j, i)),
+                "request of {n} segments, segment {j}"
+            );
+        }
+    }
+    let s = server.stats();
+    assert_eq!((s.reads, s.writes, s.errors), (11, 11, 0));
+    assert_eq!(s.bytes_written, 66 * 4096);
+    assert_eq!(s.bytes_read, 66 * 4096);
+    assert_eq!(server.in_flight(), 0);
+}
+
+#[test]
+fn partial_segments_use_only_their_sectors() {
+    let mut k = SimKernel::new();
+    let mut server = ram_server(&k, 1 << 20, false);
+    k.fill(3, 0, |i| pattern(1, 0, i));
+    k.fill(3, 1, |i| pattern(1, 1, i));
+    // Sectors 2..=5 of page 0, then sector 0 of page 1: 5 sectors at sector 40.
+    k.push(W, 3, 40, &[(2, 5), (0, 0)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(statuses(&k.responses()), [(3, W, 0)]);
+
+    // Read the 5 sectors into the middle of one page: 0xee around them stays.
+    k.fill(9, 0, |_| 0xee);
+    k.push(R, 9, 40, &[(1, 5)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(statuses(&k.responses()), [(9, R, 0)]);
+    let page = k.page(9, 0);
+    let (w0, w1) = (k.page(3, 0), k.page(3, 1));
+    assert!(page[..512].iter().all(|&b| b == 0xee));
+    assert_eq!(page[512..2560], w0[1024..3072]);
+    assert_eq!(page[2560..3072], w1[..512]);
+    assert!(page[3072..].iter().all(|&b| b == 0xee));
+}
+
+#[test]
+fn a_batch_is_published_once_and_indices_wrap_the_ring() {
+    let mut k = SimKernel::new();
+    let mut server = ram_server(&k, 1 << 20, false);
+    for round in 0..3u32 {
+        for slot in 0..32u64 {
+            k.push(R, slot, slot * 8, &[(0, 7)]);
+        }
+        // Not published yet: nothing to do.
+        server.serve_ring().unwrap();
+        assert_eq!(k.mem.kicks(), u64::from(round));
+        k.publish();
+        server.serve_ring().unwrap();
+        let rsps = k.responses();
+        assert_eq!(rsps.len(), 32);
+        assert!(rsps.iter().all(|r| r.status == 0));
+        assert_eq!(k.mem.kicks(), u64::from(round) + 1);
+        assert_eq!(k.ring().rsp_prod(), 32 * (round + 1));
+    }
+}
+
+#[test]
+fn hostile_requests_are_answered_not_executed() {
+    let mut k = SimKernel::new();
+    let mut server = ram_server(&k, 64 * 512, false);
+    k.fill(0, 0, |_| 0x55);
+    k.push(W, 40, 0, &[(0, 7)]); // bad id
+    k.push(W, 0, 0, &[]); // no segments
+    let mut twelve = blktap_request {
+        operation: W,
+        nr_segments: 12,
+        id: 1,
+        ..Default::default()
+    };
+    for s in twelve.seg.iter_mut() {
+        s.last_sect = 7;
+    }
+    k.push_raw(&twelve); // 12 segments
+    k.push(W, 2, 0, &[(0, 7), (6, 5)]); // last < first
+    k.push(W, 3, 0, &[(0, 8)]); // last beyond the page
+    k.push(7, 4, 0, &[(0, 7)]); // unknown op
+    k.push(W, 5, 60, &[(0, 7)]); // beyond the image
+    k.push(R, 6, u64::MAX - 2, &[(0, 7)]); // overflowing the sector arithmetic
+    k.push(R, 7, 56, &[(0, 7)]); // the last 8 sectors: fine
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(
+        statuses(&k.responses()),
+        [
+            (40, W, -1),
+            (0, W, -1),
+            (1, W, -1),
+            (2, W, -1),
+            (3, W, -1),
+            (4, 7, -2),
+            (5, W, -1),
+            (6, R, -1),
+            (7, R, 0),
+        ]
+    );
+    // Nothing was written.
+    k.push(R, 8, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(statuses(&k.responses()), [(8, R, 0)]);
+    assert!(k.page(8, 0).iter().all(|&b| b == 0));
+    let s = server.stats();
+    assert_eq!((s.errors, s.invalid, s.writes, s.reads), (8, 8, 0, 2));
+    assert!(server.fault().is_none());
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes() {
+    let mut k = SimKernel::new();
+    let mut server = ram_server(&k, 1 << 20, true);
+    assert!(server.readonly());
+    k.push(W, 0, 0, &[(0, 7)]);
+    k.push(R, 1, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(statuses(&k.responses()), [(0, W, -1), (1, R, 0)]);
+}
+
+#[test]
+fn a_req_prod_racing_far_ahead_stops_serving() {
+    let mut k = SimKernel::new();
+    let mut server = ram_server(&k, 1 << 20, false);
+    k.push(R, 0, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(k.responses().len(), 1);
+    k.ring().set_req_prod(1000);
+    let e = server.serve_ring().unwrap_err();
+    assert!(matches!(e, ServeError::Fault(RingFault::Corrupt(_))), "{e}");
+    assert!(e.to_string().contains("ring corrupt"), "{e}");
+    assert!(server.fault().is_some());
+    // Stays stopped, even if the index comes back.
+    k.ring().set_req_prod(2);
+    assert!(server.serve_ring().is_err());
+    assert!(k.responses().is_empty());
+    assert_eq!(k.ring().rsp_prod(), 1);
+}
+
+/// A ram disk whose completions are held back until the test opens the gate.
+struct Gated {
+    ram: RamBackend,
+    held: Vec<Completion>,
+    open: Rc<Cell<bool>>,
+}
+
+impl Backend for Gated {
+    fn kind(&self) -> ImageKind {
+        ImageKind::Ram
+    }
+    fn size(&self) -> u64 {
+        self.ram.size()
+    }
+    unsafe fn queue(&mut self, io: Io) {
+        // SAFETY: forwarded under the same contract.
+        unsafe { self.ram.queue(io) }
+    }
+    fn submit(&mut self) -> Result<()> {
+        self.ram.submit()
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        self.ram.reap(&mut self.held);
+        if self.open.get() {
+            out.append(&mut self.held);
+        }
+    }
+    fn in_flight(&self) -> usize {
+        self.held.len()
+    }
+    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        self.ram.reap(&mut self.held);
+        out.append(&mut self.held);
+        Ok(())
+    }
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
+
+fn gated_server(k: &SimKernel) -> (Server<Rc<AnonRing>>, Rc<Cell<bool>>) {
+    let open = Rc::new(Cell::new(false));
+    let backend = Box::new(Gated {
+        ram: RamBackend::new(1 << 20).unwrap(),
+        held: Vec::new(),
+        open: Rc::clone(&open),
+    });
+    let server = Server::new(Rc::clone(&k.mem), backend, "gated".into(), false);
+    (server, open)
+}
+
+#[test]
+fn rsp_prod_only_moves_when_responses_are_written() {
+    let mut k = SimKernel::new();
+    let (mut server, open) = gated_server(&k);
+    k.push(R, 5, 0, &[(0, 7)]);
+    k.push(R, 6, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(server.in_flight(), 2);
+    assert_eq!(k.ring().rsp_prod(), 0);
+    assert_eq!(k.mem.kicks(), 0);
+    server.serve_backend().unwrap();
+    assert_eq!(k.ring().rsp_prod(), 0);
+    open.set(true);
+    server.serve_backend().unwrap();
+    assert_eq!(k.ring().rsp_prod(), 2);
+    assert_eq!(k.mem.kicks(), 1);
+    assert_eq!(statuses(&k.responses()), [(5, R, 0), (6, R, 0)]);
+    assert_eq!(server.in_flight(), 0);
+}
+
+#[test]
+fn reusing_a_slot_in_flight_stops_serving() {
+    let mut k = SimKernel::new();
+    let (mut server, open) = gated_server(&k);
+    k.push(R, 5, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    k.push(W, 5, 8, &[(0, 7)]);
+    k.publish();
+    let e = server.serve_ring().unwrap_err();
+    assert!(
+        matches!(e, ServeError::Fault(RingFault::SlotBusy(5))),
+        "{e}"
+    );
+    // The first request's I/O still completes, unanswered.
+    open.set(true);
+    assert!(server.serve_backend().is_ok());
+    assert_eq!(server.in_flight(), 0);
+    assert!(k.responses().is_empty());
+    assert_eq!(server.stats().writes, 0);
+}
+
+#[test]
+fn close_requests_and_handing_the_memory_back() {
+    let mut k = SimKernel::new();
+    let (mut server, _open) = gated_server(&k);
+    assert!(!server.close_requested());
+    k.push(R, 0, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    k.ring().set_msg(RING_MESSAGE_CLOSE);
+    assert!(server.close_requested());
+    // Handing the memory back answers what was in flight.
+    let mem = server.into_memory();
+    assert!(Rc::ptr_eq(&mem, &k.mem));
+    assert_eq!(statuses(&k.responses()), [(0, R, 0)]);
+}
+
+#[test]
+fn images_smaller_than_a_sector_make_no_disk() {
+    let tiny = crate::backend::null::NullBackend::new(1023);
+    assert_eq!(disk_sectors(&tiny).unwrap(), 1);
+    let tiny = crate::backend::null::NullBackend::new(100);
+    assert_eq!(disk_sectors(&tiny).unwrap_err().errno(), 22);
+    // Served anyway, every request is out of range.
+    let mut k = SimKernel::new();
+    let mut server = Server::new(Rc::clone(&k.mem), Box::new(tiny), "null:100".into(), false);
+    assert_eq!(server.capacity(), 0);
+    k.push(R, 0, 0, &[(0, 0)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(statuses(&k.responses()), [(0, R, -1)]);
+}
+
+#[test]
+fn serves_an_aio_image_end_to_end() {
+    let path = std::env::temp_dir().join(format!("server-aio-{}.img", std::process::id()));
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let mut k = SimKernel::new();
+    let backend = Box::new(AioBackend::open(&path, false).unwrap());
+    let mut server = Server::new(Rc::clone(&k.mem), backend, "aio".into(), false);
+    let wait = |server: &mut Server<Rc<AnonRing>>, k: &mut SimKernel, n: usize| {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < n {
+            assert!(Instant::now() < deadline, "no completion");
+            let fd = server.backend_fd().unwrap();
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)).unwrap();
+            server.serve_backend().unwrap();
+            got.extend(k.responses());
+        }
+        got
+    };
+    for slot in 0..32usize {
+        for j in 0..11 {
+            k.fill(slot, j, |i| pattern(slot, j, i));
+        }
+        k.push(W, slot as u64, slot as u64 * 88, &[(0, 7); 11]);
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = wait(&mut server, &mut k, 32);
+    assert!(rsps.iter().all(|r| r.status == 0), "{rsps:?}");
+    assert!(k.mem.kicks() <= 32);
+
+    for slot in 0..32usize {
+        k.fill(slot, 0, |_| 0);
+        k.push(R, slot as u64, (31 - slot) as u64 * 88 + 8, &[(0, 7)]);
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = wait(&mut server, &mut k, 32);
+    assert!(rsps.iter().all(|r| r.status == 0 && r.operation == R));
+    for slot in 0..32usize {
+        // Sector 8 of request 31 - slot is the start of its segment 1.
+        let page = k.page(slot, 0);
+        assert!(page
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(31 - slot, 1, i)));
+    }
+    drop(server);
+    std::fs::remove_file(path).unwrap();
+}
+
+/// The ring's memory seen from another thread (the simulated kernel's), by address.
+struct RawRing(NonNull<u8>);
+
+// SAFETY: the test keeps the `AnonRing` this points into alive until the thread is joined.
+unsafe impl RingMemory for RawRing {
+    fn base(&self) -> NonNull<u8> {
+        self.0
+    }
+    fn kick(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The kernel on its own thread: it keeps up to 32 requests outstanding, each in a free slot,
+/// and checks every response the moment `rsp_prod` shows it. A response published before its
+/// entry was written would show the request that was there before (whose first bytes read as
+/// an id of 256 or more), or a stale response to a slot that is not pending.
+#[test]
+fn concurrent_kernel_sees_only_complete_responses() {
+    const TOTAL: u32 = 20_000;
+    let k = SimKernel::new();
+    let mut server = ram_server(&k, 1 << 20, false);
+    let base = k.mem.base().as_ptr() as usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_kernel = Arc::clone(&stop);
+    let kernel = std::thread::spawn(move || {
+        let mem = RawRing(NonNull::new(base as *mut u8).unwrap());
+        let ring = SharedRing::new(&mem);
+        let (mut req_prod, mut rsp_cons) = (0u32, 0u32);
+        let mut pending: [Option<u8>; 32] = [None; 32];
+        let mut free: Vec<u64> = (0..32).collect();
+        let mut answered = 0u32;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while answered < TOTAL {
+            assert!(Instant::now() < deadline, "stalled at {answered}");
+            while req_prod < TOTAL && !free.is_empty() {
+                let id = free.pop().unwrap();
+                let op = (req_prod % 2) as u8;
+                let mut req = blktap_request {
+                    operation: op,
+                    nr_segments: 1 + (req_prod % 11) as u8,
+                    id,
+                    sector_number: u64::from(req_prod % 1000),
+                    ..Default::default()
+                };
+                for s in req.seg.iter_mut() {
+                    s.last_sect = 7;
+                }
+                ring.write_request(req_prod, &req);
+                pending[id as usize] = Some(op);
+                req_prod += 1;
+                ring.set_req_prod(req_prod);
+            }
+            let rsp_prod = ring.rsp_prod();
+            while rsp_cons != rsp_prod {
+                let rsp = ring.read_response(rsp_cons);
+                assert!(rsp.id < 32, "stale entry at {rsp_cons}: {rsp:?}");
+                let op = pending[rsp.id as usize].take();
+                assert_eq!(op, Some(rsp.operation), "response to a free slot: {rsp:?}");
+                assert_eq!(rsp.status, 0);
+                free.push(rsp.id);
+                rsp_cons += 1;
+                answered += 1;
+            }
+            std::hint::spin_loop();
+        }
+        stop_kernel.store(true, Ordering::Release);
+    });
+    while !stop.load(Ordering::Acquire) && !kernel.is_finished() {
+        server.serve_ring().unwrap();
+        std::thread::yield_now();
+    }
+    kernel.join().unwrap();
+    let s = server.stats();
+    assert_eq!(s.reads + s.writes, u64::from(TOTAL));
+    assert_eq!(s.errors, 0);
+}
