@@ -1,20 +1,39 @@
-//! tap-ctl: control blktap2 taps, shaped like the original tool.
+//! tap-ctl: control blktap2 taps and tapdisks, shaped like the original tool.
 //!
 //! Exit status is 0 on success, otherwise the errno of what failed (as the original's was), with a
 //! message on stderr naming the errno and what it means.
 
+mod lifecycle;
+mod list;
+mod tapdisk;
+
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use blktap::backend::ImageSpec;
 use blktap::control::Control;
+use blktap::ctl::{CtlRequest, CTL_DIR};
 use blktap::sysfs::{self, DeviceKind};
 use blktap::Error;
 use blktap_abi as abi;
 use clap::{Parser, Subcommand};
 
+use crate::lifecycle::CreateArgs;
+use crate::list::Filter;
+
 #[derive(Parser)]
 #[command(name = "tap-ctl", version, about = "Control blktap2 taps and tapdisks")]
 struct Cli {
+    /// Directory of the tapdisks' control sockets (ctl<pid>).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = CTL_DIR,
+        env = "BLKTAP_CTL_DIR"
+    )]
+    ctl_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,6 +67,62 @@ enum Command {
         #[arg(short = 'm')]
         minor: u32,
     },
+    /// Allocate a tap, start a tapdisk, attach it and open an image; prints the disk's node.
+    Create {
+        /// The image, type:path (aio:/path, ram:SIZE, null:SIZE).
+        #[arg(short = 'a', value_name = "TYPE:PATH")]
+        args: String,
+        /// Read-only disk.
+        #[arg(short = 'R')]
+        readonly: bool,
+        /// Name to give the tap.
+        #[arg(short = 'd')]
+        name: Option<String>,
+        /// Use this already allocated tap.
+        #[arg(short = 'm')]
+        minor: Option<u32>,
+        /// Log file of the tapdisk.
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+    },
+    /// Close, detach and free a tap.
+    Destroy {
+        /// The tapdisk serving it (found through sysfs or the tapdisks if left out).
+        #[arg(short = 'p')]
+        pid: Option<i32>,
+        /// The tap.
+        #[arg(short = 'm')]
+        minor: u32,
+    },
+    /// Start a tapdisk; prints its pid. It exits after its last tap is detached.
+    Spawn {
+        /// Log file of the tapdisk (default: no log).
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+    },
+    /// Attach a tapdisk to a tap (it maps the tap's ring).
+    Attach(TapdiskTap),
+    /// Detach a tapdisk from a tap.
+    Detach(TapdiskTap),
+    /// Open an image on an attached tap and create its disk.
+    Open {
+        #[command(flatten)]
+        tap: TapdiskTap,
+        /// The image, type:path.
+        #[arg(short = 'a', value_name = "TYPE:PATH")]
+        args: String,
+        /// Read-only disk.
+        #[arg(short = 'R')]
+        readonly: bool,
+    },
+    /// Remove a tap's disk and close its image.
+    Close(TapdiskTap),
+    /// Pause a tap (not supported yet).
+    Pause(TapdiskTap),
+    /// Resume a paused tap (not supported yet).
+    Unpause(TapdiskTap),
+    /// Print a tap's I/O counters as JSON.
+    Stats(TapdiskTap),
     /// Print the block major of tapdevs (-c: the ring char major).
     Major {
         /// The block major (default).
@@ -61,73 +136,15 @@ enum Command {
     Check,
 }
 
-/// One row of `tap-ctl list`.
-struct Row {
-    pid: Option<i32>,
-    minor: Option<u32>,
-    state: Option<u32>,
-    image: Option<(String, String)>,
-}
-
-impl Row {
-    /// The format the original printed to a terminal.
-    fn table(&self) -> String {
-        let dash = || "-".to_string();
-        format!(
-            "{:>8} {:>4} {:>4} {:>10} {}",
-            self.pid.map_or_else(dash, |p| p.to_string()),
-            self.minor.map_or_else(dash, |m| m.to_string()),
-            self.state.map_or_else(dash, |s| format!("{s:#x}")),
-            self.image.as_ref().map_or("-", |i| i.0.as_str()),
-            self.image.as_ref().map_or("-", |i| i.1.as_str()),
-        )
-    }
-
-    /// The `key=value` format the original printed to a pipe, for scripts.
-    fn dict(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(p) = self.pid {
-            parts.push(format!("pid={p}"));
-        }
-        if let Some(m) = self.minor {
-            parts.push(format!("minor={m}"));
-        }
-        if let Some(s) = self.state {
-            parts.push(format!("state={s:#x}"));
-        }
-        if let Some((t, f)) = &self.image {
-            parts.push(format!("args={t}:{f}"));
-        }
-        parts.join(" ")
-    }
-}
-
-fn list(
-    minor: Option<u32>,
-    pid: Option<i32>,
-    image_type: Option<&str>,
-    file: Option<&str>,
-) -> Result<(), Error> {
-    let tty = std::io::stdout().is_terminal();
-    for tap in sysfs::list_taps()? {
-        let row = Row {
-            pid: tap.task()?,
-            minor: Some(tap.minor),
-            state: None,
-            image: None,
-        };
-        if minor.is_some_and(|m| m != tap.minor) || pid.is_some_and(|p| Some(p) != row.pid) {
-            continue;
-        }
-        let image = row.image.as_ref();
-        if image_type.is_some_and(|t| image.is_some_and(|i| i.0 != t))
-            || file.is_some_and(|f| image.is_some_and(|i| i.1 != f))
-        {
-            continue;
-        }
-        println!("{}", if tty { row.table() } else { row.dict() });
-    }
-    Ok(())
+/// A tap in a given tapdisk: `-p PID -m MINOR`.
+#[derive(clap::Args, Debug, Clone, Copy, PartialEq, Eq)]
+struct TapdiskTap {
+    /// The tapdisk's pid.
+    #[arg(short = 'p')]
+    pid: i32,
+    /// The tap's minor.
+    #[arg(short = 'm')]
+    minor: u32,
 }
 
 fn allocate(name: Option<&str>) -> Result<(), Error> {
@@ -153,16 +170,88 @@ fn check() -> Result<String, Error> {
     Ok("ok".into())
 }
 
+fn spawn(ctl_dir: &Path, log: Option<&Path>) -> Result<(), Error> {
+    let pid = tapdisk::spawn(ctl_dir, log)?.pid();
+    if std::io::stdout().is_terminal() {
+        println!("tapdisk spawned with pid {pid}");
+    } else {
+        println!("{pid}");
+    }
+    Ok(())
+}
+
+fn call(ctl_dir: &Path, t: TapdiskTap, req: CtlRequest) -> Result<(), Error> {
+    tapdisk::call(ctl_dir, t.pid, &req).map(drop)
+}
+
 fn run(cli: Cli) -> Result<(), Error> {
+    let ctl_dir = cli.ctl_dir.as_path();
     match cli.command {
         Command::List {
             minor,
             pid,
             image_type,
             file,
-        } => list(minor, pid, image_type.as_deref(), file.as_deref()),
+        } => list::list(
+            ctl_dir,
+            &Filter {
+                minor,
+                pid,
+                image_type: image_type.as_deref(),
+                file: file.as_deref(),
+            },
+        ),
         Command::Allocate { name } => allocate(name.as_deref()),
         Command::Free { minor } => Control::open()?.free(minor),
+        Command::Create {
+            args,
+            readonly,
+            name,
+            minor,
+            log,
+        } => {
+            let node = lifecycle::create(
+                ctl_dir,
+                &CreateArgs {
+                    image: &args,
+                    readonly,
+                    name: name.as_deref(),
+                    minor,
+                    log: log.as_deref(),
+                },
+            )?;
+            println!("{node}");
+            Ok(())
+        }
+        Command::Destroy { pid, minor } => lifecycle::destroy(ctl_dir, pid, minor),
+        Command::Spawn { log } => spawn(ctl_dir, log.as_deref()),
+        Command::Attach(t) => call(ctl_dir, t, CtlRequest::Attach { minor: t.minor }),
+        Command::Detach(t) => call(ctl_dir, t, CtlRequest::Detach { minor: t.minor }),
+        Command::Open {
+            tap,
+            args,
+            readonly,
+        } => {
+            let spec: ImageSpec = args.parse()?;
+            let req = CtlRequest::Open {
+                minor: tap.minor,
+                params: spec.to_string(),
+                readonly,
+            };
+            call(ctl_dir, tap, req)
+        }
+        Command::Close(t) => call(ctl_dir, t, CtlRequest::Close { minor: t.minor }),
+        Command::Pause(t) => call(ctl_dir, t, CtlRequest::Pause { minor: t.minor }),
+        Command::Unpause(t) => call(ctl_dir, t, CtlRequest::Unpause { minor: t.minor }),
+        Command::Stats(t) => {
+            let r = tapdisk::call(ctl_dir, t.pid, &CtlRequest::Stats { minor: t.minor })?;
+            let stats = r.stats.unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::to_string(&stats).expect("stats always serialize")
+            );
+            Ok(())
+        }
         Command::Major { char, .. } => {
             let major = if char {
                 sysfs::major(DeviceKind::Char, abi::RING_REGION_NAME)?
@@ -194,32 +283,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_print_like_the_original() {
-        let row = Row {
-            pid: None,
-            minor: Some(3),
-            state: None,
-            image: None,
-        };
-        assert_eq!(row.table(), "       -    3    -          - -");
-        assert_eq!(row.dict(), "minor=3");
-        let row = Row {
-            pid: Some(1234),
-            minor: Some(0),
-            state: Some(0),
-            image: Some(("aio".into(), "/var/tmp/disk.raw".into())),
-        };
-        assert_eq!(
-            row.table(),
-            "    1234    0  0x0        aio /var/tmp/disk.raw"
-        );
-        assert_eq!(
-            row.dict(),
-            "pid=1234 minor=0 state=0x0 args=aio:/var/tmp/disk.raw"
-        );
-    }
-
-    #[test]
     fn the_command_line_matches_the_original_flags() {
         let cli = Cli::try_parse_from(["tap-ctl", "free", "-m", "7"]).unwrap();
         assert!(matches!(cli.command, Command::Free { minor: 7 }));
@@ -234,5 +297,108 @@ mod tests {
         ));
         assert!(Cli::try_parse_from(["tap-ctl", "free"]).is_err());
         assert!(Cli::try_parse_from(["tap-ctl", "free", "-m", "x"]).is_err());
+    }
+
+    #[test]
+    fn tapdisk_commands_take_pid_and_minor() {
+        let tap = TapdiskTap { pid: 42, minor: 3 };
+        for (name, check) in [
+            (
+                "attach",
+                (|c| matches!(c, Command::Attach(_))) as fn(&Command) -> bool,
+            ),
+            ("detach", |c| matches!(c, Command::Detach(_))),
+            ("close", |c| matches!(c, Command::Close(_))),
+            ("pause", |c| matches!(c, Command::Pause(_))),
+            ("unpause", |c| matches!(c, Command::Unpause(_))),
+            ("stats", |c| matches!(c, Command::Stats(_))),
+        ] {
+            let cli = Cli::try_parse_from(["tap-ctl", name, "-p", "42", "-m", "3"]).unwrap();
+            assert!(check(&cli.command), "{name}");
+            let (Command::Attach(t)
+            | Command::Detach(t)
+            | Command::Close(t)
+            | Command::Pause(t)
+            | Command::Unpause(t)
+            | Command::Stats(t)) = cli.command
+            else {
+                unreachable!()
+            };
+            assert_eq!(t, tap);
+            assert!(Cli::try_parse_from(["tap-ctl", name, "-m", "3"]).is_err());
+            assert!(Cli::try_parse_from(["tap-ctl", name, "-p", "42"]).is_err());
+        }
+        let cli = Cli::try_parse_from([
+            "tap-ctl", "open", "-p", "42", "-m", "3", "-a", "aio:/x", "-R",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Open {
+                tap: t,
+                args,
+                readonly,
+            } => {
+                assert_eq!(t, tap);
+                assert_eq!(args, "aio:/x");
+                assert!(readonly);
+            }
+            _ => panic!("not open"),
+        }
+        assert!(Cli::try_parse_from(["tap-ctl", "open", "-p", "42", "-m", "3"]).is_err());
+    }
+
+    #[test]
+    fn create_destroy_and_spawn() {
+        let cli = Cli::try_parse_from(["tap-ctl", "create", "-a", "ram:64M"]).unwrap();
+        match cli.command {
+            Command::Create {
+                args,
+                readonly,
+                name,
+                minor,
+                log,
+            } => {
+                assert_eq!(args, "ram:64M");
+                assert!(!readonly && name.is_none() && minor.is_none() && log.is_none());
+            }
+            _ => panic!("not create"),
+        }
+        let cli = Cli::try_parse_from([
+            "tap-ctl", "create", "-a", "aio:/d", "-R", "-d", "vbd-1", "-m", "4", "--log", "/l",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Create {
+                readonly: true,
+                minor: Some(4),
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["tap-ctl", "create"]).is_err());
+
+        let cli = Cli::try_parse_from(["tap-ctl", "destroy", "-m", "4"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Destroy {
+                pid: None,
+                minor: 4
+            }
+        ));
+        let cli = Cli::try_parse_from(["tap-ctl", "destroy", "-p", "9", "-m", "4"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Destroy {
+                pid: Some(9),
+                minor: 4
+            }
+        ));
+        assert!(Cli::try_parse_from(["tap-ctl", "destroy"]).is_err());
+
+        let cli = Cli::try_parse_from(["tap-ctl", "spawn", "--ctl-dir", "/tmp/c"]).unwrap();
+        assert!(matches!(cli.command, Command::Spawn { log: None }));
+        assert_eq!(cli.ctl_dir, PathBuf::from("/tmp/c"));
+        let cli = Cli::try_parse_from(["tap-ctl", "--ctl-dir", "/tmp/d", "list"]).unwrap();
+        assert_eq!(cli.ctl_dir, PathBuf::from("/tmp/d"));
     }
 }

@@ -1,0 +1,185 @@
+//! Starting tapdisks and talking to them.
+
+use std::env;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blktap::ctl::{find_tapdisks, Client, CtlRequest, CtlResponse};
+use blktap::{sysfs, Error, Result};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long a new tapdisk may take to listen on its socket (slow under emulation).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a tapdisk may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tapdisk to run: next to this executable, else `$TAPDISK`, else `tapdisk` from `PATH`.
+pub fn tapdisk_binary(own_exe: Option<&Path>, tapdisk_env: Option<OsString>) -> PathBuf {
+    if let Some(beside) = own_exe.map(|exe| exe.with_file_name("tapdisk")) {
+        if beside.is_file() {
+            return beside;
+        }
+    }
+    match tapdisk_env {
+        Some(t) if !t.is_empty() => t.into(),
+        _ => PathBuf::from("tapdisk"),
+    }
+}
+
+/// A tapdisk this tap-ctl started.
+#[derive(Debug)]
+pub struct Spawned {
+    child: Child,
+}
+
+impl Spawned {
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Stops it (SIGTERM, SIGKILL if it lingers) and waits until it is gone, so that any ring
+    /// it held is closed.
+    pub fn stop(mut self) {
+        let pid = Pid::from_raw(self.pid());
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// Starts a tapdisk in its own session, with its output in `log` (or nowhere), that exits
+/// once its last tap is detached; returns when it listens on its socket in `ctl_dir`.
+pub fn spawn(ctl_dir: &Path, log: Option<&Path>) -> Result<Spawned> {
+    let exe = env::current_exe().ok();
+    let binary = tapdisk_binary(exe.as_deref(), env::var_os("TAPDISK"));
+    let out = match log {
+        Some(path) => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io("cannot open", path, e))?,
+        None => File::options()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| Error::io("cannot open", "/dev/null", e))?,
+    };
+    let err = out
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate", log.unwrap_or(Path::new("/dev/null")), e))?;
+    let mut cmd = Command::new(&binary);
+    cmd.arg("--ctl-dir")
+        .arg(ctl_dir)
+        .arg("--exit-when-idle")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: the hook runs in the child between fork and exec and only calls setsid(2), which
+    // is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        Error::os(format!("cannot run {}", binary.display()), errno)
+    })?;
+    let mut spawned = Spawned { child };
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if Client::connect_with_timeout(ctl_dir, spawned.pid(), Duration::from_secs(5)).is_ok() {
+            return Ok(spawned);
+        }
+        if let Ok(Some(status)) = spawned.child.try_wait() {
+            return Err(Error::os(
+                format!(
+                    "{} exited ({status}) before listening in {}{}",
+                    binary.display(),
+                    ctl_dir.display(),
+                    log.map_or(String::new(), |l| format!("; see {}", l.display()))
+                ),
+                Errno::EIO,
+            ));
+        }
+        if Instant::now() >= deadline {
+            spawned.stop();
+            return Err(Error::os(
+                format!("tapdisk did not listen in {} in time", ctl_dir.display()),
+                Errno::ETIMEDOUT,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends one request to tapdisk `pid`.
+pub fn call(ctl_dir: &Path, pid: i32, req: &CtlRequest) -> Result<CtlResponse> {
+    Client::connect(ctl_dir, pid)?.call(req)
+}
+
+/// The tapdisk serving tap `minor`: the ring holder sysfs names, else the tapdisk that lists
+/// the tap. `None` if no process holds the tap.
+pub fn find_server(ctl_dir: &Path, minor: u32) -> Result<Option<i32>> {
+    if let Some(task) = sysfs::find_tap(minor)?.task()? {
+        return Ok(Some(task));
+    }
+    for pid in find_tapdisks(ctl_dir) {
+        let Ok(mut client) = Client::connect_with_timeout(ctl_dir, pid, Duration::from_secs(5))
+        else {
+            continue;
+        };
+        let listed = client.call(&CtlRequest::List).ok().and_then(|r| r.taps);
+        if listed.is_some_and(|taps| taps.iter().any(|t| t.minor == minor)) {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_tapdisk_binary() {
+        let dir = env::temp_dir().join(format!("tap-ctl-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let own = dir.join("tap-ctl");
+        // Nothing beside: $TAPDISK, else PATH.
+        assert_eq!(
+            tapdisk_binary(Some(&own), Some("/opt/td".into())),
+            PathBuf::from("/opt/td")
+        );
+        assert_eq!(tapdisk_binary(Some(&own), None), PathBuf::from("tapdisk"));
+        assert_eq!(
+            tapdisk_binary(None, Some("".into())),
+            PathBuf::from("tapdisk")
+        );
+        // Beside tap-ctl wins.
+        std::fs::write(dir.join("tapdisk"), "").unwrap();
+        assert_eq!(
+            tapdisk_binary(Some(&own), Some("/opt/td".into())),
+            dir.join("tapdisk")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
