@@ -12,6 +12,8 @@
 #include <linux/mm.h>
 #include <linux/sched.h>
 
+#include "helpers.h"
+
 /* The mm of the current task (NULL for kernel threads). Compared, never dereferenced. */
 const void *blktap_current_mm(void)
 {
@@ -126,11 +128,6 @@ void *blktap_hctx_queuedata(struct blk_mq_hw_ctx *hctx)
 void *blktap_disk_queuedata(struct gendisk *disk)
 {
 	return disk->queue->queuedata;
-}
-
-int blktap_disk_first_minor(struct gendisk *disk)
-{
-	return disk->first_minor;
 }
 
 /* Fills in and allocates a tag set of @depth tags on one hardware queue. */

@@ -41,6 +41,23 @@ check "tapdisk exited" sh -c "sleep 0.5; ! test -e /proc/$pid || grep -q '^State
 check "destroy the ram: tap (by minor)" $TAPCTL destroy -m 1
 check "no tap left" is "$($TAPCTL list)" ""
 
+# One tapdisk serving two taps, driven step by step.
+tpid=$($TAPCTL spawn)
+check "spawn prints a pid" test -n "$tpid"
+m0=$($TAPCTL allocate); m0=${m0##*tapdev}
+m1=$($TAPCTL allocate); m1=${m1##*tapdev}
+check "attach tap $m0" $TAPCTL attach -p "$tpid" -m "$m0"
+check "attach tap $m1" $TAPCTL attach -p "$tpid" -m "$m1"
+check "open tap $m0 on ram:" $TAPCTL open -p "$tpid" -m "$m0" -a ram:8M
+check "open tap $m1 on null:" $TAPCTL open -p "$tpid" -m "$m1" -a null:8M
+check "both taps are served by the same tapdisk" is "$($TAPCTL list -p "$tpid" | wc -l)" 2
+check "I/O on the first" sh -c "dd if=/dev/urandom of=/tmp/r bs=64k count=16 status=none && dd if=/tmp/r of=$DEVDIR/tapdev$m0 bs=64k oflag=direct status=none && dd if=$DEVDIR/tapdev$m0 bs=64k count=16 iflag=direct status=none | cmp - /tmp/r"
+check "null: reads zeros on the second" sh -c "dd if=$DEVDIR/tapdev$m1 bs=64k count=4 iflag=direct status=none | cmp - /dev/zero 2>&1 | grep -q EOF"
+check "close and detach the first" sh -c "$TAPCTL close -p $tpid -m $m0 && $TAPCTL detach -p $tpid -m $m0 && $TAPCTL free -m $m0"
+check "the second still works" dd if=$DEVDIR/tapdev$m1 of=/dev/null bs=4k count=4 iflag=direct status=none
+check "destroy the second" $TAPCTL destroy -p "$tpid" -m "$m1"
+check "the tapdisk exits when idle" sh -c "sleep 0.5; ! test -e /proc/$tpid || grep -q '^State:.*Z' /proc/$tpid/status"
+
 # A file system, and the image byte for byte.
 truncate -s 64M /tmp/fs.raw
 dev=$($TAPCTL create -a aio:/tmp/fs.raw)

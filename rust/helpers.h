@@ -1,0 +1,66 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Prototypes of the C helpers in rust/helpers.c, called from the Rust abstractions through
+ * `extern "C"` declarations that must match these.
+ */
+#ifndef BLKTAP_RUST_HELPERS_H
+#define BLKTAP_RUST_HELPERS_H
+
+#include <linux/types.h>
+
+struct blk_mq_hw_ctx;
+struct blk_mq_ops;
+struct blk_mq_tag_set;
+struct block_device_operations;
+struct gendisk;
+struct page;
+struct request;
+struct vm_area_struct;
+struct vm_operations_struct;
+
+const void *blktap_current_mm(void);
+
+int blktap_current_tgid(void);
+
+u64 blktap_rq_pos(struct request *rq);
+
+unsigned int blktap_rq_bytes(struct request *rq);
+
+unsigned int blktap_rq_op(struct request *rq);
+
+int blktap_rq_tag(struct request *rq);
+
+size_t blktap_rq_copy(struct request *rq, struct page *const *pages, unsigned int npages,
+		      size_t len, bool to_pages);
+
+int blktap_disk_openers(struct gendisk *disk);
+
+void blktap_vma_set_ops(struct vm_area_struct *vma, const struct vm_operations_struct *ops,
+			void *private_data);
+
+void *blktap_vma_private(struct vm_area_struct *vma);
+
+unsigned long blktap_vma_start(struct vm_area_struct *vma);
+
+unsigned long blktap_vma_size(struct vm_area_struct *vma);
+
+unsigned long blktap_vma_pgoff(struct vm_area_struct *vma);
+
+const void *blktap_vma_mm(struct vm_area_struct *vma);
+
+void *blktap_hctx_queuedata(struct blk_mq_hw_ctx *hctx);
+
+void *blktap_disk_queuedata(struct gendisk *disk);
+
+int blktap_tag_set_alloc(struct blk_mq_tag_set *set, const struct blk_mq_ops *ops,
+			 unsigned int depth, unsigned int flags);
+
+struct gendisk *blktap_alloc_disk(struct blk_mq_tag_set *set, void *queuedata,
+				  const struct block_device_operations *fops, int major,
+				  int first_minor, const char *name, u64 capacity,
+				  unsigned int lbs, unsigned int pbs, unsigned int max_hw_sectors,
+				  unsigned short max_segments, bool read_only);
+
+void *blktap_page_address(struct page *page);
+
+#endif /* BLKTAP_RUST_HELPERS_H */
