@@ -17,6 +17,7 @@ use crate::ring::Op;
 use crate::{Error, Result};
 
 pub mod aio;
+pub mod immediate;
 pub mod null;
 pub mod ram;
 
@@ -188,8 +189,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
 pub fn open(spec: &ImageSpec, readonly: bool) -> Result<Box<dyn Backend>> {
     Ok(match spec.kind {
         ImageKind::Aio => Box::new(aio::AioBackend::open(spec.arg.as_ref(), readonly)?),
-        ImageKind::Ram => Box::new(ram::RamBackend::new(parse_size(&spec.arg)?)?),
-        ImageKind::Null => Box::new(null::NullBackend::new(parse_size(&spec.arg)?)),
+        ImageKind::Ram => Box::new(immediate::Synchronous::new(ram::RamBackend::new(
+            parse_size(&spec.arg)?,
+        )?)),
+        ImageKind::Null => Box::new(immediate::Synchronous::new(null::NullBackend::new(
+            parse_size(&spec.arg)?,
+        ))),
     })
 }
 

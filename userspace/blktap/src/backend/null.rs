@@ -1,29 +1,25 @@
 //! `null:SIZE`: reads return zeros, writes are dropped. I/O completes as soon as it is queued.
 
-use std::os::fd::BorrowedFd;
+use nix::errno::Errno;
 
-use super::{check_range, Backend, Completion, ImageKind, Io};
+use super::immediate::SyncBackend;
+use super::{check_range, ImageKind, Io};
 use crate::ring::Op;
-use crate::Result;
 
 /// A disk of zeros that forgets what is written to it.
 #[derive(Debug)]
 pub struct NullBackend {
     size: u64,
-    done: Vec<Completion>,
 }
 
 impl NullBackend {
     /// A disk of `size` bytes.
     pub fn new(size: u64) -> Self {
-        Self {
-            size,
-            done: Vec::new(),
-        }
+        Self { size }
     }
 }
 
-impl Backend for NullBackend {
+impl SyncBackend for NullBackend {
     fn kind(&self) -> ImageKind {
         ImageKind::Null
     }
@@ -32,50 +28,29 @@ impl Backend for NullBackend {
         self.size
     }
 
-    unsafe fn queue(&mut self, io: Io) {
-        let result = check_range(&io, self.size);
-        if result.is_ok() && io.op == Op::Read {
+    /// Zeros the buffers of a read; drops a write.
+    unsafe fn transfer(&mut self, io: &Io) -> Result<(), Errno> {
+        check_range(io, self.size)?;
+        if io.op == Op::Read {
             for v in &io.iov {
                 // SAFETY: the iovec is valid for writes of its length (the `queue` contract).
                 unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
             }
         }
-        self.done.push(Completion {
-            tag: io.tag,
-            result,
-        });
-    }
-
-    fn submit(&mut self) -> Result<()> {
         Ok(())
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.done);
-    }
-
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-
-    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
-        self.reap(out);
-        Ok(())
-    }
-
-    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
-        None
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::immediate::Synchronous;
+    use crate::backend::{Backend, Completion};
     use nix::errno::Errno;
 
     #[test]
     fn reads_zeros_and_drops_writes() {
-        let mut null = NullBackend::new(8192);
+        let mut null = Synchronous::new(NullBackend::new(8192));
         assert_eq!(null.size(), 8192);
         let mut buf = vec![0xffu8; 1024];
         let p = buf.as_mut_ptr();

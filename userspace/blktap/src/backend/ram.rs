@@ -1,8 +1,7 @@
 //! `ram:SIZE`: an in-memory disk. I/O completes as soon as it is queued.
 
-use std::os::fd::BorrowedFd;
-
-use super::{check_range, Backend, Completion, ImageKind, Io};
+use super::immediate::SyncBackend;
+use super::{check_range, ImageKind, Io};
 use crate::mapping::Mapping;
 use crate::ring::Op;
 use crate::{Error, Result};
@@ -11,7 +10,6 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct RamBackend {
     data: Mapping,
-    done: Vec<Completion>,
 }
 
 impl RamBackend {
@@ -20,17 +18,20 @@ impl RamBackend {
         let len = usize::try_from(size).map_err(|_| Error::invalid("ram disk too large"))?;
         let data = Mapping::anonymous(len)
             .map_err(|e| Error::os(format!("allocate a ram disk of {size} bytes"), e))?;
-        Ok(Self {
-            data,
-            done: Vec::new(),
-        })
+        Ok(Self { data })
+    }
+}
+
+impl SyncBackend for RamBackend {
+    fn kind(&self) -> ImageKind {
+        ImageKind::Ram
+    }
+
+    fn size(&self) -> u64 {
+        self.data.len() as u64
     }
 
     /// Copies between the disk and the buffers of `io`.
-    ///
-    /// # Safety
-    ///
-    /// The buffers of `io` must be valid for its operation (the [`Backend::queue`] contract).
     unsafe fn transfer(&mut self, io: &Io) -> Result<(), nix::errno::Errno> {
         check_range(io, self.size())?;
         let mut pos = io.offset as usize;
@@ -52,49 +53,11 @@ impl RamBackend {
     }
 }
 
-impl Backend for RamBackend {
-    fn kind(&self) -> ImageKind {
-        ImageKind::Ram
-    }
-
-    fn size(&self) -> u64 {
-        self.data.len() as u64
-    }
-
-    unsafe fn queue(&mut self, io: Io) {
-        // SAFETY: the caller keeps the buffers valid (the `queue` contract).
-        let result = unsafe { self.transfer(&io) };
-        self.done.push(Completion {
-            tag: io.tag,
-            result,
-        });
-    }
-
-    fn submit(&mut self) -> Result<()> {
-        Ok(())
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.done);
-    }
-
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-
-    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
-        self.reap(out);
-        Ok(())
-    }
-
-    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::immediate::Synchronous;
+    use crate::backend::{Backend, Completion};
     use nix::errno::Errno;
 
     fn iov(buf: &mut [u8]) -> libc::iovec {
@@ -106,7 +69,7 @@ mod tests {
 
     #[test]
     fn writes_read_back_and_ranges_are_checked() {
-        let mut ram = RamBackend::new(1 << 20).unwrap();
+        let mut ram = Synchronous::new(RamBackend::new(1 << 20).unwrap());
         assert_eq!(ram.size(), 1 << 20);
         assert_eq!(ram.kind(), ImageKind::Ram);
         let mut a = vec![0xa5u8; 512];

@@ -13,6 +13,7 @@ use blktap_abi::{blktap_request, blktap_response};
 use super::sim::SimKernel;
 use super::*;
 use crate::backend::aio::AioBackend;
+use crate::backend::immediate::Synchronous;
 use crate::backend::ram::RamBackend;
 use crate::backend::ImageKind;
 use crate::ring::{AnonRing, SharedRing};
@@ -21,7 +22,7 @@ const R: u8 = abi::OP_READ;
 const W: u8 = abi::OP_WRITE;
 
 fn ram_server(k: &SimKernel, size: u64, readonly: bool) -> Server<Rc<AnonRing>> {
-    let backend = Box::new(RamBackend::new(size).unwrap());
+    let backend = Box::new(Synchronous::new(RamBackend::new(size).unwrap()));
     Server::new(Rc::clone(&k.mem), backend, format!("ram:{size}"), readonly)
 }
 
@@ -209,7 +210,7 @@ fn a_req_prod_racing_far_ahead_stops_serving() {
 
 /// A ram disk whose completions are held back until the test opens the gate.
 struct Gated {
-    ram: RamBackend,
+    ram: Synchronous<RamBackend>,
     held: Vec<Completion>,
     open: Rc<Cell<bool>>,
 }
@@ -250,7 +251,7 @@ impl Backend for Gated {
 fn gated_server(k: &SimKernel) -> (Server<Rc<AnonRing>>, Rc<Cell<bool>>) {
     let open = Rc::new(Cell::new(false));
     let backend = Box::new(Gated {
-        ram: RamBackend::new(1 << 20).unwrap(),
+        ram: Synchronous::new(RamBackend::new(1 << 20).unwrap()),
         held: Vec::new(),
         open: Rc::clone(&open),
     });
@@ -319,9 +320,9 @@ fn close_requests_and_handing_the_memory_back() {
 
 #[test]
 fn images_smaller_than_a_sector_make_no_disk() {
-    let tiny = crate::backend::null::NullBackend::new(1023);
+    let tiny = Synchronous::new(crate::backend::null::NullBackend::new(1023));
     assert_eq!(disk_sectors(&tiny).unwrap(), 1);
-    let tiny = crate::backend::null::NullBackend::new(100);
+    let tiny = Synchronous::new(crate::backend::null::NullBackend::new(100));
     assert_eq!(disk_sectors(&tiny).unwrap_err().errno(), 22);
     // Served anyway, every request is out of range.
     let mut k = SimKernel::new();

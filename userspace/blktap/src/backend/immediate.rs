@@ -1,0 +1,82 @@
+//! Backends whose every I/O completes as it is queued (memory-backed images), and the adapter
+//! that gives them the asynchronous [`Backend`] interface.
+
+use std::os::fd::BorrowedFd;
+
+use nix::errno::Errno;
+
+use super::{Backend, Completion, ImageKind, Io};
+use crate::Result;
+
+/// An image whose transfers finish at once.
+pub trait SyncBackend {
+    /// The image type.
+    fn kind(&self) -> ImageKind;
+
+    /// Size of the image in bytes.
+    fn size(&self) -> u64;
+
+    /// Performs `io` now.
+    ///
+    /// # Safety
+    ///
+    /// The buffers of `io` must be valid for its operation (the [`Backend::queue`] contract).
+    unsafe fn transfer(&mut self, io: &Io) -> Result<(), Errno>;
+}
+
+/// A [`SyncBackend`] as a [`Backend`]: completions wait in a queue until reaped.
+#[derive(Debug)]
+pub struct Synchronous<T> {
+    inner: T,
+    done: Vec<Completion>,
+}
+
+impl<T: SyncBackend> Synchronous<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            done: Vec::new(),
+        }
+    }
+}
+
+impl<T: SyncBackend> Backend for Synchronous<T> {
+    fn kind(&self) -> ImageKind {
+        self.inner.kind()
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    unsafe fn queue(&mut self, io: Io) {
+        // SAFETY: the caller keeps the buffers valid (the `queue` contract).
+        let result = unsafe { self.inner.transfer(&io) };
+        self.done.push(Completion {
+            tag: io.tag,
+            result,
+        });
+    }
+
+    fn submit(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.done);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+
+    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        self.reap(out);
+        Ok(())
+    }
+
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
