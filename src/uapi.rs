@@ -63,7 +63,7 @@ pub(crate) const RING_HEADER_SIZE: usize = 64;
 pub(crate) const RING_ENTRY_SIZE: usize = 112;
 /// Offset of the `msg` byte in the ring header.
 pub(crate) const RING_MSG_OFFSET: usize = 16;
-/// `msg`: the kernel asks tapdisk to close the ring.
+/// `msg`: the kernel asks tapdisk to close the ring (`BLKTAP2_RING_MESSAGE_CLOSE`).
 pub(crate) const RING_MSG_CLOSE: u8 = 3;
 
 /// Request operation: read.

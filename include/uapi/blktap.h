@@ -74,6 +74,12 @@ struct blktap_device_info {
 #define BLKTAP_OP_READ 0
 #define BLKTAP_OP_WRITE 1
 
+/*
+ * The ring header's msg byte (offset 16): set by the kernel, it makes the ring fd poll readable.
+ * CLOSE asks tapdisk to remove the disk and close the ring.
+ */
+#define BLKTAP2_RING_MESSAGE_CLOSE 3
+
 #define BLKTAP_RSP_OKAY 0
 #define BLKTAP_RSP_ERROR (-1)
 #define BLKTAP_RSP_EOPNOTSUPP (-2)

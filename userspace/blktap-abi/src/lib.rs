@@ -53,6 +53,8 @@ pub const RING_SIZE: usize = uapi::BLKTAP_RING_SIZE as usize;
 pub const SEGMENT_MAX: usize = uapi::BLKTAP_SEGMENT_MAX as usize;
 /// Pages of the whole ring mapping: the ring page then the data pages.
 pub const MMAP_PAGES: usize = uapi::BLKTAP_MMAP_PAGES as usize;
+/// The ring header's `msg` value by which the kernel asks tapdisk to close the ring.
+pub const RING_MESSAGE_CLOSE: u8 = uapi::BLKTAP2_RING_MESSAGE_CLOSE as u8;
 /// `blktap_device_info.flags`: the disk is read-only.
 pub const DEVICE_RO: u64 = uapi::BLKTAP_DEVICE_RO as u64;
 

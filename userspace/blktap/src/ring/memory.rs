@@ -23,7 +23,7 @@ pub const MAP_SIZE: usize = abi::MMAP_PAGES * PAGE_SIZE;
 /// Size of one ring entry (a request or a response).
 pub const ENTRY_SIZE: usize = size_of::<blktap_ring_entry>();
 /// Value of the header's `msg` byte by which the kernel asks tapdisk to shut the tap down.
-pub const RING_MESSAGE_CLOSE: u8 = 3;
+pub const RING_MESSAGE_CLOSE: u8 = abi::RING_MESSAGE_CLOSE;
 
 const REQ_PROD: usize = offset_of!(blktap_sring, req_prod);
 const RSP_PROD: usize = offset_of!(blktap_sring, rsp_prod);
