@@ -7,11 +7,12 @@ CACHE ?= $(HOME)/.cache/blktap2-rs
 VARIANT ?= default
 KDIR ?= $(CACHE)/kernel/$(VARIANT)
 
-.PHONY: help setup kernel module userspace test demo check-host clean
+.PHONY: help setup kernel module userspace test test-debug demo clean
 
 help:
 	@echo "make demo       set up everything, then show blktap in a VM (the main job)"
 	@echo "make test       run every test (host checks, KUnit, VM tests)"
+	@echo "make test-debug the same on the debug kernel (lockdep, KASAN, ...)"
 	@echo "make setup      install packages, toolchain and kernel source (idempotent)"
 	@echo "make kernel     build the test kernel into the cache (once)"
 	@echo "make module     build blktap.ko against the cached kernel"
@@ -31,6 +32,9 @@ userspace:
 
 test:
 	@scripts/test
+
+test-debug:
+	@scripts/test --variant debug
 
 demo:
 	@scripts/demo
