@@ -37,8 +37,10 @@ BAD_PATTERNS = [
         (r"\bBUG[: ]|kernel BUG at", "BUG"),
         (r"\bWARNING:", "WARNING"),
         (r"possible circular locking|possible recursive locking|inconsistent lock state"
-         r"|suspicious RCU usage|lockdep|bad unlock balance|held lock freed", "lockdep"),
-        (r"\bKASAN\b|\bUBSAN\b|\bKFENCE\b", "sanitizer"),
+         r"|suspicious RCU usage|bad unlock balance|held lock freed|lock held when returning"
+         r"|possible irq lock inversion|INFO: lockdep is turned off|DEBUG_LOCKS_WARN_ON",
+         "lockdep"),
+        (r"BUG: KASAN|\bUBSAN:|BUG: KFENCE", "sanitizer"),
         (r"blocked for more than \d+ seconds|hung_task", "hung task"),
         (r"rcu.*detected stalls|rcu_sched self-detected|soft lockup|hard LOCKUP", "stall"),
         (r"Call Trace:", "stack trace"),

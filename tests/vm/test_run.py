@@ -9,6 +9,9 @@ import run  # noqa: E402
 
 CLEAN = """\
 [    0.000000] Linux version 7.3.4
+[    0.000000] rcu: \tRCU lockdep checking is enabled.
+[    0.000000] Lock dependency validator: Copyright (c) 2006 Red Hat, Inc., Ingo Molnar
+[    0.100000] kasan: KernelAddressSanitizer initialized (generic)
 [    3.1] blktap: loading out-of-tree module taints kernel.
 ok - a test line that mentions WARNING: in user space output is not a kernel report
 BLKTAP-VM-RESULT rc=0
@@ -27,6 +30,8 @@ class ScanTest(unittest.TestCase):
             "Oops: general protection fault, probably for non-canonical address",
             "WARNING: possible circular locking dependency detected",
             "BUG: KASAN: slab-use-after-free in blktap_free_tap",
+            "UBSAN: array-index-out-of-bounds in src/ring.rs:100:5",
+            "DEBUG_LOCKS_WARN_ON(1)",
             "INFO: task tapdisk:123 blocked for more than 20 seconds.",
             "rcu: INFO: rcu_sched detected stalls on CPUs/tasks:",
             "watchdog: BUG: soft lockup - CPU#0 stuck for 22s!",
