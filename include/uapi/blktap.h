@@ -36,6 +36,18 @@
 #define BLKTAP2_IOCTL_REMOVE_DEVICE 207
 #define BLKTAP2_IOCTL_CREATE_DEVICE 208
 
+/*
+ * Extensions (blktap2-rs; the numbers are those of the older drivers' PAUSE and RESUME). Only
+ * the process that maps the ring may call them, like every ring ioctl.
+ *
+ * PAUSE: the disk stops handing new requests to the ring; they wait in the block layer and are
+ * not failed. Requests already on the ring stay there and are answered as usual. Returns at once;
+ * tapdisk drains its own work after it. ENODEV without a disk.
+ * RESUME: requests flow again. Both are idempotent and clear a pending PAUSE/RESUME message.
+ */
+#define BLKTAP2_IOCTL_PAUSE 204
+#define BLKTAP2_IOCTL_RESUME 206
+
 /* ALLOC_TAP result. */
 struct blktap_info {
 	__u32 ring_major;
@@ -53,6 +65,21 @@ struct blktap2_params {
 };
 
 #define BLKTAP_DEVICE_RO 1UL
+/*
+ * Negotiated extensions: a tapdisk sets these only if it handles what they bring. Old tapdisks
+ * leave them zero and then see READ and WRITE only. A kernel that does not know a flag answers
+ * CREATE_DEVICE with EINVAL, so a tapdisk can retry without it.
+ *   FLUSH     the disk has a volatile write cache; the kernel sends BLKTAP_OP_FLUSH.
+ *   DISCARD   the kernel sends BLKTAP_OP_DISCARD (struct blktap_request_discard).
+ *   FUA       the kernel sends BLKTAP_OP_WRITE_FUA; only together with FLUSH.
+ *   RECOVERY  when the ring's tapdisk dies, the disk and its requests stay, for a new tapdisk
+ *             to map the ring again and answer them; see Documentation/blktap2.rst.
+ * (FLUSH and DISCARD have the values of the OpenXT dialect's FLUSH and TRIM.)
+ */
+#define BLKTAP_DEVICE_FLUSH 0x04UL
+#define BLKTAP_DEVICE_DISCARD 0x08UL
+#define BLKTAP_DEVICE_FUA 0x20UL
+#define BLKTAP_DEVICE_RECOVERY 0x40UL
 
 /* CREATE_DEVICE argument. */
 struct blktap_device_info {
@@ -73,11 +100,22 @@ struct blktap_device_info {
 
 #define BLKTAP_OP_READ 0
 #define BLKTAP_OP_WRITE 1
+/* Only to a tapdisk that negotiated them (BLKTAP_DEVICE_FLUSH, _DISCARD, _FUA). */
+#define BLKTAP_OP_FLUSH 2       /* no segments: make every completed write durable */
+#define BLKTAP_OP_DISCARD 3     /* struct blktap_request_discard, no segments */
+#define BLKTAP_OP_WRITE_FUA 4   /* a WRITE that is durable when answered */
+
+/* Largest discard in one request, in 512-byte sectors (1 GiB). */
+#define BLKTAP_DISCARD_MAX_SECTORS (1U << 21)
 
 /*
  * The ring header's msg byte (offset 16): set by the kernel, it makes the ring fd poll readable.
- * CLOSE asks tapdisk to remove the disk and close the ring.
+ * PAUSE and RESUME ask tapdisk to pause or resume (an operator wrote the tap's sysfs `pause`);
+ * tapdisk answers with the ioctl of the same name, which clears the byte. CLOSE asks tapdisk to
+ * remove the disk and close the ring. Old tapdisks ignore PAUSE and RESUME.
  */
+#define BLKTAP2_RING_MESSAGE_PAUSE 1
+#define BLKTAP2_RING_MESSAGE_RESUME 2
 #define BLKTAP2_RING_MESSAGE_CLOSE 3
 
 #define BLKTAP_RSP_OKAY 0
@@ -101,6 +139,17 @@ struct blktap_request {
 	struct blktap_segment seg[BLKTAP_SEGMENT_MAX];
 };
 
+/* A BLKTAP_OP_DISCARD request: the range sector_number .. + nr_sectors. */
+struct blktap_request_discard {
+	__u8 operation;
+	__u8 nr_segments;        /* 0 */
+	__u16 __pad;
+	__u32 __pad2;
+	__u64 id;
+	__u64 sector_number;
+	__u64 nr_sectors;        /* 1 .. BLKTAP_DISCARD_MAX_SECTORS */
+};
+
 struct blktap_response {
 	__u64 id;
 	__u8 operation;
@@ -111,6 +160,7 @@ struct blktap_response {
 
 union blktap_ring_entry {
 	struct blktap_request req;
+	struct blktap_request_discard discard;
 	struct blktap_response rsp;
 };
 
