@@ -5,10 +5,12 @@
 //! operation and data the driver reads and copies, and that it may end with an error.
 //!
 //! - [`TagSet`]: one hardware queue with a fixed number of tags;
-//! - [`Operations`]: the driver's `queue_rq` and `commit_rqs`;
+//! - [`Operations`]: the driver's `queue_rq` (which may hand a request back when it has no
+//!   room), `commit_rqs` and `timeout`;
 //! - [`Request`]: an owned, started request; it ends exactly once, by [`Request::end`] or, if
-//!   the driver drops it, with an I/O error;
-//! - [`Disk`]: a gendisk on a tag set, removed on drop.
+//!   the driver drops it, with an I/O error; [`RequestRef`] names one the timeout handler sees;
+//! - [`Disk`]: a gendisk on a tag set, with a write cache, FUA and discard when asked, a request
+//!   timeout, and dispatch that can be stopped (quiesced); removed on drop.
 //!
 //! Field accesses go through small C helpers (`rust/helpers.c`) that follow the C compiler's
 //! layout.
@@ -59,6 +61,8 @@ mod ffi {
         pub(super) fn blktap_rq_bytes(rq: *mut bindings::request) -> u32;
         pub(super) fn blktap_rq_op(rq: *mut bindings::request) -> u32;
         pub(super) fn blktap_rq_tag(rq: *mut bindings::request) -> c_int;
+        pub(super) fn blktap_rq_fua(rq: *mut bindings::request) -> bool;
+        pub(super) fn blktap_rq_queuedata(rq: *mut bindings::request) -> *mut c_void;
         pub(super) fn blktap_rq_copy(
             rq: *mut bindings::request,
             pages: *const *mut bindings::page,
@@ -69,6 +73,8 @@ mod ffi {
         pub(super) fn blktap_hctx_queuedata(hctx: *mut bindings::blk_mq_hw_ctx) -> *mut c_void;
         pub(super) fn blktap_disk_queuedata(disk: *mut bindings::gendisk) -> *mut c_void;
         pub(super) fn blktap_disk_openers(disk: *mut bindings::gendisk) -> c_int;
+        pub(super) fn blktap_disk_quiesce(disk: *mut bindings::gendisk, quiesce: bool);
+        pub(super) fn blktap_disk_set_timeout(disk: *mut bindings::gendisk, msecs: u32);
         pub(super) fn blktap_tag_set_alloc(
             set: *mut bindings::blk_mq_tag_set,
             ops: *const bindings::blk_mq_ops,
@@ -88,6 +94,9 @@ mod ffi {
             max_hw_sectors: u32,
             max_segments: u16,
             read_only: bool,
+            write_cache: bool,
+            fua: bool,
+            max_discard_sectors: u32,
         ) -> *mut bindings::gendisk;
     }
 }
@@ -96,6 +105,7 @@ mod ffi {
 const BLK_STS_OK: u8 = 0;
 const BLK_STS_NOTSUPP: u8 = 1;
 const BLK_STS_IOERR: u8 = 10;
+const BLK_STS_RESOURCE: u8 = 9;
 
 /// A request's operation.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -164,6 +174,18 @@ impl Request {
         Op::from_raw(unsafe { ffi::blktap_rq_op(self.ptr.as_ptr()) })
     }
 
+    /// A write that must be durable when it ends (`REQ_FUA`). Only set on disks made with
+    /// [`DiskParams::fua`].
+    pub fn is_fua(&self) -> bool {
+        // SAFETY: By the type invariants, `ptr` is a live, started request.
+        unsafe { ffi::blktap_rq_fua(self.ptr.as_ptr()) }
+    }
+
+    /// Whether `other` names this request.
+    pub fn is(&self, other: &RequestRef<'_>) -> bool {
+        self.ptr == other.ptr
+    }
+
     /// Copies the first `len` bytes of the request's data into `pages`, as one linear buffer.
     /// Returns the bytes copied: less than `len` if the request or the pages are shorter.
     pub fn copy_to_pages(&self, pages: &[Page], len: usize) -> usize {
@@ -210,15 +232,53 @@ impl Drop for Request {
     }
 }
 
+/// A request the driver owns, as blk-mq names it to the timeout handler: compared with the
+/// driver's [`Request`]s ([`Request::is`]), never used otherwise.
+pub struct RequestRef<'a> {
+    ptr: NonNull<bindings::request>,
+    _p: PhantomData<&'a ()>,
+}
+
+/// What `queue_rq` did with a request.
+pub enum Queued {
+    /// The driver took the request, and ends it (or has ended it).
+    Taken,
+    /// The driver has no room for it now: blk-mq keeps it and dispatches it again later
+    /// (`BLK_STS_RESOURCE`).
+    Busy(Request),
+}
+
+/// What the timeout handler did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TimeoutAction {
+    /// The driver has ended the request, or is ending it (`BLK_EH_DONE`).
+    Done,
+    /// Wait another timeout (`BLK_EH_RESET_TIMER`).
+    ResetTimer,
+}
+
 /// What a blk-mq driver implements.
 #[vtable]
 pub trait Operations: Sized {
     /// Data of each disk, kept as the queue's `queuedata`.
     type QueueData: ForeignOwnable + Send + Sync;
 
-    /// Takes a started request. The driver keeps it until it ends it, or ends it at once.
-    /// `last` is false when more requests follow in the same batch.
-    fn queue_rq(data: <Self::QueueData as ForeignOwnable>::Borrowed<'_>, rq: Request, last: bool);
+    /// Takes a started request. The driver keeps it until it ends it, ends it at once, or hands
+    /// it back ([`Queued::Busy`]). `last` is false when more requests follow in the same batch.
+    fn queue_rq(
+        data: <Self::QueueData as ForeignOwnable>::Borrowed<'_>,
+        rq: Request,
+        last: bool,
+    ) -> Queued;
+
+    /// A request the driver took has not ended within the disk's timeout
+    /// ([`Disk::set_timeout_ms`]). Runs in process context.
+    fn timeout(
+        _data: <Self::QueueData as ForeignOwnable>::Borrowed<'_>,
+        _rq: RequestRef<'_>,
+    ) -> TimeoutAction {
+        build_error!(VTABLE_DEFAULT_ERROR)
+    }
 
     /// Ends a batch whose last request was queued with `last == false`.
     fn commit_rqs(data: <Self::QueueData as ForeignOwnable>::Borrowed<'_>);
@@ -297,6 +357,13 @@ pub struct DiskParams<'a> {
     pub max_segments: u16,
     /// Refuse writes.
     pub read_only: bool,
+    /// The device has a volatile write cache: the driver gets `REQ_OP_FLUSH` requests.
+    pub write_cache: bool,
+    /// With `write_cache`, the driver gets writes with `REQ_FUA` ([`Request::is_fua`]).
+    pub fua: bool,
+    /// Largest discard in 512-byte sectors; 0 for none. The granularity is the physical block
+    /// size.
+    pub max_discard_sectors: u32,
 }
 
 /// A disk on a [`TagSet`], in the VFS until dropped.
@@ -305,9 +372,11 @@ pub struct DiskParams<'a> {
 ///
 /// `disk` was allocated on `tagset` with `queuedata` from `T::QueueData::into_foreign()` and
 /// added with `device_add_disk()`; [`Drop`] deletes it, puts it and drops the queue data, once.
+/// Its queue is quiesced exactly when `quiesced` is true.
 pub struct Disk<T: Operations> {
     disk: NonNull<bindings::gendisk>,
     tagset: Arc<TagSet<T>>,
+    quiesced: bool,
 }
 
 // SAFETY: The gendisk may be removed from any thread; `T::QueueData` is `Send`.
@@ -343,6 +412,9 @@ impl<T: Operations> Disk<T> {
                 params.max_hw_sectors,
                 params.max_segments,
                 params.read_only,
+                params.write_cache,
+                params.fua,
+                params.max_discard_sectors,
             )
         };
         let disk = match kernel::error::from_err_ptr(disk) {
@@ -369,7 +441,33 @@ impl<T: Operations> Disk<T> {
             // SAFETY: `from_err_ptr` returned a valid pointer.
             disk: unsafe { NonNull::new_unchecked(disk) },
             tagset,
+            quiesced: false,
         })
+    }
+
+    /// Stops (`true`) or restarts (`false`) dispatching requests to the driver. While stopped,
+    /// new requests wait in the block layer; those the driver holds are unaffected. Stopping
+    /// waits for `queue_rq` calls in progress to return, so it may sleep.
+    pub fn set_quiesced(&mut self, quiesced: bool) {
+        if self.quiesced == quiesced {
+            return;
+        }
+        // SAFETY: By the type invariants the disk is live, and its queue is quiesced exactly
+        // when `self.quiesced`, so calls balance.
+        unsafe { ffi::blktap_disk_quiesce(self.disk.as_ptr(), quiesced) };
+        // INVARIANT: The queue's state changed with the call above.
+        self.quiesced = quiesced;
+    }
+
+    /// Whether dispatching is stopped.
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesced
+    }
+
+    /// Sets how long a request the driver took may run before [`Operations::timeout`].
+    pub fn set_timeout_ms(&self, msecs: u32) {
+        // SAFETY: By the type invariants the disk is live.
+        unsafe { ffi::blktap_disk_set_timeout(self.disk.as_ptr(), msecs) };
     }
 
     /// How many times the block device is open.
@@ -388,6 +486,8 @@ impl<T: Operations> Disk<T> {
 
 impl<T: Operations> Drop for Disk<T> {
     fn drop(&mut self) {
+        // Requests waiting on a stopped queue would keep the deletion below waiting forever.
+        self.set_quiesced(false);
         let disk = self.disk.as_ptr();
         // SAFETY: By the type invariants the disk is live, with our queue data.
         let data = unsafe { ffi::blktap_disk_queuedata(disk) };
@@ -423,8 +523,32 @@ impl<T: Operations> OpsVTable<T> {
         let ptr = unsafe { NonNull::new_unchecked(rq) };
         // INVARIANT: The request is started and not ended.
         let rq = Request { ptr };
-        T::queue_rq(data, rq, last);
-        BLK_STS_OK
+        match T::queue_rq(data, rq, last) {
+            Queued::Taken => BLK_STS_OK,
+            Queued::Busy(rq) => {
+                // blk-mq takes the request back, started, and requeues it; it must not end.
+                let _ = ManuallyDrop::new(rq);
+                BLK_STS_RESOURCE
+            }
+        }
+    }
+
+    /// # Safety
+    ///
+    /// Called by blk-mq with a request of a disk made by [`Disk::new`] that the driver took.
+    unsafe extern "C" fn timeout(rq: *mut bindings::request) -> bindings::blk_eh_timer_return {
+        // SAFETY: The queue data lives until the disk is deleted, which waits for timeout
+        // handlers.
+        let data = unsafe { T::QueueData::borrow(ffi::blktap_rq_queuedata(rq).cast()) };
+        let rq = RequestRef {
+            // SAFETY: blk-mq passes a valid, non-null request.
+            ptr: unsafe { NonNull::new_unchecked(rq) },
+            _p: PhantomData,
+        };
+        match T::timeout(data, rq) {
+            TimeoutAction::Done => bindings::blk_eh_timer_return_BLK_EH_DONE,
+            TimeoutAction::ResetTimer => bindings::blk_eh_timer_return_BLK_EH_RESET_TIMER,
+        }
     }
 
     /// # Safety
@@ -439,6 +563,11 @@ impl<T: Operations> OpsVTable<T> {
     const OPS: bindings::blk_mq_ops = bindings::blk_mq_ops {
         queue_rq: Some(Self::queue_rq),
         commit_rqs: Some(Self::commit_rqs),
+        timeout: if T::HAS_TIMEOUT {
+            Some(Self::timeout)
+        } else {
+            None
+        },
         ..pin_init::zeroed()
     };
 

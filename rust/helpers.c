@@ -9,6 +9,7 @@
 #include <linux/blk-mq.h>
 #include <linux/blkdev.h>
 #include <linux/highmem.h>
+#include <linux/jiffies.h>
 #include <linux/mm.h>
 #include <linux/sched.h>
 
@@ -44,6 +45,16 @@ unsigned int blktap_rq_op(struct request *rq)
 int blktap_rq_tag(struct request *rq)
 {
 	return rq->tag;
+}
+
+bool blktap_rq_fua(struct request *rq)
+{
+	return rq->cmd_flags & REQ_FUA;
+}
+
+void *blktap_rq_queuedata(struct request *rq)
+{
+	return rq->q->queuedata;
 }
 
 /*
@@ -130,6 +141,21 @@ void *blktap_disk_queuedata(struct gendisk *disk)
 	return disk->queue->queuedata;
 }
 
+/* Stops (@quiesce true) or restarts dispatching to the driver; may sleep. */
+void blktap_disk_quiesce(struct gendisk *disk, bool quiesce)
+{
+	if (quiesce)
+		blk_mq_quiesce_queue(disk->queue);
+	else
+		blk_mq_unquiesce_queue(disk->queue);
+}
+
+/* Sets the time a started request may take before the driver's timeout handler runs. */
+void blktap_disk_set_timeout(struct gendisk *disk, unsigned int msecs)
+{
+	blk_queue_rq_timeout(disk->queue, max(msecs_to_jiffies(msecs), 1UL));
+}
+
 /* Fills in and allocates a tag set of @depth tags on one hardware queue. */
 int blktap_tag_set_alloc(struct blk_mq_tag_set *set, const struct blk_mq_ops *ops,
 			 unsigned int depth, unsigned int flags)
@@ -152,7 +178,8 @@ struct gendisk *blktap_alloc_disk(struct blk_mq_tag_set *set, void *queuedata,
 				  const struct block_device_operations *fops, int major,
 				  int first_minor, const char *name, u64 capacity,
 				  unsigned int lbs, unsigned int pbs, unsigned int max_hw_sectors,
-				  unsigned short max_segments, bool read_only)
+				  unsigned short max_segments, bool read_only, bool write_cache,
+				  bool fua, unsigned int max_discard_sectors)
 {
 	struct queue_limits lim = {
 		.logical_block_size = lbs,
@@ -163,6 +190,15 @@ struct gendisk *blktap_alloc_disk(struct blk_mq_tag_set *set, void *queuedata,
 		.seg_boundary_mask = PAGE_SIZE - 1,
 	};
 	struct gendisk *disk;
+
+	if (write_cache)
+		lim.features |= BLK_FEAT_WRITE_CACHE;
+	if (write_cache && fua)
+		lim.features |= BLK_FEAT_FUA;
+	if (max_discard_sectors) {
+		lim.max_hw_discard_sectors = max_discard_sectors;
+		lim.discard_granularity = pbs;
+	}
 
 	disk = blk_mq_alloc_disk(set, &lim, queuedata);
 	if (IS_ERR(disk))

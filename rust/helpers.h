@@ -30,6 +30,10 @@ unsigned int blktap_rq_op(struct request *rq);
 
 int blktap_rq_tag(struct request *rq);
 
+bool blktap_rq_fua(struct request *rq);
+
+void *blktap_rq_queuedata(struct request *rq);
+
 size_t blktap_rq_copy(struct request *rq, struct page *const *pages, unsigned int npages,
 		      size_t len, bool to_pages);
 
@@ -52,6 +56,10 @@ void *blktap_hctx_queuedata(struct blk_mq_hw_ctx *hctx);
 
 void *blktap_disk_queuedata(struct gendisk *disk);
 
+void blktap_disk_quiesce(struct gendisk *disk, bool quiesce);
+
+void blktap_disk_set_timeout(struct gendisk *disk, unsigned int msecs);
+
 int blktap_tag_set_alloc(struct blk_mq_tag_set *set, const struct blk_mq_ops *ops,
 			 unsigned int depth, unsigned int flags);
 
@@ -59,7 +67,8 @@ struct gendisk *blktap_alloc_disk(struct blk_mq_tag_set *set, void *queuedata,
 				  const struct block_device_operations *fops, int major,
 				  int first_minor, const char *name, u64 capacity,
 				  unsigned int lbs, unsigned int pbs, unsigned int max_hw_sectors,
-				  unsigned short max_segments, bool read_only);
+				  unsigned short max_segments, bool read_only, bool write_cache,
+				  bool fua, unsigned int max_discard_sectors);
 
 void *blktap_page_address(struct page *page);
 

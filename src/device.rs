@@ -22,11 +22,18 @@ use crate::{
         Disk,
         DiskParams,
         Operations,
+        Queued,
         Request,
-        TagSet, //
+        RequestRef,
+        TagSet,
+        TimeoutAction, //
     },
     request,
-    ring::RingPages,
+    ring::{
+        self,
+        Features,
+        RingPages, //
+    },
     tap::Tap,
     uapi,
     Blktap, //
@@ -39,6 +46,10 @@ pub(crate) struct DeviceInfo {
     pub(crate) sector_size: u32,
     pub(crate) physical_sector_size: u32,
     pub(crate) read_only: bool,
+    /// Negotiated extensions: what the kernel may send.
+    pub(crate) features: Features,
+    /// Keep the disk and its requests when tapdisk dies.
+    pub(crate) recovery: bool,
 }
 
 impl DeviceInfo {
@@ -47,16 +58,26 @@ impl DeviceInfo {
     /// # Errors
     ///
     /// `EINVAL` for a zero capacity, a sector size that is not a power of two in 512..=4096, a
-    /// physical sector size that is not a power of two of at least 512, or unknown flags.
+    /// physical sector size that is not a power of two of at least 512, unknown flags, or FUA
+    /// without FLUSH.
     pub(crate) fn from_info(info: &uapi::BlktapDeviceInfo) -> Result<Self> {
-        if info.flags & !uapi::DEVICE_FLAGS_KNOWN != 0 {
+        let flags = info.flags;
+        if flags & !uapi::DEVICE_FLAGS_KNOWN != 0
+            || (flags & uapi::DEVICE_FUA != 0 && flags & uapi::DEVICE_FLUSH == 0)
+        {
             return Err(EINVAL);
         }
         Self {
             capacity: info.capacity,
             sector_size: info.sector_size,
             physical_sector_size: info.physical_sector_size,
-            read_only: info.flags & uapi::DEVICE_RO != 0,
+            read_only: flags & uapi::DEVICE_RO != 0,
+            features: Features {
+                flush: flags & uapi::DEVICE_FLUSH != 0,
+                fua: flags & uapi::DEVICE_FUA != 0,
+                discard: flags & uapi::DEVICE_DISCARD != 0,
+            },
+            recovery: flags & uapi::DEVICE_RECOVERY != 0,
         }
         .validate()
     }
@@ -73,6 +94,8 @@ impl DeviceInfo {
             sector_size,
             physical_sector_size: sector_size,
             read_only: false,
+            features: Features::default(),
+            recovery: false,
         }
         .validate()
     }
@@ -97,6 +120,7 @@ impl DeviceInfo {
 pub(crate) struct DiskQueue {
     tap: Arc<Tap>,
     pages: Arc<RingPages>,
+    features: Features,
 }
 
 /// The tapdev disks' blk-mq operations.
@@ -106,8 +130,12 @@ pub(crate) struct TapDisk;
 impl Operations for TapDisk {
     type QueueData = Arc<DiskQueue>;
 
-    fn queue_rq(q: ArcBorrow<'_, DiskQueue>, rq: Request, last: bool) {
-        q.tap.queue(&q.pages, rq, last);
+    fn queue_rq(q: ArcBorrow<'_, DiskQueue>, rq: Request, last: bool) -> Queued {
+        q.tap.queue(&q.pages, q.features, rq, last)
+    }
+
+    fn timeout(q: ArcBorrow<'_, DiskQueue>, rq: RequestRef<'_>) -> TimeoutAction {
+        q.tap.timed_out(rq)
     }
 
     fn commit_rqs(q: ArcBorrow<'_, DiskQueue>) {
@@ -146,17 +174,29 @@ pub(crate) fn create(blktap: &Blktap, tap: &Arc<Tap>, info: &DeviceInfo) -> Resu
         // CAST: 11 fits `u16`.
         max_segments: uapi::SEGMENT_MAX as u16,
         read_only: info.read_only,
+        write_cache: info.features.flush,
+        fua: info.features.fua,
+        max_discard_sectors: if info.features.discard {
+            uapi::DISCARD_MAX_SECTORS
+        } else {
+            0
+        },
     };
     let queue = Arc::new(
         DiskQueue {
             tap: tap.clone(),
             pages,
+            features: info.features,
         },
         GFP_KERNEL,
     )?;
+    let deadline = tap.ring.lock().deadline;
     let disk = Disk::new(tagset, &params, queue)?;
+    disk.set_timeout_ms(deadline.saturating_mul(1000));
     inner.disk = Some(disk);
     inner.read_only = info.read_only;
+    inner.features = info.features;
+    tap.ring.lock().recovery = info.recovery;
     drop(inner);
     if blktap.verbose() {
         pr_info!(
@@ -175,6 +215,7 @@ pub(crate) fn create(blktap: &Blktap, tap: &Arc<Tap>, info: &DeviceInfo) -> Resu
 ///
 /// `ENODEV` if there is no disk, `EBUSY` while it is open or has requests on the ring.
 pub(crate) fn remove(tap: &Tap) -> Result {
+    // A paused disk is resumed first: removal fails new requests at once.
     let mut inner = tap.inner.lock();
     let disk = inner.disk.as_ref().ok_or(ENODEV)?;
     if disk.openers() > 0 {
@@ -185,6 +226,36 @@ pub(crate) fn remove(tap: &Tap) -> Result {
     // ring, and make every new one fail at once until the disk is gone.
     tap.ring.lock().start_removing()?;
     drop(inner.disk.take());
+    inner.features = Features::default();
+    tap.ring.lock().end_removing();
+    Ok(())
+}
+
+/// Removes the disk of a tap that no tapdisk serves (`FREE_TAP` of a recovering tap): fails the
+/// requests kept for recovery, then removes the disk.
+///
+/// # Errors
+///
+/// `EBUSY` while the disk is open.
+pub(crate) fn abandon(tap: &Tap) -> Result {
+    let mut inner = tap.inner.lock();
+    let Some(disk) = inner.disk.as_ref() else {
+        return Ok(());
+    };
+    if disk.openers() > 0 {
+        return Err(EBUSY);
+    }
+    let mut kept = ring::NONE_TAKEN;
+    tap.ring.lock().abandon(&mut kept);
+    let failed = ring::fail_all(&mut kept);
+    if failed > 0 {
+        pr_warn!(
+            "blktap{}: freed while recovering; failed {failed} kept requests\n",
+            tap.minor()
+        );
+    }
+    drop(inner.disk.take());
+    inner.features = Features::default();
     tap.ring.lock().end_removing();
     Ok(())
 }
@@ -209,6 +280,26 @@ mod tests {
         assert_eq!(d.capacity, 2048);
         assert!(d.read_only);
         assert!(DeviceInfo::from_info(&info(8, 4096, 4096, 0)).is_ok());
+        assert_eq!(d.features, Features::default());
+        assert!(!d.recovery);
+        Ok(())
+    }
+
+    #[test]
+    fn negotiated_flags() -> Result {
+        let all = uapi::DEVICE_FLUSH | uapi::DEVICE_FUA | uapi::DEVICE_DISCARD;
+        let d = DeviceInfo::from_info(&info(8, 512, 512, all | uapi::DEVICE_RECOVERY))?;
+        assert_eq!(
+            d.features,
+            Features {
+                flush: true,
+                fua: true,
+                discard: true
+            }
+        );
+        assert!(d.recovery);
+        let d = DeviceInfo::from_info(&info(8, 512, 512, uapi::DEVICE_DISCARD))?;
+        assert!(d.features.discard && !d.features.flush && !d.features.fua);
         Ok(())
     }
 
@@ -222,6 +313,8 @@ mod tests {
             info(8, 512, 100, 0),
             info(8, 512, 0, 0),
             info(8, 512, 512, 0x100),
+            info(8, 512, 512, 0x2),
+            info(8, 512, 512, uapi::DEVICE_FUA),
             info(u64::MAX, 512, 512, 0),
         ] {
             assert_eq!(DeviceInfo::from_info(&bad), Err(EINVAL));

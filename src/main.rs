@@ -82,6 +82,22 @@ module! {
     authors: ["blktap2-rs developers"],
     description: "Xen blktap2 userspace block-device driver",
     license: "GPL",
+    params: {
+        request_timeout: u32 {
+            default: 120,
+            description: "Seconds a request may wait for tapdisk's answer before it fails (1..86400; per tap in sysfs: deadline)",
+        },
+    },
+}
+
+/// Longest deadline a tap accepts, in seconds (a day).
+pub(crate) const DEADLINE_MAX: u32 = 86400;
+
+/// The deadline of new taps: the `request_timeout` parameter, within `1..=DEADLINE_MAX`.
+fn default_deadline() -> u32 {
+    module_parameters::request_timeout
+        .value()
+        .clamp(1, DEADLINE_MAX)
 }
 
 /// An allocated tap and its class device.
@@ -161,7 +177,7 @@ impl Blktap {
     pub(crate) fn alloc_tap(&self) -> Result<uapi::BlktapInfo> {
         let mut table = self.taps.table.lock();
         let minor = table.lowest_free()?;
-        let tap = Tap::new(minor, self.module)?;
+        let tap = Tap::new(minor, default_deadline(), self.module)?;
         let devt = self.ring_region.devt(minor).ok_or(EINVAL)?;
         let dev =
             ClassDevice::create(&self.class, devt, tap.clone(), fmt!("blktap/blktap{minor}"))?;
@@ -182,7 +198,7 @@ impl Blktap {
     /// # Errors
     ///
     /// `EINVAL` if `minor` is out of range, `ENODEV` if it is not allocated, `EBUSY` while its
-    /// ring is open or mapped.
+    /// ring is open or mapped, or while the disk a recovering tap kept is open.
     pub(crate) fn free_tap(&self, minor: u32) -> Result {
         if minor >= uapi::MAX_MINORS {
             return Err(EINVAL);
@@ -193,6 +209,8 @@ impl Blktap {
             if entry.tap.inner.lock().ring_open {
                 return Err(EBUSY);
             }
+            // A disk without a ring is one kept for recovery that nobody came back for.
+            device::abandon(&entry.tap)?;
             table.remove(minor)
         };
         // The class device is removed outside the table lock; this waits for running sysfs

@@ -48,7 +48,10 @@ use kernel::{
 use crate::{
     blk_mq::{
         Op,
-        Request, //
+        Queued,
+        Request,
+        RequestRef,
+        TimeoutAction, //
     },
     chrdev::CharDevice,
     device,
@@ -170,6 +173,18 @@ impl RingPages {
         unsafe { ptr::write_volatile(self.header_u32(0), req_prod) };
     }
 
+    /// The `msg` byte of the header.
+    fn msg(&self) -> u8 {
+        // SAFETY: `msg` is a byte of the ring page.
+        unsafe { ptr::read_volatile(self.ring_addr.add(uapi::RING_MSG_OFFSET)) }
+    }
+
+    /// Sets the `msg` byte of the header.
+    fn set_msg(&self, msg: u8) {
+        // SAFETY: `msg` is a byte of the ring page.
+        unsafe { ptr::write_volatile(self.ring_addr.add(uapi::RING_MSG_OFFSET), msg) };
+    }
+
     /// Reads `rsp_prod` once; the entries it covers are read after it.
     fn read_rsp_prod(&self) -> u32 {
         // SAFETY: `rsp_prod` is at offset 8 of the header.
@@ -179,19 +194,54 @@ impl RingPages {
     }
 }
 
-/// A request given to tapdisk.
-struct Pending {
+/// A request given to tapdisk, or kept for the next one while the tap recovers.
+pub(crate) struct Pending {
     rq: Request,
-    op: u8,
+    /// The ring entry as written, to write again when a new tapdisk maps the ring.
+    entry: uapi::Request,
     bytes: u32,
+}
+
+/// A ring slot: an id tapdisk answers with, and the slot's data pages.
+enum Slot {
+    Free,
+    /// Reserved by [`Tap::queue`] while it copies a write's data into the slot's pages.
+    Filling,
+    /// On the ring (or kept for recovery).
+    Busy(Pending),
+    /// Its request timed out and has ended with an error. The slot stays reserved until tapdisk
+    /// answers (the answer is dropped) or the ring goes away, as tapdisk may still write into the
+    /// slot's pages.
+    Late {
+        op: u8,
+    },
+}
+
+impl Slot {
+    /// The operation tapdisk must echo for this slot, if it may answer it.
+    fn answerable_op(&self) -> Option<u8> {
+        match self {
+            Slot::Busy(p) => Some(p.entry.operation),
+            Slot::Late { op } => Some(*op),
+            Slot::Free | Slot::Filling => None,
+        }
+    }
+}
+
+/// What the negotiated extensions let the kernel send.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(crate) struct Features {
+    pub(crate) flush: bool,
+    pub(crate) fua: bool,
+    pub(crate) discard: bool,
 }
 
 /// The I/O state of a tap's ring, under `Tap::ring`.
 ///
 /// # Invariants
 ///
-/// - `slots[t]` holds the request with tag `t` between `queue_rq` and its response (or the
-///   ring's death); requests are never kept when `live` is false.
+/// - `slots[s]` is `Busy` from the publication of the request with id `s` until its response,
+///   its timeout or the ring's death; requests are kept while `!live` only if `recovery`.
 /// - `rsp_cons <= published <= req_prod_pvt` in ring (wrapping) order, at most 32 apart.
 pub(crate) struct RingState {
     /// The ring is mapped by a tapdisk that is alive.
@@ -204,16 +254,24 @@ pub(crate) struct RingState {
     published: u32,
     polled: u32,
     rsp_cons: u32,
-    slots: [Option<Pending>; uapi::RING_SIZE],
+    slots: [Slot; uapi::RING_SIZE],
     /// The disk is being removed: new requests fail at once.
     removing: bool,
-    /// Requests answered, refused responses, for `debug`.
+    /// The disk was made with `BLKTAP_DEVICE_RECOVERY`: requests outlive the tapdisk.
+    pub(crate) recovery: bool,
+    /// Seconds a request may stay unanswered (`deadline` in sysfs).
+    pub(crate) deadline: u32,
+    /// Counters for `debug`: requests answered, responses refused, requests timed out, late
+    /// answers dropped, requests given again to a recovering tapdisk.
     pub(crate) completed: u64,
     pub(crate) refused: u64,
+    pub(crate) timed_out: u64,
+    pub(crate) late: u64,
+    pub(crate) reissued: u64,
 }
 
 impl RingState {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(deadline: u32) -> Self {
         Self {
             live: false,
             mm: 0,
@@ -222,20 +280,53 @@ impl RingState {
             published: 0,
             polled: 0,
             rsp_cons: 0,
-            slots: [const { None }; uapi::RING_SIZE],
+            slots: [const { Slot::Free }; uapi::RING_SIZE],
             removing: false,
+            recovery: false,
+            deadline,
             completed: 0,
             refused: 0,
+            timed_out: 0,
+            late: 0,
+            reissued: 0,
         }
     }
 
-    /// Requests given to tapdisk and not yet answered.
+    /// Requests given to tapdisk (or kept for one) and not yet answered.
     pub(crate) fn pending(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_some()).count()
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Busy(_)))
+            .count()
+    }
+
+    /// Slots held by requests that timed out and that tapdisk has not answered.
+    pub(crate) fn late_slots(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Late { .. }))
+            .count()
     }
 
     pub(crate) fn is_mapped(&self) -> bool {
         self.mm != 0
+    }
+
+    /// Whether a tapdisk serves the ring now.
+    pub(crate) fn is_live(&self) -> bool {
+        self.live
+    }
+
+    /// New requests go on the ring, or are kept for a recovering tapdisk.
+    fn accepts(&self) -> bool {
+        !self.removing && (self.live || self.recovery)
+    }
+
+    /// Reserves the lowest free slot.
+    fn reserve(&mut self) -> Option<usize> {
+        let slot = self.slots.iter().position(|s| matches!(s, Slot::Free))?;
+        self.slots[slot] = Slot::Filling;
+        Some(slot)
     }
 
     /// Starts removing the disk: new requests fail at once from now on.
@@ -254,6 +345,7 @@ impl RingState {
     /// The disk is gone; a new one may take requests.
     pub(crate) fn end_removing(&mut self) {
         self.removing = false;
+        self.recovery = false;
     }
 
     /// Publishes the requests written since the last call; true if tapdisk must be woken.
@@ -268,61 +360,160 @@ impl RingState {
         true
     }
 
-    /// Takes every request out (the ring died); the caller ends them.
+    /// Takes every request out; the caller ends them. Late slots are freed: no tapdisk is left
+    /// to write into them.
     fn take_all(&mut self, out: &mut [Option<Pending>; uapi::RING_SIZE]) {
         for (o, s) in out.iter_mut().zip(self.slots.iter_mut()) {
-            *o = s.take();
+            match s {
+                Slot::Busy(_) | Slot::Late { .. } => {
+                    if let Slot::Busy(p) = core::mem::replace(s, Slot::Free) {
+                        *o = Some(p);
+                    }
+                }
+                Slot::Free | Slot::Filling => {}
+            }
         }
+    }
+
+    /// Fails every request at once and makes new ones fail (the disk is being removed without a
+    /// tapdisk). The caller ends the requests taken.
+    pub(crate) fn abandon(&mut self, out: &mut [Option<Pending>; uapi::RING_SIZE]) {
+        self.removing = true;
+        self.take_all(out);
+    }
+}
+
+/// Ends requests taken off the ring with an I/O error; returns how many.
+pub(crate) fn fail_all(taken: &mut [Option<Pending>; uapi::RING_SIZE]) -> usize {
+    let mut n = 0;
+    for p in taken.iter_mut().filter_map(Option::take) {
+        p.rq.end(Err(EIO));
+        n += 1;
+    }
+    n
+}
+
+/// Space for the requests of a ring.
+pub(crate) type Taken = [Option<Pending>; uapi::RING_SIZE];
+
+/// An empty [`Taken`].
+pub(crate) const NONE_TAKEN: Taken = [const { None }; uapi::RING_SIZE];
+
+/// The ring operation for a block request, given the negotiated features.
+fn ring_op(op: Op, fua: bool, features: Features) -> Option<u8> {
+    match op {
+        Op::Read => Some(uapi::OP_READ),
+        Op::Write if fua && features.fua => Some(uapi::OP_WRITE_FUA),
+        Op::Write => Some(uapi::OP_WRITE),
+        Op::Flush if features.flush => Some(uapi::OP_FLUSH),
+        Op::Discard if features.discard => Some(uapi::OP_DISCARD),
+        // Nothing else is ever sent; old tapdisks know READ and WRITE only.
+        _ => None,
+    }
+}
+
+/// The ring entry of a request of `bytes` bytes at `sector`, in slot `slot`.
+fn ring_entry(op: u8, slot: usize, sector: u64, bytes: u32) -> Result<uapi::Request> {
+    match op {
+        uapi::OP_READ | uapi::OP_WRITE | uapi::OP_WRITE_FUA => {
+            let (seg, nr_segments) = request::segments(bytes)?;
+            Ok(uapi::Request {
+                operation: op,
+                nr_segments,
+                id: slot as u64,
+                sector_number: sector,
+                seg,
+                ..Default::default()
+            })
+        }
+        uapi::OP_FLUSH => Ok(uapi::Request {
+            operation: op,
+            id: slot as u64,
+            ..Default::default()
+        }),
+        uapi::OP_DISCARD => {
+            let sectors = bytes / request::SECTOR_SIZE;
+            if sectors == 0
+                || bytes % request::SECTOR_SIZE != 0
+                || sectors > uapi::DISCARD_MAX_SECTORS
+            {
+                return Err(EINVAL);
+            }
+            Ok(uapi::Request::from_discard(&uapi::RequestDiscard {
+                operation: op,
+                nr_segments: 0,
+                pad: 0,
+                pad2: 0,
+                id: slot as u64,
+                sector_number: sector,
+                nr_sectors: u64::from(sectors),
+                pad3: [0; uapi::RING_ENTRY_SIZE - 32],
+            }))
+        }
+        _ => Err(EINVAL),
     }
 }
 
 impl Tap {
-    /// Queues a request on the ring (from `queue_rq`). Ends it at once if the ring is not live
-    /// or the request cannot go on the ring.
-    pub(crate) fn queue(&self, pages: &RingPages, rq: Request, last: bool) {
-        let op = match rq.op() {
-            Op::Read => uapi::OP_READ,
-            Op::Write => uapi::OP_WRITE,
-            // Old tapdisks know READ and WRITE only; nothing else is ever sent.
-            _ => return rq.end(Err(EOPNOTSUPP)),
+    /// Queues a request on the ring (from `queue_rq`). Ends it at once if the ring takes no
+    /// requests or the request cannot go on the ring; hands it back if every slot is taken
+    /// (by requests that timed out and that tapdisk has not answered).
+    pub(crate) fn queue(
+        &self,
+        pages: &RingPages,
+        features: Features,
+        rq: Request,
+        last: bool,
+    ) -> Queued {
+        let Some(op) = ring_op(rq.op(), rq.is_fua(), features) else {
+            rq.end(Err(EOPNOTSUPP));
+            return Queued::Taken;
+        };
+        let slot = {
+            let mut ring = self.ring.lock();
+            if !ring.accepts() {
+                drop(ring);
+                rq.end(Err(EIO));
+                return Queued::Taken;
+            }
+            match ring.reserve() {
+                Some(slot) => slot,
+                None => return Queued::Busy(rq),
+            }
         };
         let bytes = rq.bytes();
-        let tag = rq.tag() as usize;
-        let (seg, nr_segments) = match request::segments(bytes) {
-            Ok(s) if tag < uapi::RING_SIZE => s,
-            _ => return rq.end(Err(EIO)),
-        };
-        // The slot's pages belong to this request alone (its tag): no lock needed.
-        if op == uapi::OP_WRITE
-            && rq.copy_to_pages(pages.slot(tag), bytes as usize) != bytes as usize
-        {
-            return rq.end(Err(EIO));
-        }
-        let entry = uapi::Request {
-            operation: op,
-            nr_segments,
-            id: tag as u64,
-            sector_number: rq.sector(),
-            seg,
-            ..Default::default()
-        };
+        // The slot is reserved for this request: its pages are ours to fill without the lock.
+        let ready = ring_entry(op, slot, rq.sector(), bytes).and_then(|entry| {
+            let data = op == uapi::OP_WRITE || op == uapi::OP_WRITE_FUA;
+            if data && rq.copy_to_pages(pages.slot(slot), bytes as usize) != bytes as usize {
+                return Err(EIO);
+            }
+            Ok(entry)
+        });
         let (wake, refused) = {
             let mut ring = self.ring.lock();
-            if !ring.live || ring.removing || ring.slots[tag].is_some() {
-                (false, Some(rq))
-            } else {
-                pages.write_request(ring.req_prod_pvt, &entry);
-                ring.req_prod_pvt = ring.req_prod_pvt.wrapping_add(1);
-                ring.slots[tag] = Some(Pending { rq, op, bytes });
-                (last && ring.publish(), None)
+            match ready {
+                Ok(entry) if ring.accepts() => {
+                    if ring.live {
+                        pages.write_request(ring.req_prod_pvt, &entry);
+                        ring.req_prod_pvt = ring.req_prod_pvt.wrapping_add(1);
+                    }
+                    // While the tap recovers, the request is kept here, for the next tapdisk.
+                    ring.slots[slot] = Slot::Busy(Pending { rq, entry, bytes });
+                    (last && ring.live && ring.publish(), None)
+                }
+                _ => {
+                    ring.slots[slot] = Slot::Free;
+                    (false, Some(rq))
+                }
             }
         };
         if let Some(rq) = refused {
-            return rq.end(Err(EIO));
-        }
-        if wake {
+            rq.end(Err(EIO));
+        } else if wake {
             self.poll.notify_all();
         }
+        Queued::Taken
     }
 
     /// Publishes a batch (from `commit_rqs`).
@@ -332,10 +523,55 @@ impl Tap {
         }
     }
 
+    /// A request has not been answered within the tap's deadline (blk-mq's timeout handler):
+    /// it ends with an I/O error. If a tapdisk serves the ring, its slot stays reserved until
+    /// tapdisk answers.
+    pub(crate) fn timed_out(&self, rq: RequestRef<'_>) -> TimeoutAction {
+        let (p, slot, live, log, deadline) = {
+            let mut ring = self.ring.lock();
+            let found = ring
+                .slots
+                .iter()
+                .position(|s| matches!(s, Slot::Busy(p) if p.rq.is(&rq)));
+            // Not on the ring: the request is ending (answered) or is still being queued.
+            let Some(slot) = found else {
+                return TimeoutAction::Done;
+            };
+            let live = ring.live;
+            let next = if live {
+                let op = ring.slots[slot].answerable_op().unwrap_or(uapi::OP_READ);
+                Slot::Late { op }
+            } else {
+                Slot::Free
+            };
+            let Slot::Busy(p) = core::mem::replace(&mut ring.slots[slot], next) else {
+                return TimeoutAction::Done;
+            };
+            ring.timed_out += 1;
+            (p, slot, live, worth_logging(ring.timed_out), ring.deadline)
+        };
+        let op = p.entry.operation;
+        p.rq.end(Err(EIO));
+        if log {
+            let why = if live {
+                "tapdisk has not answered"
+            } else {
+                "no tapdisk attached"
+            };
+            pr_warn!(
+                "blktap{}: request in slot {slot} (op {op}) timed out after {deadline} s ({why}); \
+                 failed with EIO\n",
+                self.minor()
+            );
+        }
+        TimeoutAction::Done
+    }
+
     /// `RESPOND`: consumes tapdisk's responses.
     fn respond(&self) -> Result {
         let mut done: [Option<(Pending, i16)>; uapi::RING_SIZE] = [const { None }; uapi::RING_SIZE];
         let mut bad = 0u32;
+        let mut late = 0u32;
         let pages = {
             let mut ring = self.ring.lock();
             let Some(pages) = ring.pages.clone() else {
@@ -361,14 +597,16 @@ impl Tap {
             };
             for i in 0..n {
                 let rsp = pages.read_response(ring.rsp_cons.wrapping_add(i));
-                let checked =
-                    request::check_response(&rsp, |s| ring.slots[s].as_ref().map(|p| p.op));
+                let checked = request::check_response(&rsp, |s| ring.slots[s].answerable_op());
                 match checked {
-                    Ok(slot) => {
-                        if let Some(p) = ring.slots[slot].take() {
-                            done[slot] = Some((p, rsp.status));
+                    Ok(slot) => match core::mem::replace(&mut ring.slots[slot], Slot::Free) {
+                        Slot::Busy(p) => done[slot] = Some((p, rsp.status)),
+                        // The request timed out and ended: the answer is dropped.
+                        _ => {
+                            late += 1;
+                            ring.late += 1;
                         }
-                    }
+                    },
                     Err(why) => {
                         bad += 1;
                         ring.refused += 1;
@@ -379,7 +617,13 @@ impl Tap {
                 }
             }
             ring.rsp_cons = ring.rsp_cons.wrapping_add(n);
-            ring.completed += u64::from(n - bad);
+            ring.completed += u64::from(n - bad - late);
+            if late > 0 && worth_logging(ring.late) {
+                pr_info!(
+                    "blktap{}: dropped {late} late answers to timed-out requests\n",
+                    self.minor()
+                );
+            }
             pages
         };
         for (slot, d) in done.iter_mut().enumerate() {
@@ -387,9 +631,17 @@ impl Tap {
                 continue;
             };
             let len = p.bytes as usize;
-            let ok = status == uapi::RSP_OKAY
-                && (p.op != uapi::OP_READ || p.rq.copy_from_pages(pages.slot(slot), len) == len);
-            p.rq.end(if ok { Ok(()) } else { Err(EIO) });
+            let result = match status {
+                uapi::RSP_OKAY
+                    if p.entry.operation != uapi::OP_READ
+                        || p.rq.copy_from_pages(pages.slot(slot), len) == len =>
+                {
+                    Ok(())
+                }
+                uapi::RSP_EOPNOTSUPP => Err(EOPNOTSUPP),
+                _ => Err(EIO),
+            };
+            p.rq.end(result);
         }
         if bad > 0 {
             return Err(EINVAL);
@@ -397,29 +649,81 @@ impl Tap {
         Ok(())
     }
 
-    /// The ring's mapping went away (munmap or the process died): fails every pending request,
-    /// and all new I/O until the disk is removed.
+    /// The ring's mapping went away (munmap or the process died). Without recovery, fails every
+    /// pending request, and all new I/O until the disk is removed. With recovery, keeps them for
+    /// the next tapdisk.
     fn ring_gone(&self) {
-        let mut dead: [Option<Pending>; uapi::RING_SIZE] = [const { None }; uapi::RING_SIZE];
-        {
+        let mut dead = NONE_TAKEN;
+        let kept = {
             let mut ring = self.ring.lock();
             ring.live = false;
             ring.mm = 0;
             ring.pages = None;
-            ring.take_all(&mut dead);
-        }
-        let mut failed = 0;
-        for p in dead.iter_mut().filter_map(Option::take) {
-            p.rq.end(Err(EIO));
-            failed += 1;
-        }
-        if failed > 0 {
-            pr_warn!(
+            if ring.recovery {
+                for s in ring.slots.iter_mut() {
+                    if matches!(s, Slot::Late { .. }) {
+                        *s = Slot::Free;
+                    }
+                }
+                Some(ring.pending())
+            } else {
+                ring.take_all(&mut dead);
+                None
+            }
+        };
+        let failed = fail_all(&mut dead);
+        match kept {
+            Some(n) => pr_warn!(
+                "blktap{}: ring unmapped; keeping the disk and {n} requests for recovery\n",
+                self.minor()
+            ),
+            None if failed > 0 => pr_warn!(
                 "blktap{}: ring unmapped; failed {failed} pending requests\n",
                 self.minor()
-            );
+            ),
+            None => {}
         }
         self.poll.notify_all();
+    }
+
+    /// `PAUSE` (`true`) and `RESUME` (`false`): stops or restarts handing requests to the ring,
+    /// and clears a pause or resume message.
+    ///
+    /// # Errors
+    ///
+    /// `ENODEV` if the tap has no disk.
+    fn set_paused(&self, paused: bool) -> Result {
+        let mut inner = self.inner.lock();
+        let disk = inner.disk.as_mut().ok_or(ENODEV)?;
+        // Stopping waits for `queue_rq` calls in progress; none takes `inner`.
+        disk.set_quiesced(paused);
+        let ring = self.ring.lock();
+        if let Some(pages) = &ring.pages {
+            let msg = pages.msg();
+            if msg == uapi::RING_MSG_PAUSE || msg == uapi::RING_MSG_RESUME {
+                pages.set_msg(0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the ring's tapdisk to pause or resume (sysfs `pause`), through the ring's `msg`.
+    ///
+    /// # Errors
+    ///
+    /// `ENXIO` if no tapdisk maps the ring.
+    pub(crate) fn request_pause(&self, paused: bool) -> Result {
+        {
+            let ring = self.ring.lock();
+            let pages = ring.pages.as_ref().ok_or(ENXIO)?;
+            pages.set_msg(if paused {
+                uapi::RING_MSG_PAUSE
+            } else {
+                uapi::RING_MSG_RESUME
+            });
+        }
+        self.poll.notify_all();
+        Ok(())
     }
 }
 
@@ -463,15 +767,24 @@ impl Drop for RingFile {
             let mut inner = self.tap.inner.lock();
             inner.ring_open = false;
             inner.ring_pid = None;
-            inner.disk.take()
+            let recovery = self.tap.ring.lock().recovery;
+            match inner.disk.as_mut() {
+                // The disk and its requests wait for a new tapdisk; a pause ends with the old one.
+                Some(disk) if recovery => {
+                    disk.set_quiesced(false);
+                    None
+                }
+                _ => inner.disk.take(),
+            }
         };
-        if disk.is_some() {
+        if let Some(disk) = disk {
             pr_info!(
                 "blktap{}: ring closed; removing its disk\n",
                 self.tap.minor()
             );
+            drop(disk);
+            self.tap.ring.lock().end_removing();
         }
-        drop(disk);
     }
 }
 
@@ -524,18 +837,42 @@ impl RingFile {
         let private = Arc::into_raw(self.tap.clone()).cast_mut().cast();
         // SAFETY: `vma` is being set up; the ops are static; `private` is released in `close`.
         unsafe { ffi::blktap_vma_set_ops(raw, &RING_VM_OPS, private) };
-        {
+        let reissued = {
             let mut ring = self.tap.ring.lock();
             // SAFETY: `vma` is being set up; its mm is compared only.
             ring.mm = unsafe { ffi::blktap_vma_mm(raw) } as usize;
             ring.live = true;
-            ring.pages = Some(pages);
             ring.req_prod_pvt = 0;
             ring.published = 0;
             ring.polled = 0;
             ring.rsp_cons = 0;
-        }
+            // A recovering tap's kept requests go to the new tapdisk first, as fresh entries.
+            let mut n = 0u32;
+            let RingState {
+                slots,
+                req_prod_pvt,
+                ..
+            } = &mut *ring;
+            for s in slots.iter() {
+                if let Slot::Busy(p) = s {
+                    pages.write_request(*req_prod_pvt, &p.entry);
+                    *req_prod_pvt = req_prod_pvt.wrapping_add(1);
+                    n += 1;
+                }
+            }
+            ring.pages = Some(pages);
+            ring.reissued += u64::from(n);
+            ring.publish();
+            n
+        };
         drop(inner);
+        if reissued > 0 {
+            pr_info!(
+                "blktap{}: ring mapped again; re-issued {reissued} kept requests\n",
+                self.tap.minor()
+            );
+            self.tap.poll.notify_all();
+        }
         Ok(())
     }
 
@@ -545,12 +882,7 @@ impl RingFile {
         if !ring.is_mapped() {
             return POLLERR;
         }
-        let msg = ring
-            .pages
-            .as_ref()
-            // SAFETY: `msg` is a byte of the ring page.
-            .map(|p| unsafe { ptr::read_volatile(p.ring_addr.add(uapi::RING_MSG_OFFSET)) })
-            .unwrap_or(0);
+        let msg = ring.pages.as_ref().map_or(0, |p| p.msg());
         if ring.published != ring.polled || msg != 0 {
             ring.polled = ring.published;
             return POLLIN | POLLRDNORM;
@@ -591,6 +923,10 @@ impl RingFile {
             uapi::IOCTL_REMOVE_DEVICE => {
                 self.check_caller()?;
                 device::remove(&self.tap)?;
+            }
+            uapi::IOCTL_PAUSE | uapi::IOCTL_RESUME => {
+                self.check_caller()?;
+                self.tap.set_paused(cmd == uapi::IOCTL_PAUSE)?;
             }
             _ => return Err(ENOTTY),
         }
@@ -656,5 +992,95 @@ impl CharDevice for Ring {
 
     fn ioctl(ring: &RingFile, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
         ring.ioctl(cmd, arg)
+    }
+}
+
+#[kunit_tests(blktap_ring_ops)]
+mod tests {
+    use super::*;
+    use kernel::transmute::AsBytes;
+
+    const ALL: Features = Features {
+        flush: true,
+        fua: true,
+        discard: true,
+    };
+
+    #[test]
+    fn old_tapdisks_get_reads_and_writes_only() {
+        let none = Features::default();
+        assert_eq!(ring_op(Op::Read, false, none), Some(uapi::OP_READ));
+        assert_eq!(ring_op(Op::Write, false, none), Some(uapi::OP_WRITE));
+        assert_eq!(ring_op(Op::Write, true, none), Some(uapi::OP_WRITE));
+        assert_eq!(ring_op(Op::Flush, false, none), None);
+        assert_eq!(ring_op(Op::Discard, false, none), None);
+        assert_eq!(ring_op(Op::Other(9), false, ALL), None);
+    }
+
+    #[test]
+    fn negotiated_operations() {
+        assert_eq!(ring_op(Op::Write, true, ALL), Some(uapi::OP_WRITE_FUA));
+        assert_eq!(ring_op(Op::Flush, false, ALL), Some(uapi::OP_FLUSH));
+        assert_eq!(ring_op(Op::Discard, false, ALL), Some(uapi::OP_DISCARD));
+    }
+
+    #[test]
+    fn entries() -> Result {
+        let e = ring_entry(uapi::OP_WRITE_FUA, 5, 100, 8192)?;
+        assert_eq!(
+            (e.operation, e.nr_segments, e.id, e.sector_number),
+            (4, 2, 5, 100)
+        );
+        let e = ring_entry(uapi::OP_FLUSH, 3, 77, 0)?;
+        assert_eq!(
+            (e.operation, e.nr_segments, e.id, e.sector_number),
+            (2, 0, 3, 0)
+        );
+        let e = ring_entry(uapi::OP_DISCARD, 31, 8, 1 << 20)?;
+        assert_eq!((e.operation, e.nr_segments, e.id), (3, 0, 31));
+        assert_eq!(&e.as_bytes()[24..32], &2048u64.to_ne_bytes());
+        assert!(ring_entry(uapi::OP_DISCARD, 0, 0, 0).is_err());
+        assert!(ring_entry(uapi::OP_DISCARD, 0, 0, 1000).is_err());
+        assert!(ring_entry(
+            uapi::OP_DISCARD,
+            0,
+            0,
+            (uapi::DISCARD_MAX_SECTORS + 1) * 512
+        )
+        .is_err());
+        assert!(ring_entry(uapi::OP_READ, 0, 0, 45 * 1024).is_err());
+        assert!(ring_entry(9, 0, 0, 512).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn slots_are_reserved_lowest_first() {
+        let mut ring = RingState::new(120);
+        assert_eq!(ring.reserve(), Some(0));
+        assert_eq!(ring.reserve(), Some(1));
+        ring.slots[0] = Slot::Late { op: uapi::OP_READ };
+        ring.slots[1] = Slot::Free;
+        assert_eq!(ring.reserve(), Some(1));
+        for s in ring.slots.iter_mut() {
+            *s = Slot::Late { op: uapi::OP_WRITE };
+        }
+        assert_eq!(ring.reserve(), None);
+        assert_eq!(ring.late_slots(), 32);
+        assert_eq!(ring.slots[7].answerable_op(), Some(uapi::OP_WRITE));
+        assert_eq!(Slot::Filling.answerable_op(), None);
+    }
+
+    #[test]
+    fn requests_are_accepted_while_live_or_recovering() {
+        let mut ring = RingState::new(120);
+        assert!(!ring.accepts());
+        ring.recovery = true;
+        assert!(ring.accepts());
+        ring.removing = true;
+        assert!(!ring.accepts());
+        ring.removing = false;
+        ring.recovery = false;
+        ring.live = true;
+        assert!(ring.accepts());
     }
 }

@@ -10,6 +10,11 @@
 //! - `name` (rw): up to 255 bytes; shows the minor while unset.
 //! - `task` (ro): pid of the process holding the ring, or nothing.
 //! - `debug` (ro): the tap's state.
+//! - `pause` (rw): `1` while the disk is paused (no request goes to the ring). Writing `1` or
+//!   `0` asks the tapdisk to pause or resume through the ring's `msg` byte; the tapdisk does
+//!   it with the `PAUSE` or `RESUME` ioctl.
+//! - `deadline` (rw): seconds a request may wait for tapdisk's answer, 1..=86400; then it
+//!   fails with an I/O error. New taps start with the `request_timeout` module parameter.
 //!
 //! See `Documentation/ABI/testing/sysfs-class-blktap2`.
 
@@ -81,10 +86,12 @@ impl ClassAttributes for Arc<Taps> {
     }
 }
 
-static TAP_ATTRIBUTES: [DeviceAttribute; 3] = [
+static TAP_ATTRIBUTES: [DeviceAttribute; 5] = [
     DeviceAttribute::new::<Tap>(c"name", 0o644),
     DeviceAttribute::new::<Tap>(c"task", 0o444),
     DeviceAttribute::new::<Tap>(c"debug", 0o444),
+    DeviceAttribute::new::<Tap>(c"pause", 0o644),
+    DeviceAttribute::new::<Tap>(c"deadline", 0o644),
 ];
 
 impl DeviceAttributes for Tap {
@@ -112,19 +119,45 @@ impl DeviceAttributes for Tap {
                     Some(pid) if inner.ring_open => writeln!(out, "ring: open by {pid}")?,
                     _ => writeln!(out, "ring: closed")?,
                 }
-                if inner.disk.is_some() {
+                if let Some(disk) = &inner.disk {
                     let ro = if inner.read_only { " (read-only)" } else { "" };
                     writeln!(out, "disk: tapdev{}{ro}", self.minor())?;
+                    let paused = if disk.is_quiesced() { "yes" } else { "no" };
+                    writeln!(out, "paused: {paused}")?;
+                    let f = inner.features;
+                    writeln!(
+                        out,
+                        "features: flush={} fua={} discard={}",
+                        u8::from(f.flush),
+                        u8::from(f.fua),
+                        u8::from(f.discard)
+                    )?;
                 } else {
                     writeln!(out, "disk: none")?;
                 }
                 let ring = self.ring.lock();
                 let mapped = if ring.is_mapped() { "yes" } else { "no" };
                 writeln!(out, "mapped: {mapped}")?;
+                let recovery = match (ring.recovery, ring.is_live()) {
+                    (false, _) => "off",
+                    (true, true) => "on",
+                    (true, false) => "waiting for a tapdisk",
+                };
+                writeln!(out, "recovery: {recovery}")?;
+                writeln!(out, "deadline: {}", ring.deadline)?;
                 writeln!(out, "pending: {}", ring.pending())?;
+                writeln!(out, "late: {}", ring.late_slots())?;
                 writeln!(out, "completed: {}", ring.completed)?;
                 writeln!(out, "refused: {}", ring.refused)?;
+                writeln!(out, "timed_out: {}", ring.timed_out)?;
+                writeln!(out, "late_answers: {}", ring.late)?;
+                writeln!(out, "reissued: {}", ring.reissued)?;
             }
+            b"pause" => {
+                let paused = inner.disk.as_ref().is_some_and(|d| d.is_quiesced());
+                writeln!(out, "{}", u8::from(paused))?;
+            }
+            b"deadline" => writeln!(out, "{}", self.ring.lock().deadline)?,
             _ => return Err(EIO),
         }
         Ok(())
@@ -132,6 +165,23 @@ impl DeviceAttributes for Tap {
 
     fn store(&self, name: &CStr, input: &[u8]) -> Result {
         match name.to_bytes() {
+            b"pause" => match parse_int(input)? {
+                0 => self.request_pause(false),
+                1 => self.request_pause(true),
+                _ => Err(EINVAL),
+            },
+            b"deadline" => {
+                let secs = u32::try_from(parse_int(input)?).map_err(|_| EINVAL)?;
+                if !(1..=crate::DEADLINE_MAX).contains(&secs) {
+                    return Err(EINVAL);
+                }
+                let inner = self.inner.lock();
+                self.ring.lock().deadline = secs;
+                if let Some(disk) = &inner.disk {
+                    disk.set_timeout_ms(secs * 1000);
+                }
+                Ok(())
+            }
             b"name" => {
                 let name = parse_name(input)?;
                 let mut copy = KVec::with_capacity(name.len(), GFP_KERNEL)?;

@@ -32,6 +32,7 @@ use crate::{
     device::TapDisk,
     module_ref::ModuleRef,
     ring::{
+        Features,
         RingPages,
         RingState, //
     },
@@ -52,6 +53,8 @@ pub(crate) struct TapInner {
     pub(crate) disk: Option<Disk<TapDisk>>,
     /// The disk is read-only.
     pub(crate) read_only: bool,
+    /// The disk's negotiated extensions.
+    pub(crate) features: Features,
 }
 
 /// An allocated tap.
@@ -75,8 +78,9 @@ pub(crate) struct Tap {
 }
 
 impl Tap {
-    /// Creates tap `minor`, taking a reference on the module.
-    pub(crate) fn new(minor: u32, module: &'static ThisModule) -> Result<Arc<Self>> {
+    /// Creates tap `minor`, taking a reference on the module. Its requests time out after
+    /// `deadline` seconds.
+    pub(crate) fn new(minor: u32, deadline: u32, module: &'static ThisModule) -> Result<Arc<Self>> {
         if minor >= uapi::MAX_MINORS {
             return Err(EINVAL);
         }
@@ -92,10 +96,11 @@ impl Tap {
                         pages: None,
                         disk: None,
                         read_only: false,
+                        features: Features::default(),
                     },
                     "blktap_tap"
                 ),
-                ring <- kernel::new_spinlock!(RingState::new(), "blktap_ring"),
+                ring <- kernel::new_spinlock!(RingState::new(deadline), "blktap_ring"),
                 poll <- kernel::new_poll_condvar!("blktap_poll"),
                 _module: ModuleRef::get(module)?,
             }),

@@ -50,6 +50,10 @@ pub(crate) const IOCTL_CREATE_DEVICE_COMPAT: u32 = 202;
 pub(crate) const IOCTL_REMOVE_DEVICE: u32 = 207;
 /// Ring ioctl: create the disk from [`BlktapDeviceInfo`].
 pub(crate) const IOCTL_CREATE_DEVICE: u32 = 208;
+/// Ring ioctl (extension): stop handing new requests to the ring.
+pub(crate) const IOCTL_PAUSE: u32 = 204;
+/// Ring ioctl (extension): hand requests to the ring again.
+pub(crate) const IOCTL_RESUME: u32 = 206;
 
 /// Request slots in the ring.
 pub(crate) const RING_SIZE: usize = 32;
@@ -63,6 +67,10 @@ pub(crate) const RING_HEADER_SIZE: usize = 64;
 pub(crate) const RING_ENTRY_SIZE: usize = 112;
 /// Offset of the `msg` byte in the ring header.
 pub(crate) const RING_MSG_OFFSET: usize = 16;
+/// `msg`: the kernel asks tapdisk to pause (`BLKTAP2_RING_MESSAGE_PAUSE`).
+pub(crate) const RING_MSG_PAUSE: u8 = 1;
+/// `msg`: the kernel asks tapdisk to resume (`BLKTAP2_RING_MESSAGE_RESUME`).
+pub(crate) const RING_MSG_RESUME: u8 = 2;
 /// `msg`: the kernel asks tapdisk to close the ring (`BLKTAP2_RING_MESSAGE_CLOSE`).
 pub(crate) const RING_MSG_CLOSE: u8 = 3;
 
@@ -70,13 +78,32 @@ pub(crate) const RING_MSG_CLOSE: u8 = 3;
 pub(crate) const OP_READ: u8 = 0;
 /// Request operation: write.
 pub(crate) const OP_WRITE: u8 = 1;
+/// Request operation (negotiated, [`DEVICE_FLUSH`]): make completed writes durable.
+pub(crate) const OP_FLUSH: u8 = 2;
+/// Request operation (negotiated, [`DEVICE_DISCARD`]): discard a range ([`RequestDiscard`]).
+pub(crate) const OP_DISCARD: u8 = 3;
+/// Request operation (negotiated, [`DEVICE_FUA`]): a write durable when answered.
+pub(crate) const OP_WRITE_FUA: u8 = 4;
+/// Largest discard in one request, in 512-byte sectors.
+pub(crate) const DISCARD_MAX_SECTORS: u32 = 1 << 21;
 /// Response status: success.
 pub(crate) const RSP_OKAY: i16 = 0;
+/// Response status: the operation is not supported.
+pub(crate) const RSP_EOPNOTSUPP: i16 = -2;
 
 /// `blktap_device_info.flags`: the disk is read-only.
 pub(crate) const DEVICE_RO: usize = 1;
+/// `blktap_device_info.flags`: a volatile write cache; tapdisk handles [`OP_FLUSH`].
+pub(crate) const DEVICE_FLUSH: usize = 0x04;
+/// `blktap_device_info.flags`: tapdisk handles [`OP_DISCARD`].
+pub(crate) const DEVICE_DISCARD: usize = 0x08;
+/// `blktap_device_info.flags`: tapdisk handles [`OP_WRITE_FUA`]; needs [`DEVICE_FLUSH`].
+pub(crate) const DEVICE_FUA: usize = 0x20;
+/// `blktap_device_info.flags`: keep the disk and its requests when tapdisk dies.
+pub(crate) const DEVICE_RECOVERY: usize = 0x40;
 /// Flags this driver knows.
-pub(crate) const DEVICE_FLAGS_KNOWN: usize = DEVICE_RO;
+pub(crate) const DEVICE_FLAGS_KNOWN: usize =
+    DEVICE_RO | DEVICE_FLUSH | DEVICE_DISCARD | DEVICE_FUA | DEVICE_RECOVERY;
 
 /// `ALLOC_TAP` result.
 #[repr(C)]
@@ -130,6 +157,28 @@ pub(crate) struct Request {
     pub(crate) seg: [Segment; SEGMENT_MAX],
 }
 
+/// A discard request, written by the kernel in a ring entry (the C union's `discard`); padded
+/// here to the entry size.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct RequestDiscard {
+    pub(crate) operation: u8,
+    pub(crate) nr_segments: u8,
+    pub(crate) pad: u16,
+    pub(crate) pad2: u32,
+    pub(crate) id: u64,
+    pub(crate) sector_number: u64,
+    pub(crate) nr_sectors: u64,
+    pub(crate) pad3: [u8; RING_ENTRY_SIZE - 32],
+}
+
+impl Request {
+    /// The ring entry of a discard: the same bytes as `d`.
+    pub(crate) fn from_discard(d: &RequestDiscard) -> Self {
+        Self::from_bytes(d.as_bytes()).copied().unwrap_or_default()
+    }
+}
+
 /// A ring response, written by tapdisk.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -165,6 +214,10 @@ unsafe impl FromBytes for BlktapDeviceInfo {}
 unsafe impl FromBytes for Response {}
 // SAFETY: Plain integers with explicit padding fields, so no uninitialised bytes.
 unsafe impl AsBytes for Request {}
+// SAFETY: Plain integers; every bit pattern is valid.
+unsafe impl FromBytes for Request {}
+// SAFETY: Plain integers with explicit padding fields, so no uninitialised bytes.
+unsafe impl AsBytes for RequestDiscard {}
 
 #[kunit_tests(blktap_uapi)]
 mod tests {
@@ -208,6 +261,32 @@ mod tests {
         assert_eq!(offset_of!(SringHeader, msg), RING_MSG_OFFSET);
         assert_eq!(offset_of!(SringHeader, rsp_prod), 8);
         assert_eq!(offset_of!(SringHeader, msg), 16);
+        assert_eq!(size_of::<RequestDiscard>(), RING_ENTRY_SIZE);
+        assert_eq!(offset_of!(RequestDiscard, id), 8);
+        assert_eq!(offset_of!(RequestDiscard, sector_number), 16);
+        assert_eq!(offset_of!(RequestDiscard, nr_sectors), 24);
+    }
+
+    #[test]
+    fn discard_entry_keeps_its_bytes() {
+        let d = RequestDiscard {
+            operation: OP_DISCARD,
+            nr_segments: 0,
+            pad: 0,
+            pad2: 0,
+            id: 7,
+            sector_number: 1 << 33,
+            nr_sectors: 0x1122_3344_5566_7788,
+            pad3: [0; RING_ENTRY_SIZE - 32],
+        };
+        let r = Request::from_discard(&d);
+        assert_eq!(r.operation, OP_DISCARD);
+        assert_eq!(r.id, 7);
+        assert_eq!(r.sector_number, 1 << 33);
+        assert_eq!(
+            &r.as_bytes()[24..32],
+            &0x1122_3344_5566_7788u64.to_ne_bytes()
+        );
     }
 
     #[test]
@@ -228,5 +307,7 @@ mod tests {
         assert_eq!(IOCTL_CREATE_DEVICE_COMPAT, 202);
         assert_eq!(IOCTL_REMOVE_DEVICE, 207);
         assert_eq!(IOCTL_CREATE_DEVICE, 208);
+        assert_eq!(IOCTL_PAUSE, 204);
+        assert_eq!(IOCTL_RESUME, 206);
     }
 }

@@ -14,14 +14,17 @@ echo 0 > $CLASS/verbosity
 check "devices is read-only" is "$(stat -c %a $CLASS/devices)" 444
 check "devices is empty without disks" is "$(cat $CLASS/devices)" ""
 
-check "per-tap attributes" sh -c "ls '$T' | grep -E '^(name|task|debug)$' | tr '\n' ' ' | grep -qx 'debug name task '"
+check "per-tap attributes" sh -c "ls '$T' | grep -E '^(name|task|debug|pause|deadline)$' | tr '\n' ' ' | grep -qx 'deadline debug name pause task '"
 check "name permissions" is "$(stat -c %a "$T/name")" 644
 check "task permissions" is "$(stat -c %a "$T/task")" 444
 check "debug permissions" is "$(stat -c %a "$T/debug")" 444
 check "name shows the minor while unset" is "$(cat "$T/name")" 0
 check "task is empty without tapdisk" is "$(cat "$T/task")" ""
 check "debug shows the state" is "$(cat "$T/debug" | tr '\n' '|')" \
-    "minor: 0|name: |ring: closed|disk: none|mapped: no|pending: 0|completed: 0|refused: 0|"
+    "minor: 0|name: |ring: closed|disk: none|mapped: no|recovery: off|deadline: 120|pending: 0|late: 0|completed: 0|refused: 0|timed_out: 0|late_answers: 0|reissued: 0|"
+check "pause and deadline permissions" is "$(stat -c %a "$T/pause") $(stat -c %a "$T/deadline")" "644 644"
+check "pause reads 0 without a disk" is "$(cat "$T/pause")" 0
+check "deadline defaults to 120 s" is "$(cat "$T/deadline")" 120
 check "name is writable" sh -c "echo vbd-1-768 > '$T/name'"
 check "name reads back" is "$(cat "$T/name")" vbd-1-768
 name255=$(head -c 255 /dev/zero | tr '\0' n)

@@ -24,7 +24,7 @@ check "sync and fsync" sh -c "sync && python3 -c \"import os; fd=os.open('$DEVDI
 check "blkdiscard is refused (not advertised)" fails blkdiscard $DEVDIR/tapdev0
 kill $peer; wait $peer
 check "the peer removed the disk" test ! -e $DEVDIR/tapdev0
-check "the peer saw only READ and WRITE" grep -q 'other=0$' /tmp/pytap.log
+check "the peer saw only READ and WRITE" grep -q 'flush=0 discard=0 fua=0 other=0 ' /tmp/pytap.log
 
 # Death under load: the peer is killed while a writer runs.
 python3 tests/vm/pytap.py 0 65536 > /tmp/pytap.log 2>&1 &
