@@ -42,8 +42,13 @@
  *
  * PAUSE: the disk stops handing new requests to the ring; they wait in the block layer and are
  * not failed. Requests already on the ring stay there and are answered as usual. Returns at once;
- * tapdisk drains its own work after it. ENODEV without a disk.
- * RESUME: requests flow again. Both are idempotent and clear a pending PAUSE/RESUME message.
+ * tapdisk drains its own work after it.
+ * RESUME: requests flow again. Both are idempotent, answer ENODEV without a disk, and clear a
+ * pending PAUSE/RESUME message.
+ *
+ * sysfs (per tap): `pause` (rw: reads 1 while paused; writing 1/0 sets the ring message PAUSE or
+ * RESUME) and `deadline` (rw: seconds a request may wait for its answer before it fails with an
+ * I/O error; module parameter request_timeout, default 120).
  */
 #define BLKTAP2_IOCTL_PAUSE 204
 #define BLKTAP2_IOCTL_RESUME 206
