@@ -12,8 +12,8 @@ mod uapi {
 }
 
 pub use uapi::{
-    blktap2_params, blktap_device_info, blktap_info, blktap_request, blktap_response,
-    blktap_ring_entry, blktap_segment, blktap_sring,
+    blktap2_params, blktap_device_info, blktap_info, blktap_request, blktap_request_discard,
+    blktap_response, blktap_ring_entry, blktap_segment, blktap_sring,
 };
 
 /// Path of the control node.
@@ -46,6 +46,10 @@ pub const IOCTL_CREATE_DEVICE_COMPAT: u32 = uapi::BLKTAP2_IOCTL_CREATE_DEVICE_CO
 pub const IOCTL_REMOVE_DEVICE: u32 = uapi::BLKTAP2_IOCTL_REMOVE_DEVICE;
 /// Ring ioctl: create the disk from `blktap_device_info`.
 pub const IOCTL_CREATE_DEVICE: u32 = uapi::BLKTAP2_IOCTL_CREATE_DEVICE;
+/// Ring ioctl (extension): stop handing new requests to the ring.
+pub const IOCTL_PAUSE: u32 = uapi::BLKTAP2_IOCTL_PAUSE;
+/// Ring ioctl (extension): hand requests to the ring again.
+pub const IOCTL_RESUME: u32 = uapi::BLKTAP2_IOCTL_RESUME;
 
 /// Request slots in the ring.
 pub const RING_SIZE: usize = uapi::BLKTAP_RING_SIZE as usize;
@@ -53,15 +57,35 @@ pub const RING_SIZE: usize = uapi::BLKTAP_RING_SIZE as usize;
 pub const SEGMENT_MAX: usize = uapi::BLKTAP_SEGMENT_MAX as usize;
 /// Pages of the whole ring mapping: the ring page then the data pages.
 pub const MMAP_PAGES: usize = uapi::BLKTAP_MMAP_PAGES as usize;
+/// The ring header's `msg` value by which the kernel asks tapdisk to pause the tap.
+pub const RING_MESSAGE_PAUSE: u8 = uapi::BLKTAP2_RING_MESSAGE_PAUSE as u8;
+/// The ring header's `msg` value by which the kernel asks tapdisk to resume the tap.
+pub const RING_MESSAGE_RESUME: u8 = uapi::BLKTAP2_RING_MESSAGE_RESUME as u8;
 /// The ring header's `msg` value by which the kernel asks tapdisk to close the ring.
 pub const RING_MESSAGE_CLOSE: u8 = uapi::BLKTAP2_RING_MESSAGE_CLOSE as u8;
 /// `blktap_device_info.flags`: the disk is read-only.
 pub const DEVICE_RO: u64 = uapi::BLKTAP_DEVICE_RO as u64;
+/// `blktap_device_info.flags` (extension): the kernel may send `OP_FLUSH`.
+pub const DEVICE_FLUSH: u64 = uapi::BLKTAP_DEVICE_FLUSH as u64;
+/// `blktap_device_info.flags` (extension): the kernel may send `OP_DISCARD`.
+pub const DEVICE_DISCARD: u64 = uapi::BLKTAP_DEVICE_DISCARD as u64;
+/// `blktap_device_info.flags` (extension): the kernel may send `OP_WRITE_FUA`.
+pub const DEVICE_FUA: u64 = uapi::BLKTAP_DEVICE_FUA as u64;
+/// `blktap_device_info.flags` (extension): the disk and its requests outlive the tapdisk.
+pub const DEVICE_RECOVERY: u64 = uapi::BLKTAP_DEVICE_RECOVERY as u64;
+/// Largest discard in one request, in 512-byte sectors.
+pub const DISCARD_MAX_SECTORS: u64 = uapi::BLKTAP_DISCARD_MAX_SECTORS as u64;
 
 /// Request operations.
 pub const OP_READ: u8 = uapi::BLKTAP_OP_READ as u8;
 /// Write request.
 pub const OP_WRITE: u8 = uapi::BLKTAP_OP_WRITE as u8;
+/// Flush request (extension, no segments).
+pub const OP_FLUSH: u8 = uapi::BLKTAP_OP_FLUSH as u8;
+/// Discard request (extension, `blktap_request_discard`).
+pub const OP_DISCARD: u8 = uapi::BLKTAP_OP_DISCARD as u8;
+/// Write that is durable when answered (extension).
+pub const OP_WRITE_FUA: u8 = uapi::BLKTAP_OP_WRITE_FUA as u8;
 /// Response status: success.
 pub const RSP_OKAY: i16 = uapi::BLKTAP_RSP_OKAY as i16;
 /// Response status: I/O error.
@@ -117,6 +141,9 @@ mod tests {
         assert_eq!(offset_of!(blktap_response, operation), 8);
         assert_eq!(offset_of!(blktap_response, status), 10);
         assert_eq!(size_of::<blktap_ring_entry>(), 112);
+        assert_eq!(size_of::<blktap_request_discard>(), 32);
+        assert_eq!(offset_of!(blktap_request_discard, sector_number), 16);
+        assert_eq!(offset_of!(blktap_request_discard, nr_sectors), 24);
         assert_eq!(offset_of!(blktap_sring, rsp_prod), 8);
         assert_eq!(offset_of!(blktap_sring, msg), 16);
         assert_eq!(offset_of!(blktap_sring, ring), 64);
@@ -139,6 +166,17 @@ mod tests {
             ],
             [1, 200, 201, 202, 207, 208]
         );
+        assert_eq!([IOCTL_PAUSE, IOCTL_RESUME], [204, 206]);
+        assert_eq!(
+            [RING_MESSAGE_PAUSE, RING_MESSAGE_RESUME, RING_MESSAGE_CLOSE],
+            [1, 2, 3]
+        );
+        assert_eq!(
+            [DEVICE_FLUSH, DEVICE_DISCARD, DEVICE_FUA, DEVICE_RECOVERY],
+            [4, 8, 0x20, 0x40]
+        );
+        assert_eq!([OP_FLUSH, OP_DISCARD, OP_WRITE_FUA], [2, 3, 4]);
+        assert_eq!(DISCARD_MAX_SECTORS, 1 << 21);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   ring device with its ioctls;
 //! - [`backend`]: image backends (`aio:`, `ram:`, `null:`);
 //! - [`server`]: serving a ring from a backend;
+//! - [`tap`]: a tap's life in tapdisk (open, pause, unpause, recover, close);
 //! - [`ctl`]: the tapdisk control protocol (JSON lines over unix sockets);
 //! - [`mapping`]: owned memory mappings;
 //! - [`Error`]: one error type, with the errno a caller can act on.
@@ -19,5 +20,6 @@ pub mod mapping;
 pub mod ring;
 pub mod server;
 pub mod sysfs;
+pub mod tap;
 
 pub use error::{Error, Result};

@@ -124,6 +124,36 @@ pub fn list_taps() -> Result<Vec<SysfsTap>> {
     list_taps_in(Path::new(abi::SYSFS_CLASS))
 }
 
+/// The minors in the contents of the class attribute `devices` (one line `minor name` per tap
+/// that has a disk).
+pub fn parse_devices(contents: &str) -> Vec<u32> {
+    contents
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// The capacity in 512-byte sectors of tap `minor`'s disk, if it has one: the tap is listed in
+/// `/sys/class/blktap2/devices`, and its disk's `size` is read through `/sys/dev/block`.
+pub fn disk_capacity(minor: u32) -> Result<Option<u64>> {
+    let devices = Path::new(abi::SYSFS_CLASS).join("devices");
+    let contents = match fs::read_to_string(&devices) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotLoaded),
+        Err(e) => return Err(Error::io("cannot read", devices, e)),
+    };
+    if !parse_devices(&contents).contains(&minor) {
+        return Ok(None);
+    }
+    let major = major(DeviceKind::Block, abi::BLOCK_MAJOR_NAME)?;
+    let path = PathBuf::from(format!("/sys/dev/block/{major}:{minor}/size"));
+    let size = fs::read_to_string(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+    size.trim().parse().map(Some).map_err(|_| Error::Parse {
+        path,
+        detail: format!("not a number of sectors: {size:?}"),
+    })
+}
+
 /// The tap with minor `minor`.
 pub fn find_tap(minor: u32) -> Result<SysfsTap> {
     let dir = PathBuf::from(abi::class_device_dir(minor));
@@ -154,6 +184,12 @@ mod tests {
         );
         assert_eq!(parse_proc_devices(c, DeviceKind::Block, "blktap2"), None);
         assert_eq!(parse_proc_devices(c, DeviceKind::Char, "tapdev"), None);
+    }
+
+    #[test]
+    fn parses_the_devices_attribute() {
+        assert_eq!(parse_devices("0 vm-disk\n12 12\n\nbad line\n"), [0, 12]);
+        assert!(parse_devices("").is_empty());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use blktap::ctl::{CtlRequest, TapState};
 use blktap::{sysfs, Result};
 use blktap_abi as abi;
 
-use crate::tapdisk::{self, find_server, Spawned};
+use crate::tapdisk::{self, find_server, SpawnOptions, Spawned};
 
 /// What `create` is asked for.
 #[derive(Debug, Clone)]
@@ -26,6 +26,22 @@ pub struct CreateArgs<'a> {
     pub minor: Option<u32>,
     /// The tapdisk's log file.
     pub log: Option<&'a Path>,
+    /// Create the disk with `RECOVERY` (it and its requests outlive the tapdisk).
+    pub recovery: bool,
+    /// The tapdisk's request deadline in seconds.
+    pub deadline: Option<u64>,
+    /// Never ask the kernel for flush, FUA or discard.
+    pub no_extensions: bool,
+}
+
+impl CreateArgs<'_> {
+    fn spawn_options(&self) -> SpawnOptions<'_> {
+        SpawnOptions {
+            log: self.log,
+            deadline: self.deadline,
+            no_extensions: self.no_extensions,
+        }
+    }
 }
 
 /// `tap-ctl create`: returns the new disk's node.
@@ -68,7 +84,9 @@ fn set_up(
     if let Some(name) = args.name {
         sysfs::find_tap(minor)?.set_attr("name", name)?;
     }
-    let pid = spawned.insert(tapdisk::spawn(ctl_dir, args.log)?).pid();
+    let pid = spawned
+        .insert(tapdisk::spawn(ctl_dir, &args.spawn_options())?)
+        .pid();
     tapdisk::call(ctl_dir, pid, &CtlRequest::Attach { minor })?;
     tapdisk::call(
         ctl_dir,
@@ -77,9 +95,40 @@ fn set_up(
             minor,
             params: spec.to_string(),
             readonly: args.readonly,
+            recovery: args.recovery,
+            recover: false,
         },
     )?;
     Ok(())
+}
+
+/// `tap-ctl recover`: a new tapdisk takes over tap `minor`, whose disk was created with
+/// recovery and whose tapdisk died. It maps the ring (the kernel publishes the requests it kept
+/// then) and serves the existing disk from `args.image` (of the disk's size), without creating
+/// it. Returns the disk's node.
+pub fn recover(ctl_dir: &Path, args: &CreateArgs<'_>, minor: u32) -> Result<String> {
+    let spec: ImageSpec = args.image.parse()?;
+    sysfs::find_tap(minor)?;
+    let spawned = tapdisk::spawn(ctl_dir, &args.spawn_options())?;
+    let pid = spawned.pid();
+    let result = tapdisk::call(ctl_dir, pid, &CtlRequest::Attach { minor }).and_then(|_| {
+        tapdisk::call(
+            ctl_dir,
+            pid,
+            &CtlRequest::Open {
+                minor,
+                params: spec.to_string(),
+                readonly: args.readonly,
+                recovery: false,
+                recover: true,
+            },
+        )
+    });
+    if let Err(e) = result {
+        spawned.stop();
+        return Err(e);
+    }
+    Ok(abi::device_path(minor))
 }
 
 /// `tap-ctl destroy`: closes and detaches tap `minor` in its tapdisk (`pid`, or the one serving
@@ -97,7 +146,10 @@ pub fn destroy(ctl_dir: &Path, pid: Option<i32>, minor: u32) -> Result<()> {
             .into_iter()
             .find(|t| t.minor == minor)
             .map(|t| t.state);
-        if matches!(state, Some(TapState::Open | TapState::Dead)) {
+        if matches!(
+            state,
+            Some(TapState::Open | TapState::Dead | TapState::Pausing | TapState::Paused)
+        ) {
             tapdisk::call(ctl_dir, pid, &CtlRequest::Close { minor })?;
         }
         // A tapdisk that does not have the tap says so (ENODEV).

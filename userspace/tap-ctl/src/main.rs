@@ -84,6 +84,30 @@ enum Command {
         /// Log file of the tapdisk.
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
+        /// Create the disk with RECOVERY: when the tapdisk dies the disk and its requests stay,
+        /// for `tap-ctl recover`. Fails if the kernel does not support it.
+        #[arg(long)]
+        recovery: bool,
+        #[command(flatten)]
+        tapdisk: TapdiskOptions,
+    },
+    /// Start a new tapdisk on a tap whose disk (created with --recovery) lost its tapdisk: it
+    /// answers the requests the kernel kept; prints the disk's node.
+    Recover {
+        /// The tap.
+        #[arg(short = 'm')]
+        minor: u32,
+        /// The image, type:path, of the disk's size.
+        #[arg(short = 'a', value_name = "TYPE:PATH")]
+        args: String,
+        /// Read-only image (writes are answered with errors).
+        #[arg(short = 'R')]
+        readonly: bool,
+        /// Log file of the tapdisk.
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        #[command(flatten)]
+        tapdisk: TapdiskOptions,
     },
     /// Close, detach and free a tap.
     Destroy {
@@ -99,6 +123,8 @@ enum Command {
         /// Log file of the tapdisk (default: no log).
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
+        #[command(flatten)]
+        tapdisk: TapdiskOptions,
     },
     /// Attach a tapdisk to a tap (it maps the tap's ring).
     Attach(TapdiskTap),
@@ -117,10 +143,16 @@ enum Command {
     },
     /// Remove a tap's disk and close its image.
     Close(TapdiskTap),
-    /// Pause a tap (not supported yet).
+    /// Pause a tap: returns once every request handed out is answered and the image is closed.
     Pause(TapdiskTap),
-    /// Resume a paused tap (not supported yet).
-    Unpause(TapdiskTap),
+    /// Resume a paused tap: open its image again, or another one of the same size.
+    Unpause {
+        #[command(flatten)]
+        tap: TapdiskTap,
+        /// Another image, type:path, of the same size.
+        #[arg(short = 'a', value_name = "TYPE:PATH")]
+        args: Option<String>,
+    },
     /// Print a tap's I/O counters as JSON.
     Stats(TapdiskTap),
     /// Print the block major of tapdevs (-c: the ring char major).
@@ -134,6 +166,28 @@ enum Command {
     },
     /// Check whether the environment is suitable for tapdisk.
     Check,
+}
+
+/// Options of a tapdisk that tap-ctl starts.
+#[derive(clap::Args, Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TapdiskOptions {
+    /// The tapdisk's deadline per request, in seconds (retries included; default 120).
+    #[arg(short = 't', long = "timeout", value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    timeout: Option<u64>,
+    /// The tapdisk never asks the kernel for flush, FUA or discard (like an old tapdisk).
+    #[arg(long)]
+    no_extensions: bool,
+}
+
+impl TapdiskOptions {
+    fn spawn_options(self, log: Option<&Path>) -> tapdisk::SpawnOptions<'_> {
+        tapdisk::SpawnOptions {
+            log,
+            deadline: self.timeout,
+            no_extensions: self.no_extensions,
+        }
+    }
 }
 
 /// A tap in a given tapdisk: `-p PID -m MINOR`.
@@ -170,8 +224,8 @@ fn check() -> Result<String, Error> {
     Ok("ok".into())
 }
 
-fn spawn(ctl_dir: &Path, log: Option<&Path>) -> Result<(), Error> {
-    let pid = tapdisk::spawn(ctl_dir, log)?.pid();
+fn spawn(ctl_dir: &Path, opts: &tapdisk::SpawnOptions<'_>) -> Result<(), Error> {
+    let pid = tapdisk::spawn(ctl_dir, opts)?.pid();
     if std::io::stdout().is_terminal() {
         println!("tapdisk spawned with pid {pid}");
     } else {
@@ -209,6 +263,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             name,
             minor,
             log,
+            recovery,
+            tapdisk,
         } => {
             let node = lifecycle::create(
                 ctl_dir,
@@ -218,13 +274,40 @@ fn run(cli: Cli) -> Result<(), Error> {
                     name: name.as_deref(),
                     minor,
                     log: log.as_deref(),
+                    recovery,
+                    deadline: tapdisk.timeout,
+                    no_extensions: tapdisk.no_extensions,
                 },
             )?;
             println!("{node}");
             Ok(())
         }
+        Command::Recover {
+            minor,
+            args,
+            readonly,
+            log,
+            tapdisk,
+        } => {
+            let node = lifecycle::recover(
+                ctl_dir,
+                &CreateArgs {
+                    image: &args,
+                    readonly,
+                    name: None,
+                    minor: Some(minor),
+                    log: log.as_deref(),
+                    recovery: false,
+                    deadline: tapdisk.timeout,
+                    no_extensions: tapdisk.no_extensions,
+                },
+                minor,
+            )?;
+            println!("{node}");
+            Ok(())
+        }
         Command::Destroy { pid, minor } => lifecycle::destroy(ctl_dir, pid, minor),
-        Command::Spawn { log } => spawn(ctl_dir, log.as_deref()),
+        Command::Spawn { log, tapdisk } => spawn(ctl_dir, &tapdisk.spawn_options(log.as_deref())),
         Command::Attach(t) => call(ctl_dir, t, CtlRequest::Attach { minor: t.minor }),
         Command::Detach(t) => call(ctl_dir, t, CtlRequest::Detach { minor: t.minor }),
         Command::Open {
@@ -237,12 +320,24 @@ fn run(cli: Cli) -> Result<(), Error> {
                 minor: tap.minor,
                 params: spec.to_string(),
                 readonly,
+                recovery: false,
+                recover: false,
             };
             call(ctl_dir, tap, req)
         }
         Command::Close(t) => call(ctl_dir, t, CtlRequest::Close { minor: t.minor }),
         Command::Pause(t) => call(ctl_dir, t, CtlRequest::Pause { minor: t.minor }),
-        Command::Unpause(t) => call(ctl_dir, t, CtlRequest::Unpause { minor: t.minor }),
+        Command::Unpause { tap, args } => {
+            let params = match args {
+                Some(a) => Some(a.parse::<ImageSpec>()?.to_string()),
+                None => None,
+            };
+            let req = CtlRequest::Unpause {
+                minor: tap.minor,
+                params,
+            };
+            call(ctl_dir, tap, req)
+        }
         Command::Stats(t) => {
             let r = tapdisk::call(ctl_dir, t.pid, &CtlRequest::Stats { minor: t.minor })?;
             let stats = r.stats.unwrap_or_default();
@@ -310,7 +405,6 @@ mod tests {
             ("detach", |c| matches!(c, Command::Detach(_))),
             ("close", |c| matches!(c, Command::Close(_))),
             ("pause", |c| matches!(c, Command::Pause(_))),
-            ("unpause", |c| matches!(c, Command::Unpause(_))),
             ("stats", |c| matches!(c, Command::Stats(_))),
         ] {
             let cli = Cli::try_parse_from(["tap-ctl", name, "-p", "42", "-m", "3"]).unwrap();
@@ -319,7 +413,6 @@ mod tests {
             | Command::Detach(t)
             | Command::Close(t)
             | Command::Pause(t)
-            | Command::Unpause(t)
             | Command::Stats(t)) = cli.command
             else {
                 unreachable!()
@@ -345,6 +438,104 @@ mod tests {
             _ => panic!("not open"),
         }
         assert!(Cli::try_parse_from(["tap-ctl", "open", "-p", "42", "-m", "3"]).is_err());
+
+        let cli = Cli::try_parse_from(["tap-ctl", "unpause", "-p", "42", "-m", "3"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Unpause { tap: t, args: None } if t == tap
+        ));
+        let cli = Cli::try_parse_from([
+            "tap-ctl", "unpause", "-p", "42", "-m", "3", "-a", "aio:/new",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Unpause { tap: t, args } => {
+                assert_eq!(t, tap);
+                assert_eq!(args.as_deref(), Some("aio:/new"));
+            }
+            _ => panic!("not unpause"),
+        }
+        assert!(Cli::try_parse_from(["tap-ctl", "unpause", "-m", "3"]).is_err());
+    }
+
+    #[test]
+    fn recovery_and_tapdisk_options() {
+        let cli = Cli::try_parse_from([
+            "tap-ctl",
+            "create",
+            "-a",
+            "ram:64M",
+            "--recovery",
+            "-t",
+            "30",
+            "--no-extensions",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Create {
+                recovery,
+                readonly,
+                tapdisk,
+                ..
+            } => {
+                assert!(recovery && !readonly);
+                assert_eq!(
+                    tapdisk,
+                    TapdiskOptions {
+                        timeout: Some(30),
+                        no_extensions: true
+                    }
+                );
+            }
+            _ => panic!("not create"),
+        }
+        // -R stays read-only, as in the original tap-ctl.
+        let cli = Cli::try_parse_from(["tap-ctl", "create", "-a", "ram:1M", "-R"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Create {
+                readonly: true,
+                recovery: false,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from([
+            "tap-ctl",
+            "recover",
+            "-m",
+            "5",
+            "-a",
+            "aio:/d",
+            "--timeout",
+            "9",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Recover {
+                minor,
+                args,
+                tapdisk,
+                ..
+            } => {
+                assert_eq!((minor, args.as_str()), (5, "aio:/d"));
+                assert_eq!(tapdisk.timeout, Some(9));
+            }
+            _ => panic!("not recover"),
+        }
+        assert!(Cli::try_parse_from(["tap-ctl", "recover", "-m", "5"]).is_err());
+        assert!(Cli::try_parse_from(["tap-ctl", "recover", "-a", "ram:1M"]).is_err());
+        assert!(Cli::try_parse_from(["tap-ctl", "create", "-a", "ram:1M", "-t", "0"]).is_err());
+        let cli = Cli::try_parse_from(["tap-ctl", "spawn", "-t", "4"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Spawn {
+                tapdisk: TapdiskOptions {
+                    timeout: Some(4),
+                    ..
+                },
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -357,6 +548,7 @@ mod tests {
                 name,
                 minor,
                 log,
+                ..
             } => {
                 assert_eq!(args, "ram:64M");
                 assert!(!readonly && name.is_none() && minor.is_none() && log.is_none());
@@ -396,7 +588,7 @@ mod tests {
         assert!(Cli::try_parse_from(["tap-ctl", "destroy"]).is_err());
 
         let cli = Cli::try_parse_from(["tap-ctl", "spawn", "--ctl-dir", "/tmp/c"]).unwrap();
-        assert!(matches!(cli.command, Command::Spawn { log: None }));
+        assert!(matches!(cli.command, Command::Spawn { log: None, .. }));
         assert_eq!(cli.ctl_dir, PathBuf::from("/tmp/c"));
         let cli = Cli::try_parse_from(["tap-ctl", "--ctl-dir", "/tmp/d", "list"]).unwrap();
         assert_eq!(cli.ctl_dir, PathBuf::from("/tmp/d"));

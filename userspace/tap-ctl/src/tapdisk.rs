@@ -64,9 +64,36 @@ impl Spawned {
     }
 }
 
-/// Starts a tapdisk in its own session, with its output in `log` (or nowhere), that exits
+/// How to run a new tapdisk.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpawnOptions<'a> {
+    /// Its log file (default: none).
+    pub log: Option<&'a Path>,
+    /// Its request deadline in seconds (`--deadline`; default: tapdisk's, 120).
+    pub deadline: Option<u64>,
+    /// Never ask the kernel for flush, FUA or discard (`--no-extensions`).
+    pub no_extensions: bool,
+}
+
+impl SpawnOptions<'_> {
+    /// tapdisk's arguments beyond `--ctl-dir DIR --exit-when-idle`.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(d) = self.deadline {
+            args.push("--deadline".into());
+            args.push(d.to_string());
+        }
+        if self.no_extensions {
+            args.push("--no-extensions".into());
+        }
+        args
+    }
+}
+
+/// Starts a tapdisk in its own session, with its output in `opts.log` (or nowhere), that exits
 /// once its last tap is detached; returns when it listens on its socket in `ctl_dir`.
-pub fn spawn(ctl_dir: &Path, log: Option<&Path>) -> Result<Spawned> {
+pub fn spawn(ctl_dir: &Path, opts: &SpawnOptions<'_>) -> Result<Spawned> {
+    let log = opts.log;
     let exe = env::current_exe().ok();
     let binary = tapdisk_binary(exe.as_deref(), env::var_os("TAPDISK"));
     let out = match log {
@@ -87,6 +114,7 @@ pub fn spawn(ctl_dir: &Path, log: Option<&Path>) -> Result<Spawned> {
     cmd.arg("--ctl-dir")
         .arg(ctl_dir)
         .arg("--exit-when-idle")
+        .args(opts.args())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
@@ -131,9 +159,17 @@ pub fn spawn(ctl_dir: &Path, log: Option<&Path>) -> Result<Spawned> {
     }
 }
 
+/// How long a pause may take to answer: the requests handed out must all be answered, which
+/// with failing I/O takes up to tapdisk's deadline.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Sends one request to tapdisk `pid`.
 pub fn call(ctl_dir: &Path, pid: i32, req: &CtlRequest) -> Result<CtlResponse> {
-    Client::connect(ctl_dir, pid)?.call(req)
+    let timeout = match req {
+        CtlRequest::Pause { .. } => PAUSE_TIMEOUT,
+        _ => blktap::ctl::client::DEFAULT_TIMEOUT,
+    };
+    Client::connect_with_timeout(ctl_dir, pid, timeout)?.call(req)
 }
 
 /// The tapdisk serving tap `minor`: the ring holder sysfs names, else the tapdisk that lists
@@ -158,6 +194,17 @@ pub fn find_server(ctl_dir: &Path, minor: u32) -> Result<Option<i32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spawn_options_become_tapdisk_arguments() {
+        assert!(SpawnOptions::default().args().is_empty());
+        let opts = SpawnOptions {
+            log: None,
+            deadline: Some(30),
+            no_extensions: true,
+        };
+        assert_eq!(opts.args(), ["--deadline", "30", "--no-extensions"]);
+    }
 
     #[test]
     fn finds_the_tapdisk_binary() {

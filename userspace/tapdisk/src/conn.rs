@@ -1,5 +1,6 @@
 //! One client connection on the control socket: request lines in, response lines out.
 
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 
@@ -22,6 +23,10 @@ pub struct Conn {
     stream: UnixStream,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// Request lines read and not answered yet.
+    pub backlog: VecDeque<String>,
+    /// Whether the answer to the last request taken must wait (the next ones wait behind it).
+    pub waiting: bool,
 }
 
 impl Conn {
@@ -32,6 +37,8 @@ impl Conn {
             stream,
             input: Vec::new(),
             output: Vec::new(),
+            backlog: VecDeque::new(),
+            waiting: false,
         })
     }
 

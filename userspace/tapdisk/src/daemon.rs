@@ -8,9 +8,12 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::Context;
-use blktap::ctl::socket_path;
+use blktap::ctl::{socket_path, CtlResponse};
+use blktap::tap::TapOptions;
+use blktap::Error;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -18,7 +21,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::conn::{Conn, Input};
 use crate::log::log;
-use crate::tap::{RingEvent, Tap};
+use crate::requests::{not_attached, Handled};
+use crate::tap::{Tap, TapEvent};
 
 /// What an epoll event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +69,8 @@ pub struct Options {
     pub ctl_dir: PathBuf,
     /// Exit once the last tap is gone (after at least one was attached).
     pub exit_when_idle: bool,
+    /// How taps are served (request deadline, extensions).
+    pub tap: TapOptions,
 }
 
 /// A tapdisk: its control socket, its clients and its taps.
@@ -76,6 +82,11 @@ pub struct Daemon {
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     pub(crate) taps: BTreeMap<u32, Tap>,
+    tap_options: TapOptions,
+    /// Connections waiting for a pause to finish: (connection, tap).
+    waiters: Vec<(u64, u32)>,
+    /// The generation of each tap's image whose backend fd is polled.
+    backend_watch: HashMap<u32, u64>,
     exit_when_idle: bool,
     had_taps: bool,
     quit: bool,
@@ -104,6 +115,9 @@ impl Daemon {
             conns: HashMap::new(),
             next_conn: 0,
             taps: BTreeMap::new(),
+            tap_options: opts.tap,
+            waiters: Vec::new(),
+            backend_watch: HashMap::new(),
             exit_when_idle: opts.exit_when_idle,
             had_taps: false,
             quit: false,
@@ -126,12 +140,47 @@ impl Daemon {
         &self.socket
     }
 
+    /// How taps are served.
+    pub fn tap_options(&self) -> TapOptions {
+        self.tap_options
+    }
+
+    /// How long epoll may wait: until the first retry of any tap is due.
+    fn timeout(&self) -> EpollTimeout {
+        let Some(at) = self.taps.values().filter_map(Tap::next_wakeup).min() else {
+            return EpollTimeout::NONE;
+        };
+        let left = at.saturating_duration_since(Instant::now());
+        // Round up, so that the retry is due when epoll returns.
+        let ms = left.as_micros().div_ceil(1000).min(60_000) as u16;
+        EpollTimeout::from(ms)
+    }
+
+    /// Runs the retries that are due.
+    fn run_timers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .taps
+            .iter()
+            .filter(|(_, t)| t.next_wakeup().is_some_and(|at| at <= now))
+            .map(|(&m, _)| m)
+            .collect();
+        for minor in due {
+            if let Some(tap) = self.taps.get_mut(&minor) {
+                if let Err(e) = tap.on_timer() {
+                    log!("tap {minor}: {e}");
+                }
+            }
+            self.after_tap_event(minor);
+        }
+    }
+
     /// Serves until a termination signal (or, with `exit_when_idle`, until the last tap is
     /// gone), then shuts every tap down.
     pub fn run(&mut self) -> anyhow::Result<()> {
         let mut events = vec![EpollEvent::empty(); 64];
         while !self.quit {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+            let n = match self.epoll.wait(&mut events, self.timeout()) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e).context("epoll_wait"),
@@ -142,6 +191,7 @@ impl Daemon {
                     None => log!("unknown epoll token {:#x}", ev.data()),
                 }
             }
+            self.run_timers();
         }
         self.shut_down();
         Ok(())
@@ -169,7 +219,7 @@ impl Daemon {
     }
 
     /// Polls the tap's ring fd, and its backend's fd if it has one.
-    pub(crate) fn watch_tap(&self, minor: u32) -> nix::Result<()> {
+    pub(crate) fn watch_tap(&mut self, minor: u32) -> nix::Result<()> {
         let Some(tap) = self.taps.get(&minor) else {
             return Ok(());
         };
@@ -177,31 +227,90 @@ impl Daemon {
         // an event, and each event takes everything there is; whether the kernel keeps
         // reporting POLLIN while requests are outstanding does not matter.
         let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
-        self.watch(tap.ring_fd(), Token::Ring(minor), flags)?;
-        self.watch_backend(minor)
+        self.watch(tap.ring().fd(), Token::Ring(minor), flags)?;
+        self.sync_backend_watch(minor)
     }
 
-    /// Polls the tap's backend's fd, if it has one.
-    pub(crate) fn watch_backend(&self, minor: u32) -> nix::Result<()> {
-        if let Some(fd) = self.taps.get(&minor).and_then(Tap::backend_fd) {
-            self.watch(fd, Token::Backend(minor), EpollFlags::EPOLLIN)?;
+    /// Polls the backend's fd of the tap's current image, if it has one and it is new (opening,
+    /// pausing and unpausing change the image; a closed backend's fd left epoll as it closed).
+    pub(crate) fn sync_backend_watch(&mut self, minor: u32) -> nix::Result<()> {
+        let Some(tap) = self.taps.get(&minor) else {
+            self.backend_watch.remove(&minor);
+            return Ok(());
+        };
+        let generation = tap.generation();
+        if self.backend_watch.get(&minor) == Some(&generation) {
+            return Ok(());
         }
+        if let Some(fd) = tap.backend_fd() {
+            match self.watch(fd, Token::Backend(minor), EpollFlags::EPOLLIN) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.backend_watch.insert(minor, generation);
         Ok(())
     }
 
-    /// Stops polling the tap's backend's fd.
-    pub(crate) fn unwatch_backend(&self, minor: u32) {
-        if let Some(fd) = self.taps.get(&minor).and_then(Tap::backend_fd) {
-            self.unwatch(fd);
+    /// Stops polling every fd of the tap.
+    pub(crate) fn unwatch_tap(&mut self, minor: u32) {
+        if let Some(tap) = self.taps.get(&minor) {
+            self.unwatch(tap.ring().fd());
+            if let Some(fd) = tap.backend_fd() {
+                self.unwatch(fd);
+            }
+        }
+        self.backend_watch.remove(&minor);
+    }
+
+    /// After anything happened to a tap: polls its new backend, moves a pause on, and answers
+    /// the connections waiting for that pause.
+    pub(crate) fn after_tap_event(&mut self, minor: u32) {
+        if let Err(e) = self.sync_backend_watch(minor) {
+            log!("tap {minor}: cannot poll its image: {e}");
+        }
+        let Some(tap) = self.taps.get_mut(&minor) else {
+            return self.answer_waiters(minor, CtlResponse::failed(&not_attached(minor)));
+        };
+        let outcome = tap.advance();
+        let pausing = tap.state() == blktap::ctl::TapState::Pausing;
+        if let Err(e) = self.sync_backend_watch(minor) {
+            log!("tap {minor}: cannot poll its image: {e}");
+        }
+        match outcome {
+            Some(Ok(())) => {
+                log!("tap {minor}: paused");
+                self.answer_waiters(minor, CtlResponse::ok());
+            }
+            Some(Err(e)) => {
+                log!("tap {minor}: {e}");
+                self.answer_waiters(minor, CtlResponse::failed(&e));
+            }
+            None if !pausing => {
+                let e = Error::os(
+                    format!("tap {minor} stopped pausing before it was paused"),
+                    Errno::EIO,
+                );
+                self.answer_waiters(minor, CtlResponse::failed(&e));
+            }
+            None => {}
         }
     }
 
-    /// Stops polling every fd of the tap.
-    pub(crate) fn unwatch_tap(&self, minor: u32) {
-        if let Some(tap) = self.taps.get(&minor) {
-            self.unwatch(tap.ring_fd());
+    /// Answers every connection waiting for tap `minor` to pause, and goes on with their
+    /// requests.
+    fn answer_waiters(&mut self, minor: u32, response: CtlResponse) {
+        let (ready, rest): (Vec<_>, Vec<_>) =
+            self.waiters.drain(..).partition(|&(_, m)| m == minor);
+        self.waiters = rest;
+        for (id, _) in ready {
+            if let Some(mut conn) = self.conns.remove(&id) {
+                conn.waiting = false;
+                conn.queue(&response.to_line());
+                self.process(id, &mut conn);
+                self.rearm(id, conn);
+            }
         }
-        self.unwatch_backend(minor);
     }
 
     /// Records that a tap was attached (for `exit_when_idle`).
@@ -213,8 +322,9 @@ impl Daemon {
     pub(crate) fn remove_tap(&mut self, minor: u32) {
         self.unwatch_tap(minor);
         if let Some(tap) = self.taps.remove(&minor) {
-            tap.shut_down();
+            drop(tap.shut_down());
         }
+        self.after_tap_event(minor);
         self.check_idle();
     }
 
@@ -267,19 +377,40 @@ impl Daemon {
             Input::Lines(lines) => (lines, false),
             Input::Closed(lines) => (lines, true),
         };
-        for line in lines {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let response = self.handle_line(&line);
-            conn.queue(&response.to_line());
-        }
+        conn.backlog.extend(lines);
+        self.process(id, &mut conn);
         let hung_up = closed || events.contains(EpollFlags::EPOLLERR);
         if hung_up {
             conn.flush_blocking();
             self.unwatch(conn.stream().as_fd());
             return;
         }
+        self.rearm(id, conn);
+    }
+
+    /// Answers the connection's request lines in order, up to one whose answer must wait (a
+    /// pause still draining).
+    fn process(&mut self, id: u64, conn: &mut Conn) {
+        while !conn.waiting {
+            let Some(line) = conn.backlog.pop_front() else {
+                return;
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            match self.handle_line(&line) {
+                Handled::Now(response) => conn.queue(&response.to_line()),
+                Handled::Later(minor) => {
+                    conn.waiting = true;
+                    self.waiters.push((id, minor));
+                }
+            }
+        }
+    }
+
+    /// Writes what the connection has to say and polls it again (for output too, if the socket
+    /// is full); drops it if the client is gone.
+    fn rearm(&mut self, id: u64, mut conn: Conn) {
         match conn.flush() {
             Ok(pending) => {
                 let mut flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
@@ -301,32 +432,35 @@ impl Daemon {
             return;
         };
         let event = if events.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
-            RingEvent::CloseRequested
+            TapEvent::CloseRequested
         } else {
-            tap.on_ring_event()
+            tap.on_ring()
         };
         match event {
-            RingEvent::Served => {}
-            RingEvent::CloseRequested => {
+            TapEvent::Served => {}
+            TapEvent::CloseRequested => {
                 log!("tap {minor}: the kernel closes the ring; shutting the tap down");
                 self.remove_tap(minor);
+                return;
             }
-            RingEvent::Fault(f) => {
+            TapEvent::Fault(f) => {
                 log!("tap {minor}: {f}; no longer serving it (close and detach it)");
                 if let Some(tap) = self.taps.get(&minor) {
-                    self.unwatch(tap.ring_fd());
+                    self.unwatch(tap.ring().fd());
                 }
             }
-            RingEvent::Error(e) => log!("tap {minor}: {e}"),
+            TapEvent::Error(e) => log!("tap {minor}: {e}"),
         }
+        self.after_tap_event(minor);
     }
 
     fn on_backend(&mut self, minor: u32) {
         if let Some(tap) = self.taps.get_mut(&minor) {
-            if let Err(e) = tap.on_backend_event() {
+            if let Err(e) = tap.on_backend() {
                 log!("tap {minor}: {e}");
             }
         }
+        self.after_tap_event(minor);
     }
 
     fn on_signals(&mut self) {
@@ -344,6 +478,11 @@ impl Daemon {
         for minor in minors {
             log!("tap {minor}: shutting down");
             self.remove_tap(minor);
+        }
+        let e = Error::os("tapdisk is shutting down", Errno::ESHUTDOWN);
+        let waiting: Vec<u32> = self.waiters.iter().map(|&(_, m)| m).collect();
+        for minor in waiting {
+            self.answer_waiters(minor, CtlResponse::failed(&e));
         }
         for conn in self.conns.values_mut() {
             conn.flush_blocking();

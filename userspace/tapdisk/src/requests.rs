@@ -1,57 +1,77 @@
 //! The control requests: what each one does to the daemon's taps.
 
 use blktap::ctl::{CtlRequest, CtlResponse};
+use blktap::tap::OpenArgs;
 use blktap::{Error, Result};
 use nix::errno::Errno;
 
 use crate::daemon::Daemon;
 use crate::log::log;
-use crate::tap::Tap;
+use crate::tap::{self, Tap};
+
+/// The outcome of a request.
+#[derive(Debug)]
+pub enum Handled {
+    /// The answer.
+    Now(Box<CtlResponse>),
+    /// A pause of this tap is draining: the answer comes once it is paused (or failed).
+    Later(u32),
+}
 
 impl Daemon {
-    /// Answers one request line.
-    pub fn handle_line(&mut self, line: &str) -> CtlResponse {
+    /// Answers one request line (or defers the answer).
+    pub fn handle_line(&mut self, line: &str) -> Handled {
         let result = CtlRequest::from_line(line).and_then(|req| self.handle(req));
         match result {
-            Ok(response) => response,
+            Ok(handled) => handled,
             Err(e) => {
                 log!("{e}");
-                CtlResponse::failed(&e)
+                Handled::Now(Box::new(CtlResponse::failed(&e)))
             }
         }
     }
 
     /// Carries out one request.
-    pub fn handle(&mut self, req: CtlRequest) -> Result<CtlResponse> {
+    pub fn handle(&mut self, req: CtlRequest) -> Result<Handled> {
+        let now = |r: Result<CtlResponse>| r.map(|r| Handled::Now(Box::new(r)));
         match req {
-            CtlRequest::Attach { minor } => self.attach(minor),
-            CtlRequest::Detach { minor } => self.detach(minor),
+            CtlRequest::Attach { minor } => now(self.attach(minor)),
+            CtlRequest::Detach { minor } => now(self.detach(minor)),
             CtlRequest::Open {
                 minor,
                 params,
                 readonly,
-            } => self.open(minor, &params, readonly),
-            CtlRequest::Close { minor } => self.close(minor),
-            CtlRequest::Pause { minor } | CtlRequest::Unpause { minor } => {
-                self.tap(minor)?;
-                Err(Error::os(
-                    "pause and unpause are not supported yet",
-                    Errno::EOPNOTSUPP,
-                ))
+                recovery,
+                recover,
+            } => {
+                let args = OpenArgs {
+                    params: &params,
+                    readonly,
+                    recovery,
+                    recover,
+                };
+                now(self.open(minor, &args))
             }
-            CtlRequest::Stats { minor } => Ok(CtlResponse {
+            CtlRequest::Close { minor } => now(self.close(minor)),
+            CtlRequest::Pause { minor } => self.pause(minor),
+            CtlRequest::Unpause { minor, params } => now(self.unpause(minor, params.as_deref())),
+            CtlRequest::Stats { minor } => now(Ok(CtlResponse {
                 stats: Some(self.tap(minor)?.stats()),
                 ..CtlResponse::ok()
-            }),
-            CtlRequest::List => Ok(CtlResponse {
+            })),
+            CtlRequest::List => now(Ok(CtlResponse {
                 taps: Some(self.taps.values().map(Tap::entry).collect()),
                 ..CtlResponse::ok()
-            }),
+            })),
         }
     }
 
     fn tap(&self, minor: u32) -> Result<&Tap> {
         self.taps.get(&minor).ok_or_else(|| not_attached(minor))
+    }
+
+    fn tap_mut(&mut self, minor: u32) -> Result<&mut Tap> {
+        self.taps.get_mut(&minor).ok_or_else(|| not_attached(minor))
     }
 
     fn attach(&mut self, minor: u32) -> Result<CtlResponse> {
@@ -61,7 +81,7 @@ impl Daemon {
                 Errno::EEXIST,
             ));
         }
-        let tap = Tap::attach(minor)?;
+        let tap = tap::attach(minor, self.tap_options())?;
         self.taps.insert(minor, tap);
         if let Err(e) = self.watch_tap(minor) {
             self.taps.remove(&minor);
@@ -74,7 +94,7 @@ impl Daemon {
 
     fn detach(&mut self, minor: u32) -> Result<CtlResponse> {
         let tap = self.tap(minor)?;
-        if tap.is_open() {
+        if tap.has_disk() {
             return Err(Error::os(
                 format!("tap {minor} still has an image open: close it first"),
                 Errno::EBUSY,
@@ -85,45 +105,61 @@ impl Daemon {
         Ok(CtlResponse::ok())
     }
 
-    fn open(&mut self, minor: u32, params: &str, readonly: bool) -> Result<CtlResponse> {
-        let tap = self
-            .taps
-            .get_mut(&minor)
-            .ok_or_else(|| not_attached(minor))?;
-        tap.open(params, readonly)?;
-        if let Err(e) = self.watch_backend(minor) {
+    fn open(&mut self, minor: u32, args: &OpenArgs<'_>) -> Result<CtlResponse> {
+        self.tap_mut(minor)?.open(args)?;
+        if let Err(e) = self.sync_backend_watch(minor) {
             // Without completions the disk cannot be served: undo.
             let close = self.taps.get_mut(&minor).map(Tap::close);
             log!("tap {minor}: cannot poll the image ({e}); closed again: {close:?}");
             return Err(Error::os(format!("poll the image of tap {minor}"), e));
         }
-        let ro = if readonly { " read-only" } else { "" };
-        log!("tap {minor}: opened {params}{ro}");
+        let ro = if args.readonly { " read-only" } else { "" };
+        let how = if args.recover {
+            " (recovered: serving the existing disk)"
+        } else if args.recovery {
+            " (with recovery)"
+        } else {
+            ""
+        };
+        log!("tap {minor}: opened {}{ro}{how}", args.params);
         Ok(CtlResponse::ok())
     }
 
     fn close(&mut self, minor: u32) -> Result<CtlResponse> {
-        if !self.tap(minor)?.is_open() {
+        if !self.tap(minor)?.has_disk() {
             return Err(Error::os(
                 format!("tap {minor} has no image open"),
                 Errno::EINVAL,
             ));
         }
-        self.unwatch_backend(minor);
-        let tap = self.taps.get_mut(&minor).expect("checked above");
-        if let Err(e) = tap.close() {
-            // Still open and served.
-            if let Err(w) = self.watch_backend(minor) {
-                log!("tap {minor}: cannot poll the image again: {w}");
-            }
-            return Err(e);
-        }
+        let result = self.tap_mut(minor)?.close();
+        self.after_tap_event(minor);
+        result?;
         log!("tap {minor}: closed");
+        Ok(CtlResponse::ok())
+    }
+
+    fn pause(&mut self, minor: u32) -> Result<Handled> {
+        let paused = self.tap_mut(minor)?.pause()?;
+        if paused {
+            self.after_tap_event(minor);
+            log!("tap {minor}: paused");
+            return Ok(Handled::Now(Box::new(CtlResponse::ok())));
+        }
+        log!("tap {minor}: pausing: waiting for the requests handed out");
+        Ok(Handled::Later(minor))
+    }
+
+    fn unpause(&mut self, minor: u32, params: Option<&str>) -> Result<CtlResponse> {
+        let result = self.tap_mut(minor)?.unpause(params);
+        self.after_tap_event(minor);
+        result?;
+        log!("tap {minor}: resumed");
         Ok(CtlResponse::ok())
     }
 }
 
-fn not_attached(minor: u32) -> Error {
+pub fn not_attached(minor: u32) -> Error {
     Error::os(
         format!(
             "tap {minor} is not attached to tapdisk {}",

@@ -57,6 +57,12 @@ fn answers_requests_and_exits_on_sigterm() {
             minor: 5,
             params: "ram:1M".into(),
             readonly: false,
+            recovery: false,
+            recover: false,
+        },
+        CtlRequest::Unpause {
+            minor: 5,
+            params: None,
         },
     ] {
         let e = client.call(&req).unwrap_err();

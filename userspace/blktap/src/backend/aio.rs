@@ -6,6 +6,11 @@
 //! on an eventfd for the event loop. Short transfers are continued where they stopped; a
 //! transfer that makes no progress (a read at end of file) fails with `EIO`.
 //!
+//! Flushes are `fdatasync` (io_uring `Fsync` with `DATASYNC`); FUA writes are `pwritev2` with
+//! `RWF_DSYNC`; discards punch a hole in a regular file (io_uring `Fallocate` with
+//! `PUNCH_HOLE | KEEP_SIZE`), or are a `BLKDISCARD` ioctl on a block device. A file system
+//! without holes answers `EOPNOTSUPP`, which the server turns into "not supported".
+//!
 //! If an `O_DIRECT` transfer fails with `EFAULT` (buffers the kernel cannot pin, e.g. a ring
 //! mapped as raw page frames) or `EINVAL` (alignment the device does not accept), the image is
 //! reopened without `O_DIRECT` and the transfer, and every later one, goes through the page
@@ -20,16 +25,21 @@ use io_uring::{opcode, types, IoUring};
 use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::{check_range, Backend, Completion, ImageKind, Io};
+use super::{check_range, Backend, Completion, Features, ImageKind, Io};
 use crate::ring::Op;
 use crate::{Error, Result};
 
-/// BLKGETSIZE64, kept private (the macro makes a public function).
+/// BLKGETSIZE64 and BLKDISCARD, kept private (the macros make public functions).
 mod ioctls {
     nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
+    nix::ioctl_write_ptr_bad!(
+        ioctl_blkdiscard,
+        nix::request_code_none!(0x12, 119),
+        [u64; 2]
+    );
 }
 
-use ioctls::ioctl_blkgetsize64;
+use ioctls::{ioctl_blkdiscard, ioctl_blkgetsize64};
 
 /// Submission queue entries: at most 32 requests are in flight per tap, each one entry.
 const QUEUE_DEPTH: u32 = 64;
@@ -83,6 +93,8 @@ pub struct AioBackend {
     size: u64,
     readonly: bool,
     direct: bool,
+    /// The image is a block device (else a regular file).
+    block_device: bool,
     /// In-flight I/Os, indexed by their io_uring `user_data`.
     ops: Vec<Option<Pending>>,
     free: Vec<usize>,
@@ -126,7 +138,7 @@ impl AioBackend {
             ),
             Err(e) => return Err(Error::io("cannot open", path, e)),
         };
-        let size = image_size(&file, path)?;
+        let (size, block_device) = image_size(&file, path)?;
         // No `dontfork()`: tapdisk does not fork once serving, and it needs `madvise`, which
         // small kernels (tinyconfig without ADVISE_SYSCALLS) lack.
         let uring = IoUring::builder()
@@ -147,6 +159,7 @@ impl AioBackend {
             size,
             readonly,
             direct,
+            block_device,
             ops: Vec::new(),
             free: Vec::new(),
             done: Vec::new(),
@@ -211,6 +224,17 @@ impl AioBackend {
         let entry = match p.op {
             Op::Read => opcode::Readv::new(fd, ptr, len).offset(p.offset).build(),
             Op::Write => opcode::Writev::new(fd, ptr, len).offset(p.offset).build(),
+            Op::WriteFua => opcode::Writev::new(fd, ptr, len)
+                .offset(p.offset)
+                .rw_flags(libc::RWF_DSYNC)
+                .build(),
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Op::Discard => opcode::Fallocate::new(fd, p.remaining)
+                .offset(p.offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
         }
         .user_data(token as u64);
         for _ in 0..2 {
@@ -254,6 +278,7 @@ impl AioBackend {
                 return true;
             }
             if matches!(errno, Errno::EFAULT | Errno::EINVAL)
+                && p.op.has_data()
                 && self.direct
                 && self.fall_back_to_buffered(errno)
             {
@@ -261,6 +286,11 @@ impl AioBackend {
                 return true;
             }
             self.complete(token, Err(errno));
+            return false;
+        }
+        if !p.op.has_data() {
+            // A flush or discard is done in one go.
+            self.complete(token, Ok(()));
             return false;
         }
         let n = res as u64;
@@ -311,7 +341,17 @@ impl Backend for AioBackend {
             return;
         }
         let remaining = io.len();
-        if remaining == 0 {
+        if io.op == Op::Discard && self.block_device {
+            let range = [io.offset, remaining];
+            // SAFETY: BLKDISCARD reads two u64s from the pointer, which points at `range`.
+            let result = unsafe { ioctl_blkdiscard(self.file.as_raw_fd(), &range) }.map(drop);
+            self.done.push(Completion {
+                tag: io.tag,
+                result,
+            });
+            return;
+        }
+        if remaining == 0 && io.op.has_data() {
             self.done.push(Completion {
                 tag: io.tag,
                 result: Ok(()),
@@ -379,6 +419,18 @@ impl Backend for AioBackend {
     fn event_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.eventfd.as_fd())
     }
+
+    fn features(&self) -> Features {
+        Features::ALL
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        if self.block_device {
+            return None;
+        }
+        let st = nix::sys::stat::fstat(&self.file).ok()?;
+        Some(st.st_blocks as u64 * 512)
+    }
 }
 
 impl Drop for AioBackend {
@@ -391,20 +443,21 @@ impl Drop for AioBackend {
     }
 }
 
-/// The size in bytes of an image: a regular file's length, or a block device's size.
-fn image_size(file: &File, path: &Path) -> Result<u64> {
+/// The size in bytes of an image (a regular file's length, or a block device's size), and
+/// whether it is a block device.
+fn image_size(file: &File, path: &Path) -> Result<(u64, bool)> {
     let meta = file
         .metadata()
         .map_err(|e| Error::io("cannot stat", path, e))?;
     let ft = meta.file_type();
     if ft.is_file() {
-        Ok(meta.len())
+        Ok((meta.len(), false))
     } else if ft.is_block_device() {
         let mut size = 0u64;
         // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which points at `size`.
         unsafe { ioctl_blkgetsize64(file.as_raw_fd(), &mut size) }
             .map_err(|e| Error::os(format!("get the size of {}", path.display()), e))?;
-        Ok(size)
+        Ok((size, true))
     } else {
         Err(Error::invalid(format!(
             "{}: not a regular file or block device",
@@ -468,6 +521,7 @@ mod tests {
                         iov(p.add(i * 8192), 4096),
                         iov(p.add(i * 8192 + 4096), 2048),
                     ],
+                    discard_len: 0,
                 });
             }
         }
@@ -500,6 +554,7 @@ mod tests {
                 op: Op::Read,
                 offset: 3 * 6144,
                 iov: vec![iov(p.add(40 * 4096), 12288)],
+                discard_len: 0,
             });
         }
         aio.submit().unwrap();
@@ -532,6 +587,7 @@ mod tests {
                 op: Op::Read,
                 offset: 16384,
                 iov: vec![iov(p, 512)],
+                discard_len: 0,
             });
         }
         let mut done = Vec::new();
@@ -558,6 +614,7 @@ mod tests {
                 op: Op::Read,
                 offset: 0,
                 iov: vec![iov(p, 8192), iov(p.add(8192), 8192)],
+                discard_len: 0,
             });
         }
         aio.submit().unwrap();
@@ -577,6 +634,7 @@ mod tests {
                 op: Op::Write,
                 offset: 0,
                 iov: vec![iov(p, 512)],
+                discard_len: 0,
             });
         }
         aio.submit().unwrap();
@@ -606,6 +664,7 @@ mod tests {
                 op: Op::Read,
                 offset: 4096,
                 iov: vec![iov(p.add(1), 100)],
+                discard_len: 0,
             });
         }
         aio.submit().unwrap();
@@ -649,6 +708,7 @@ mod tests {
                 op: Op::Read,
                 offset: 512,
                 iov: vec![iov(p.add(3), 100)],
+                discard_len: 0,
             });
         }
         aio.submit().unwrap();
@@ -701,5 +761,91 @@ mod tests {
         assert_eq!(p.iov[2].iov_len, 4);
         p.advance(4);
         assert_eq!(p.remaining, 0);
+    }
+
+    #[test]
+    fn flush_fua_and_discard_reach_the_file() {
+        let path = scratch("ext", 4 << 20);
+        let mut aio = AioBackend::open(&path, false).unwrap();
+        assert_eq!(aio.features(), Features::ALL);
+        assert_eq!(aio.allocated_bytes(), Some(0), "a sparse file");
+        let buf = Mapping::anonymous(1 << 20).unwrap();
+        let p = buf.as_ptr().as_ptr();
+        // SAFETY: the buffer outlives the I/Os, which `wait_for` waits for.
+        unsafe {
+            std::ptr::write_bytes(p, 0x3c, 1 << 20);
+            aio.queue(Io {
+                tag: 1,
+                op: Op::Write,
+                offset: 0,
+                iov: vec![iov(p, 1 << 20)],
+                discard_len: 0,
+            });
+            aio.queue(Io {
+                tag: 2,
+                op: Op::WriteFua,
+                offset: 2 << 20,
+                iov: vec![iov(p, 1 << 20)],
+                discard_len: 0,
+            });
+        }
+        aio.submit().unwrap();
+        assert!(wait_for(&mut aio, 2).iter().all(|c| c.result.is_ok()));
+        // SAFETY: no buffers.
+        unsafe {
+            aio.queue(Io {
+                tag: 3,
+                op: Op::Flush,
+                offset: 0,
+                iov: vec![],
+                discard_len: 0,
+            });
+        }
+        aio.submit().unwrap();
+        assert_eq!(
+            wait_for(&mut aio, 1),
+            [Completion {
+                tag: 3,
+                result: Ok(())
+            }]
+        );
+        let allocated = aio.allocated_bytes().unwrap();
+        assert!(allocated >= 2 << 20, "{allocated}");
+        // Discard the first MiB (and a range beyond the end, refused).
+        // SAFETY: no buffers.
+        unsafe {
+            aio.queue(Io {
+                tag: 4,
+                op: Op::Discard,
+                offset: 0,
+                iov: vec![],
+                discard_len: 1 << 20,
+            });
+            aio.queue(Io {
+                tag: 5,
+                op: Op::Discard,
+                offset: 4 << 20,
+                iov: vec![],
+                discard_len: 512,
+            });
+        }
+        aio.submit().unwrap();
+        let mut done = wait_for(&mut aio, 2);
+        done.sort_by_key(|c| c.tag);
+        assert_eq!(done[1].result, Err(Errno::EIO));
+        if done[0].result == Err(Errno::EOPNOTSUPP) {
+            // The temporary directory's file system has no holes.
+            std::fs::remove_file(path).unwrap();
+            return;
+        }
+        assert_eq!(done[0].result, Ok(()));
+        let after = aio.allocated_bytes().unwrap();
+        assert!(after + (1 << 20) <= allocated, "{allocated} -> {after}");
+        drop(aio);
+        let content = std::fs::read(&path).unwrap();
+        assert_eq!(content.len(), 4 << 20, "the size is kept");
+        assert!(content[..1 << 20].iter().all(|&b| b == 0));
+        assert!(content[2 << 20..3 << 20].iter().all(|&b| b == 0x3c));
+        std::fs::remove_file(path).unwrap();
     }
 }

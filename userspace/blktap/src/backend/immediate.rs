@@ -5,7 +5,7 @@ use std::os::fd::BorrowedFd;
 
 use nix::errno::Errno;
 
-use super::{Backend, Completion, ImageKind, Io};
+use super::{Backend, Completion, Features, ImageKind, Io};
 use crate::Result;
 
 /// An image whose transfers finish at once.
@@ -22,6 +22,16 @@ pub trait SyncBackend {
     ///
     /// The buffers of `io` must be valid for its operation (the [`Backend::queue`] contract).
     unsafe fn transfer(&mut self, io: &Io) -> Result<(), Errno>;
+
+    /// The operations beyond reads and writes it does.
+    fn features(&self) -> Features {
+        Features::default()
+    }
+
+    /// Bytes of storage the image takes up, when known.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A [`SyncBackend`] as a [`Backend`]: completions wait in a queue until reaped.
@@ -78,5 +88,13 @@ impl<T: SyncBackend> Backend for Synchronous<T> {
 
     fn event_fd(&self) -> Option<BorrowedFd<'_>> {
         None
+    }
+
+    fn features(&self) -> Features {
+        self.inner.features()
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.inner.allocated_bytes()
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! - `aio:/path`: a raw file or block device through io_uring ([`aio`]);
 //! - `ram:SIZE`: an in-memory disk ([`ram`]);
-//! - `null:SIZE`: reads return zeros, writes are dropped ([`null`]).
+//! - `null:SIZE`: reads return zeros, writes are dropped ([`null`]);
+//! - `stall:MS[:SIZE]`: like `null:`, every answer `MS` milliseconds late ([`stall`]).
 //!
 //! A backend takes I/Os whose buffers are raw `iovec`s (into the ring's data pages), and reports
 //! their completions later, so the event loop never blocks on I/O.
@@ -20,24 +21,32 @@ pub mod aio;
 pub mod immediate;
 pub mod null;
 pub mod ram;
+pub mod stall;
 
-/// One I/O: a contiguous range of the image, scattered over `iov`.
+/// One I/O: a contiguous range of the image, scattered over `iov` (a flush has no range, a
+/// discard's length is `discard_len`).
 #[derive(Debug)]
 pub struct Io {
     /// The caller's tag, handed back with the completion.
     pub tag: u64,
-    /// Read from the image into `iov`, or write `iov` to the image.
+    /// Read from the image into `iov`, write `iov` to the image (durably for `WriteFua`), make
+    /// completed writes durable (`Flush`), or forget a range (`Discard`).
     pub op: Op,
     /// Byte offset on the image.
     pub offset: u64,
-    /// The buffers, in image order.
+    /// The buffers, in image order (none for `Flush` and `Discard`).
     pub iov: Vec<libc::iovec>,
+    /// For `Discard`, the length of the range in bytes; 0 otherwise.
+    pub discard_len: u64,
 }
 
 impl Io {
-    /// Total bytes.
+    /// Total bytes of the range.
     pub fn len(&self) -> u64 {
-        self.iov.iter().map(|v| v.iov_len as u64).sum()
+        match self.op {
+            Op::Discard => self.discard_len,
+            _ => self.iov.iter().map(|v| v.iov_len as u64).sum(),
+        }
     }
 
     /// Whether the I/O moves no bytes.
@@ -53,6 +62,37 @@ pub struct Completion {
     pub tag: u64,
     /// `Ok` only if every byte was transferred.
     pub result: Result<(), Errno>,
+}
+
+/// What a backend does beyond reads and writes. An operation it lacks is answered "not
+/// supported" (`-2`), and tapdisk does not ask the kernel for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `Flush`: completed writes are made durable.
+    pub flush: bool,
+    /// `WriteFua`: a write durable when answered.
+    pub fua: bool,
+    /// `Discard`: a range is forgotten (reads back as zeros, space freed where possible).
+    pub discard: bool,
+}
+
+impl Features {
+    /// Everything.
+    pub const ALL: Features = Features {
+        flush: true,
+        fua: true,
+        discard: true,
+    };
+
+    /// Whether the backend does `op`.
+    pub fn supports(self, op: Op) -> bool {
+        match op {
+            Op::Read | Op::Write => true,
+            Op::Flush => self.flush,
+            Op::WriteFua => self.fua,
+            Op::Discard => self.discard,
+        }
+    }
 }
 
 /// An image backend.
@@ -88,6 +128,17 @@ pub trait Backend {
     /// A descriptor that becomes readable when completions are available (none: completions are
     /// available as soon as [`Backend::submit`] returns).
     fn event_fd(&self) -> Option<BorrowedFd<'_>>;
+
+    /// The operations beyond reads and writes it does.
+    fn features(&self) -> Features {
+        Features::default()
+    }
+
+    /// Bytes of storage the image takes up (a file's allocated blocks, a ram disk's allocated
+    /// memory), when known.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The image types.
@@ -99,6 +150,8 @@ pub enum ImageKind {
     Ram,
     /// Zeros, writes dropped.
     Null,
+    /// Zeros, writes dropped, every answer late.
+    Stall,
 }
 
 impl ImageKind {
@@ -108,11 +161,13 @@ impl ImageKind {
             ImageKind::Aio => "aio",
             ImageKind::Ram => "ram",
             ImageKind::Null => "null",
+            ImageKind::Stall => "stall",
         }
     }
 }
 
-/// An image as tap-ctl names it: `type:path` (for `ram` and `null`, `type:SIZE`).
+/// An image as tap-ctl names it: `type:path` (for `ram` and `null`, `type:SIZE`; for `stall`,
+/// `stall:MS[:SIZE]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSpec {
     /// The type.
@@ -132,17 +187,24 @@ impl FromStr for ImageSpec {
             "aio" => ImageKind::Aio,
             "ram" => ImageKind::Ram,
             "null" => ImageKind::Null,
+            "stall" => ImageKind::Stall,
             _ => {
                 return Err(Error::invalid(format!(
-                    "image {s:?}: unknown type {kind:?} (aio, ram, null)"
+                    "image {s:?}: unknown type {kind:?} (aio, ram, null, stall)"
                 )))
             }
         };
         if arg.is_empty() {
             return Err(Error::invalid(format!("image {s:?}: empty path")));
         }
-        if kind != ImageKind::Aio {
-            parse_size(arg)?;
+        match kind {
+            ImageKind::Aio => {}
+            ImageKind::Ram | ImageKind::Null => {
+                parse_size(arg)?;
+            }
+            ImageKind::Stall => {
+                stall::parse_args(arg)?;
+            }
         }
         Ok(Self {
             kind,
@@ -195,6 +257,10 @@ pub fn open(spec: &ImageSpec, readonly: bool) -> Result<Box<dyn Backend>> {
         ImageKind::Null => Box::new(immediate::Synchronous::new(null::NullBackend::new(
             parse_size(&spec.arg)?,
         ))),
+        ImageKind::Stall => {
+            let (delay, size) = stall::parse_args(&spec.arg)?;
+            Box::new(stall::StallBackend::new(delay, size)?)
+        }
     })
 }
 
@@ -223,7 +289,22 @@ mod tests {
             "null:1G".parse::<ImageSpec>().unwrap().kind,
             ImageKind::Null
         );
-        for bad in ["", "aio", "aio:", "vhd:/x", "ram:12", "null:lots"] {
+        let s: ImageSpec = "stall:4000".parse().unwrap();
+        assert_eq!((s.kind, s.arg.as_str()), (ImageKind::Stall, "4000"));
+        assert_eq!(s.to_string(), "stall:4000");
+        assert!("stall:10:1M".parse::<ImageSpec>().is_ok());
+        for bad in [
+            "",
+            "aio",
+            "aio:",
+            "vhd:/x",
+            "ram:12",
+            "null:lots",
+            "stall:",
+            "stall:x",
+            "stall:10:12",
+            "stall:10:1M:3",
+        ] {
             let e = bad.parse::<ImageSpec>().unwrap_err();
             assert_eq!(e.errno(), 22, "{bad}");
         }
@@ -252,9 +333,32 @@ mod tests {
                 iov_base: std::ptr::null_mut(),
                 iov_len: len,
             }],
+            discard_len: 0,
         };
         assert!(check_range(&io(0, 1024), 1024).is_ok());
         assert_eq!(check_range(&io(512, 1024), 1024), Err(Errno::EIO));
         assert_eq!(check_range(&io(u64::MAX, 512), 1024), Err(Errno::EIO));
+        let discard = |offset, len| Io {
+            tag: 0,
+            op: Op::Discard,
+            offset,
+            iov: Vec::new(),
+            discard_len: len,
+        };
+        assert!(check_range(&discard(512, 512), 1024).is_ok());
+        assert_eq!(check_range(&discard(512, 1024), 1024), Err(Errno::EIO));
+        assert_eq!(discard(0, 4096).len(), 4096);
+    }
+
+    #[test]
+    fn features_say_which_ops_are_supported() {
+        let none = Features::default();
+        assert!(none.supports(Op::Read) && none.supports(Op::Write));
+        assert!(!none.supports(Op::Flush) && !none.supports(Op::Discard));
+        assert!(!none.supports(Op::WriteFua));
+        let all = Features::ALL;
+        assert!([Op::Flush, Op::Discard, Op::WriteFua]
+            .iter()
+            .all(|&op| all.supports(op)));
     }
 }

@@ -1,9 +1,10 @@
-//! `null:SIZE`: reads return zeros, writes are dropped. I/O completes as soon as it is queued.
+//! `null:SIZE`: reads return zeros, writes are dropped; flushes, FUA writes and discards are
+//! accepted (and do nothing). I/O completes as soon as it is queued.
 
 use nix::errno::Errno;
 
 use super::immediate::SyncBackend;
-use super::{check_range, ImageKind, Io};
+use super::{check_range, Features, ImageKind, Io};
 use crate::ring::Op;
 
 /// A disk of zeros that forgets what is written to it.
@@ -28,16 +29,30 @@ impl SyncBackend for NullBackend {
         self.size
     }
 
-    /// Zeros the buffers of a read; drops a write.
+    /// Zeros the buffers of a read; drops anything else.
     unsafe fn transfer(&mut self, io: &Io) -> Result<(), Errno> {
         check_range(io, self.size)?;
         if io.op == Op::Read {
-            for v in &io.iov {
-                // SAFETY: the iovec is valid for writes of its length (the `queue` contract).
-                unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
-            }
+            // SAFETY: the iovecs are valid for writes of their lengths (the `queue` contract).
+            unsafe { zero_iovecs(&io.iov) };
         }
         Ok(())
+    }
+
+    fn features(&self) -> Features {
+        Features::ALL
+    }
+}
+
+/// Zeros every buffer of `iov`.
+///
+/// # Safety
+///
+/// Every iovec must be valid for writes of its length.
+pub(crate) unsafe fn zero_iovecs(iov: &[libc::iovec]) {
+    for v in iov {
+        // SAFETY: valid for writes of its length (the caller's contract).
+        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
     }
 }
 
@@ -68,18 +83,21 @@ mod tests {
                 op: Op::Write,
                 offset: 0,
                 iov: w,
+                discard_len: 0,
             });
             null.queue(Io {
                 tag: 8,
                 op: Op::Read,
                 offset: 7168,
                 iov: r,
+                discard_len: 0,
             });
             null.queue(Io {
                 tag: 9,
                 op: Op::Read,
                 offset: 7680,
                 iov: bad,
+                discard_len: 0,
             });
         }
         let mut done = Vec::new();

@@ -13,6 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::server::IoStats;
 use crate::{Error, Result};
 
 /// Where tapdisks put their control sockets, `ctl<pid>`.
@@ -41,21 +42,31 @@ pub enum CtlRequest {
         /// Refuse writes, and create a read-only disk.
         #[serde(default)]
         readonly: bool,
+        /// Create the disk with `RECOVERY` (it outlives this tapdisk).
+        #[serde(default, skip_serializing_if = "is_false")]
+        recovery: bool,
+        /// Take over the tap's existing disk (a new tapdisk after one died): no
+        /// `CREATE_DEVICE`; the image must have the disk's size.
+        #[serde(default, skip_serializing_if = "is_false")]
+        recover: bool,
     },
     /// Remove the tap's disk and close its image.
     Close {
         /// The tap.
         minor: u32,
     },
-    /// Pause the tap (not supported yet: `EOPNOTSUPP`).
+    /// Pause the tap: answered once every request is answered and the image is closed.
     Pause {
         /// The tap.
         minor: u32,
     },
-    /// Resume the tap (not supported yet: `EOPNOTSUPP`).
+    /// Resume a paused tap: open its image again (or `params`, of the same size).
     Unpause {
         /// The tap.
         minor: u32,
+        /// Another image to open, `type:path`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        params: Option<String>,
     },
     /// The tap's I/O counters.
     Stats {
@@ -76,16 +87,23 @@ pub enum TapState {
     Open,
     /// The ring broke the protocol and is no longer served; close and detach it.
     Dead,
+    /// Pausing: no new requests; the ones handed out are being answered.
+    Pausing,
+    /// Paused: the image is closed, the disk kept; requests wait in the kernel.
+    Paused,
 }
 
 impl TapState {
     /// The number `tap-ctl list` prints, after the original tapdisk's state bits: 0 while
-    /// serving, `0x1` (dead), `0x2` (no image: closed).
+    /// serving, `0x1` (dead), `0x2` (no image: closed), `0x10` (pause requested), `0x20`
+    /// (paused).
     pub fn code(self) -> u32 {
         match self {
             TapState::Open => 0,
             TapState::Dead => 0x1,
             TapState::Attached => 0x2,
+            TapState::Pausing => 0x10,
+            TapState::Paused => 0x20,
         }
     }
 }
@@ -120,20 +138,19 @@ pub struct TapStats {
     pub sectors: u64,
     /// Whether the disk is read-only.
     pub readonly: bool,
-    /// Read requests.
-    pub reads: u64,
-    /// Write requests.
-    pub writes: u64,
-    /// Bytes read.
-    pub bytes_read: u64,
-    /// Bytes written.
-    pub bytes_written: u64,
-    /// Requests answered with an error.
-    pub errors: u64,
-    /// Of those, invalid requests.
-    pub invalid: u64,
+    /// The I/O counters (inline: `reads`, `writes`, ...).
+    #[serde(flatten)]
+    pub io: IoStats,
     /// Requests being served.
     pub in_flight: u64,
+    /// Bytes of storage the image takes up (a file's allocated blocks, a ram disk's memory),
+    /// when known.
+    #[serde(default)]
+    pub allocated_bytes: Option<u64>,
+    /// The `CREATE_DEVICE` flags beyond `RO` the disk got (0x4 flush, 0x8 discard, 0x20 FUA,
+    /// 0x40 recovery).
+    #[serde(default)]
+    pub device_flags: u64,
 }
 
 /// A tapdisk's answer.
@@ -215,11 +232,15 @@ impl CtlRequest {
             | CtlRequest::Open { minor, .. }
             | CtlRequest::Close { minor }
             | CtlRequest::Pause { minor }
-            | CtlRequest::Unpause { minor }
+            | CtlRequest::Unpause { minor, .. }
             | CtlRequest::Stats { minor } => Some(minor),
             CtlRequest::List => None,
         }
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[cfg(test)]
@@ -242,8 +263,30 @@ mod tests {
                     minor: 1,
                     params: "aio:/var/tmp/d.img".into(),
                     readonly: true,
+                    recovery: false,
+                    recover: false,
                 },
                 r#"{"op":"open","minor":1,"params":"aio:/var/tmp/d.img","readonly":true}"#,
+            ),
+            (
+                CtlRequest::Open {
+                    minor: 1,
+                    params: "ram:1M".into(),
+                    readonly: false,
+                    recovery: true,
+                    recover: false,
+                },
+                r#"{"op":"open","minor":1,"params":"ram:1M","readonly":false,"recovery":true}"#,
+            ),
+            (
+                CtlRequest::Open {
+                    minor: 1,
+                    params: "ram:1M".into(),
+                    readonly: false,
+                    recovery: false,
+                    recover: true,
+                },
+                r#"{"op":"open","minor":1,"params":"ram:1M","readonly":false,"recover":true}"#,
             ),
             (
                 CtlRequest::Close { minor: 1 },
@@ -254,8 +297,18 @@ mod tests {
                 r#"{"op":"pause","minor":1}"#,
             ),
             (
-                CtlRequest::Unpause { minor: 1 },
+                CtlRequest::Unpause {
+                    minor: 1,
+                    params: None,
+                },
                 r#"{"op":"unpause","minor":1}"#,
+            ),
+            (
+                CtlRequest::Unpause {
+                    minor: 1,
+                    params: Some("aio:/b".into()),
+                },
+                r#"{"op":"unpause","minor":1,"params":"aio:/b"}"#,
             ),
             (
                 CtlRequest::Stats { minor: 9 },
@@ -273,7 +326,9 @@ mod tests {
             CtlRequest::Open {
                 minor: 1,
                 params: "ram:1M".into(),
-                readonly: false
+                readonly: false,
+                recovery: false,
+                recover: false,
             }
         );
         assert_eq!(CtlRequest::List.minor(), None);
@@ -342,12 +397,33 @@ mod tests {
                 image: Some("null:1G".into()),
                 size: 1 << 30,
                 sectors: 1 << 21,
-                reads: 3,
+                io: IoStats {
+                    reads: 3,
+                    flushes: 2,
+                    discarded_bytes: 4096,
+                    retries: 1,
+                    ..Default::default()
+                },
+                allocated_bytes: Some(8192),
                 ..Default::default()
             }),
             ..CtlResponse::ok()
         };
-        let back: CtlResponse = serde_json::from_str(&stats.to_line()).unwrap();
+        let line = stats.to_line();
+        // The counters are flat in the stats object, not nested.
+        for field in [
+            r#""reads":3,"#,
+            r#""flushes":2,"#,
+            r#""discarded_bytes":4096,"#,
+            r#""retries":1,"#,
+            r#""fua_writes":0,"#,
+            r#""discards":0,"#,
+            r#""allocated_bytes":8192"#,
+        ] {
+            assert!(line.contains(field), "{field} in {line}");
+        }
+        assert!(!line.contains("\"io\""), "{line}");
+        let back: CtlResponse = serde_json::from_str(&line).unwrap();
         assert_eq!(back, stats);
         // A failure without an errno still fails, with EIO.
         let bare: CtlResponse = serde_json::from_str(r#"{"ok":false}"#).unwrap();
@@ -359,5 +435,7 @@ mod tests {
         assert_eq!(TapState::Open.code(), 0);
         assert_eq!(TapState::Dead.code(), 1);
         assert_eq!(TapState::Attached.code(), 2);
+        assert_eq!(TapState::Pausing.code(), 0x10);
+        assert_eq!(TapState::Paused.code(), 0x20);
     }
 }

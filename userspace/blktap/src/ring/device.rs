@@ -31,9 +31,35 @@ mod ioctls {
         blktap2_params
     );
     nix::ioctl_write_int_bad!(ioctl_remove_device, abi::IOCTL_REMOVE_DEVICE);
+    nix::ioctl_none_bad!(ioctl_pause, abi::IOCTL_PAUSE);
+    nix::ioctl_none_bad!(ioctl_resume, abi::IOCTL_RESUME);
 }
 
-use ioctls::{ioctl_create_device, ioctl_create_device_compat, ioctl_remove_device, ioctl_respond};
+use ioctls::{
+    ioctl_create_device, ioctl_create_device_compat, ioctl_pause, ioctl_remove_device,
+    ioctl_respond, ioctl_resume,
+};
+
+/// The extension flags of `CREATE_DEVICE` (everything but `RO`).
+pub const EXTENSION_FLAGS: u64 =
+    abi::DEVICE_FLUSH | abi::DEVICE_DISCARD | abi::DEVICE_FUA | abi::DEVICE_RECOVERY;
+
+/// The kernel side of a tap's ring, as a tap needs it: the ring's memory and the ring ioctls,
+/// and what sysfs says about the tap's disk. [`Ring`] is the real one; tests simulate it.
+pub trait RingDevice: RingMemory {
+    /// The tap's minor.
+    fn minor(&self) -> u32;
+    /// `CREATE_DEVICE` with `params` (the kernel's errno on failure).
+    fn create_device(&self, params: &DiskParams) -> Result<()>;
+    /// `REMOVE_DEVICE`.
+    fn remove_device(&self) -> Result<()>;
+    /// `PAUSE`: no new requests are handed to the ring.
+    fn pause(&self) -> Result<()>;
+    /// `RESUME`: requests flow again.
+    fn resume(&self) -> Result<()>;
+    /// The capacity in sectors of the tap's disk, if it has one (for recovery).
+    fn existing_disk(&self) -> Result<Option<u64>>;
+}
 
 /// The disk to create on a tap.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +74,8 @@ pub struct DiskParams {
     pub readonly: bool,
     /// A name for the disk (the image, `type:path`); only the compat ioctl carries it.
     pub name: String,
+    /// Extension flags ([`EXTENSION_FLAGS`]); the compat ioctl carries none.
+    pub flags: u64,
 }
 
 impl DiskParams {
@@ -59,6 +87,7 @@ impl DiskParams {
             physical_sector_size: 512,
             readonly,
             name: name.into(),
+            flags: 0,
         }
     }
 
@@ -68,7 +97,7 @@ impl DiskParams {
             capacity: self.capacity,
             sector_size: self.sector_size,
             physical_sector_size: self.physical_sector_size,
-            flags: if self.readonly { abi::DEVICE_RO } else { 0 },
+            flags: (if self.readonly { abi::DEVICE_RO } else { 0 }) | self.flags,
             ..Default::default()
         }
     }
@@ -158,14 +187,14 @@ impl Ring {
     }
 
     /// Creates the tap's disk (`CREATE_DEVICE`, or `CREATE_DEVICE_COMPAT` on kernels that do
-    /// not know it).
+    /// not know it, unless extension flags are asked for: then `ENOTTY`).
     pub fn create_device(&self, params: &DiskParams) -> Result<()> {
         let info = params.device_info();
         let fd = self.file.as_raw_fd();
         // SAFETY: `info` is a valid `blktap_device_info` the kernel only reads.
         match unsafe { ioctl_create_device(fd, &info) } {
             Ok(_) => return Ok(()),
-            Err(Errno::ENOTTY) => {}
+            Err(Errno::ENOTTY) if params.flags == 0 => {}
             Err(e) => {
                 return Err(Error::ioctl(
                     format!("create the disk of tap {}", self.minor),
@@ -202,6 +231,22 @@ impl Ring {
         Ok(())
     }
 
+    /// `PAUSE`: the disk stops handing new requests to the ring (`ENODEV` without a disk).
+    pub fn pause(&self) -> Result<()> {
+        // SAFETY: PAUSE takes no argument.
+        unsafe { ioctl_pause(self.file.as_raw_fd()) }
+            .map_err(|e| Error::ioctl(format!("pause tap {}", self.minor), e))?;
+        Ok(())
+    }
+
+    /// `RESUME`: requests flow to the ring again.
+    pub fn resume(&self) -> Result<()> {
+        // SAFETY: RESUME takes no argument.
+        unsafe { ioctl_resume(self.file.as_raw_fd()) }
+            .map_err(|e| Error::ioctl(format!("resume tap {}", self.minor), e))?;
+        Ok(())
+    }
+
     /// Tells the kernel that responses are in the ring (`RESPOND`).
     pub fn respond(&self) -> Result<()> {
         // SAFETY: RESPOND ignores its argument and touches no memory of ours.
@@ -220,6 +265,58 @@ unsafe impl RingMemory for Ring {
 
     fn kick(&self) -> Result<()> {
         self.respond()
+    }
+}
+
+impl<D: RingDevice + ?Sized> RingDevice for std::rc::Rc<D> {
+    fn minor(&self) -> u32 {
+        (**self).minor()
+    }
+
+    fn create_device(&self, params: &DiskParams) -> Result<()> {
+        (**self).create_device(params)
+    }
+
+    fn remove_device(&self) -> Result<()> {
+        (**self).remove_device()
+    }
+
+    fn pause(&self) -> Result<()> {
+        (**self).pause()
+    }
+
+    fn resume(&self) -> Result<()> {
+        (**self).resume()
+    }
+
+    fn existing_disk(&self) -> Result<Option<u64>> {
+        (**self).existing_disk()
+    }
+}
+
+impl RingDevice for Ring {
+    fn minor(&self) -> u32 {
+        self.minor
+    }
+
+    fn create_device(&self, params: &DiskParams) -> Result<()> {
+        Ring::create_device(self, params)
+    }
+
+    fn remove_device(&self) -> Result<()> {
+        Ring::remove_device(self)
+    }
+
+    fn pause(&self) -> Result<()> {
+        Ring::pause(self)
+    }
+
+    fn resume(&self) -> Result<()> {
+        Ring::resume(self)
+    }
+
+    fn existing_disk(&self) -> Result<Option<u64>> {
+        sysfs::disk_capacity(self.minor)
     }
 }
 
@@ -258,6 +355,9 @@ mod tests {
         assert_eq!(long.name[254] as u8, b'x');
         assert_eq!(long.name[255], 0);
         assert_eq!(DiskParams::new(1, false, "").device_info().flags, 0);
+        let mut ext = DiskParams::new(1, true, "");
+        ext.flags = abi::DEVICE_FLUSH | abi::DEVICE_FUA | abi::DEVICE_RECOVERY;
+        assert_eq!(ext.device_info().flags, 0x1 | 0x4 | 0x20 | 0x40);
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub const MAP_SIZE: usize = abi::MMAP_PAGES * PAGE_SIZE;
 pub const ENTRY_SIZE: usize = size_of::<blktap_ring_entry>();
 /// Value of the header's `msg` byte by which the kernel asks tapdisk to shut the tap down.
 pub const RING_MESSAGE_CLOSE: u8 = abi::RING_MESSAGE_CLOSE;
+/// Value of the `msg` byte by which the kernel asks tapdisk to pause the tap.
+pub const RING_MESSAGE_PAUSE: u8 = abi::RING_MESSAGE_PAUSE;
+/// Value of the `msg` byte by which the kernel asks tapdisk to resume the tap.
+pub const RING_MESSAGE_RESUME: u8 = abi::RING_MESSAGE_RESUME;
 
 const REQ_PROD: usize = offset_of!(blktap_sring, req_prod);
 const RSP_PROD: usize = offset_of!(blktap_sring, rsp_prod);
@@ -163,6 +167,15 @@ impl<'a> SharedRing<'a> {
             self.entry(index)
                 .cast::<blktap_response>()
                 .write_volatile(*rsp)
+        }
+    }
+
+    /// Zeros the ring page (header and entries), as the kernel does when a recovering tapdisk
+    /// maps the ring. For simulations and tests.
+    pub fn clear(&self) {
+        for i in 0..PAGE_SIZE {
+            // SAFETY: i < PAGE_SIZE, inside the ring page.
+            unsafe { self.base.as_ptr().add(i).write_volatile(0) }
         }
     }
 

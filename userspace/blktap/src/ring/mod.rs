@@ -14,9 +14,10 @@ pub mod memory;
 pub mod protocol;
 pub mod request;
 
-pub use device::{DiskParams, Ring};
+pub use device::{DiskParams, Ring, RingDevice, EXTENSION_FLAGS};
 pub use memory::{
     AnonRing, RingMemory, SharedRing, ENTRY_SIZE, MAP_SIZE, PAGE_SIZE, RING_MESSAGE_CLOSE,
+    RING_MESSAGE_PAUSE, RING_MESSAGE_RESUME,
 };
 pub use protocol::{BackRing, NoRequest, RingCorrupt};
-pub use request::{validate, Invalid, Op, Request, Segment, SECTOR_SIZE};
+pub use request::{discard_view, validate, Invalid, Op, Request, Segment, SECTOR_SIZE};

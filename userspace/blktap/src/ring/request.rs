@@ -1,6 +1,6 @@
 //! Requests: validating the copy of a ring entry before anything is done with it.
 
-use blktap_abi::{self as abi, blktap_request};
+use blktap_abi::{self as abi, blktap_request, blktap_request_discard};
 
 /// Bytes per sector of the ring protocol (`sector_number`, `first_sect`, `last_sect`).
 pub const SECTOR_SIZE: u64 = 512;
@@ -14,6 +14,12 @@ pub enum Op {
     Read,
     /// Write the data pages to the image.
     Write,
+    /// Make every completed write durable (extension; no segments).
+    Flush,
+    /// Forget a range of the image (extension; no segments, the range in `nr_sectors`).
+    Discard,
+    /// Write the data pages to the image, durably before the answer (extension).
+    WriteFua,
 }
 
 impl Op {
@@ -22,6 +28,9 @@ impl Op {
         match code {
             abi::OP_READ => Some(Op::Read),
             abi::OP_WRITE => Some(Op::Write),
+            abi::OP_FLUSH => Some(Op::Flush),
+            abi::OP_DISCARD => Some(Op::Discard),
+            abi::OP_WRITE_FUA => Some(Op::WriteFua),
             _ => None,
         }
     }
@@ -31,7 +40,20 @@ impl Op {
         match self {
             Op::Read => abi::OP_READ,
             Op::Write => abi::OP_WRITE,
+            Op::Flush => abi::OP_FLUSH,
+            Op::Discard => abi::OP_DISCARD,
+            Op::WriteFua => abi::OP_WRITE_FUA,
         }
+    }
+
+    /// Whether the operation moves data between the image and the data pages.
+    pub fn has_data(self) -> bool {
+        matches!(self, Op::Read | Op::Write | Op::WriteFua)
+    }
+
+    /// Whether the operation changes the image.
+    pub fn writes(self) -> bool {
+        matches!(self, Op::Write | Op::WriteFua | Op::Discard)
     }
 }
 
@@ -77,6 +99,8 @@ pub struct Request {
     pub sector: u64,
     nr_segments: usize,
     segments: [Segment; abi::SEGMENT_MAX],
+    /// For a discard, its length in sectors.
+    discard_sectors: u64,
 }
 
 impl Request {
@@ -85,9 +109,12 @@ impl Request {
         &self.segments[..self.nr_segments]
     }
 
-    /// Total sectors the request covers.
+    /// Total sectors the request covers (a discard's range; 0 for a flush).
     pub fn sectors(&self) -> u64 {
-        self.segments().iter().map(|s| s.sectors()).sum()
+        match self.op {
+            Op::Discard => self.discard_sectors,
+            _ => self.segments().iter().map(|s| s.sectors()).sum(),
+        }
     }
 
     /// Total bytes the request covers.
@@ -107,12 +134,15 @@ pub enum Invalid {
     /// The id does not name a data slot.
     #[error("id {0} is not a data slot (0..{max})", max = abi::RING_SIZE)]
     BadId(u64),
-    /// The operation is not READ or WRITE.
+    /// The operation is none of READ, WRITE, FLUSH, DISCARD, WRITE_FUA.
     #[error("unknown operation {0}")]
     UnknownOp(u8),
-    /// Zero segments, or more than 11.
-    #[error("{0} segments (1..={max})", max = abi::SEGMENT_MAX)]
+    /// Zero segments, or more than 11, for a transfer; any segment for a flush or discard.
+    #[error("{0} segments (1..={max} for a transfer, 0 for a flush or discard)", max = abi::SEGMENT_MAX)]
     BadSegmentCount(u8),
+    /// A discard of no sectors, or of more than `BLKTAP_DISCARD_MAX_SECTORS`.
+    #[error("discard of {0} sectors (1..={max})", max = abi::DISCARD_MAX_SECTORS)]
+    BadDiscard(u64),
     /// A segment's sectors are out of the page or reversed.
     #[error("segment {index}: sectors {first}..={last} (0..=7, first <= last)")]
     BadSegment {
@@ -145,6 +175,19 @@ impl Invalid {
     }
 }
 
+/// The discard view of a request entry (`struct blktap_request_discard`, its first 32 bytes).
+pub fn discard_view(raw: &blktap_request) -> blktap_request_discard {
+    const _: () = assert!(
+        std::mem::size_of::<blktap_request_discard>() <= std::mem::size_of::<blktap_request>()
+    );
+    const _: () = assert!(
+        std::mem::align_of::<blktap_request_discard>() <= std::mem::align_of::<blktap_request>()
+    );
+    // SAFETY: both are plain integer structs; the discard layout is a prefix of the request's
+    // 112 bytes (checked above) with no stricter alignment, and every bit pattern is valid.
+    unsafe { std::ptr::read((raw as *const blktap_request).cast::<blktap_request_discard>()) }
+}
+
 /// Validates the copy `raw` of a ring entry for an image of `capacity` sectors.
 pub fn validate(raw: &blktap_request, capacity: u64) -> Result<Request, Invalid> {
     let slot = usize::try_from(raw.id)
@@ -153,30 +196,47 @@ pub fn validate(raw: &blktap_request, capacity: u64) -> Result<Request, Invalid>
         .ok_or(Invalid::BadId(raw.id))?;
     let op = Op::from_code(raw.operation).ok_or(Invalid::UnknownOp(raw.operation))?;
     let nr_segments = usize::from(raw.nr_segments);
-    if !(1..=abi::SEGMENT_MAX).contains(&nr_segments) {
-        return Err(Invalid::BadSegmentCount(raw.nr_segments));
-    }
-    let mut segments = [Segment::default(); abi::SEGMENT_MAX];
-    for (index, (seg, raw_seg)) in segments.iter_mut().zip(&raw.seg).enumerate() {
-        if index == nr_segments {
-            break;
-        }
-        let (first, last) = (raw_seg.first_sect, raw_seg.last_sect);
-        if first > last || last >= SECTORS_PER_PAGE {
-            return Err(Invalid::BadSegment { index, first, last });
-        }
-        *seg = Segment {
-            first_sect: first,
-            last_sect: last,
-        };
-    }
-    let request = Request {
+    let mut request = Request {
         op,
         slot,
         sector: raw.sector_number,
-        nr_segments,
-        segments,
+        nr_segments: 0,
+        segments: [Segment::default(); abi::SEGMENT_MAX],
+        discard_sectors: 0,
     };
+    if !op.has_data() {
+        if nr_segments != 0 {
+            return Err(Invalid::BadSegmentCount(raw.nr_segments));
+        }
+        if op == Op::Flush {
+            // A flush names no range: its sector number is not used.
+            request.sector = 0;
+            return Ok(request);
+        }
+        let n = discard_view(raw).nr_sectors;
+        if !(1..=abi::DISCARD_MAX_SECTORS).contains(&n) {
+            return Err(Invalid::BadDiscard(n));
+        }
+        request.discard_sectors = n;
+    } else {
+        if !(1..=abi::SEGMENT_MAX).contains(&nr_segments) {
+            return Err(Invalid::BadSegmentCount(raw.nr_segments));
+        }
+        for (index, (seg, raw_seg)) in request.segments.iter_mut().zip(&raw.seg).enumerate() {
+            if index == nr_segments {
+                break;
+            }
+            let (first, last) = (raw_seg.first_sect, raw_seg.last_sect);
+            if first > last || last >= SECTORS_PER_PAGE {
+                return Err(Invalid::BadSegment { index, first, last });
+            }
+            *seg = Segment {
+                first_sect: first,
+                last_sect: last,
+            };
+        }
+        request.nr_segments = nr_segments;
+    }
     let count = request.sectors();
     let in_range = raw
         .sector_number
@@ -243,6 +303,10 @@ mod tests {
             Err(Invalid::UnknownOp(9))
         );
         assert_eq!(
+            validate(&raw(5, 0, 0, &[(0, 7)]), cap),
+            Err(Invalid::UnknownOp(5))
+        );
+        assert_eq!(
             validate(&raw(0, 0, 0, &[]), cap),
             Err(Invalid::BadSegmentCount(0))
         );
@@ -279,7 +343,8 @@ mod tests {
 
     #[test]
     fn unknown_ops_are_not_supported_and_the_rest_are_errors() {
-        assert_eq!(Invalid::UnknownOp(2).status(), -2);
+        assert_eq!(Invalid::UnknownOp(5).status(), -2);
+        assert_eq!(Invalid::BadDiscard(0).status(), -1);
         assert_eq!(Invalid::BadId(99).status(), -1);
         assert_eq!(Invalid::BadSegmentCount(0).status(), -1);
     }
@@ -290,5 +355,91 @@ mod tests {
         r.seg[1].first_sect = 200;
         r.seg[1].last_sect = 1;
         assert_eq!(validate(&r, 8).unwrap().sectors(), 8);
+    }
+
+    fn discard(id: u64, sector: u64, n: u64) -> blktap_request {
+        let d = blktap_request_discard {
+            operation: abi::OP_DISCARD,
+            id,
+            sector_number: sector,
+            nr_sectors: n,
+            ..Default::default()
+        };
+        let mut r = blktap_request::default();
+        // SAFETY: the discard layout is a prefix of the request's, both plain integers.
+        unsafe { std::ptr::write((&mut r as *mut blktap_request).cast(), d) };
+        r
+    }
+
+    #[test]
+    fn flushes_carry_no_segments_and_no_range() {
+        let r = validate(&raw(abi::OP_FLUSH, 4, 12345, &[]), 100).unwrap();
+        assert_eq!((r.op, r.slot, r.sectors(), r.sector), (Op::Flush, 4, 0, 0));
+        assert!(r.segments().is_empty());
+        assert_eq!(
+            validate(&raw(abi::OP_FLUSH, 4, 0, &[(0, 7)]), 100),
+            Err(Invalid::BadSegmentCount(1))
+        );
+        assert_eq!(
+            validate(&raw(abi::OP_FLUSH, 40, 0, &[]), 100),
+            Err(Invalid::BadId(40))
+        );
+    }
+
+    #[test]
+    fn discards_are_bounded_by_the_image_and_the_maximum() {
+        let cap = 1 << 22;
+        let r = validate(&discard(3, 8, 2048), cap).unwrap();
+        assert_eq!(
+            (r.op, r.slot, r.sector, r.sectors()),
+            (Op::Discard, 3, 8, 2048)
+        );
+        assert_eq!(r.bytes(), 1 << 20);
+        assert_eq!(r.offset(), 4096);
+        assert!(r.segments().is_empty());
+        // The largest discard, up to the end of the image.
+        let max = abi::DISCARD_MAX_SECTORS;
+        assert!(validate(&discard(0, cap - max, max), cap).is_ok());
+        assert!(matches!(
+            validate(&discard(0, cap - max + 1, max), cap),
+            Err(Invalid::OutOfRange { .. })
+        ));
+        assert_eq!(
+            validate(&discard(0, 0, 0), cap),
+            Err(Invalid::BadDiscard(0))
+        );
+        assert_eq!(
+            validate(&discard(0, 0, max + 1), cap),
+            Err(Invalid::BadDiscard(max + 1))
+        );
+        assert_eq!(
+            validate(&discard(0, 0, u64::MAX), cap),
+            Err(Invalid::BadDiscard(u64::MAX))
+        );
+        assert!(matches!(
+            validate(&discard(0, u64::MAX - 1, 8), cap),
+            Err(Invalid::OutOfRange { .. })
+        ));
+        let mut segs = discard(0, 0, 8);
+        segs.nr_segments = 1;
+        assert_eq!(validate(&segs, cap), Err(Invalid::BadSegmentCount(1)));
+    }
+
+    #[test]
+    fn fua_writes_are_writes_with_segments() {
+        let r = validate(&raw(abi::OP_WRITE_FUA, 1, 0, &[(0, 7), (0, 3)]), 100).unwrap();
+        assert_eq!((r.op, r.sectors()), (Op::WriteFua, 12));
+        assert!(r.op.writes() && r.op.has_data());
+        assert_eq!(
+            validate(&raw(abi::OP_WRITE_FUA, 1, 0, &[]), 100),
+            Err(Invalid::BadSegmentCount(0))
+        );
+        assert!(matches!(
+            validate(&raw(abi::OP_WRITE_FUA, 1, 99, &[(0, 7)]), 100),
+            Err(Invalid::OutOfRange { .. })
+        ));
+        for op in [Op::Read, Op::Write, Op::Flush, Op::Discard, Op::WriteFua] {
+            assert_eq!(Op::from_code(op.code()), Some(op));
+        }
     }
 }

@@ -7,12 +7,22 @@
 //! batches: one `rsp_prod` store and one kick per batch. A ring whose producer index runs ahead
 //! of what it may, or that reuses a data slot still in flight, is faulty: the tap is no longer
 //! served (its in-flight I/O still completes, so the data pages are left alone after that).
+//!
+//! Flushes, FUA writes and discards go to the backend if it does them, and are answered `-2`
+//! otherwise. A request that fails with an error that may pass (`EIO`, `EAGAIN`, `EINTR`,
+//! `ENOMEM`, `EBUSY`) is tried again, after 10 ms, then twice as long each time (at most 1 s),
+//! until its deadline ([`ServerOptions::deadline`], from when it was taken from the ring); if it
+//! still fails then, it is answered `-1`. The retries are timers: [`Server::next_wakeup`] says
+//! when, [`Server::run_timers`] runs them.
 
 use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
 
 use blktap_abi::{self as abi, blktap_request, blktap_response};
+use nix::errno::Errno;
+use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, Completion, Io};
+use crate::backend::{Backend, Completion, Features, Io};
 use crate::ring::{
     validate, BackRing, Invalid, Op, Request, RingCorrupt, RingMemory, RING_MESSAGE_CLOSE,
     SECTOR_SIZE,
@@ -20,9 +30,17 @@ use crate::ring::{
 use crate::{Error, Result};
 
 #[cfg(test)]
-mod sim;
+pub(crate) mod sim;
 #[cfg(test)]
 mod tests;
+
+/// How long a request may take, retries included, unless told otherwise (the original
+/// tapdisk's deadline).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+/// The first wait before trying a failed request again.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest wait between two tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How many invalid requests are logged; the rest are only counted.
 const LOGGED_INVALID: u64 = 16;
@@ -51,21 +69,64 @@ pub enum ServeError {
     Sys(#[from] Error),
 }
 
-/// I/O counters of a tap.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// I/O counters of a tap (also the counters of the control protocol's `stats` answer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct IoStats {
     /// Read requests started.
     pub reads: u64,
-    /// Write requests started.
+    /// Write requests started (without FUA).
     pub writes: u64,
+    /// FUA write requests started.
+    pub fua_writes: u64,
+    /// Flush requests started.
+    pub flushes: u64,
+    /// Discard requests started.
+    pub discards: u64,
     /// Bytes read successfully.
     pub bytes_read: u64,
-    /// Bytes written successfully.
+    /// Bytes written successfully (FUA writes included).
     pub bytes_written: u64,
+    /// Bytes discarded successfully.
+    pub discarded_bytes: u64,
     /// Requests answered with an error (invalid, refused, or failed).
     pub errors: u64,
     /// Of those, requests that were invalid.
     pub invalid: u64,
+    /// Requests answered "not supported" (`-2`): an operation the image does not do.
+    pub unsupported: u64,
+    /// Times a failed request was tried again.
+    pub retries: u64,
+}
+
+/// How a server treats its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// How long a request may take, retries included, before it is answered `-1`.
+    pub deadline: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            deadline: DEFAULT_DEADLINE,
+        }
+    }
+}
+
+/// Whether a failure may pass, so that trying again makes sense.
+pub fn is_transient(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::EIO | Errno::EAGAIN | Errno::EINTR | Errno::ENOMEM | Errno::EBUSY
+    )
+}
+
+/// The wait before try number `attempt + 1` (after `attempt` failures, from 1).
+pub fn backoff(attempt: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
 }
 
 /// The capacity in 512-byte sectors of a disk served from `backend`; an image smaller than one
@@ -80,11 +141,16 @@ pub fn disk_sectors(backend: &dyn Backend) -> Result<u64> {
     }
 }
 
-/// A request handed to the backend.
+/// A request handed to the backend (or waiting to be tried again).
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
-    op: Op,
-    bytes: u64,
+    req: Request,
+    /// When it was taken from the ring.
+    started: Instant,
+    /// Failed tries so far.
+    failures: u32,
+    /// When to try again, while waiting for that.
+    retry_at: Option<Instant>,
 }
 
 /// Serves the ring in memory `M` from an image backend.
@@ -96,6 +162,9 @@ pub struct Server<M: RingMemory> {
     image: String,
     capacity: u64,
     readonly: bool,
+    options: ServerOptions,
+    features: Features,
+    device_flags: u64,
     in_flight: [Option<InFlight>; abi::RING_SIZE],
     stats: IoStats,
     fault: Option<RingFault>,
@@ -108,13 +177,28 @@ impl<M: RingMemory> Server<M> {
     /// messages). The disk has the backend's size, rounded down to whole sectors (see
     /// [`disk_sectors`]).
     pub fn new(memory: M, backend: Box<dyn Backend>, image: String, readonly: bool) -> Self {
+        Self::with_options(memory, backend, image, readonly, ServerOptions::default())
+    }
+
+    /// As [`Server::new`], with `options`.
+    pub fn with_options(
+        memory: M,
+        backend: Box<dyn Backend>,
+        image: String,
+        readonly: bool,
+        options: ServerOptions,
+    ) -> Self {
         let capacity = backend.size() / SECTOR_SIZE;
+        let features = backend.features();
         Self {
             backend,
             ring: BackRing::new(memory),
             image,
             capacity,
             readonly,
+            options,
+            features,
+            device_flags: 0,
             in_flight: [None; abi::RING_SIZE],
             stats: IoStats::default(),
             fault: None,
@@ -148,9 +232,88 @@ impl<M: RingMemory> Server<M> {
         self.stats
     }
 
-    /// Requests handed to the backend and not answered yet.
+    /// Starts the counters from `stats` (carried over from an earlier image of the same tap).
+    pub fn set_stats(&mut self, stats: IoStats) {
+        self.stats = stats;
+    }
+
+    /// The options.
+    pub fn options(&self) -> ServerOptions {
+        self.options
+    }
+
+    /// What the backend does beyond reads and writes.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// The flags the disk was created with (for reports).
+    pub fn device_flags(&self) -> u64 {
+        self.device_flags
+    }
+
+    /// Records the flags the disk was created with.
+    pub fn set_device_flags(&mut self, flags: u64) {
+        self.device_flags = flags;
+    }
+
+    /// Bytes of storage the image takes up, when the backend knows.
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        self.backend.allocated_bytes()
+    }
+
+    /// Requests handed to the backend, or waiting to be tried again, and not answered yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Whether every request the ring has published was taken and answered (and published),
+    /// and the backend has no I/O left: nothing of this server's is pending any more.
+    pub fn idle(&self) -> bool {
+        self.fault.is_none()
+            && self.ring.shared().req_prod() == self.ring.req_cons()
+            && self.ring.outstanding() == 0
+            && self.ring.unpublished() == 0
+            && self.in_flight() == 0
+            && self.backend.in_flight() == 0
+    }
+
+    /// The header's message byte.
+    pub fn msg(&self) -> u8 {
+        self.ring.msg()
+    }
+
+    /// When the next retry is due, if one is waiting.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.in_flight
+            .iter()
+            .flatten()
+            .filter_map(|f| f.retry_at)
+            .min()
+    }
+
+    /// Tries again the requests whose retry is due, and answers what has completed.
+    pub fn run_timers(&mut self) -> Result<(), ServeError> {
+        self.retry_due(Instant::now());
+        let submitted = self.backend.submit();
+        self.collect()?;
+        submitted?;
+        Ok(())
+    }
+
+    fn retry_due(&mut self, now: Instant) {
+        for slot in 0..abi::RING_SIZE {
+            let due = self.in_flight[slot]
+                .as_ref()
+                .and_then(|f| f.retry_at)
+                .is_some_and(|at| at <= now);
+            if due && self.fault.is_none() {
+                if let Some(f) = self.in_flight[slot].as_mut() {
+                    f.retry_at = None;
+                }
+                self.queue_io(slot);
+            }
+        }
     }
 
     /// The protocol violation that stopped serving, if any.
@@ -203,17 +366,28 @@ impl<M: RingMemory> Server<M> {
         self.collect()
     }
 
-    /// Waits for every I/O in flight and answers it.
+    /// Waits for every I/O in flight and answers it, trying failed requests again until their
+    /// deadline (this blocks meanwhile).
     pub fn drain(&mut self) -> Result<(), ServeError> {
-        let mut completions = std::mem::take(&mut self.completions);
-        let drained = self.backend.drain(&mut completions);
-        for c in completions.drain(..) {
-            self.finish(c);
+        loop {
+            let mut completions = std::mem::take(&mut self.completions);
+            let drained = self.backend.drain(&mut completions);
+            for c in completions.drain(..) {
+                self.finish(c);
+            }
+            self.completions = completions;
+            self.publish()?;
+            drained?;
+            let Some(at) = self.next_wakeup() else {
+                return Ok(());
+            };
+            if self.fault.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            self.retry_due(Instant::now());
+            self.backend.submit()?;
         }
-        self.completions = completions;
-        self.publish()?;
-        drained?;
-        Ok(())
     }
 
     /// Stops serving: waits for the I/O in flight, answers it, drops the backend, and gives the
@@ -237,27 +411,58 @@ impl<M: RingMemory> Server<M> {
             self.fault = Some(RingFault::SlotBusy(req.slot));
             return;
         }
-        if self.readonly && req.op == Op::Write {
+        if !self.features.supports(req.op) {
+            self.stats.unsupported += 1;
+            return self.respond(raw.id, raw.operation, abi::RSP_EOPNOTSUPP);
+        }
+        if self.readonly && req.op.writes() {
             self.stats.errors += 1;
             return self.respond(raw.id, raw.operation, abi::RSP_ERROR);
         }
-        let Some(iov) = self.iovecs(&req) else {
-            self.stats.errors += 1;
-            return self.respond(raw.id, raw.operation, abi::RSP_ERROR);
-        };
         match req.op {
             Op::Read => self.stats.reads += 1,
             Op::Write => self.stats.writes += 1,
+            Op::WriteFua => self.stats.fua_writes += 1,
+            Op::Flush => self.stats.flushes += 1,
+            Op::Discard => self.stats.discards += 1,
         }
         self.in_flight[req.slot] = Some(InFlight {
-            op: req.op,
-            bytes: req.bytes(),
+            req,
+            started: Instant::now(),
+            failures: 0,
+            retry_at: None,
         });
+        self.queue_io(req.slot);
+    }
+
+    /// Hands the request in flight in `slot` to the backend (again).
+    fn queue_io(&mut self, slot: usize) {
+        let Some(req) = self.in_flight[slot].as_ref().map(|f| f.req) else {
+            return;
+        };
+        let iov = if req.op.has_data() {
+            match self.iovecs(&req) {
+                Some(iov) => iov,
+                None => {
+                    // Unreachable for a validated request: answer it anyway.
+                    self.in_flight[slot] = None;
+                    self.stats.errors += 1;
+                    return self.respond(slot as u64, req.op.code(), abi::RSP_ERROR);
+                }
+            }
+        } else {
+            Vec::new()
+        };
         let io = Io {
-            tag: req.slot as u64,
+            tag: slot as u64,
             op: req.op,
             offset: req.offset(),
             iov,
+            discard_len: if req.op == Op::Discard {
+                req.bytes()
+            } else {
+                0
+            },
         };
         // SAFETY: the buffers are inside the request's data pages (bounds-checked by
         // `data_page` and `validate`), in the ring memory this server owns. That memory outlives
@@ -313,30 +518,50 @@ impl<M: RingMemory> Server<M> {
 
     fn finish(&mut self, c: Completion) {
         let slot = c.tag as usize;
-        let Some(done) = self.in_flight.get_mut(slot).and_then(Option::take) else {
+        let Some(done) = self.in_flight.get_mut(slot).and_then(|f| f.as_mut()) else {
             eprintln!("blktap: {}: completion for idle slot {slot}", self.image);
             return;
         };
+        let op = done.req.op;
         let status = match c.result {
             Ok(()) => {
-                match done.op {
-                    Op::Read => self.stats.bytes_read += done.bytes,
-                    Op::Write => self.stats.bytes_written += done.bytes,
+                let bytes = done.req.bytes();
+                match op {
+                    Op::Read => self.stats.bytes_read += bytes,
+                    Op::Write | Op::WriteFua => self.stats.bytes_written += bytes,
+                    Op::Discard => self.stats.discarded_bytes += bytes,
+                    Op::Flush => {}
                 }
                 abi::RSP_OKAY
             }
+            Err(Errno::EOPNOTSUPP) => {
+                self.stats.unsupported += 1;
+                abi::RSP_EOPNOTSUPP
+            }
             Err(e) => {
+                let now = Instant::now();
+                let deadline = done.started + self.options.deadline;
+                if is_transient(e) && now < deadline {
+                    done.failures += 1;
+                    done.retry_at = Some((now + backoff(done.failures)).min(deadline));
+                    self.stats.retries += 1;
+                    if self.stats.retries <= LOGGED_FAILURES {
+                        eprintln!(
+                            "blktap: {}: {op:?} of slot {slot} failed: {e}; trying again",
+                            self.image
+                        );
+                    }
+                    return;
+                }
                 self.stats.errors += 1;
                 if self.stats.errors - self.stats.invalid <= LOGGED_FAILURES {
-                    eprintln!(
-                        "blktap: {}: {:?} of slot {slot} failed: {e}",
-                        self.image, done.op
-                    );
+                    eprintln!("blktap: {}: {op:?} of slot {slot} failed: {e}", self.image);
                 }
                 abi::RSP_ERROR
             }
         };
-        self.respond(slot as u64, done.op.code(), status);
+        self.in_flight[slot] = None;
+        self.respond(slot as u64, op.code(), status);
     }
 
     fn respond(&mut self, id: u64, operation: u8, status: i16) {

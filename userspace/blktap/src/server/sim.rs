@@ -1,35 +1,196 @@
-//! A simulated kernel for tests: it produces requests into an [`AnonRing`] the way the blktap
-//! module does, and consumes the responses.
+//! A simulated kernel for tests: it produces requests into a ring the way the blktap module
+//! does, consumes the responses, and plays the ring ioctls: `CREATE_DEVICE` (refusing flags it
+//! does not know with `EINVAL`), `REMOVE_DEVICE`, `PAUSE` and `RESUME` (requests submitted while
+//! paused wait in a backlog, as in the block layer, and reach the ring on resume; both clear a
+//! PAUSE/RESUME message), and the recovery re-attach (the ring page is zeroed and every request
+//! not answered is published again from index 0).
 
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::ptr::NonNull;
 use std::rc::Rc;
 
-use blktap_abi::{blktap_request, blktap_response};
+use blktap_abi::{self as abi, blktap_request, blktap_request_discard, blktap_response};
+use nix::errno::Errno;
 
-use crate::ring::{AnonRing, SharedRing, PAGE_SIZE};
+use crate::ring::{
+    AnonRing, DiskParams, RingDevice, RingMemory, SharedRing, EXTENSION_FLAGS, PAGE_SIZE,
+    RING_MESSAGE_PAUSE, RING_MESSAGE_RESUME,
+};
+use crate::{Error, Result};
+
+/// The kernel's view of a tap.
+#[derive(Debug, Default)]
+pub struct SimState {
+    /// Extension flags CREATE_DEVICE accepts.
+    pub known_flags: u64,
+    /// The disk: capacity and flags.
+    pub disk: Option<(u64, u64)>,
+    /// Whether requests are held back.
+    pub paused: bool,
+    /// The flags of every CREATE_DEVICE call.
+    pub creates: Vec<u64>,
+    /// PAUSE and RESUME calls.
+    pub pauses: u32,
+    pub resumes: u32,
+    req_prod_pvt: u32,
+    rsp_cons: u32,
+    /// Requests on the ring not answered yet, in ring order.
+    pending: Vec<blktap_request>,
+    /// Requests waiting in the block layer while paused.
+    backlog: VecDeque<blktap_request>,
+}
+
+/// A tap's ring device, simulated.
+#[derive(Debug)]
+pub struct SimDevice {
+    ring: AnonRing,
+    minor: u32,
+    pub st: RefCell<SimState>,
+    kicks: Cell<u64>,
+}
+
+impl SimDevice {
+    /// How many times responses were signalled.
+    pub fn kicks(&self) -> u64 {
+        self.kicks.get()
+    }
+
+    fn shared(&self) -> SharedRing<'_> {
+        SharedRing::new(&self.ring)
+    }
+
+    fn clear_msg(&self) {
+        let ring = self.shared();
+        if matches!(ring.msg(), RING_MESSAGE_PAUSE | RING_MESSAGE_RESUME) {
+            ring.set_msg(0);
+        }
+    }
+
+    fn produce(&self, req: &blktap_request) {
+        let mut st = self.st.borrow_mut();
+        self.shared().write_request(st.req_prod_pvt, req);
+        st.req_prod_pvt = st.req_prod_pvt.wrapping_add(1);
+        st.pending.push(*req);
+    }
+
+    fn publish(&self) {
+        let prod = self.st.borrow().req_prod_pvt;
+        self.shared().set_req_prod(prod);
+    }
+}
+
+// SAFETY: the ring memory is the AnonRing's, which lives as long as the device.
+unsafe impl RingMemory for SimDevice {
+    fn base(&self) -> NonNull<u8> {
+        self.ring.base()
+    }
+
+    fn kick(&self) -> Result<()> {
+        self.kicks.set(self.kicks.get() + 1);
+        Ok(())
+    }
+}
+
+fn errno(what: &str, e: Errno) -> Error {
+    Error::ioctl(what.to_string(), e)
+}
+
+impl RingDevice for SimDevice {
+    fn minor(&self) -> u32 {
+        self.minor
+    }
+
+    fn create_device(&self, params: &DiskParams) -> Result<()> {
+        let mut st = self.st.borrow_mut();
+        st.creates.push(params.flags);
+        if st.disk.is_some() {
+            return Err(errno("create", Errno::EEXIST));
+        }
+        if params.flags & !EXTENSION_FLAGS != 0 || params.flags & !st.known_flags != 0 {
+            return Err(errno("create", Errno::EINVAL));
+        }
+        st.disk = Some((params.capacity, params.flags));
+        Ok(())
+    }
+
+    fn remove_device(&self) -> Result<()> {
+        let mut st = self.st.borrow_mut();
+        if st.disk.take().is_none() {
+            return Err(errno("remove", Errno::ENODEV));
+        }
+        Ok(())
+    }
+
+    fn pause(&self) -> Result<()> {
+        let mut st = self.st.borrow_mut();
+        if st.disk.is_none() {
+            return Err(errno("pause", Errno::ENODEV));
+        }
+        st.paused = true;
+        st.pauses += 1;
+        drop(st);
+        self.clear_msg();
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<()> {
+        let mut st = self.st.borrow_mut();
+        if st.disk.is_none() {
+            return Err(errno("resume", Errno::ENODEV));
+        }
+        st.paused = false;
+        st.resumes += 1;
+        let backlog: Vec<_> = st.backlog.drain(..).collect();
+        drop(st);
+        self.clear_msg();
+        for req in &backlog {
+            self.produce(req);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn existing_disk(&self) -> Result<Option<u64>> {
+        Ok(self.st.borrow().disk.map(|(capacity, _)| capacity))
+    }
+}
 
 /// The kernel's side of a ring.
 pub struct SimKernel {
-    pub mem: Rc<AnonRing>,
-    req_prod_pvt: u32,
-    rsp_cons: u32,
+    pub mem: Rc<SimDevice>,
 }
 
 impl SimKernel {
-    /// A fresh ring; hand `mem` (a clone) to the server.
+    /// A fresh ring of tap 0, knowing every extension; hand `mem` (a clone) to the server.
     pub fn new() -> Self {
         Self {
-            mem: Rc::new(AnonRing::new().unwrap()),
-            req_prod_pvt: 0,
-            rsp_cons: 0,
+            mem: Rc::new(SimDevice {
+                ring: AnonRing::new().unwrap(),
+                minor: 0,
+                st: RefCell::new(SimState {
+                    known_flags: EXTENSION_FLAGS,
+                    ..Default::default()
+                }),
+                kicks: Cell::new(0),
+            }),
         }
     }
 
     pub fn ring(&self) -> SharedRing<'_> {
-        SharedRing::new(&*self.mem)
+        self.mem.shared()
     }
 
-    /// Writes a request into the next entry (not published yet).
-    pub fn push(&mut self, op: u8, id: u64, sector: u64, segs: &[(u8, u8)]) {
+    pub fn state(&self) -> std::cell::Ref<'_, SimState> {
+        self.mem.st.borrow()
+    }
+
+    pub fn state_mut(&self) -> std::cell::RefMut<'_, SimState> {
+        self.mem.st.borrow_mut()
+    }
+
+    /// A request.
+    pub fn request(op: u8, id: u64, sector: u64, segs: &[(u8, u8)]) -> blktap_request {
         let mut req = blktap_request {
             operation: op,
             nr_segments: segs.len() as u8,
@@ -41,29 +202,96 @@ impl SimKernel {
             s.first_sect = first;
             s.last_sect = last;
         }
-        self.push_raw(&req);
+        req
+    }
+
+    /// A discard request of `n` sectors at `sector`.
+    pub fn discard(id: u64, sector: u64, n: u64) -> blktap_request {
+        let d = blktap_request_discard {
+            operation: abi::OP_DISCARD,
+            id,
+            sector_number: sector,
+            nr_sectors: n,
+            ..Default::default()
+        };
+        let mut req = blktap_request::default();
+        // SAFETY: the discard layout is a prefix of the request's, both plain integers.
+        unsafe { std::ptr::write((&mut req as *mut blktap_request).cast(), d) };
+        req
+    }
+
+    /// Writes a request into the next entry (not published yet).
+    pub fn push(&mut self, op: u8, id: u64, sector: u64, segs: &[(u8, u8)]) {
+        self.push_raw(&Self::request(op, id, sector, segs));
     }
 
     pub fn push_raw(&mut self, req: &blktap_request) {
-        self.ring().write_request(self.req_prod_pvt, req);
-        self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
+        self.mem.produce(req);
     }
 
     /// Publishes the requests written so far.
     pub fn publish(&self) {
-        self.ring().set_req_prod(self.req_prod_pvt);
+        self.mem.publish();
+    }
+
+    /// The block layer hands a request to the disk: onto the ring (published), or into the
+    /// backlog while paused.
+    pub fn submit(&mut self, req: &blktap_request) {
+        if self.state().paused {
+            self.state_mut().backlog.push_back(*req);
+        } else {
+            self.push_raw(req);
+            self.publish();
+        }
+    }
+
+    /// Requests held back by a pause.
+    pub fn backlog(&self) -> usize {
+        self.state().backlog.len()
+    }
+
+    /// Requests on the ring not answered yet.
+    pub fn pending(&self) -> usize {
+        self.state().pending.len()
+    }
+
+    /// The operator writes the tap's sysfs `pause`: the message byte.
+    pub fn set_msg(&self, msg: u8) {
+        self.ring().set_msg(msg);
     }
 
     /// The responses published since the last call.
     pub fn responses(&mut self) -> Vec<blktap_response> {
-        let ring = SharedRing::new(&*self.mem);
+        let ring = self.mem.shared();
         let rsp_prod = ring.rsp_prod();
         let mut out = Vec::new();
-        while self.rsp_cons != rsp_prod {
-            out.push(ring.read_response(self.rsp_cons));
-            self.rsp_cons = self.rsp_cons.wrapping_add(1);
+        let mut st = self.mem.st.borrow_mut();
+        while st.rsp_cons != rsp_prod {
+            let rsp = ring.read_response(st.rsp_cons);
+            if let Some(i) = st.pending.iter().position(|r| r.id == rsp.id) {
+                st.pending.remove(i);
+            }
+            out.push(rsp);
+            st.rsp_cons = st.rsp_cons.wrapping_add(1);
         }
         out
+    }
+
+    /// A new tapdisk maps the ring of a disk created with RECOVERY: the ring page is zeroed and
+    /// every request not answered is published again from index 0.
+    pub fn reattach(&mut self) {
+        let ring = self.mem.shared();
+        ring.clear();
+        let kept: Vec<blktap_request> = {
+            let mut st = self.mem.st.borrow_mut();
+            st.req_prod_pvt = 0;
+            st.rsp_cons = 0;
+            std::mem::take(&mut st.pending)
+        };
+        for req in &kept {
+            self.mem.produce(req);
+        }
+        self.publish();
     }
 
     fn page_ptr(&self, slot: usize, seg: usize) -> *mut u8 {

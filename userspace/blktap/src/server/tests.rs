@@ -10,18 +10,18 @@ use std::time::{Duration, Instant};
 
 use blktap_abi::{blktap_request, blktap_response};
 
-use super::sim::SimKernel;
+use super::sim::{SimDevice, SimKernel};
 use super::*;
 use crate::backend::aio::AioBackend;
 use crate::backend::immediate::Synchronous;
 use crate::backend::ram::RamBackend;
 use crate::backend::ImageKind;
-use crate::ring::{AnonRing, SharedRing};
+use crate::ring::SharedRing;
 
 const R: u8 = abi::OP_READ;
 const W: u8 = abi::OP_WRITE;
 
-fn ram_server(k: &SimKernel, size: u64, readonly: bool) -> Server<Rc<AnonRing>> {
+fn ram_server(k: &SimKernel, size: u64, readonly: bool) -> Server<Rc<SimDevice>> {
     let backend = Box::new(Synchronous::new(RamBackend::new(size).unwrap()));
     Server::new(Rc::clone(&k.mem), backend, format!("ram:{size}"), readonly)
 }
@@ -248,7 +248,7 @@ impl Backend for Gated {
     }
 }
 
-fn gated_server(k: &SimKernel) -> (Server<Rc<AnonRing>>, Rc<Cell<bool>>) {
+fn gated_server(k: &SimKernel) -> (Server<Rc<SimDevice>>, Rc<Cell<bool>>) {
     let open = Rc::new(Cell::new(false));
     let backend = Box::new(Gated {
         ram: Synchronous::new(RamBackend::new(1 << 20).unwrap()),
@@ -344,7 +344,7 @@ fn serves_an_aio_image_end_to_end() {
     let mut k = SimKernel::new();
     let backend = Box::new(AioBackend::open(&path, false).unwrap());
     let mut server = Server::new(Rc::clone(&k.mem), backend, "aio".into(), false);
-    let wait = |server: &mut Server<Rc<AnonRing>>, k: &mut SimKernel, n: usize| {
+    let wait = |server: &mut Server<Rc<SimDevice>>, k: &mut SimKernel, n: usize| {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while got.len() < n {
@@ -465,4 +465,337 @@ fn concurrent_kernel_sees_only_complete_responses() {
     let s = server.stats();
     assert_eq!(s.reads + s.writes, u64::from(TOTAL));
     assert_eq!(s.errors, 0);
+}
+
+const FLUSH: u8 = abi::OP_FLUSH;
+const FUA: u8 = abi::OP_WRITE_FUA;
+
+/// Serves until `n` responses arrived (polling the backend's fd, running retry timers).
+fn serve_until(
+    server: &mut Server<Rc<SimDevice>>,
+    k: &mut SimKernel,
+    n: usize,
+) -> Vec<blktap_response> {
+    let mut got = k.responses();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "only {} responses", got.len());
+        let wait = server
+            .next_wakeup()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_millis(20))
+            .min(Duration::from_millis(20));
+        if let Some(fd) = server.backend_fd() {
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            let ms = u16::try_from(wait.as_millis()).unwrap_or(20);
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).unwrap();
+        } else {
+            std::thread::sleep(wait);
+        }
+        server.run_timers().unwrap();
+        server.serve_backend().unwrap();
+        got.extend(k.responses());
+    }
+    got
+}
+
+#[test]
+fn flush_fua_and_discard_reach_the_ram_disk_and_free_it() {
+    let mut k = SimKernel::new();
+    let mut server = ram_server(&k, 4 << 20, false);
+    for slot in 0..8usize {
+        for j in 0..11 {
+            k.fill(slot, j, |_| 0xab);
+        }
+        let op = if slot % 2 == 0 { W } else { FUA };
+        k.push(op, slot as u64, slot as u64 * 88, &[(0, 7); 11]);
+    }
+    k.push(FLUSH, 8, 0, &[]);
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = k.responses();
+    assert_eq!(rsps.len(), 9);
+    assert!(rsps.iter().all(|r| r.status == 0), "{rsps:?}");
+    assert_eq!(rsps[8].operation, FLUSH);
+    let full = server.allocated_bytes().unwrap();
+    assert!(full >= 8 * 44 * 1024, "{full}");
+
+    // Discard the 352 KiB written: the memory goes back, the range reads zeros.
+    k.push_raw(&SimKernel::discard(9, 0, 8 * 88));
+    k.push(R, 10, 100, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(
+        statuses(&k.responses()),
+        [(9, abi::OP_DISCARD, 0), (10, R, 0)]
+    );
+    assert!(k.page(10, 0).iter().all(|&b| b == 0));
+    let after = server.allocated_bytes().unwrap();
+    assert!(after + 8 * 44 * 1024 - 8192 <= full, "{full} -> {after}");
+    let s = server.stats();
+    assert_eq!(
+        (s.writes, s.fua_writes, s.flushes, s.discards, s.reads),
+        (4, 4, 1, 1, 1)
+    );
+    assert_eq!(s.bytes_written, 8 * 44 * 1024);
+    assert_eq!(s.discarded_bytes, 8 * 88 * 512);
+    assert_eq!((s.errors, s.unsupported, s.retries), (0, 0, 0));
+
+    // Hostile extension requests: a discard past the end, too long, with segments; a flush
+    // with segments.
+    let mut with_segs = SimKernel::discard(3, 0, 8);
+    with_segs.nr_segments = 2;
+    k.push_raw(&SimKernel::discard(0, (4 << 20) / 512 - 4, 8));
+    k.push_raw(&SimKernel::discard(1, 0, abi::DISCARD_MAX_SECTORS + 1));
+    k.push_raw(&with_segs);
+    k.push(FLUSH, 2, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(
+        statuses(&k.responses()),
+        [
+            (0, abi::OP_DISCARD, -1),
+            (1, abi::OP_DISCARD, -1),
+            (3, abi::OP_DISCARD, -1),
+            (2, FLUSH, -1)
+        ]
+    );
+    assert_eq!(server.stats().invalid, 4);
+}
+
+/// A ram disk that does not say it does flush, FUA or discard.
+struct Plain(Synchronous<RamBackend>);
+
+impl Backend for Plain {
+    fn kind(&self) -> ImageKind {
+        ImageKind::Ram
+    }
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    unsafe fn queue(&mut self, io: Io) {
+        // SAFETY: forwarded under the same contract.
+        unsafe { self.0.queue(io) }
+    }
+    fn submit(&mut self) -> Result<()> {
+        self.0.submit()
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        self.0.reap(out)
+    }
+    fn in_flight(&self) -> usize {
+        self.0.in_flight()
+    }
+    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        self.0.drain(out)
+    }
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
+
+#[test]
+fn extensions_the_backend_lacks_are_not_supported_and_read_only_refuses_discards() {
+    let mut k = SimKernel::new();
+    let backend = Box::new(Plain(Synchronous::new(RamBackend::new(1 << 20).unwrap())));
+    let mut server = Server::new(Rc::clone(&k.mem), backend, "plain".into(), false);
+    k.push(FLUSH, 0, 0, &[]);
+    k.push(FUA, 1, 0, &[(0, 7)]);
+    k.push_raw(&SimKernel::discard(2, 0, 8));
+    k.push(W, 3, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(
+        statuses(&k.responses()),
+        [
+            (0, FLUSH, -2),
+            (1, FUA, -2),
+            (2, abi::OP_DISCARD, -2),
+            (3, W, 0)
+        ]
+    );
+    let s = server.stats();
+    assert_eq!((s.unsupported, s.errors, s.writes, s.flushes), (3, 0, 1, 0));
+
+    let mut k = SimKernel::new();
+    let mut server = ram_server(&k, 1 << 20, true);
+    k.push_raw(&SimKernel::discard(0, 0, 8));
+    k.push(FUA, 1, 0, &[(0, 7)]);
+    k.push(FLUSH, 2, 0, &[]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(
+        statuses(&k.responses()),
+        [(0, abi::OP_DISCARD, -1), (1, FUA, -1), (2, FLUSH, 0)]
+    );
+}
+
+/// A ram disk whose I/O fails with `errno` while `failures` lasts.
+struct Flaky {
+    ram: Synchronous<RamBackend>,
+    held: Vec<Completion>,
+    failures: Rc<Cell<u32>>,
+    errno: Errno,
+    tries: Rc<Cell<u32>>,
+}
+
+impl Backend for Flaky {
+    fn kind(&self) -> ImageKind {
+        ImageKind::Ram
+    }
+    fn size(&self) -> u64 {
+        self.ram.size()
+    }
+    unsafe fn queue(&mut self, io: Io) {
+        self.tries.set(self.tries.get() + 1);
+        if self.failures.get() > 0 {
+            self.failures.set(self.failures.get() - 1);
+            self.held.push(Completion {
+                tag: io.tag,
+                result: Err(self.errno),
+            });
+            return;
+        }
+        // SAFETY: forwarded under the same contract.
+        unsafe { self.ram.queue(io) }
+    }
+    fn submit(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.held);
+        self.ram.reap(out)
+    }
+    fn in_flight(&self) -> usize {
+        self.held.len() + self.ram.in_flight()
+    }
+    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        self.reap(out);
+        Ok(())
+    }
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
+
+fn flaky_server(
+    k: &SimKernel,
+    failures: u32,
+    errno: Errno,
+    deadline: Duration,
+) -> (Server<Rc<SimDevice>>, Rc<Cell<u32>>) {
+    let tries = Rc::new(Cell::new(0));
+    let backend = Box::new(Flaky {
+        ram: Synchronous::new(RamBackend::new(1 << 20).unwrap()),
+        held: Vec::new(),
+        failures: Rc::new(Cell::new(failures)),
+        errno,
+        tries: Rc::clone(&tries),
+    });
+    let options = ServerOptions { deadline };
+    let server = Server::with_options(Rc::clone(&k.mem), backend, "flaky".into(), false, options);
+    (server, tries)
+}
+
+#[test]
+fn transient_failures_are_retried_with_backoff() {
+    let mut k = SimKernel::new();
+    let (mut server, tries) = flaky_server(&k, 3, Errno::EIO, Duration::from_secs(10));
+    k.fill(0, 0, |_| 0x42);
+    k.push(W, 0, 8, &[(0, 7)]);
+    k.publish();
+    let start = Instant::now();
+    server.serve_ring().unwrap();
+    // Failed, waiting to be tried again: not answered, still in flight.
+    assert!(k.responses().is_empty());
+    assert_eq!(server.in_flight(), 1);
+    assert!(!server.idle());
+    let first = server.next_wakeup().expect("a retry is scheduled");
+    assert!(first >= start + Duration::from_millis(10));
+    let rsps = serve_until(&mut server, &mut k, 1);
+    // Backoff 10 + 20 + 40 ms before the fourth try.
+    assert!(
+        start.elapsed() >= Duration::from_millis(70),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(statuses(&rsps), [(0, W, 0)]);
+    assert_eq!(tries.get(), 4);
+    let s = server.stats();
+    assert_eq!((s.retries, s.errors, s.writes), (3, 0, 1));
+    assert_eq!(s.bytes_written, 4096);
+    assert!(server.idle());
+    // The data landed.
+    k.push(R, 1, 8, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(statuses(&k.responses()), [(1, R, 0)]);
+    assert!(k.page(1, 0).iter().all(|&b| b == 0x42));
+    assert_eq!(backoff(1), Duration::from_millis(10));
+    assert_eq!(backoff(4), Duration::from_millis(80));
+    assert_eq!(backoff(40), Duration::from_secs(1));
+}
+
+#[test]
+fn a_request_failing_past_its_deadline_is_answered_with_an_error() {
+    let mut k = SimKernel::new();
+    let deadline = Duration::from_millis(200);
+    let (mut server, tries) = flaky_server(&k, u32::MAX, Errno::EBUSY, deadline);
+    k.push(R, 5, 0, &[(0, 7)]);
+    k.publish();
+    let start = Instant::now();
+    server.serve_ring().unwrap();
+    let rsps = serve_until(&mut server, &mut k, 1);
+    let took = start.elapsed();
+    assert_eq!(statuses(&rsps), [(5, R, -1)]);
+    assert!(took >= deadline, "answered after {took:?}");
+    assert!(took < deadline * 5, "answered only after {took:?}");
+    let s = server.stats();
+    assert!(s.retries >= 4, "{s:?}");
+    assert_eq!(u64::from(tries.get()), s.retries + 1);
+    assert_eq!(s.errors, 1);
+    assert!(server.next_wakeup().is_none());
+
+    // An error that does not pass is not retried.
+    let mut k = SimKernel::new();
+    let (mut server, tries) = flaky_server(&k, 1, Errno::EROFS, Duration::from_secs(10));
+    k.push(W, 0, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert_eq!(statuses(&k.responses()), [(0, W, -1)]);
+    assert_eq!((tries.get(), server.stats().retries), (1, 0));
+    assert!(!is_transient(Errno::EROFS) && is_transient(Errno::ENOMEM));
+}
+
+#[test]
+fn drain_finishes_retries_before_giving_the_memory_back() {
+    let mut k = SimKernel::new();
+    let (mut server, _) = flaky_server(&k, 2, Errno::EAGAIN, Duration::from_secs(10));
+    k.push(R, 0, 0, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    assert!(k.responses().is_empty());
+    server.into_memory();
+    assert_eq!(statuses(&k.responses()), [(0, R, 0)]);
+}
+
+#[test]
+fn a_stall_backend_answers_late_without_blocking() {
+    let mut k = SimKernel::new();
+    let backend = crate::backend::open(&"stall:150:1M".parse().unwrap(), false).unwrap();
+    let mut server = Server::new(Rc::clone(&k.mem), backend, "stall:150:1M".into(), false);
+    k.fill(0, 0, |_| 0xff);
+    k.push(R, 0, 0, &[(0, 7)]);
+    k.push(FLUSH, 1, 0, &[]);
+    k.publish();
+    let start = Instant::now();
+    server.serve_ring().unwrap();
+    assert!(start.elapsed() < Duration::from_millis(100));
+    assert!(k.responses().is_empty());
+    assert_eq!(server.in_flight(), 2);
+    let rsps = serve_until(&mut server, &mut k, 2);
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(150), "{took:?}");
+    assert_eq!(statuses(&rsps), [(0, R, 0), (1, FLUSH, 0)]);
+    assert!(k.page(0, 0).iter().all(|&b| b == 0));
 }

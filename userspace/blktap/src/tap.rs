@@ -1,0 +1,965 @@
+//! A tap as tapdisk serves it: its ring, and the image it serves the ring from, through the
+//! tap's life: attached (ring mapped), open (serving), pausing, paused (image closed, disk kept),
+//! and back.
+//!
+//! Generic over [`RingDevice`], so the whole life runs against a simulated kernel in tests.
+//!
+//! - Opening negotiates the extensions: `CREATE_DEVICE` with `FLUSH|FUA` and `DISCARD` where the
+//!   backend does them (unless [`TapOptions::extensions`] is off) and `RECOVERY` if asked; a
+//!   kernel that answers `EINVAL` (or `ENOTTY`) is asked again without `FLUSH|FUA|DISCARD`; if it
+//!   refuses `RECOVERY` too, opening fails: recovery is unavailable.
+//! - Recovering (`recover`) serves a disk that already exists (its requests were kept by the
+//!   kernel for a new tapdisk): no `CREATE_DEVICE`; the image must have the disk's size.
+//! - Pausing: `PAUSE`, then the ring is served until every request the kernel handed out is
+//!   answered and the backend has nothing in flight; then the image is closed. Unpausing opens
+//!   the image again (or another of the same size), then `RESUME`. No request is failed because
+//!   of a pause. The kernel's `msg` PAUSE and RESUME start the same procedures.
+
+use std::os::fd::BorrowedFd;
+use std::time::Instant;
+
+use blktap_abi as abi;
+use nix::errno::Errno;
+
+use crate::backend::{self, Backend, Features, ImageSpec};
+use crate::ctl::{TapEntry, TapState, TapStats};
+use crate::ring::{
+    DiskParams, RingDevice, SharedRing, RING_MESSAGE_CLOSE, RING_MESSAGE_PAUSE,
+    RING_MESSAGE_RESUME, SECTOR_SIZE,
+};
+use crate::server::{disk_sectors, IoStats, RingFault, ServeError, Server, ServerOptions};
+use crate::{Error, Result};
+
+/// How a tap is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapOptions {
+    /// The server's options (the request deadline).
+    pub server: ServerOptions,
+    /// Ask the kernel for flush, FUA and discard where the backend does them.
+    pub extensions: bool,
+}
+
+impl Default for TapOptions {
+    fn default() -> Self {
+        Self {
+            server: ServerOptions::default(),
+            extensions: true,
+        }
+    }
+}
+
+/// How to open an image on a tap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OpenArgs<'a> {
+    /// The image, `type:path`.
+    pub params: &'a str,
+    /// A read-only disk.
+    pub readonly: bool,
+    /// Create the disk with `RECOVERY`: it and its requests outlive this tapdisk.
+    pub recovery: bool,
+    /// Serve the disk that exists already (a new tapdisk taking over): no `CREATE_DEVICE`.
+    pub recover: bool,
+}
+
+/// A paused tap: the ring, and what to open again.
+struct Paused<D> {
+    ring: D,
+    image: String,
+    readonly: bool,
+    capacity: u64,
+    stats: IoStats,
+    device_flags: u64,
+}
+
+enum Stage<D: RingDevice> {
+    Attached(D),
+    Open(Box<Server<D>>),
+    Pausing(Box<Server<D>>),
+    Paused(Box<Paused<D>>),
+}
+
+/// What a readable ring fd meant.
+#[derive(Debug)]
+pub enum TapEvent {
+    /// Requests were served, or a message handled (or there was nothing).
+    Served,
+    /// The kernel asked for the tap to be shut down.
+    CloseRequested,
+    /// The ring broke the protocol: it is no longer served.
+    Fault(RingFault),
+    /// Something failed; serving goes on.
+    Error(Error),
+}
+
+/// A tap: its ring, and its image once one is open.
+pub struct TapCore<D: RingDevice> {
+    /// `None` only while changing stage.
+    stage: Option<Stage<D>>,
+    options: TapOptions,
+    /// The kernel asked for a resume while the pause was still draining.
+    resume_requested: bool,
+    /// Changes whenever the image (and so the backend's fd) is opened or closed.
+    generation: u64,
+}
+
+impl<D: RingDevice> TapCore<D> {
+    /// A tap whose ring `ring` is mapped.
+    pub fn attach(ring: D, options: TapOptions) -> Self {
+        Self {
+            stage: Some(Stage::Attached(ring)),
+            options,
+            resume_requested: false,
+            generation: 0,
+        }
+    }
+
+    /// A number that changes whenever the image is opened or closed: the backend's fd (to
+    /// poll) may have changed.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn stage(&self) -> &Stage<D> {
+        self.stage.as_ref().expect("a tap always has a stage")
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &D {
+        match self.stage() {
+            Stage::Attached(ring) => ring,
+            Stage::Open(s) | Stage::Pausing(s) => s.memory(),
+            Stage::Paused(p) => &p.ring,
+        }
+    }
+
+    /// The tap's minor.
+    pub fn minor(&self) -> u32 {
+        self.ring().minor()
+    }
+
+    /// The server, while an image is open.
+    pub fn server(&self) -> Option<&Server<D>> {
+        match self.stage() {
+            Stage::Open(s) | Stage::Pausing(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn server_mut(&mut self) -> Option<&mut Server<D>> {
+        match self.stage.as_mut()? {
+            Stage::Open(s) | Stage::Pausing(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The tap's state.
+    pub fn state(&self) -> TapState {
+        match self.stage() {
+            Stage::Attached(_) => TapState::Attached,
+            Stage::Open(s) | Stage::Pausing(s) if s.fault().is_some() => TapState::Dead,
+            Stage::Open(_) => TapState::Open,
+            Stage::Pausing(_) => TapState::Pausing,
+            Stage::Paused(_) => TapState::Paused,
+        }
+    }
+
+    /// Whether the tap has a disk (an image open, or paused).
+    pub fn has_disk(&self) -> bool {
+        !matches!(self.stage(), Stage::Attached(_))
+    }
+
+    /// The backend's completion fd, when an image is open and has one.
+    pub fn backend_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.server()?.backend_fd()
+    }
+
+    /// Opens image `args.params` and creates the disk (or, recovering, takes over the disk).
+    pub fn open(&mut self, args: &OpenArgs<'_>) -> Result<()> {
+        self.check_attached()?;
+        let spec: ImageSpec = args.params.parse()?;
+        let backend = backend::open(&spec, args.readonly)?;
+        self.open_backend(args, &spec.to_string(), backend)
+    }
+
+    fn check_attached(&self) -> Result<()> {
+        match self.stage() {
+            Stage::Attached(_) => Ok(()),
+            _ => Err(Error::os(
+                format!("tap {} already has a disk", self.minor()),
+                Errno::EBUSY,
+            )),
+        }
+    }
+
+    /// Opens `backend`, holding `image`, as [`TapCore::open`] does.
+    pub fn open_backend(
+        &mut self,
+        args: &OpenArgs<'_>,
+        image: &str,
+        backend: Box<dyn Backend>,
+    ) -> Result<()> {
+        self.check_attached()?;
+        let capacity = disk_sectors(backend.as_ref())?;
+        let minor = self.minor();
+        let ring = self.ring();
+        let flags = if args.recover {
+            match ring.existing_disk()? {
+                None => {
+                    return Err(Error::os(
+                        format!("tap {minor} has no disk to recover"),
+                        Errno::ENODEV,
+                    ))
+                }
+                Some(sectors) if sectors != capacity => {
+                    return Err(Error::os(
+                        format!(
+                            "cannot recover tap {minor}: its disk has {sectors} sectors, \
+                             {image} has {capacity}"
+                        ),
+                        Errno::EINVAL,
+                    ))
+                }
+                Some(_) => 0,
+            }
+        } else {
+            let params = DiskParams::new(capacity, args.readonly, image);
+            negotiate(
+                ring,
+                params,
+                backend.features(),
+                self.options,
+                args.recovery,
+            )?
+        };
+        let Some(Stage::Attached(ring)) = self.stage.take() else {
+            unreachable!("checked above");
+        };
+        let mut server = Server::with_options(
+            ring,
+            backend,
+            image.to_string(),
+            args.readonly,
+            self.options.server,
+        );
+        server.set_device_flags(flags);
+        self.stage = Some(Stage::Open(Box::new(server)));
+        self.generation += 1;
+        if args.recover {
+            // The kept requests are on the ring already.
+            if let Err(e) = self.serve() {
+                eprintln!("blktap: tap {minor}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the I/O in flight, removes the disk and closes the image (a paused tap's disk
+    /// is removed as it is). On failure (`EBUSY` while the disk is open) nothing changes.
+    pub fn close(&mut self) -> Result<()> {
+        let minor = self.minor();
+        match self.stage.as_mut().expect("a tap always has a stage") {
+            Stage::Attached(_) => {
+                return Err(Error::os(
+                    format!("tap {minor} has no image open"),
+                    Errno::EINVAL,
+                ))
+            }
+            Stage::Open(server) | Stage::Pausing(server) => {
+                if let Err(e) = server.drain() {
+                    eprintln!("blktap: tap {minor}: {e}");
+                }
+                server.memory().remove_device()?;
+            }
+            Stage::Paused(p) => p.ring.remove_device()?,
+        }
+        let ring = match self.stage.take() {
+            Some(Stage::Open(s) | Stage::Pausing(s)) => s.into_memory(),
+            Some(Stage::Paused(p)) => p.ring,
+            _ => unreachable!("checked above"),
+        };
+        self.resume_requested = false;
+        self.stage = Some(Stage::Attached(ring));
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Starts pausing: `PAUSE`, then the requests already handed out are served. Returns whether
+    /// the tap is paused already; if not, [`TapCore::advance`] says when it is.
+    pub fn pause(&mut self) -> Result<bool> {
+        let minor = self.minor();
+        match self.stage() {
+            Stage::Attached(_) => {
+                return Err(Error::os(
+                    format!("tap {minor} has no image open to pause"),
+                    Errno::EINVAL,
+                ))
+            }
+            Stage::Open(s) if s.fault().is_some() => {
+                return Err(Error::os(
+                    format!("tap {minor} broke the ring protocol and is not served"),
+                    Errno::EIO,
+                ))
+            }
+            Stage::Open(s) => s.memory().pause()?,
+            Stage::Pausing(_) => return Ok(false),
+            Stage::Paused(p) => {
+                // Idempotent; clears a PAUSE message.
+                p.ring.pause()?;
+                return Ok(true);
+            }
+        }
+        let Some(Stage::Open(server)) = self.stage.take() else {
+            unreachable!("checked above");
+        };
+        self.stage = Some(Stage::Pausing(server));
+        // Requests published before PAUSE returned are on the ring: take them.
+        if let Err(e) = self.serve() {
+            eprintln!("blktap: tap {minor}: {e}");
+        }
+        match self.advance() {
+            Some(Err(e)) => Err(e),
+            // Paused (and maybe resumed again right away, for a RESUME message).
+            Some(Ok(())) => Ok(true),
+            None => Ok(false),
+        }
+    }
+
+    /// Moves a pause on: once every request is answered and the backend is idle, closes the
+    /// image (`Some(Ok)`: the tap is paused now). `Some(Err)`: the pause cannot finish (the ring
+    /// broke the protocol). A resume the kernel asked for meanwhile is carried out after.
+    pub fn advance(&mut self) -> Option<Result<()>> {
+        let minor = self.minor();
+        let result = match self.stage() {
+            Stage::Pausing(s) if s.fault().is_some() => {
+                let Some(Stage::Pausing(server)) = self.stage.take() else {
+                    unreachable!()
+                };
+                self.stage = Some(Stage::Open(server));
+                Some(Err(Error::os(
+                    format!("tap {minor} broke the ring protocol while pausing"),
+                    Errno::EIO,
+                )))
+            }
+            Stage::Pausing(s) if s.idle() => {
+                let Some(Stage::Pausing(server)) = self.stage.take() else {
+                    unreachable!()
+                };
+                let paused = Paused {
+                    image: server.image().to_string(),
+                    readonly: server.readonly(),
+                    capacity: server.capacity(),
+                    stats: server.stats(),
+                    device_flags: server.device_flags(),
+                    // Drops the backend: the image is closed.
+                    ring: server.into_memory(),
+                };
+                self.stage = Some(Stage::Paused(Box::new(paused)));
+                self.generation += 1;
+                Some(Ok(()))
+            }
+            _ => None,
+        };
+        if self.resume_requested && matches!(self.stage(), Stage::Paused(_)) {
+            self.resume_requested = false;
+            if let Err(e) = self.unpause(None) {
+                eprintln!("blktap: tap {minor}: resuming as the kernel asked: {e}");
+            }
+        }
+        result
+    }
+
+    /// Opens the image again (`params`, or the one it had), which must have the disk's size,
+    /// then `RESUME`. On failure the tap stays paused.
+    pub fn unpause(&mut self, params: Option<&str>) -> Result<()> {
+        let minor = self.minor();
+        let p = match self.stage() {
+            Stage::Paused(p) => p,
+            Stage::Open(s) => {
+                if params.is_some_and(|p| p != s.image()) {
+                    return Err(Error::os(
+                        format!("tap {minor} is not paused: cannot change its image"),
+                        Errno::EINVAL,
+                    ));
+                }
+                // Idempotent; clears a RESUME message.
+                return s.memory().resume();
+            }
+            Stage::Pausing(_) => {
+                return Err(Error::os(
+                    format!("tap {minor} is still pausing: try again once it is paused"),
+                    Errno::EBUSY,
+                ))
+            }
+            Stage::Attached(_) => {
+                return Err(Error::os(
+                    format!("tap {minor} has no image to unpause"),
+                    Errno::EINVAL,
+                ))
+            }
+        };
+        let spec: ImageSpec = params.unwrap_or(&p.image).parse()?;
+        let backend = backend::open(&spec, p.readonly)?;
+        self.unpause_backend(&spec.to_string(), backend)
+    }
+
+    /// Resumes a paused tap with `backend`, holding `image`, as [`TapCore::unpause`] does.
+    pub fn unpause_backend(&mut self, image: &str, backend: Box<dyn Backend>) -> Result<()> {
+        let minor = self.minor();
+        let Stage::Paused(p) = self.stage() else {
+            return Err(Error::os(
+                format!("tap {minor} is not paused"),
+                Errno::EINVAL,
+            ));
+        };
+        let sectors = backend.size() / SECTOR_SIZE;
+        if sectors != p.capacity {
+            return Err(Error::os(
+                format!(
+                    "tap {minor} stays paused: {image} has {sectors} sectors, the disk has {}",
+                    p.capacity
+                ),
+                Errno::EINVAL,
+            ));
+        }
+        let Some(Stage::Paused(p)) = self.stage.take() else {
+            unreachable!("checked above");
+        };
+        let Paused {
+            ring,
+            readonly,
+            capacity,
+            stats,
+            device_flags,
+            image: old_image,
+        } = *p;
+        let mut server =
+            Server::with_options(ring, backend, image.into(), readonly, self.options.server);
+        server.set_stats(stats);
+        server.set_device_flags(device_flags);
+        if let Err(e) = server.memory().resume() {
+            let ring = server.into_memory();
+            self.stage = Some(Stage::Paused(Box::new(Paused {
+                ring,
+                image: old_image,
+                readonly,
+                capacity,
+                stats,
+                device_flags,
+            })));
+            return Err(e);
+        }
+        self.stage = Some(Stage::Open(Box::new(server)));
+        self.generation += 1;
+        if let Err(e) = self.serve() {
+            eprintln!("blktap: tap {minor}: {e}");
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self) -> Result<(), ServeError> {
+        match self.server_mut() {
+            Some(s) => s.serve_ring(),
+            None => Ok(()),
+        }
+    }
+
+    /// Handles a readable ring fd: the kernel's message, then new requests.
+    pub fn on_ring(&mut self) -> TapEvent {
+        let msg = SharedRing::new(self.ring()).msg();
+        match msg {
+            RING_MESSAGE_CLOSE => return TapEvent::CloseRequested,
+            RING_MESSAGE_PAUSE if self.has_disk() => {
+                if let Err(e) = self.pause() {
+                    return TapEvent::Error(e);
+                }
+            }
+            RING_MESSAGE_RESUME if self.has_disk() => match self.stage() {
+                Stage::Pausing(_) => self.resume_requested = true,
+                _ => {
+                    if let Err(e) = self.unpause(None) {
+                        return TapEvent::Error(e);
+                    }
+                }
+            },
+            _ => {}
+        }
+        match self.serve() {
+            Ok(()) => TapEvent::Served,
+            Err(ServeError::Fault(f)) => TapEvent::Fault(f),
+            Err(ServeError::Sys(e)) => TapEvent::Error(e),
+        }
+    }
+
+    /// Answers completed I/O after the backend's fd polled readable.
+    pub fn on_backend(&mut self) -> Result<(), ServeError> {
+        match self.server_mut() {
+            Some(s) => s.serve_backend(),
+            None => Ok(()),
+        }
+    }
+
+    /// When [`TapCore::on_timer`] has work to do (retries).
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.server()?.next_wakeup()
+    }
+
+    /// Runs the retries that are due.
+    pub fn on_timer(&mut self) -> Result<(), ServeError> {
+        match self.server_mut() {
+            Some(s) => s.run_timers(),
+            None => Ok(()),
+        }
+    }
+
+    /// Shuts the tap down for good: waits for its I/O, removes the disk (errors are logged),
+    /// and gives the ring back.
+    pub fn shut_down(mut self) -> D {
+        if self.has_disk() {
+            if let Err(e) = self.close() {
+                eprintln!(
+                    "blktap: tap {}: {e}; dropping the ring anyway",
+                    self.minor()
+                );
+            }
+        }
+        match self.stage.take().expect("a tap always has a stage") {
+            Stage::Attached(ring) => ring,
+            Stage::Open(s) | Stage::Pausing(s) => s.into_memory(),
+            Stage::Paused(p) => p.ring,
+        }
+    }
+
+    /// The tap as `list` shows it.
+    pub fn entry(&self) -> TapEntry {
+        let (params, readonly) = match self.stage() {
+            Stage::Attached(_) => (None, false),
+            Stage::Open(s) | Stage::Pausing(s) => (Some(s.image().to_string()), s.readonly()),
+            Stage::Paused(p) => (Some(p.image.clone()), p.readonly),
+        };
+        TapEntry {
+            minor: self.minor(),
+            state: self.state(),
+            params,
+            readonly,
+        }
+    }
+
+    /// The tap's counters.
+    pub fn stats(&self) -> TapStats {
+        let mut stats = TapStats {
+            minor: self.minor(),
+            state: Some(self.state()),
+            ..Default::default()
+        };
+        match self.stage() {
+            Stage::Attached(_) => {}
+            Stage::Open(s) | Stage::Pausing(s) => {
+                stats.image = Some(s.image().to_string());
+                stats.sectors = s.capacity();
+                stats.size = s.capacity() * SECTOR_SIZE;
+                stats.readonly = s.readonly();
+                stats.io = s.stats();
+                stats.in_flight = s.in_flight() as u64;
+                stats.allocated_bytes = s.allocated_bytes();
+                stats.device_flags = s.device_flags();
+            }
+            Stage::Paused(p) => {
+                stats.image = Some(p.image.clone());
+                stats.sectors = p.capacity;
+                stats.size = p.capacity * SECTOR_SIZE;
+                stats.readonly = p.readonly;
+                stats.io = p.stats;
+                stats.device_flags = p.device_flags;
+            }
+        }
+        stats
+    }
+}
+
+/// The extension flags for a backend that does `features`.
+pub fn extension_flags(features: Features) -> u64 {
+    let mut flags = 0;
+    if features.flush {
+        flags |= abi::DEVICE_FLUSH;
+        // FUA only together with FLUSH.
+        if features.fua {
+            flags |= abi::DEVICE_FUA;
+        }
+    }
+    if features.discard {
+        flags |= abi::DEVICE_DISCARD;
+    }
+    flags
+}
+
+/// `CREATE_DEVICE` with the extensions, falling back as the kernel asks. Returns the flags the
+/// disk was created with.
+fn negotiate<D: RingDevice>(
+    ring: &D,
+    mut params: DiskParams,
+    features: Features,
+    options: TapOptions,
+    recovery: bool,
+) -> Result<u64> {
+    let recovery_flag = if recovery { abi::DEVICE_RECOVERY } else { 0 };
+    let ext = if options.extensions {
+        extension_flags(features)
+    } else {
+        0
+    };
+    let refused = |e: &Error| matches!(Errno::from_raw(e.errno()), Errno::EINVAL | Errno::ENOTTY);
+    params.flags = ext | recovery_flag;
+    match ring.create_device(&params) {
+        Ok(()) => return Ok(params.flags),
+        Err(e) if ext != 0 && refused(&e) => eprintln!(
+            "blktap: tap {}: the kernel refused the extensions {ext:#x} ({e}); \
+             creating the disk without them",
+            ring.minor()
+        ),
+        Err(e) => return Err(recovery_error(e, recovery, ring.minor())),
+    }
+    params.flags = recovery_flag;
+    match ring.create_device(&params) {
+        Ok(()) => Ok(params.flags),
+        Err(e) => Err(recovery_error(e, recovery, ring.minor())),
+    }
+}
+
+fn recovery_error(e: Error, recovery: bool, minor: u32) -> Error {
+    let refused = matches!(Errno::from_raw(e.errno()), Errno::EINVAL | Errno::ENOTTY);
+    if recovery && refused {
+        Error::os(
+            format!(
+                "create the disk of tap {minor}: recovery is unavailable, this kernel refuses \
+                 BLKTAP_DEVICE_RECOVERY ({e})"
+            ),
+            Errno::from_raw(e.errno()),
+        )
+    } else {
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::backend::immediate::Synchronous;
+    use crate::backend::ram::RamBackend;
+    use crate::backend::{Completion, ImageKind, Io};
+    use crate::server::sim::{SimDevice, SimKernel};
+
+    const R: u8 = abi::OP_READ;
+    const W: u8 = abi::OP_WRITE;
+
+    type Tap = TapCore<Rc<SimDevice>>;
+
+    fn ram(size: u64) -> Box<dyn Backend> {
+        Box::new(Synchronous::new(RamBackend::new(size).unwrap()))
+    }
+
+    fn open_args(recovery: bool, recover: bool) -> OpenArgs<'static> {
+        OpenArgs {
+            params: "ram:1M",
+            readonly: false,
+            recovery,
+            recover,
+        }
+    }
+
+    fn open_tap(k: &SimKernel, options: TapOptions, backend: Box<dyn Backend>) -> Tap {
+        let mut tap = TapCore::attach(Rc::clone(&k.mem), options);
+        tap.open_backend(&open_args(false, false), "ram:1M", backend)
+            .unwrap();
+        tap
+    }
+
+    fn ids(k: &mut SimKernel) -> Vec<(u64, i16)> {
+        k.responses().iter().map(|r| (r.id, r.status)).collect()
+    }
+
+    #[test]
+    fn extensions_are_negotiated_and_fall_back() {
+        let all = abi::DEVICE_FLUSH | abi::DEVICE_FUA | abi::DEVICE_DISCARD;
+        // A kernel that knows them.
+        let k = SimKernel::new();
+        let tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
+        assert_eq!(k.state().creates, [all]);
+        assert_eq!(k.state().disk, Some((2048, all)));
+        assert_eq!(tap.stats().device_flags, all);
+        assert_eq!(tap.state(), TapState::Open);
+
+        // An old kernel: EINVAL, then the old behaviour.
+        let k = SimKernel::new();
+        k.state_mut().known_flags = 0;
+        let _tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
+        assert_eq!(k.state().creates, [all, 0]);
+        assert_eq!(k.state().disk, Some((2048, 0)));
+
+        // --no-extensions: never asked.
+        let k = SimKernel::new();
+        let options = TapOptions {
+            extensions: false,
+            ..Default::default()
+        };
+        let _tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(k.state().creates, [0]);
+
+        // Recovery on an old kernel: refused twice, and opening fails clearly.
+        let k = SimKernel::new();
+        k.state_mut().known_flags = 0;
+        let mut tap = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
+        let e = tap
+            .open_backend(&open_args(true, false), "ram:1M", ram(1 << 20))
+            .unwrap_err();
+        assert!(e.to_string().contains("recovery is unavailable"), "{e}");
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert_eq!(
+            k.state().creates,
+            [all | abi::DEVICE_RECOVERY, abi::DEVICE_RECOVERY]
+        );
+        assert_eq!(tap.state(), TapState::Attached);
+        // A kernel that knows RECOVERY only.
+        k.state_mut().known_flags = abi::DEVICE_RECOVERY;
+        tap.open_backend(&open_args(true, false), "ram:1M", ram(1 << 20))
+            .unwrap();
+        assert_eq!(k.state().disk, Some((2048, abi::DEVICE_RECOVERY)));
+    }
+
+    /// A ram disk whose completions wait until the test opens the gate.
+    struct Gated {
+        ram: Synchronous<RamBackend>,
+        held: Vec<Completion>,
+        open: Rc<Cell<bool>>,
+    }
+
+    impl Backend for Gated {
+        fn kind(&self) -> ImageKind {
+            ImageKind::Ram
+        }
+        fn size(&self) -> u64 {
+            self.ram.size()
+        }
+        unsafe fn queue(&mut self, io: Io) {
+            // SAFETY: forwarded under the same contract.
+            unsafe { self.ram.queue(io) }
+        }
+        fn submit(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn reap(&mut self, out: &mut Vec<Completion>) {
+            self.ram.reap(&mut self.held);
+            if self.open.get() {
+                out.append(&mut self.held);
+            }
+        }
+        fn in_flight(&self) -> usize {
+            self.held.len() + self.ram.in_flight()
+        }
+        fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+            self.ram.reap(&mut self.held);
+            out.append(&mut self.held);
+            Ok(())
+        }
+        fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+            None
+        }
+    }
+
+    fn gated(size: u64) -> (Box<dyn Backend>, Rc<Cell<bool>>) {
+        let open = Rc::new(Cell::new(false));
+        let b = Gated {
+            ram: Synchronous::new(RamBackend::new(size).unwrap()),
+            held: Vec::new(),
+            open: Rc::clone(&open),
+        };
+        (Box::new(b), open)
+    }
+
+    #[test]
+    fn pause_waits_for_every_request_handed_out_then_closes_the_image() {
+        let mut k = SimKernel::new();
+        let (backend, gate) = gated(1 << 20);
+        let mut tap = open_tap(&k, TapOptions::default(), backend);
+        k.fill(0, 0, |_| 0x11);
+        k.submit(&SimKernel::request(W, 0, 0, &[(0, 7)]));
+        k.submit(&SimKernel::request(R, 1, 8, &[(0, 7)]));
+        assert!(matches!(tap.on_ring(), TapEvent::Served));
+        // Published before PAUSE, not fetched yet: pausing must still answer it.
+        k.submit(&SimKernel::request(R, 2, 16, &[(0, 7)]));
+        assert!(!tap.pause().unwrap(), "I/O is in flight");
+        assert_eq!(tap.state(), TapState::Pausing);
+        assert_eq!(tap.entry().state.code(), 0x10);
+        assert!(k.state().paused);
+        assert_eq!(
+            tap.server().unwrap().in_flight(),
+            3,
+            "request 2 was fetched"
+        );
+        // Requests after PAUSE wait in the kernel.
+        k.submit(&SimKernel::request(R, 3, 24, &[(0, 7)]));
+        assert_eq!(k.backlog(), 1);
+        assert!(tap.advance().is_none());
+        // Pausing again while draining: still in progress.
+        assert!(!tap.pause().unwrap());
+        // Unpausing while draining: try later.
+        assert_eq!(tap.unpause(None).unwrap_err().errno(), libc::EBUSY);
+        assert!(tap.on_backend().is_ok());
+        assert!(tap.advance().is_none(), "the gate holds the completions");
+        gate.set(true);
+        tap.on_backend().unwrap();
+        assert!(matches!(tap.advance(), Some(Ok(()))));
+        assert_eq!(tap.state(), TapState::Paused);
+        assert_eq!(tap.entry().state.code(), 0x20);
+        assert_eq!(ids(&mut k), [(0, 0), (1, 0), (2, 0)], "nothing failed");
+        assert!(tap.backend_fd().is_none());
+        assert!(tap.server().is_none(), "the image is closed");
+        let stats = tap.stats();
+        assert_eq!((stats.io.reads, stats.io.writes), (2, 1));
+        assert_eq!(stats.state, Some(TapState::Paused));
+        // Idempotent.
+        assert!(tap.pause().unwrap());
+        assert_eq!(k.state().pauses, 2);
+
+        // Another image of a different size: refused, still paused.
+        let e = tap.unpause_backend("ram:2M", ram(2 << 20)).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(e.to_string().contains("stays paused"), "{e}");
+        assert_eq!(tap.state(), TapState::Paused);
+        assert!(k.state().paused);
+        assert_eq!(k.backlog(), 1);
+
+        // The same size: resumed, the held-back request flows and is served.
+        tap.unpause_backend("ram:1M", ram(1 << 20)).unwrap();
+        assert_eq!(tap.state(), TapState::Open);
+        assert!(!k.state().paused);
+        assert_eq!(k.backlog(), 0);
+        assert_eq!(ids(&mut k), [(3, 0)]);
+        assert_eq!(tap.entry().params.as_deref(), Some("ram:1M"));
+        // The counters go on from before the pause.
+        assert_eq!(tap.stats().io.reads, 3);
+        // Unpausing an open tap is a no-op.
+        tap.unpause(None).unwrap();
+        assert!(tap.unpause(Some("ram:2M")).is_err());
+    }
+
+    #[test]
+    fn the_kernels_pause_and_resume_messages_drive_the_same_procedures() {
+        let mut k = SimKernel::new();
+        let mut tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
+        k.submit(&SimKernel::request(R, 0, 0, &[(0, 7)]));
+        k.set_msg(RING_MESSAGE_PAUSE);
+        assert!(matches!(tap.on_ring(), TapEvent::Served));
+        // The ram disk answers at once: paused right away, the message cleared by PAUSE.
+        assert_eq!(tap.state(), TapState::Paused);
+        assert_eq!(k.ring().msg(), 0);
+        assert_eq!(ids(&mut k), [(0, 0)]);
+        k.submit(&SimKernel::request(R, 1, 0, &[(0, 7)]));
+        assert!(matches!(tap.on_ring(), TapEvent::Served));
+        assert_eq!(k.backlog(), 1);
+        // RESUME: the image (a fresh ram:1M) is opened again.
+        k.set_msg(RING_MESSAGE_RESUME);
+        assert!(matches!(tap.on_ring(), TapEvent::Served));
+        assert_eq!(tap.state(), TapState::Open);
+        assert_eq!(k.ring().msg(), 0);
+        assert_eq!(ids(&mut k), [(1, 0)]);
+        // A RESUME for an open tap just clears the message.
+        k.set_msg(RING_MESSAGE_RESUME);
+        assert!(matches!(tap.on_ring(), TapEvent::Served));
+        assert_eq!(k.ring().msg(), 0);
+        assert_eq!(k.state().resumes, 2);
+    }
+
+    #[test]
+    fn a_resume_message_while_draining_resumes_once_paused() {
+        let mut k = SimKernel::new();
+        let (backend, gate) = gated(1 << 20);
+        let mut tap = open_tap(&k, TapOptions::default(), backend);
+        k.submit(&SimKernel::request(R, 0, 0, &[(0, 7)]));
+        k.set_msg(RING_MESSAGE_PAUSE);
+        tap.on_ring();
+        assert_eq!(tap.state(), TapState::Pausing);
+        k.set_msg(RING_MESSAGE_RESUME);
+        tap.on_ring();
+        assert_eq!(tap.state(), TapState::Pausing);
+        assert_eq!(k.ring().msg(), RING_MESSAGE_RESUME, "answered once done");
+        gate.set(true);
+        tap.on_backend().unwrap();
+        // Paused (the image closed), then opened again for the RESUME.
+        assert!(matches!(tap.advance(), Some(Ok(()))));
+        assert_eq!(tap.state(), TapState::Open);
+        assert_eq!(k.ring().msg(), 0);
+        assert_eq!(ids(&mut k), [(0, 0)]);
+        assert!(!k.state().paused);
+    }
+
+    #[test]
+    fn a_recovering_tapdisk_answers_the_requests_the_dead_one_left() {
+        let mut k = SimKernel::new();
+        let (backend, _gate) = gated(1 << 20);
+        let mut first = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
+        first
+            .open_backend(&open_args(true, false), "ram:1M", backend)
+            .unwrap();
+        assert_ne!(k.state().disk.unwrap().1 & abi::DEVICE_RECOVERY, 0);
+        k.fill(0, 0, |_| 0x5a);
+        k.submit(&SimKernel::request(W, 0, 64, &[(0, 7)]));
+        k.submit(&SimKernel::request(R, 1, 0, &[(0, 7)]));
+        // Taken, but held in the backend when the tapdisk dies...
+        first.on_ring();
+        // ... and one more published that it never saw.
+        k.submit(&SimKernel::request(R, 2, 8, &[(0, 7)]));
+        drop(first);
+        assert!(k.responses().is_empty());
+        assert_eq!(k.pending(), 3);
+
+        // The new tapdisk maps the ring: the kernel publishes the kept requests afresh.
+        k.reattach();
+        assert_eq!(k.ring().req_prod(), 3);
+        let mut second = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
+        // No disk of that size: refused, without CREATE_DEVICE.
+        let creates = k.state().creates.len();
+        let e = second
+            .open_backend(&open_args(false, true), "ram:2M", ram(2 << 20))
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert_eq!(second.state(), TapState::Attached);
+        second
+            .open_backend(&open_args(false, true), "ram:1M", ram(1 << 20))
+            .unwrap();
+        assert_eq!(k.state().creates.len(), creates, "no CREATE_DEVICE");
+        assert_eq!(ids(&mut k), [(0, 0), (1, 0), (2, 0)]);
+        assert_eq!(k.pending(), 0);
+        // The write was carried out by the new tapdisk.
+        k.submit(&SimKernel::request(R, 3, 64, &[(0, 7)]));
+        second.on_ring();
+        assert_eq!(ids(&mut k), [(3, 0)]);
+        assert!(k.page(3, 0).iter().all(|&b| b == 0x5a));
+
+        // Recovering a tap without a disk.
+        second.close().unwrap();
+        assert_eq!(k.state().disk, None);
+        let e = second
+            .open_backend(&open_args(false, true), "ram:1M", ram(1 << 20))
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENODEV);
+    }
+
+    #[test]
+    fn closing_a_paused_tap_removes_its_disk_and_close_messages_are_reported() {
+        let k = SimKernel::new();
+        let mut tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
+        assert!(tap.pause().unwrap());
+        assert!(tap.has_disk());
+        tap.close().unwrap();
+        assert_eq!(tap.state(), TapState::Attached);
+        assert_eq!(k.state().disk, None);
+        assert_eq!(tap.pause().unwrap_err().errno(), libc::EINVAL);
+        k.set_msg(RING_MESSAGE_CLOSE);
+        assert!(matches!(tap.on_ring(), TapEvent::CloseRequested));
+        let ring = tap.shut_down();
+        assert!(Rc::ptr_eq(&ring, &k.mem));
+    }
+}
