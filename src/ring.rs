@@ -19,7 +19,10 @@
 //! `Tap::inner` (mutex) before `Tap::ring` (spinlock, `blktap_ring`). The spinlock is never held
 //! across page allocation, a user copy, an mm operation, or the end of a request.
 
-use core::ptr;
+use core::{
+    mem::ManuallyDrop,
+    ptr, //
+};
 
 use kernel::{
     bindings,
@@ -250,6 +253,8 @@ pub(crate) struct RingState {
     mm: usize,
     /// The shared pages while mapped.
     pages: Option<Arc<RingPages>>,
+    /// Live vmas of the mapping: 1, and 2 while `mremap` holds a copy it will close.
+    vmas: u32,
     req_prod_pvt: u32,
     published: u32,
     polled: u32,
@@ -276,6 +281,7 @@ impl RingState {
             live: false,
             mm: 0,
             pages: None,
+            vmas: 0,
             req_prod_pvt: 0,
             published: 0,
             polled: 0,
@@ -842,6 +848,7 @@ impl RingFile {
             // SAFETY: `vma` is being set up; its mm is compared only.
             ring.mm = unsafe { ffi::blktap_vma_mm(raw) } as usize;
             ring.live = true;
+            ring.vmas = 1;
             ring.req_prod_pvt = 0;
             ring.published = 0;
             ring.polled = 0;
@@ -934,13 +941,49 @@ impl RingFile {
     }
 }
 
+// Each vma of a ring mapping holds a reference on the tap (its private data, from
+// `Arc::into_raw`) and counts in `RingState::vmas`. The mm copies a vma only for `mremap`
+// (`open` on the copy), which `vma_mremap` then refuses, so the copy is closed again; the ring is
+// gone when the last vma closes.
+
 /// # Safety
 ///
-/// Called by the mm with a ring mapping set up by `RingFile::mmap`, once, as it goes away.
+/// Called by the mm with a copy of a ring vma (`mremap`), whose private data is the original's.
+unsafe extern "C" fn vma_open(vma: *mut bindings::vm_area_struct) {
+    // SAFETY: The private data is an `Arc<Tap>` from `into_raw`, owned by the original vma,
+    // which lives during this call; it is not dropped here.
+    let tap = ManuallyDrop::new(unsafe {
+        Arc::from_raw(ffi::blktap_vma_private(vma).cast::<Tap>().cast_const())
+    });
+    // The copy's own reference, released by its `close`.
+    let _ = ManuallyDrop::new(Arc::clone(&tap));
+    tap.ring.lock().vmas += 1;
+}
+
+/// # Safety
+///
+/// Called by the mm with a ring vma set up by `RingFile::mmap` or `vma_open`, once, as it goes
+/// away.
 unsafe extern "C" fn vma_close(vma: *mut bindings::vm_area_struct) {
-    // SAFETY: `mmap` stored an `Arc<Tap>` from `into_raw` as the private data; `close` runs once.
+    // SAFETY: Each ring vma holds one reference from `into_raw` (`mmap`) or `clone` (`open`) as
+    // its private data; `close` runs once per vma.
     let tap = unsafe { Arc::from_raw(ffi::blktap_vma_private(vma).cast::<Tap>().cast_const()) };
-    tap.ring_gone();
+    let last = {
+        let mut ring = tap.ring.lock();
+        ring.vmas = ring.vmas.saturating_sub(1);
+        ring.vmas == 0
+    };
+    if last {
+        tap.ring_gone();
+    }
+}
+
+/// # Safety
+///
+/// Called by the mm with the copy of a ring vma that `mremap` made.
+unsafe extern "C" fn vma_mremap(_vma: *mut bindings::vm_area_struct) -> i32 {
+    // The ring stays where tapdisk mapped it; the mm closes the copy.
+    EINVAL.to_errno()
 }
 
 /// # Safety
@@ -952,8 +995,10 @@ unsafe extern "C" fn vma_may_split(_vma: *mut bindings::vm_area_struct, _addr: u
 }
 
 static RING_VM_OPS: bindings::vm_operations_struct = bindings::vm_operations_struct {
+    open: Some(vma_open),
     close: Some(vma_close),
     may_split: Some(vma_may_split),
+    mremap: Some(vma_mremap),
     ..pin_init::zeroed()
 };
 
