@@ -215,6 +215,21 @@ def make_device(name):
             "tapdev-ram": lambda: Tapdev(f"ram:{SPAN}")}[name]()
 
 
+def no_scheduler(path):
+    """Sets the I/O scheduler to none (this kernel has mq-deadline built in, the default for
+    single-queue disks), so every device is measured on blk-mq's direct dispatch. What the
+    scheduler file said before and after."""
+    rdev = os.stat(path).st_rdev
+    sysdev = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    sched = sysdev / "queue/scheduler"
+    before = sched.read_text().strip()
+    try:
+        sched.write_text("none")
+    except OSError as e:
+        raise RuntimeError(f"cannot set {sched} to none: {e}") from e
+    return {"default": before, "used": sched.read_text().strip()}
+
+
 def pids_with_open(node):
     found = []
     for fd in glob.glob("/proc/[0-9]*/fd/*"):
@@ -398,6 +413,7 @@ def profile_device(devname, runtime):
     d = make_device(devname)
     path, _ = d.setup()
     try:
+        no_scheduler(path)
         pids = d.server_pids()
         hz = os.sysconf("SC_CLK_TCK")
         for job in ("randread-4k-qd1", "randread-4k-qd32"):
@@ -498,6 +514,7 @@ def run(args):
             try:
                 note(f"{name}: setting up")
                 path, info = d.setup()
+                info["scheduler"] = no_scheduler(path)
                 emit("device", device=name, path=path, **info)
                 for r in range(runs):
                     results = fio(path, jobs, runtime, ramp)
