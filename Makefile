@@ -7,12 +7,13 @@ CACHE ?= $(HOME)/.cache/blktap2-rs
 VARIANT ?= default
 KDIR ?= $(CACHE)/kernel/$(VARIANT)
 
-.PHONY: help setup kernel module userspace test test-debug demo clean
+.PHONY: help setup kernel module userspace test test-debug demo bench clean
 
 help:
 	@echo "make demo       set up everything, then show blktap in a VM (the main job)"
 	@echo "make test       run every test (host checks, KUnit, VM tests)"
 	@echo "make test-debug the same on the debug kernel (lockdep, KASAN, ...)"
+	@echo "make bench      benchmark tapdev vs null_blk, rnull, ublk in a VM (bench/results.*)"
 	@echo "make setup      install packages, toolchain and kernel source (idempotent)"
 	@echo "make kernel     build the test kernel into the cache (once)"
 	@echo "make module     build blktap.ko against the cached kernel"
@@ -38,6 +39,10 @@ test-debug:
 
 demo:
 	@scripts/demo
+
+# BENCH_ARGS: e.g. --profile, --runs 5, --smoke (see scripts/bench --help)
+bench:
+	@scripts/bench $(BENCH_ARGS)
 
 clean:
 	@[ -d $(KDIR) ] && $(MAKE) -s -C $(KDIR) M=$(CURDIR) LLVM=-19 clean || true

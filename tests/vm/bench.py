@@ -1,0 +1,630 @@
+#!/usr/bin/env python3
+"""The benchmark's guest side: sets up each block device in turn, runs the fio jobs on it, tears
+it down, measures the memory a tap costs, and optionally profiles tapdev vs ublk.
+
+    tests/vm/bench.py run [--smoke] [--runs N] [--runtime S] [--ramp S] [--taps N] [--profile]
+    tests/vm/bench.py check FILE      (the smoke test: every device produced numbers)
+
+Runs as root inside the test VM (tests/vm/run.py), where the host's root is the guest's root:
+fio, strace, perf and rublk are the host's binaries. Every result is one console line
+`BENCH-RESULT <json>`; scripts/bench parses them out of the console log (the guest's file
+systems are read-only or tmpfs, so the console is the way out).
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(os.environ.get("BLKTAP_REPO", Path(__file__).resolve().parents[2]))
+KDIR = Path(os.environ.get("BLKTAP_KDIR", Path.home() / ".cache/blktap2-rs/kernel/default"))
+RELEASE = REPO / "userspace/target/release"
+TAPCTL = str(RELEASE / "tap-ctl")
+CLASS = Path("/sys/class/blktap2")
+MARK = "BENCH-RESULT "
+
+# The fio jobs: name -> (rw, block size, queue depth).
+JOBS = {
+    "randread-4k-qd1": ("randread", "4k", 1),
+    "randread-4k-qd32": ("randread", "4k", 32),
+    "randwrite-4k-qd32": ("randwrite", "4k", 32),
+    "seqread-44k-qd32": ("read", "44k", 32),
+    "seqwrite-44k-qd32": ("write", "44k", 32),
+}
+SMOKE_JOBS = ["randread-4k-qd32", "seqwrite-44k-qd32"]
+# Every device is used over the same 256 MiB (the ram: tap holds it in tapdisk's memory).
+SPAN = "256M"
+DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram"]
+# A device that may be missing, with the reason printed instead of numbers.
+OPTIONAL = {"rnull"}
+
+
+def emit(kind, **fields):
+    """One result line on the console, in a single write."""
+    line = MARK + json.dumps({"kind": kind, **fields}, separators=(",", ":")) + "\n"
+    os.write(1, line.encode())
+
+
+T0 = time.monotonic()
+
+
+def note(msg):
+    print(f"# bench [{time.monotonic() - T0:5.1f}s]: {msg}", flush=True)
+
+
+def sh(cmd, check=True, **kw):
+    p = subprocess.run(cmd, shell=isinstance(cmd, str), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, **kw)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{cmd!r} exited {p.returncode}: {p.stdout.strip()[-800:]}")
+    return p.stdout.strip()
+
+
+def wait_for(path, seconds=10.0):
+    end = time.time() + seconds
+    while time.time() < end:
+        if os.path.exists(path):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def find_rublk():
+    for c in [os.environ.get("BENCH_RUBLK"), shutil.which("rublk"), "/root/.cargo/bin/rublk",
+              *glob.glob("/home/*/.cargo/bin/rublk")]:
+        if c and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: each is a context with setup() -> (path, info) and teardown(), and server_pids() for
+# the profile (the userspace process that serves the I/O, if any).
+
+class NullBlk:
+    name = "null_blk"
+
+    def setup(self):
+        params = ["nr_devices=1", "queue_mode=2", "irqmode=0", "memory_backed=0", "gb=1",
+                  "bs=512", "submit_queues=1", "hw_queue_depth=128"]
+        sh(["insmod", str(KDIR / "drivers/block/null_blk/null_blk.ko"), *params])
+        if not wait_for("/dev/nullb0"):
+            raise RuntimeError("/dev/nullb0 did not appear")
+        return "/dev/nullb0", {"params": " ".join(params)}
+
+    def teardown(self):
+        sh(["rmmod", "null_blk"], check=False)
+
+    def server_pids(self):
+        return []
+
+
+class RNull:
+    name = "rnull"
+    cfg = Path("/sys/kernel/config/rnull")
+
+    def setup(self):
+        ko = KDIR / "drivers/block/rnull/rnull_mod.ko"
+        if not ko.exists():
+            raise Skip(f"{ko} not built")
+        if not os.path.ismount("/sys/kernel/config"):
+            sh("mount -t configfs none /sys/kernel/config")
+        sh(["insmod", str(ko)])
+        if not self.cfg.is_dir():
+            raise Skip("rnull_mod loaded but /sys/kernel/config/rnull does not exist")
+        dev = self.cfg / "rnullb0"
+        dev.mkdir()
+        # Same as null_blk above: inline completion (irqmode 0), 512 B blocks, 1 GiB.
+        for attr, val in [("blocksize", "512"), ("size", "1024"), ("irqmode", "0"), ("power", "1")]:
+            (dev / attr).write_text(val)
+        if not wait_for("/dev/rnullb0"):
+            raise RuntimeError("/dev/rnullb0 did not appear after power=1")
+        return "/dev/rnullb0", {"params": "configfs: blocksize=512 size=1024 irqmode=0 power=1",
+                                "features": (self.cfg / "features").read_text().strip()}
+
+    def teardown(self):
+        dev = self.cfg / "rnullb0"
+        if dev.is_dir():
+            try:
+                (dev / "power").write_text("0")
+            except OSError:
+                pass
+            os.rmdir(dev)
+        sh(["rmmod", "rnull_mod"], check=False)
+
+    def server_pids(self):
+        return []
+
+
+class Ublk:
+    name = "ublk-null"
+
+    def __init__(self):
+        self.rublk = None
+
+    def setup(self):
+        self.rublk = find_rublk()
+        if not self.rublk:
+            raise RuntimeError("rublk not found (scripts/setup installs it with cargo install)")
+        sh(["insmod", str(KDIR / "drivers/block/ublk_drv.ko")])
+        if not wait_for("/dev/ublk-control"):
+            raise RuntimeError("/dev/ublk-control did not appear")
+        # One queue (as one tapdisk serves one ring), depth 32 (the blktap ring's). rublk's null
+        # target is 250 GiB and touches no data; fio uses the first 256 MiB, as everywhere.
+        out = sh([self.rublk, "add", "null", "-q", "1", "-d", "32"])
+        if not wait_for("/dev/ublkb0"):
+            raise RuntimeError(f"/dev/ublkb0 did not appear: {out}")
+        version = sh([self.rublk, "--version"], check=False)
+        return "/dev/ublkb0", {"params": "rublk add null -q 1 -d 32",
+                               "rublk": version}
+
+    def teardown(self):
+        if self.rublk:
+            sh([self.rublk, "del", "-a"], check=False)
+        for _ in range(50):
+            if not os.path.exists("/dev/ublkb0"):
+                break
+            time.sleep(0.1)
+        sh(["rmmod", "ublk_drv"], check=False)
+
+    def server_pids(self):
+        # rublk's daemon: the process that has /dev/ublkc0 open.
+        return pids_with_open("/dev/ublkc0")
+
+
+class Tapdev:
+    def __init__(self, image):
+        self.image = image
+        self.name = "tapdev-" + image.split(":")[0]
+        self.minor = None
+
+    def setup(self):
+        ensure_blktap()
+        dev = sh([TAPCTL, "create", "-a", self.image])
+        self.minor = int(dev.rsplit("tapdev", 1)[1])
+        return dev, {"params": f"tap-ctl create -a {self.image}"}
+
+    def teardown(self):
+        if self.minor is not None:
+            sh([TAPCTL, "destroy", "-m", str(self.minor)], check=False)
+            self.minor = None
+
+    def server_pids(self):
+        return [int((CLASS / f"blktap!blktap{self.minor}/task").read_text())]
+
+
+class Skip(Exception):
+    pass
+
+
+def ensure_blktap():
+    if not Path("/proc/misc").read_text().count("blktap/control"):
+        sh(["insmod", str(REPO / "blktap.ko")])
+
+
+def make_device(name):
+    return {"null_blk": NullBlk, "rnull": RNull, "ublk-null": Ublk,
+            "tapdev-null": lambda: Tapdev(f"null:{SPAN}"),
+            "tapdev-ram": lambda: Tapdev(f"ram:{SPAN}")}[name]()
+
+
+def no_scheduler(path):
+    """Sets the I/O scheduler to none (this kernel has mq-deadline built in, the default for
+    single-queue disks), so every device is measured on blk-mq's direct dispatch. What the
+    scheduler file said before and after."""
+    rdev = os.stat(path).st_rdev
+    sysdev = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    sched = sysdev / "queue/scheduler"
+    before = sched.read_text().strip()
+    try:
+        sched.write_text("none")
+    except OSError as e:
+        raise RuntimeError(f"cannot set {sched} to none: {e}") from e
+    return {"default": before, "used": sched.read_text().strip()}
+
+
+def pids_with_open(node):
+    found = []
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == node:
+                found.append(int(fd.split("/")[2]))
+        except OSError:
+            pass
+    return sorted(set(found))
+
+
+# ---------------------------------------------------------------------------------------------
+# fio
+
+def fio(dev, jobs, runtime, ramp, out="/tmp/fio.json"):
+    """Runs `jobs` one after the other (stonewall) in one fio process: fio's start-up is slow
+    under TCG. Their results, by job name."""
+    cmd = ["fio", f"--filename={dev}", "--ioengine=io_uring", "--direct=1", f"--size={SPAN}",
+           "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}", "--norandommap",
+           "--randrepeat=0", "--lat_percentiles=1", "--output-format=json", f"--output={out}"]
+    for job in jobs:
+        rw, bs, qd = JOBS[job]
+        cmd += [f"--name={job}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--stonewall"]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"fio {jobs} on {dev} exited {p.returncode}: {p.stdout.strip()[-500:]}")
+    return parse_fio(Path(out).read_text())
+
+
+def parse_fio(text):
+    # fio may print notes before the JSON.
+    data = json.loads(text[text.index("{"):])
+    results = {}
+    for j in data["jobs"]:
+        name = j["jobname"]
+        if j.get("error"):
+            raise RuntimeError(f"fio job {name}: error {j['error']}")
+        side = j["write" if "write" in JOBS[name][0] else "read"]
+        lat = side["lat_ns"]
+        pct = lat.get("percentile", {})
+        results[name] = {
+            "iops": side["iops"],
+            "bw_kib": side["bw"],
+            "ios": side["total_ios"],
+            "lat_mean_us": lat["mean"] / 1000,
+            "lat_p99_us": pct.get("99.000000", 0) / 1000,
+            "usr_cpu": j["usr_cpu"],
+            "sys_cpu": j["sys_cpu"],
+            "ctx": j["ctx"],
+        }
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+def meminfo():
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, v = line.split(":", 1)
+        out[k] = int(v.split()[0])  # KiB
+    # Free pages parked on the per-CPU lists are not in MemFree: add them, or MemFree moves by
+    # a few MiB on its own.
+    pcp = sum(int(m) for m in re.findall(r"^\s+count:\s+(\d+)", Path("/proc/zoneinfo").read_text(), re.M))
+    out["PcpFree"] = pcp * os.sysconf("SC_PAGE_SIZE") // 1024
+    out["Free"] = out["MemFree"] + out["PcpFree"]
+    return out
+
+
+def proc_status(pid):
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k.startswith("Rss") or k in ("VmRSS", "VmPTE", "Threads", "voluntary_ctxt_switches",
+                                        "nonvoluntary_ctxt_switches"):
+            out[k] = int(v.split()[0])
+    return out
+
+
+def settle():
+    sh("sync; echo 3 > /proc/sys/vm/drop_caches", check=False)
+    time.sleep(0.2)
+
+
+MEMKEYS = ["Free", "MemFree", "PcpFree", "Slab", "SUnreclaim", "SReclaimable", "KernelStack", "PageTables", "Percpu",
+           "VmallocUsed", "Shmem", "AnonPages", "Cached"]
+
+
+def measure_memory(n):
+    """Kernel memory and tapdisk RSS per tap, one tapdisk serving n taps; and one tap per
+    tapdisk (tap-ctl create)."""
+    ensure_blktap()
+    result = {"taps": n}
+    # One tap, its own tapdisk (what tap-ctl create makes).
+    dev = sh([TAPCTL, "create", "-a", f"null:{SPAN}"])
+    minor = int(dev.rsplit("tapdev", 1)[1])
+    pid = int((CLASS / f"blktap!blktap{minor}/task").read_text())
+    result["one_tap_tapdisk"] = proc_status(pid)
+    sh([TAPCTL, "destroy", "-m", str(minor)])
+
+    # One tapdisk, then n taps on it: the deltas are the taps' cost.
+    tpid = int(sh([TAPCTL, "spawn"]))
+    time.sleep(0.2)
+    settle()
+    m0, s0 = meminfo(), proc_status(tpid)
+    minors = []
+    for _ in range(n):
+        m = int(sh([TAPCTL, "allocate"]).rsplit("tapdev", 1)[1])
+        sh([TAPCTL, "attach", "-p", str(tpid), "-m", str(m)])
+        sh([TAPCTL, "open", "-p", str(tpid), "-m", str(m), "-a", "null:64M"])
+        minors.append(m)
+    settle()
+    m1, s1 = meminfo(), proc_status(tpid)
+    result["tapdisk_before"] = s0
+    result["tapdisk_after"] = s1
+    result["meminfo_delta_kib"] = {k: m1.get(k, 0) - m0.get(k, 0) for k in MEMKEYS}
+    for m in minors:
+        sh([TAPCTL, "destroy", "-p", str(tpid), "-m", str(m)])
+    settle()
+    m2 = meminfo()
+    result["meminfo_after_destroy_delta_kib"] = {k: m2.get(k, 0) - m0.get(k, 0) for k in MEMKEYS}
+    d = result["meminfo_delta_kib"]
+    anon = s1.get("RssAnon", 0) - s0.get("RssAnon", 0)
+    result["per_tap_kib"] = {
+        "memfree_drop": -d["Free"] / n,
+        "slab": d["Slab"] / n,
+        "page_tables": d["PageTables"] / n,
+        "tapdisk_rss_anon": anon / n,
+        "tapdisk_rss_file": (s1.get("RssFile", 0) - s0.get("RssFile", 0)) / n,
+        "tapdisk_rss_shmem": (s1.get("RssShmem", 0) - s0.get("RssShmem", 0)) / n,
+        # What the kernel holds for a tap: everything MemFree lost but tapdisk's own heap.
+        "kernel": (-d["Free"] - anon) / n,
+        "ring_pages": 353 * 4,
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile: counters around a fio run, then the same under strace -c, then under perf record.
+
+def cpu_ticks():
+    f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    names = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
+    return dict(zip(names, map(int, f)))
+
+
+
+def task_counters(pids):
+    """Sum of ctxt switches over every thread, and utime/stime (ticks) of the processes."""
+    c = {"voluntary": 0, "nonvoluntary": 0, "utime": 0, "stime": 0, "threads": 0}
+    for pid in pids:
+        for st in glob.glob(f"/proc/{pid}/task/*/status"):
+            s = Path(st).read_text()
+            c["voluntary"] += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", s, re.M).group(1))
+            c["nonvoluntary"] += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", s, re.M).group(1))
+            c["threads"] += 1
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        c["utime"] += int(fields[11])
+        c["stime"] += int(fields[12])
+    return c
+
+
+def interrupts():
+    out = {}
+    for line in Path("/proc/interrupts").read_text().splitlines()[1:]:
+        parts = line.split()
+        if not parts:
+            continue
+        name = parts[0].rstrip(":")
+        counts = [int(x) for x in parts[1:] if x.isdigit()]
+        desc = " ".join(p for p in parts[1 + len(counts):])
+        out[f"{name} {desc}".strip()] = sum(counts)
+    return out
+
+
+def system_ctxt():
+    return int(re.search(r"^ctxt (\d+)", Path("/proc/stat").read_text(), re.M).group(1))
+
+
+def profile_device(devname, runtime):
+    d = make_device(devname)
+    path, _ = d.setup()
+    try:
+        no_scheduler(path)
+        pids = d.server_pids()
+        hz = os.sysconf("SC_CLK_TCK")
+        for job in ("randread-4k-qd1", "randread-4k-qd32"):
+            rec = {"device": devname, "job": job, "server_pids": pids}
+            # 1. counters
+            t0, i0, c0, x0 = task_counters(pids), interrupts(), cpu_ticks(), system_ctxt()
+            r = fio(path, [job], runtime, 0)[job]
+            t1, i1, c1, x1 = task_counters(pids), interrupts(), cpu_ticks(), system_ctxt()
+            ios = r["ios"]
+            rec["fio"] = r
+            dt = {k: t1[k] - t0[k] for k in t0 if k != "threads"}
+            rec["server"] = {
+                "threads": t1["threads"],
+                "ctxt_per_io": (dt["voluntary"] + dt["nonvoluntary"]) / ios if pids else None,
+                "voluntary_per_io": dt["voluntary"] / ios if pids else None,
+                "cpu_us_per_io": (dt["utime"] + dt["stime"]) * 1e6 / hz / ios if pids else None,
+                "user_us_per_io": dt["utime"] * 1e6 / hz / ios if pids else None,
+                "sys_us_per_io": dt["stime"] * 1e6 / hz / ios if pids else None,
+            }
+            rec["system"] = {
+                "ctxt_per_io": (x1 - x0) / ios,
+                "cpu_ticks": {k: c1[k] - c0[k] for k in c0},
+                "interrupts_per_io": {k: round((i1[k] - i0.get(k, 0)) / ios, 3)
+                                      for k in i1 if i1[k] - i0.get(k, 0) > ios * 0.01},
+            }
+            # 2. syscalls of the server, under strace -c (slower: counts, not times, matter).
+            if pids and shutil.which("strace"):
+                tids = [int(t) for p in pids for t in os.listdir(f"/proc/{p}/task")]
+                args = ["strace", "-c", "-q", "-o", "/tmp/strace.out"]
+                for t in tids:
+                    args += ["-p", str(t)]
+                st = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
+                rs = fio(path, [job], runtime, 0, out="/tmp/fio-strace.json")[job]
+                st.send_signal(signal.SIGINT)
+                st.wait(timeout=30)
+                rec["strace"] = {"ios": rs["ios"], "iops": rs["iops"],
+                                 "per_io": parse_strace(Path("/tmp/strace.out").read_text(), rs["ios"])}
+            # 3. where the CPU goes, system-wide (cpu-clock sampling).
+            if shutil.which("perf"):
+                rec["perf"] = perf_profile(path, job, runtime)
+            emit("profile", **rec)
+    finally:
+        d.teardown()
+
+
+def parse_strace(text, ios):
+    calls = {}
+    for line in text.splitlines():
+        parts = line.split()
+        # % time  seconds  usecs/call  calls  [errors]  syscall
+        if len(parts) >= 5 and re.match(r"^[\d.]+$", parts[0]) and parts[-1] != "total":
+            try:
+                calls[parts[-1]] = int(parts[3])
+            except ValueError:
+                pass
+    out = {k: round(v / ios, 3) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}
+    out["total"] = round(sum(calls.values()) / ios, 3)
+    return out
+
+
+def perf_profile(path, job, runtime):
+    data = "/tmp/perf.data"
+    rec = subprocess.Popen(["perf", "record", "-q", "-a", "-e", "cpu-clock", "-F", "1999", "-o", data,
+                            "--", "sleep", str(runtime)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    try:
+        r = fio(path, [job], runtime, 0, out="/tmp/fio-perf.json")[job]
+    finally:
+        _, err = rec.communicate(timeout=60)
+    if rec.returncode != 0:
+        return {"error": f"perf record exited {rec.returncode}: {err.strip()[-300:]}"}
+    out = {"ios": r["ios"], "iops": r["iops"], "seconds": runtime, "cpus": os.cpu_count()}
+    for key, sort in (("by_comm", "comm"), ("by_symbol", "comm,sym")):
+        p = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", sort,
+                            "--percent-limit", "1.5"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           text=True)
+        out[key] = [l.rstrip() for l in p.stdout.splitlines() if l.strip() and not l.startswith("#")][:30]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run(args):
+    jobs = SMOKE_JOBS if args.smoke else list(JOBS)
+    runs = 1 if args.smoke else args.runs
+    runtime = args.runtime if args.runtime else (1 if args.smoke else 5)
+    ramp = args.ramp if args.ramp is not None else (0 if args.smoke else 1)
+    emit("meta", kernel=os.uname().release, nproc=os.cpu_count(),
+         mem_kib=meminfo()["MemTotal"], fio=sh(["fio", "--version"]), jobs=jobs, runs=runs,
+         runtime=runtime, ramp=ramp, span=SPAN, smoke=args.smoke,
+         job_specs={j: JOBS[j] for j in jobs})
+    failed = 0
+    if not args.no_devices:
+        for name in DEVICES:
+            d = make_device(name)
+            try:
+                note(f"{name}: setting up")
+                path, info = d.setup()
+                info["scheduler"] = no_scheduler(path)
+                emit("device", device=name, path=path, **info)
+                for r in range(runs):
+                    results = fio(path, jobs, runtime, ramp)
+                    for job in jobs:
+                        res = results[job]
+                        emit("run", device=name, job=job, run=r, **res)
+                        note(f"{name} {job} run {r}: {res['iops']:.0f} IOPS, "
+                             f"{res['lat_mean_us']:.1f} us mean")
+            except Skip as e:
+                emit("device", device=name, skipped=str(e))
+                note(f"{name}: skipped: {e}")
+            except Exception as e:  # noqa: BLE001 - reported, and the run fails
+                emit("device", device=name, error=str(e))
+                note(f"{name}: FAILED: {e}")
+                failed += 1
+            finally:
+                d.teardown()
+    try:
+        note(f"memory: {args.taps} taps")
+        emit("memory", **measure_memory(args.taps))
+    except Exception as e:  # noqa: BLE001
+        emit("memory", error=str(e))
+        failed += 1
+    if args.profile:
+        for name in ("tapdev-null", "ublk-null"):
+            note(f"profile: {name}")
+            try:
+                profile_device(name, runtime)
+            except Exception as e:  # noqa: BLE001
+                emit("profile", device=name, error=str(e))
+                failed += 1
+    if Path("/proc/misc").read_text().count("blktap/control"):
+        sh(["rmmod", "blktap"], check=False)
+    note("done")
+    emit("done", failed=failed)
+    return 1 if failed else 0
+
+
+def read_results(text):
+    """The BENCH-RESULT records of a console log (or of the guest's own output)."""
+    records = []
+    for line in text.replace("\r\n", "\n").splitlines():
+        i = line.find(MARK)
+        if i >= 0:
+            records.append(json.loads(line[i + len(MARK):]))
+    return records
+
+
+def check(path):
+    """The smoke test's verdict: each device ran each job (or, if optional, says why not), the
+    memory was measured, the guest side finished. Prints what is wrong; status 0 if nothing."""
+    problems = []
+    try:
+        recs = read_results(Path(path).read_text())
+    except (ValueError, OSError) as e:
+        print(f"results are not well-formed: {e}")
+        return 1
+    meta = [r for r in recs if r["kind"] == "meta"]
+    if not meta:
+        problems.append("no meta record")
+    jobs = meta[0]["jobs"] if meta else []
+    for dev in DEVICES:
+        d = [r for r in recs if r["kind"] == "device" and r["device"] == dev]
+        if not d:
+            problems.append(f"{dev}: no device record")
+            continue
+        if "skipped" in d[0]:
+            if dev not in OPTIONAL:
+                problems.append(f"{dev}: skipped: {d[0]['skipped']}")
+            continue
+        if "error" in d[0]:
+            problems.append(f"{dev}: {d[0]['error']}")
+            continue
+        for job in jobs:
+            rs = [r for r in recs if r["kind"] == "run" and r["device"] == dev and r["job"] == job]
+            if not rs:
+                problems.append(f"{dev} {job}: no result")
+            for r in rs:
+                if not (r["iops"] > 0 and r["bw_kib"] > 0 and r["lat_mean_us"] > 0 and r["lat_p99_us"] > 0):
+                    problems.append(f"{dev} {job}: empty numbers {r}")
+    mem = [r for r in recs if r["kind"] == "memory"]
+    if not mem or "error" in mem[0] or mem[0]["per_tap_kib"]["memfree_drop"] <= 0:
+        problems.append(f"memory: {mem[0] if mem else 'no record'}")
+    done = [r for r in recs if r["kind"] == "done"]
+    if not done or done[0]["failed"]:
+        problems.append(f"the guest side did not finish cleanly: {done}")
+    for p in problems:
+        print(p)
+    print(f"{len(recs)} records, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--smoke", action="store_true", help="1 run, 1 s, two jobs")
+    r.add_argument("--runs", type=int, default=3)
+    r.add_argument("--runtime", type=int, default=0, help="seconds per fio job (5; smoke 1)")
+    r.add_argument("--ramp", type=int, default=None, help="fio ramp_time (1; smoke 0)")
+    r.add_argument("--taps", type=int, default=32, help="taps for the memory measurement")
+    r.add_argument("--profile", action="store_true", help="also profile tapdev-null vs ublk-null")
+    r.add_argument("--no-devices", action="store_true", help="skip the fio runs")
+    c = sub.add_parser("check")
+    c.add_argument("file")
+    args = ap.parse_args()
+    if args.cmd == "check":
+        return check(args.file)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
