@@ -308,13 +308,14 @@ unsafe impl<T: Operations> Send for TagSet<T> {}
 unsafe impl<T: Operations> Sync for TagSet<T> {}
 
 impl<T: Operations> TagSet<T> {
-    /// A tag set of `depth` tags. With `blocking`, `queue_rq` may sleep.
-    pub fn new(depth: u32, blocking: bool) -> impl PinInit<Self, Error> {
-        let flags = if blocking {
-            bindings::BLK_MQ_F_BLOCKING
-        } else {
-            0
-        };
+    /// `queue_rq` may sleep (`BLK_MQ_F_BLOCKING`).
+    pub const BLOCKING: u32 = bindings::BLK_MQ_F_BLOCKING;
+    /// Disks on the set start without an I/O scheduler (`BLK_MQ_F_NO_SCHED_BY_DEFAULT`).
+    pub const NO_SCHED_BY_DEFAULT: u32 = bindings::BLK_MQ_F_NO_SCHED_BY_DEFAULT;
+
+    /// A tag set of `depth` tags, with `flags` from the constants above.
+    pub fn new(depth: u32, flags: u32) -> impl PinInit<Self, Error> {
+        let flags = flags & (Self::BLOCKING | Self::NO_SCHED_BY_DEFAULT);
         try_pin_init!(Self {
             set <- Opaque::try_ffi_init(move |slot: *mut bindings::blk_mq_tag_set| {
                 // SAFETY: `slot` is valid for writes; the helper initialises all of it. The ops

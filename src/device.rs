@@ -161,7 +161,14 @@ pub(crate) fn create(blktap: &Blktap, tap: &Arc<Tap>, info: &DeviceInfo) -> Resu
         return Err(EEXIST);
     }
     let pages = inner.pages.clone().ok_or(ENXIO)?;
-    let tagset = Arc::pin_init(TagSet::new(uapi::RING_SIZE as u32, false), GFP_KERNEL)?;
+    let tagset = Arc::pin_init(
+        TagSet::new(
+            uapi::RING_SIZE as u32,
+            // tapdisk orders and merges nothing; a scheduler only adds a hop (`make bench`).
+            TagSet::<TapDisk>::NO_SCHED_BY_DEFAULT,
+        ),
+        GFP_KERNEL,
+    )?;
     let mut name = [0u8; 32];
     let params = DiskParams {
         name: request::disk_name(tap.minor(), &mut name),
