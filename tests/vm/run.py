@@ -65,6 +65,10 @@ def qemu_cmd(kernel_dir, accel, script, serial_log):
         "root=blktaproot", "rootfstype=9p", "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose",
         "ro", f"init={REPO}/tests/vm/guest-init",
         f"BLKTAP_TEST={script}", f"BLKTAP_REPO={REPO}", f"BLKTAP_KDIR={Path(kernel_dir).resolve()}",
+    ] + [
+        # The hardening suites' knobs (tests/vm/stress.sh), passed on to the guest's init.
+        f"{k}={v}" for k, v in sorted(os.environ.items())
+        if k.startswith(("BLKTAP_STRESS_", "BLKTAP_FUZZ_")) and v and " " not in v
     ])
     cmd = [
         "qemu-system-x86_64", "-machine", "q35", "-m", "2G",

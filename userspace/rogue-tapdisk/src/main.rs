@@ -6,7 +6,10 @@
 //! exits 0, unless `--then-good` asks it to go on answering correctly (and to also answer each
 //! request it answered wrongly, so the disk stays usable) until SIGTERM or SIGINT. Mode `good`
 //! answers correctly until then. On exit it removes the disk (if it can) and unmaps the ring.
+//! Mode `random` gives `--count` seeded random actions (good, bad and garbage answers, random
+//! indices and timing), then settles (answers everything) if `--then-good`, else exits.
 
+mod chaos;
 mod rng;
 mod rogue;
 
@@ -19,6 +22,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use crate::chaos::Chaos;
 use crate::rogue::{describe, Mode, Rogue};
 
 #[derive(Parser, Debug)]
@@ -43,7 +47,7 @@ struct Cli {
     /// After the bad answers, answer correctly until SIGTERM.
     #[arg(long)]
     then_good: bool,
-    /// Seed of the random bytes of mode `garbage` (default: from the clock).
+    /// Seed of modes `garbage` and `random` (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
 }
@@ -79,19 +83,73 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    if cli.mode == Mode::Garbage {
+    if matches!(cli.mode, Mode::Garbage | Mode::Random) {
         say(&format!("seed {seed}"));
+    }
+    if cli.mode == Mode::Random {
+        let mut chaos = Chaos::new(ring, cli.sectors, seed, cli.count);
+        let served = serve_chaos(cli, &mut chaos, &signals);
+        say(&format!("{} random action(s) given", chaos.actions()));
+        return finish(chaos.memory(), served);
     }
     let mut rogue = Rogue::new(ring, cli.sectors, seed);
     let served = serve(cli, &mut rogue, &signals);
+    finish(rogue.memory(), served)
+}
 
-    let ring = rogue.memory();
+/// Removes the disk (if it can) on the way out.
+fn finish(ring: &Ring, served: anyhow::Result<()>) -> anyhow::Result<()> {
     match ring.remove_device() {
         Ok(()) => say("disk removed"),
         Err(e) => say(&format!("cannot remove the disk: {e}")),
     }
     say("exiting");
     served
+}
+
+/// Mode `random`: acts at every wake-up and every 10 ms, until the actions are given (and, with
+/// `--then-good`, until a signal), or the kernel closes the ring.
+fn serve_chaos(cli: &Cli, chaos: &mut Chaos<Ring>, signals: &SignalFd) -> anyhow::Result<()> {
+    const RING: u64 = 1;
+    const SIGNALS: u64 = 2;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("cannot create epoll")?;
+    let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+    epoll
+        .add(chaos.memory().fd(), EpollEvent::new(flags, RING))
+        .context("cannot poll the ring")?;
+    epoll
+        .add(signals, EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))
+        .context("cannot poll the signalfd")?;
+    let mut events = [EpollEvent::empty(); 4];
+    loop {
+        let n = match epoll.wait(&mut events, EpollTimeout::from(10u16)) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("epoll_wait"),
+        };
+        let mut ring_events = EpollFlags::empty();
+        for ev in &events[..n] {
+            if ev.data() == SIGNALS {
+                say("signal received");
+                return Ok(());
+            }
+            ring_events |= ev.events();
+        }
+        if ring_events.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
+            say(&format!("ring fd reports {ring_events:?}"));
+            return Ok(());
+        }
+        if SharedRing::new(chaos.memory()).msg() == RING_MESSAGE_CLOSE {
+            say("the kernel closes the ring");
+            return Ok(());
+        }
+        for line in chaos.step(n == 0) {
+            say(&line);
+        }
+        if chaos.settled() && !cli.then_good {
+            return Ok(());
+        }
+    }
 }
 
 /// Answers requests until done, a signal, or the kernel closing the ring.
@@ -197,7 +255,14 @@ mod tests {
         assert_eq!(cli.mode, Mode::RspAhead);
         assert_eq!((cli.count, cli.sectors, cli.seed), (5, 4096, Some(9)));
         assert!(cli.then_good);
-        for mode in ["free-slot", "wrong-op", "duplicate", "garbage", "good"] {
+        for mode in [
+            "free-slot",
+            "wrong-op",
+            "duplicate",
+            "garbage",
+            "good",
+            "random",
+        ] {
             assert!(Cli::try_parse_from(["rogue-tapdisk", "--minor", "0", "--mode", mode]).is_ok());
         }
         assert!(Cli::try_parse_from(["rogue-tapdisk", "--minor", "0", "--mode", "nice"]).is_err());

@@ -24,12 +24,15 @@ pub enum Mode {
     Garbage,
     /// Answer correctly (reads return zeros, writes are dropped).
     Good,
+    /// Seeded random actions (see `chaos.rs`): good, bad and garbage answers, random rsp_prod,
+    /// message bytes, duplicates, delayed or missing RESPONDs; `--count` of them, then settles.
+    Random,
 }
 
 impl Mode {
     /// Whether the request is still pending in the kernel after this mode's bad answer.
     pub fn leaves_request_pending(self) -> bool {
-        !matches!(self, Mode::Duplicate | Mode::Good)
+        !matches!(self, Mode::Duplicate | Mode::Good | Mode::Random)
     }
 }
 
@@ -236,7 +239,8 @@ impl<M: RingMemory> Rogue<M> {
                     self.kick()
                 )
             }
-            Mode::Good => self.good(req),
+            // The random peer is `chaos::Chaos`; here it answers well.
+            Mode::Good | Mode::Random => self.good(req),
         }
     }
 }
