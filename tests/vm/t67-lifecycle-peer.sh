@@ -116,7 +116,9 @@ check "pause without a ring mapped: ENXIO" is "$(write_attr $T/pause 1)" ENXIO
 # --- Recovery --------------------------------------------------------------------------------
 echo 30 > $T/deadline
 truncate -s 32M /tmp/rec.img
-python3 tests/vm/pytap.py 0 65536 --flags 0x40 --file /tmp/rec.img > /tmp/pytap.log 2>&1 &
+# The first peer answers each request 50 ms late, so the writer is surely mid-request when the
+# peer is killed; the second answers at once.
+python3 tests/vm/pytap.py 0 65536 --flags 0x40 --file /tmp/rec.img --delay 0.05 > /tmp/pytap.log 2>&1 &
 peer=$!
 wait_node
 check "debug shows recovery on" debug_is "recovery: on"
@@ -124,9 +126,11 @@ dd if=/dev/urandom of=/tmp/rdata bs=4k count=1024 status=none
 dd if=/tmp/rdata of=$D bs=4k oflag=direct status=none 2>/tmp/rdd.err &
 writer=$!
 sleep 1
+check "the writer is running when the peer is killed" kill -0 $writer
 kill -9 $peer; wait $peer 2>/dev/null
 sleep 0.5
 check "the disk stays when the peer dies" test -b $D
+check "a request is kept" sh -c "dmesg | grep -q 'keeping the disk and 1 requests for recovery'"
 check "debug waits for a tapdisk" debug_is "recovery: waiting for a tapdisk"
 check "the writer waits" kill -0 $writer
 python3 - <<'PY' > /tmp/rec.out 2>&1
