@@ -17,10 +17,12 @@ KILLS=$(scaled 100)
 PER=$(( (KILLS + 1) / 2 ))
 # worker W: PER rounds of create, fio, kill -9 tapdisk, wait for fio, destroy.
 worker() {
-    w=$1; hung=0; noerr=0; left=0
+    w=$1; hung=0; noerr=0; left=0; nocreate=0
     for i in $(seq 1 $PER); do
         if [ $((i % 2)) = 0 ]; then img=null:64M; else img=ram:16M; fi
-        dev=$($TAPCTL create -a $img) || { left=$((left+1)); continue; }
+        # (A create can fail with EEXIST while the other worker frees a tap: the ALLOC_TAP/
+        # FREE_TAP race that t84 reproduces.)
+        dev=$($TAPCTL create -a $img) || { nocreate=$((nocreate+1)); continue; }
         m=${dev##*tapdev}
         pid=$(cat "$CLASS/blktap!blktap$m/task")
         timeout 60 fio --name=crash$w --filename=$dev --ioengine=io_uring --direct=1 --rw=randrw \
@@ -32,22 +34,23 @@ worker() {
         st=/sys/dev/block/$(stat -L -c '%t %T' $dev | { read a b; echo $((0x$a)):$((0x$b)); })/stat
         t=0; while [ $t -lt 100 ] && [ "$(awk '{print $1 + $5}' $st 2>/dev/null || echo 0)" = 0 ]; do
             sleep 0.05; t=$((t+1)); done
-        sleep 0.$((1 + i % 5))
+        sleep 0.$((i % 3))
         kill -9 $pid
         wait $fio; rc=$?
         [ $rc = 124 ] && hung=$((hung+1))
         grep -Eq 'err=[ ]*[1-9]|Input/output error' /tmp/fio-$w.out || noerr=$((noerr+1))
         timeout 20 $TAPCTL destroy -m $m 2>/dev/null || timeout 20 $TAPCTL free -m $m || left=$((left+1))
     done
-    echo "$hung $noerr $left" > /tmp/crash-$w.res
+    echo "$hung $noerr $left $nocreate" > /tmp/crash-$w.res
 }
 worker 1 & worker 2 &
 wait
-echo "# $((PER * 2)) kills in $(elapsed $T0) s; worker results (hung noerr left): $(cat /tmp/crash-1.res), $(cat /tmp/crash-2.res)"
+echo "# $((PER * 2)) kills in $(elapsed $T0) s; worker results (hung noerr left nocreate): $(cat /tmp/crash-1.res), $(cat /tmp/crash-2.res)"
 sum() { awk -v c=$1 '{s += $c} END {print s}' /tmp/crash-1.res /tmp/crash-2.res; }
 check "fio never hangs after kill -9 ($((PER * 2)) kills)" is "$(sum 1)" 0
 check "fio always sees I/O errors" is "$(sum 2)" 0
 check "every tap destroyed" is "$(sum 3)" 0
+check "every tap created" is "$(sum 4)" 0
 check "no tap left" no_taps_left
 check "no tapdisk left" sh -c "! pgrep -x tapdisk"
 check "no module reference left" refcnt_zero
