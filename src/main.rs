@@ -203,7 +203,7 @@ impl Blktap {
         if minor >= uapi::MAX_MINORS {
             return Err(EINVAL);
         }
-        let entry = {
+        {
             let mut table = self.taps.table.lock();
             let entry = table.get(minor).ok_or(ENODEV)?;
             if entry.tap.inner.lock().ring_open {
@@ -211,11 +211,11 @@ impl Blktap {
             }
             // A disk without a ring is one kept for recovery that nobody came back for.
             device::abandon(&entry.tap)?;
-            table.remove(minor)
-        };
-        // The class device is removed outside the table lock; this waits for running sysfs
-        // callbacks of the tap.
-        drop(entry);
+            // The class device goes before the minor is free again: a concurrent `ALLOC_TAP`
+            // of the same minor would otherwise find `blktap!blktapN` still in sysfs (EEXIST).
+            // Removing it waits for the tap's sysfs callbacks, which never take this lock.
+            drop(table.remove(minor));
+        }
         if self.taps.verbose() {
             pr_info!("blktap{minor}: freed\n");
         }
