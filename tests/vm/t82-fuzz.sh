@@ -1,8 +1,7 @@
 # The ioctl and mmap fuzzer (userspace/blktap-fuzz): 100,000 calls (x BLKTAP_STRESS_SCALE) of
 # random and edge-case ioctls, mmaps, munmaps, mremaps, ring contents and interleavings on the
 # control and ring nodes, each answer checked against the ABI; then no tap, no module reference
-# is left, and the module unloads. The seed is printed; BLKTAP_FUZZ_SEED replays it. mremap of
-# the rings is left to t83 (it corrupts the kernel until the double vma close is fixed).
+# is left, and the module unloads. The seed is printed; BLKTAP_FUZZ_SEED replays it.
 . tests/vm/lib.sh
 . tests/vm/stress.sh
 load
@@ -14,7 +13,7 @@ CALLS=$(scaled 100000)
 SEED=${BLKTAP_FUZZ_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
 echo "# fuzzer seed $SEED, $CALLS calls (replay: BLKTAP_FUZZ_SEED=$SEED scripts/test --filter t82)"
 t0=$(date +%s)
-timeout 150 "$FUZZ" --seed "$SEED" --calls "${BLKTAP_FUZZ_CALLS:-$CALLS}" --no-mremap > /tmp/fuzz.out 2>&1
+timeout 150 "$FUZZ" --seed "$SEED" --calls "${BLKTAP_FUZZ_CALLS:-$CALLS}" > /tmp/fuzz.out 2>&1
 rc=$?
 echo "# fuzzer: exit $rc after $(elapsed $t0) s"
 sed 's/^/# /' /tmp/fuzz.out | grep -v '^# MISMATCH' | tail -n 30
