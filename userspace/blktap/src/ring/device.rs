@@ -161,6 +161,17 @@ impl Ring {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| open_error(minor, path, e))?;
+        // A stray regular file at the node's path would map, and fail only later.
+        let is_char = file.metadata().map(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_char_device()
+        });
+        if !matches!(is_char, Ok(true)) {
+            return Err(Error::os(
+                format!("{} is not a character device", path.display()),
+                Errno::ENODEV,
+            ));
+        }
         let map = Mapping::shared(file.as_fd(), MAP_SIZE)
             .map_err(|e| Error::os(format!("map the ring of tap {minor}"), e))?;
         Ok(Self {
@@ -372,5 +383,15 @@ mod tests {
         let err = Ring::open_path(Path::new("/nonexistent/blktap7"), 7).unwrap_err();
         assert_eq!(err.errno(), Errno::ENOENT as i32);
         assert!(err.to_string().contains("ENOENT"), "{err}");
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_ring() {
+        let path = std::env::temp_dir().join(format!("not-a-ring-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let err = Ring::open_path(&path, 0).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(err.errno(), Errno::ENODEV as i32);
+        assert!(err.to_string().contains("not a character device"), "{err}");
     }
 }
