@@ -11,8 +11,8 @@ use libc::{
     EPERM, EROFS,
 };
 
-use crate::rng::Rng;
 use crate::sys::{self, errno_name, SysResult};
+use blktap::rng::Rng;
 
 const PAGE: u64 = 4096;
 /// The ring mapping: 1 + 32 * 11 pages.

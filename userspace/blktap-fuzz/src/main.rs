@@ -12,7 +12,6 @@
 //! The run is deterministic for a seed (printed first), so `--seed S --calls N` replays it.
 
 mod fuzz;
-mod rng;
 mod sys;
 
 use std::process::ExitCode;

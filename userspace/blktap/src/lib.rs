@@ -18,6 +18,7 @@ pub mod ctl;
 pub mod error;
 pub mod mapping;
 pub mod ring;
+pub mod rng;
 pub mod server;
 pub mod sysfs;
 pub mod tap;

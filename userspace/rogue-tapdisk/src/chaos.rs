@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use blktap::ring::{validate, Op, RingMemory, SharedRing, ENTRY_SIZE};
 use blktap_abi::{self as abi, blktap_request, blktap_response};
 
-use crate::rng::Rng;
+use blktap::rng::Rng;
 
 const RING: u32 = abi::RING_SIZE as u32;
 /// Most blind sweeps in the settled phase (each is two RESPONDs).

@@ -10,7 +10,6 @@
 //! indices and timing), then settles (answers everything) if `--then-good`, else exits.
 
 mod chaos;
-mod rng;
 mod rogue;
 
 use std::process::ExitCode;

@@ -4,7 +4,7 @@ use blktap::ring::{validate, RingMemory, SharedRing, ENTRY_SIZE};
 use blktap_abi::{self as abi, blktap_request, blktap_response};
 use clap::ValueEnum;
 
-use crate::rng::Rng;
+use blktap::rng::Rng;
 
 /// How to answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

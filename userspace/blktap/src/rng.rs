@@ -1,4 +1,5 @@
-//! A small deterministic random generator (xorshift64*), so a `--seed` replays a run.
+//! A small deterministic random generator (xorshift64*) for the test tools (`rogue-tapdisk`,
+//! `blktap-fuzz`), so a `--seed` replays a run.
 
 /// xorshift64* state.
 #[derive(Debug, Clone)]
