@@ -167,6 +167,8 @@ struct Tap {
     /// Generation of the tap's disk, if it has one.
     disk: Option<u64>,
     read_only: bool,
+    /// The disk was made with BLKTAP_DEVICE_RECOVERY: it outlives the ring's file.
+    recovery: bool,
 }
 
 struct Tapdev {
@@ -538,7 +540,9 @@ impl<'c> Fuzzer<'c> {
             let minor = f.minor;
             self.files.remove(i);
             if let Some(tap) = self.taps.get_mut(&minor) {
-                tap.disk = None;
+                if !tap.recovery {
+                    tap.disk = None;
+                }
             }
         }
     }
@@ -733,6 +737,9 @@ impl<'c> Fuzzer<'c> {
             vec![ENODEV]
         } else if self.ring_open(value as u32) {
             vec![EBUSY]
+        } else if self.taps[&(value as u32)].disk.is_some() {
+            // A recovery disk left without a ring: removed, or EBUSY while a tapdev is open.
+            vec![0, EBUSY]
         } else {
             vec![0]
         };
@@ -1426,9 +1433,12 @@ impl<'c> Fuzzer<'c> {
         if got == 0 && !has_disk {
             self.disk_gen += 1;
             let gen = self.disk_gen;
+            // Success means a valid buffer: its flags say whether the disk outlives the ring.
+            let recovery = !compat && read_u64(arg.value + 16) & abi::DEVICE_RECOVERY != 0;
             if let Some(tap) = self.taps.get_mut(&minor) {
                 tap.disk = Some(gen);
                 tap.read_only = ro;
+                tap.recovery = recovery;
             }
         }
     }
@@ -1477,6 +1487,7 @@ impl<'c> Fuzzer<'c> {
         if got == 0 {
             if let Some(tap) = self.taps.get_mut(&minor) {
                 tap.disk = None;
+                tap.recovery = false;
             }
         }
     }
