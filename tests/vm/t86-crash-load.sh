@@ -57,7 +57,14 @@ check "no module reference left" refcnt_zero
 free1=$(meminfo MemFree); slab1=$(meminfo SUnreclaim)
 echo "# MemFree ${free0} -> ${free1} kB, SUnreclaim ${slab0} -> ${slab1} kB"
 check "no pages leaked (MemFree within 16 MiB)" test $((free0 - free1)) -lt 16384
-check "no slab leaked (SUnreclaim within 4 MiB)" test $((slab1 - slab0)) -lt 4096
+if dmesg | grep -q 'KernelAddressSanitizer initialized'; then
+    # KASAN's quarantine keeps freed slab objects (counted in SUnreclaim) for a while: 25
+    # rounds grew it by 16 MiB on the debug kernel, where the default kernel stays within 4 MiB
+    # after 100. Only the pages are checked there.
+    echo "# KASAN kernel: the slab delta is not checked (quarantine)"
+else
+    check "no slab leaked (SUnreclaim within 4 MiB)" test $((slab1 - slab0)) -lt 4096
+fi
 check "rmmod" unload
 echo "# crash-load total $(elapsed $T0) s"
 finish
