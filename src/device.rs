@@ -232,8 +232,7 @@ pub(crate) fn remove(tap: &Tap) -> Result {
     // any while it waits here. So, in one critical section: refuse if any request is on the
     // ring, and make every new one fail at once until the disk is gone.
     tap.ring.lock().start_removing()?;
-    drop(inner.disk.take());
-    inner.features = Features::default();
+    drop(inner.take_disk());
     tap.ring.lock().end_removing();
     Ok(())
 }
@@ -261,8 +260,7 @@ pub(crate) fn abandon(tap: &Tap) -> Result {
             tap.minor()
         );
     }
-    drop(inner.disk.take());
-    inner.features = Features::default();
+    drop(inner.take_disk());
     tap.ring.lock().end_removing();
     Ok(())
 }

@@ -369,14 +369,21 @@ impl RingState {
     /// Takes every request out; the caller ends them. Late slots are freed: no tapdisk is left
     /// to write into them.
     fn take_all(&mut self, out: &mut [Option<Pending>; uapi::RING_SIZE]) {
+        self.free_late();
         for (o, s) in out.iter_mut().zip(self.slots.iter_mut()) {
-            match s {
-                Slot::Busy(_) | Slot::Late { .. } => {
-                    if let Slot::Busy(p) = core::mem::replace(s, Slot::Free) {
-                        *o = Some(p);
-                    }
+            if matches!(s, Slot::Busy(_)) {
+                if let Slot::Busy(p) = core::mem::replace(s, Slot::Free) {
+                    *o = Some(p);
                 }
-                Slot::Free | Slot::Filling => {}
+            }
+        }
+    }
+
+    /// Frees the slots of timed-out requests: the tapdisk that could answer them is gone.
+    fn free_late(&mut self) {
+        for s in self.slots.iter_mut() {
+            if matches!(s, Slot::Late { .. }) {
+                *s = Slot::Free;
             }
         }
     }
@@ -543,16 +550,15 @@ impl Tap {
             let Some(slot) = found else {
                 return TimeoutAction::Done;
             };
-            let live = ring.live;
-            let next = if live {
-                let op = ring.slots[slot].answerable_op().unwrap_or(uapi::OP_READ);
-                Slot::Late { op }
-            } else {
-                Slot::Free
-            };
-            let Slot::Busy(p) = core::mem::replace(&mut ring.slots[slot], next) else {
+            let Slot::Busy(p) = core::mem::replace(&mut ring.slots[slot], Slot::Free) else {
                 return TimeoutAction::Done;
             };
+            let live = ring.live;
+            if live {
+                ring.slots[slot] = Slot::Late {
+                    op: p.entry.operation,
+                };
+            }
             ring.timed_out += 1;
             (p, slot, live, worth_logging(ring.timed_out), ring.deadline)
         };
@@ -666,11 +672,7 @@ impl Tap {
             ring.mm = 0;
             ring.pages = None;
             if ring.recovery {
-                for s in ring.slots.iter_mut() {
-                    if matches!(s, Slot::Late { .. }) {
-                        *s = Slot::Free;
-                    }
-                }
+                ring.free_late();
                 Some(ring.pending())
             } else {
                 ring.take_all(&mut dead);
@@ -780,7 +782,7 @@ impl Drop for RingFile {
                     disk.set_quiesced(false);
                     None
                 }
-                _ => inner.disk.take(),
+                _ => inner.take_disk(),
             }
         };
         if let Some(disk) = disk {

@@ -57,6 +57,15 @@ pub(crate) struct TapInner {
     pub(crate) features: Features,
 }
 
+impl TapInner {
+    /// Takes the disk out (the caller drops it, which removes it), with what described it.
+    pub(crate) fn take_disk(&mut self) -> Option<Disk<TapDisk>> {
+        self.read_only = false;
+        self.features = Features::default();
+        self.disk.take()
+    }
+}
+
 /// An allocated tap.
 ///
 /// # Invariants
