@@ -109,39 +109,11 @@ fn finish(ring: &Ring, served: anyhow::Result<()>) -> anyhow::Result<()> {
 /// Mode `random`: acts at every wake-up and every 10 ms, until the actions are given (and, with
 /// `--then-good`, until a signal), or the kernel closes the ring.
 fn serve_chaos(cli: &Cli, chaos: &mut Chaos<Ring>, signals: &SignalFd) -> anyhow::Result<()> {
-    const RING: u64 = 1;
-    const SIGNALS: u64 = 2;
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("cannot create epoll")?;
-    let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
-    epoll
-        .add(chaos.memory().fd(), EpollEvent::new(flags, RING))
-        .context("cannot poll the ring")?;
-    epoll
-        .add(signals, EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))
-        .context("cannot poll the signalfd")?;
-    let mut events = [EpollEvent::empty(); 4];
+    let mut waiter = Waiter::new(chaos.memory(), signals)?;
     loop {
-        let n = match epoll.wait(&mut events, EpollTimeout::from(10u16)) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e).context("epoll_wait"),
+        let Some(n) = waiter.wait(chaos.memory(), EpollTimeout::from(10u16))? else {
+            return Ok(());
         };
-        let mut ring_events = EpollFlags::empty();
-        for ev in &events[..n] {
-            if ev.data() == SIGNALS {
-                say("signal received");
-                return Ok(());
-            }
-            ring_events |= ev.events();
-        }
-        if ring_events.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
-            say(&format!("ring fd reports {ring_events:?}"));
-            return Ok(());
-        }
-        if SharedRing::new(chaos.memory()).msg() == RING_MESSAGE_CLOSE {
-            say("the kernel closes the ring");
-            return Ok(());
-        }
         for line in chaos.step(n == 0) {
             say(&line);
         }
@@ -153,40 +125,11 @@ fn serve_chaos(cli: &Cli, chaos: &mut Chaos<Ring>, signals: &SignalFd) -> anyhow
 
 /// Answers requests until done, a signal, or the kernel closing the ring.
 fn serve(cli: &Cli, rogue: &mut Rogue<Ring>, signals: &SignalFd) -> anyhow::Result<()> {
-    const RING: u64 = 1;
-    const SIGNALS: u64 = 2;
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("cannot create epoll")?;
-    // Edge-triggered: one event per wake-up, however long requests stay unanswered.
-    let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
-    epoll
-        .add(rogue.memory().fd(), EpollEvent::new(flags, RING))
-        .context("cannot poll the ring")?;
-    epoll
-        .add(signals, EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))
-        .context("cannot poll the signalfd")?;
-    let mut events = [EpollEvent::empty(); 4];
+    let mut waiter = Waiter::new(rogue.memory(), signals)?;
     let mut bad_done = 0u64;
     let done = |bad_done: u64| cli.mode != Mode::Good && !cli.then_good && bad_done >= cli.count;
     while !done(bad_done) {
-        let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e).context("epoll_wait"),
-        };
-        let mut ring_events = EpollFlags::empty();
-        for ev in &events[..n] {
-            if ev.data() == SIGNALS {
-                say("signal received");
-                return Ok(());
-            }
-            ring_events |= ev.events();
-        }
-        if ring_events.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
-            say(&format!("ring fd reports {ring_events:?}"));
-            return Ok(());
-        }
-        if SharedRing::new(rogue.memory()).msg() == RING_MESSAGE_CLOSE {
-            say("the kernel closes the ring");
+        if waiter.wait(rogue.memory(), EpollTimeout::NONE)?.is_none() {
             return Ok(());
         }
         let mut notes = Vec::new();
@@ -210,6 +153,62 @@ fn serve(cli: &Cli, rogue: &mut Rogue<Ring>, signals: &SignalFd) -> anyhow::Resu
     }
     say(&format!("{bad_done} bad answer(s) given"));
     Ok(())
+}
+
+/// The ring (edge-triggered: one event per wake-up, however long requests stay unanswered) and
+/// the termination signals, in one epoll.
+struct Waiter {
+    epoll: Epoll,
+    events: [EpollEvent; 4],
+}
+
+impl Waiter {
+    const RING: u64 = 1;
+    const SIGNALS: u64 = 2;
+
+    fn new(ring: &Ring, signals: &SignalFd) -> anyhow::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("cannot create epoll")?;
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        epoll
+            .add(ring.fd(), EpollEvent::new(flags, Self::RING))
+            .context("cannot poll the ring")?;
+        epoll
+            .add(signals, EpollEvent::new(EpollFlags::EPOLLIN, Self::SIGNALS))
+            .context("cannot poll the signalfd")?;
+        Ok(Self {
+            epoll,
+            events: [EpollEvent::empty(); 4],
+        })
+    }
+
+    /// Waits up to `timeout`: `None` when serving must stop (a signal, an error on the ring fd,
+    /// or the kernel closing the ring), else the number of events (0: the time ran out).
+    fn wait(&mut self, ring: &Ring, timeout: EpollTimeout) -> anyhow::Result<Option<usize>> {
+        let n = loop {
+            match self.epoll.wait(&mut self.events, timeout) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e).context("epoll_wait"),
+            }
+        };
+        let mut ring_events = EpollFlags::empty();
+        for ev in &self.events[..n] {
+            if ev.data() == Self::SIGNALS {
+                say("signal received");
+                return Ok(None);
+            }
+            ring_events |= ev.events();
+        }
+        if ring_events.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
+            say(&format!("ring fd reports {ring_events:?}"));
+            return Ok(None);
+        }
+        if SharedRing::new(ring).msg() == RING_MESSAGE_CLOSE {
+            say("the kernel closes the ring");
+            return Ok(None);
+        }
+        Ok(Some(n))
+    }
 }
 
 fn main() -> ExitCode {
