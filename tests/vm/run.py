@@ -40,7 +40,7 @@ BAD_PATTERNS = [
          r"|suspicious RCU usage|bad unlock balance|held lock freed|lock held when returning"
          r"|possible irq lock inversion|INFO: lockdep is turned off|DEBUG_LOCKS_WARN_ON",
          "lockdep"),
-        (r"BUG: KASAN|\bUBSAN:|BUG: KFENCE", "sanitizer"),
+        (r"BUG: KASAN|BUG: KCSAN|\bUBSAN:|BUG: KFENCE", "sanitizer"),
         (r"blocked for more than \d+ seconds|hung_task", "hung task"),
         (r"rcu.*detected stalls|rcu_sched self-detected|soft lockup|hard LOCKUP", "stall"),
         (r"Call Trace:", "stack trace"),
