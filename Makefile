@@ -51,13 +51,14 @@ DKMS_VERSION = $(shell sed -n 's/^PACKAGE_VERSION="\(.*\)"$$/\1/p' dkms.conf)
 DKMS_SRC = $(DESTDIR)/usr/src/blktap-$(DKMS_VERSION)
 DKMS_FILES = dkms.conf Makefile Kbuild $(wildcard src/*.rs rust/*.rs rust/*.c rust/*.h include/uapi/*.h)
 
-.PHONY: help setup kernel module userspace test test-debug demo bench clean clean-module \
+.PHONY: help setup kernel module userspace test test-debug test-kcsan demo bench clean clean-module \
 	install install-module install-tools uninstall dkms-source dkms dkms-remove need-kernel
 
 help:
 	@echo "make demo       set up everything, then show blktap in a VM (the main job)"
 	@echo "make test       run every test (host checks, KUnit, VM tests)"
 	@echo "make test-debug the same on the debug kernel (lockdep, KASAN, ...)"
+	@echo "make test-kcsan the concurrency tests on a KCSAN (data-race detector) kernel"
 	@echo "make bench      benchmark tapdev vs null_blk, rnull, ublk in a VM (bench/results.*)"
 	@echo "make setup      install packages, toolchain and kernel source (idempotent)"
 	@echo "make kernel     build the test kernel into the cache (once)"
@@ -85,6 +86,10 @@ test:
 
 test-debug:
 	@scripts/test --variant debug
+
+# The concurrency tests on a KCSAN kernel (built once into the cache, like the others).
+test-kcsan:
+	@scripts/test --variant kcsan --vm-only --no-debug
 
 demo:
 	@scripts/demo
