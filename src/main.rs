@@ -6,26 +6,30 @@
 //! control device, tapdisk opens and maps the tap's ring, and the tap's disk is served through it.
 //! See `Documentation/blktap2.rst`.
 //!
-//! # Objects
+//! # Layout
 //!
-//! - `control`: the control misc device (`ALLOC_TAP`, `FREE_TAP`);
-//! - `tap`: a tap and the minor table;
-//! - `ring`: the ring char devices;
-//! - `sysfs`: `/sys/class/blktap2`;
-//! - `uapi`: the ABI.
+//! Each file has one job, and the data path reads one way, down; the adapters never import each
+//! other:
 //!
-//! # Lock order
+//! - `main.rs`: the module and the driver's shared state ([`Blktap`]: class, majors, the taps);
+//! - adapters: `control.rs` (the control misc device), `ring_file.rs` (the ring char devices),
+//!   `disk.rs` (the tapdev disks on blk-mq, and their queue limits), `sysfs.rs` (attributes);
+//! - `tap/`: the hub: a tap's life as named transitions (`mod.rs`, where the lock order and the
+//!   teardown rule are written), its I/O path (`io.rs`), the minor table (`table.rs`);
+//! - `ring/`: the shared pages (`pages.rs`), the life of a slot (`slot.rs`), the ring's I/O state
+//!   under its spinlock (`state.rs`);
+//! - `protocol.rs`: ring entries, response checks, device-info validation (pure functions);
+//! - `uapi.rs`: the ABI.
 //!
-//! 1. `Taps::table` (`blktap_taps`);
-//! 2. `Tap::inner` (`blktap_tap`);
-//! 3. `Tap::ring` (`blktap_ring`, spinlock).
+//! The abstractions the kernel lacks are in `rust/`, each usable on its own; no file of `src/`
+//! uses `kernel::bindings` or declares a C function.
 //!
 //! # Teardown
 //!
 //! The module cannot be unloaded while a tap exists: each tap holds a module reference. At unload,
 //! [`BlktapModule`]'s fields are dropped in declaration order: the control device first (no new
 //! taps), then the ring cdev (no new opens), then the shared [`Blktap`] state: its class, block
-//! major and char region.
+//! major and char region. A tap's own teardown is in `tap/mod.rs`.
 
 use core::sync::atomic::AtomicI32;
 
@@ -39,10 +43,10 @@ use kernel::{
 };
 
 mod control;
-mod device;
-mod request;
+mod disk;
+mod protocol;
 mod ring;
-mod slot;
+mod ring_file;
 mod sysfs;
 mod tap;
 mod uapi;
@@ -61,6 +65,12 @@ pub mod class;
 pub mod misc;
 #[path = "../rust/module_ref.rs"]
 pub mod module_ref;
+#[path = "../rust/page.rs"]
+pub mod page;
+#[path = "../rust/task.rs"]
+pub mod task;
+#[path = "../rust/vma.rs"]
+pub mod vma;
 
 use blkdev::BlockMajor;
 use chrdev::{
@@ -73,9 +83,9 @@ use class::{
 };
 use misc::MiscNodeRegistration;
 use tap::{
-    RingUser,
-    Tap,
-    TapTable, //
+    table::TapTable,
+    Busy,
+    Tap, //
 };
 
 module! {
@@ -195,41 +205,41 @@ impl Blktap {
         })
     }
 
-    /// Frees tap `minor` (`FREE_TAP`).
+    /// Frees tap `minor` (`FREE_TAP`). If its ring is closing, waits until its disk is gone.
     ///
     /// # Errors
     ///
     /// `EINVAL` if `minor` is out of range, `ENODEV` if it is not allocated, `EBUSY` while its
-    /// ring is open or mapped, or while the disk a recovering tap kept is open.
+    /// ring is open or mapped, or while the disk a recovering tap kept is open, `ERESTARTSYS` if
+    /// a signal came while waiting.
     pub(crate) fn free_tap(&self, minor: u32) -> Result {
         if minor >= uapi::MAX_MINORS {
             return Err(EINVAL);
         }
         loop {
-            let mut table = self.taps.table.lock();
-            let entry = table.get(minor).ok_or(ENODEV)?;
-            let tap = entry.tap.clone();
-            let mut inner = tap.inner.lock();
-            match inner.ring_user {
-                RingUser::Open(_) => return Err(EBUSY),
-                RingUser::Closing => {
-                    // Its old disk is being removed: wait for it, then look again.
+            let table = self.taps.table.lock();
+            let tap = table.get(minor).ok_or(ENODEV)?.tap.clone();
+            match tap.begin_free() {
+                Ok(disk) => {
                     drop(table);
-                    if tap.closed.wait_interruptible(&mut inner) {
-                        return Err(ERESTARTSYS);
-                    }
-                    continue;
+                    // The minor stays taken (the tap is `Closing`) until its disk is gone, so a
+                    // new tap of the same minor never meets it.
+                    drop(disk);
+                    // The class device goes before the minor is free again: a concurrent
+                    // `ALLOC_TAP` of the same minor would otherwise find `blktap!blktapN` still
+                    // in sysfs (EEXIST). Removing it waits for the tap's sysfs callbacks, which
+                    // never take this lock.
+                    drop(self.taps.table.lock().remove(minor));
+                    tap.end_free();
+                    break;
                 }
-                RingUser::Closed => {}
+                Err(Busy::Settling) => {
+                    drop(table);
+                    tap.wait_settled()?;
+                }
+                Err(Busy::InUse) => return Err(EBUSY),
+                Err(Busy::Err(e)) => return Err(e),
             }
-            drop(inner);
-            // A disk without a ring is one kept for recovery that nobody came back for.
-            device::abandon(&tap)?;
-            // The class device goes before the minor is free again: a concurrent `ALLOC_TAP`
-            // of the same minor would otherwise find `blktap!blktapN` still in sysfs (EEXIST).
-            // Removing it waits for the tap's sysfs callbacks, which never take this lock.
-            drop(table.remove(minor));
-            break;
         }
         if self.taps.verbose() {
             pr_info!("blktap{minor}: freed\n");
@@ -237,33 +247,45 @@ impl Blktap {
         Ok(())
     }
 
-    /// Marks the ring of tap `minor` open by process `pid`, and returns the tap.
+    /// Opens the ring of tap `minor` for thread group `pid`, and returns the tap. If the ring's
+    /// last user is still closing it, waits until its disk is gone.
     ///
     /// # Errors
     ///
-    /// `ENXIO` if the minor is not allocated, `EBUSY` if its ring is already open.
+    /// `ENXIO` if the minor is not allocated, `EBUSY` if its ring is already open,
+    /// `ERESTARTSYS` if a signal came while waiting.
     pub(crate) fn open_ring(&self, minor: u32, pid: Pid) -> Result<Arc<Tap>> {
         loop {
             let table = self.taps.table.lock();
             let tap = table.get(minor).ok_or(ENXIO)?.tap.clone();
-            let mut inner = tap.inner.lock();
-            match inner.ring_user {
-                RingUser::Open(_) => return Err(EBUSY),
-                RingUser::Closing => {
-                    // The last user's disk is being removed: wait for it, then look again (the
-                    // tap may have been freed meanwhile).
+            match tap.open_ring(pid) {
+                Ok(()) => return Ok(tap),
+                Err(Busy::Settling) => {
+                    // The tap may be freed meanwhile: look it up again after.
                     drop(table);
-                    if tap.closed.wait_interruptible(&mut inner) {
-                        return Err(ERESTARTSYS);
-                    }
+                    tap.wait_settled()?;
                 }
-                RingUser::Closed => {
-                    inner.ring_user = RingUser::Open(pid);
-                    drop(inner);
-                    return Ok(tap);
-                }
+                Err(Busy::InUse) => return Err(EBUSY),
+                Err(Busy::Err(e)) => return Err(e),
             }
         }
+    }
+
+    /// Makes the disk of `tap` (`CREATE_DEVICE`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Tap::create_disk`].
+    pub(crate) fn create_disk(&self, tap: &Arc<Tap>, info: &protocol::DeviceInfo) -> Result {
+        tap.create_disk(info, |pages| disk::new(tap, self.bdev_major(), pages, info))?;
+        if self.verbose() {
+            pr_info!(
+                "blktap{}: disk created, {} sectors\n",
+                tap.minor(),
+                info.capacity
+            );
+        }
+        Ok(())
     }
 }
 
@@ -273,7 +295,7 @@ struct BlktapModule {
     #[pin]
     control: MiscNodeRegistration<control::Control>,
     #[pin]
-    ring: Cdev<ring::Ring>,
+    ring: Cdev<ring_file::Ring>,
     blktap: Arc<Blktap>,
 }
 
