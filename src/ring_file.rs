@@ -33,6 +33,7 @@ use crate::{
         poll_bits,
         CharDevice, //
     },
+    driver::Blktap,
     protocol::DeviceInfo,
     ring::state::Readiness,
     tap::Tap,
@@ -45,7 +46,6 @@ use crate::{
         self,
         FixedMapping, //
     },
-    Blktap, //
 };
 
 /// An open ring.

@@ -36,9 +36,12 @@ use crate::{
         DeviceAttributes,
         SysfsBuf, //
     },
-    tap::Tap,
-    uapi,
-    Taps, //
+    driver::Taps,
+    tap::{
+        Tap,
+        DEADLINE_MAX, //
+    },
+    uapi, //
 };
 
 static CLASS_ATTRIBUTES: [ClassAttribute; 2] = [
@@ -54,15 +57,7 @@ impl ClassAttributes for Arc<Taps> {
     fn show(&self, name: &CStr, out: &mut SysfsBuf<'_>) -> Result {
         match name.to_bytes() {
             b"verbosity" => writeln!(out, "{}", self.verbosity.load(Ordering::Relaxed))?,
-            b"devices" => {
-                let table = self.table.lock();
-                for (minor, entry) in table.iter() {
-                    if entry.tap.has_disk() {
-                        write!(out, "{minor} ")?;
-                        entry.tap.show_name(out)?;
-                    }
-                }
-            }
+            b"devices" => self.show_devices(out)?,
             _ => return Err(EIO),
         }
         Ok(())
@@ -115,7 +110,7 @@ impl DeviceAttributes for Tap {
             },
             b"deadline" => {
                 let secs = u32::try_from(parse_int(input)?).map_err(|_| EINVAL)?;
-                if !(1..=crate::DEADLINE_MAX).contains(&secs) {
+                if !(1..=DEADLINE_MAX).contains(&secs) {
                     return Err(EINVAL);
                 }
                 self.set_deadline(secs);

@@ -64,6 +64,9 @@ use crate::{
 mod io;
 pub(crate) mod table;
 
+/// The longest deadline a tap accepts, in seconds (a day).
+pub(crate) const DEADLINE_MAX: u32 = 86400;
+
 /// What the hub needs of a tap's disk; the blk-mq adapter (`disk.rs`) implements it.
 pub(crate) trait DiskControl: Send + Sync {
     /// How many times the block device is open.
