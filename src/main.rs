@@ -78,6 +78,8 @@ module! {
     authors: ["blktap2-rs developers"],
     description: "Xen blktap2 userspace block-device driver",
     license: "GPL",
+    // The name of the driver's char region and sysfs class, as tools of the blktap2 era ask.
+    alias: ["blktap2"],
     params: {
         request_timeout: u32 {
             default: 120,
