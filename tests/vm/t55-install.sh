@@ -31,6 +31,8 @@ check "modinfo shows the license" grep -q '^license: *GPL$' /tmp/modinfo.out
 check "modinfo lists the parameter" grep -q '^parm: *request_timeout:.*(u32)$' /tmp/modinfo.out
 check "modinfo shows the kernel it is for" grep -q "^vermagic: *$KVER " /tmp/modinfo.out
 check "modprobe would load the installed file" sh -c "modprobe -d $ROOT --show-depends blktap | grep -qx 'insmod $MODS/updates/blktap.ko *'"
+check "modinfo shows the alias blktap2" grep -q '^alias: *blktap2$' /tmp/modinfo.out
+check "modprobe blktap2 resolves to it" sh -c "modprobe -d $ROOT --show-depends blktap2 | grep -qx 'insmod $MODS/updates/blktap.ko *'"
 
 # Installed but not loaded: tap-ctl says so, and how to load it (its modprobe dry run sees the
 # scratch root through MODPROBE_OPTIONS).
