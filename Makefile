@@ -49,7 +49,7 @@ RUN_DEPMOD = $(DEPMOD) -a $(if $(DESTDIR),-b $(DESTDIR)) $(KVERSION)
 # DKMS (`make dkms`): the module's sources, copied to /usr/src/blktap-<version>.
 DKMS_VERSION = $(shell sed -n 's/^PACKAGE_VERSION="\(.*\)"$$/\1/p' dkms.conf)
 DKMS_SRC = $(DESTDIR)/usr/src/blktap-$(DKMS_VERSION)
-DKMS_FILES = dkms.conf Makefile Kbuild $(wildcard src/*.rs rust/*.rs rust/*.c rust/*.h include/uapi/*.h)
+DKMS_FILES = dkms.conf Makefile Kbuild $(wildcard src/*.rs src/*/*.rs rust/*.rs rust/*.c rust/*.h include/uapi/*.h)
 
 .PHONY: help setup kernel module userspace test test-debug test-kcsan demo bench clean clean-module \
 	install install-module install-tools uninstall dkms-source dkms dkms-remove need-kernel
