@@ -812,7 +812,7 @@ mod tests {
         tap.on_backend().unwrap();
         assert!(matches!(tap.advance(), Some(Ok(()))));
         assert_eq!(tap.state(), TapState::Paused);
-        assert_eq!(tap.entry().state.code(), 0x20);
+        assert_eq!(tap.entry().state.code(), 0x2a);
         assert_eq!(ids(&mut k), [(0, 0), (1, 0), (2, 0)], "nothing failed");
         assert!(tap.backend_fd().is_none());
         assert!(tap.server().is_none(), "the image is closed");

@@ -94,16 +94,16 @@ pub enum TapState {
 }
 
 impl TapState {
-    /// The number `tap-ctl list` prints, after the original tapdisk's state bits: 0 while
-    /// serving, `0x1` (dead), `0x2` (no image: closed), `0x10` (pause requested), `0x20`
-    /// (paused).
+    /// The number `tap-ctl list` prints, the original tapdisk's state bits: 0 while serving,
+    /// `0x1` (dead), `0x2` (no image: closed), `0x10` (pause requested), `0x2a` (paused: `0x20`
+    /// paused, `0x8` quiesced, `0x2` image closed, as a paused original tapdisk reports).
     pub fn code(self) -> u32 {
         match self {
             TapState::Open => 0,
             TapState::Dead => 0x1,
             TapState::Attached => 0x2,
             TapState::Pausing => 0x10,
-            TapState::Paused => 0x20,
+            TapState::Paused => 0x2a,
         }
     }
 }
@@ -436,6 +436,6 @@ mod tests {
         assert_eq!(TapState::Dead.code(), 1);
         assert_eq!(TapState::Attached.code(), 2);
         assert_eq!(TapState::Pausing.code(), 0x10);
-        assert_eq!(TapState::Paused.code(), 0x20);
+        assert_eq!(TapState::Paused.code(), 0x2a);
     }
 }

@@ -97,6 +97,35 @@ pub struct IoStats {
     pub unsupported: u64,
     /// Times a failed request was tried again.
     pub retries: u64,
+    /// Requests taken from the ring (valid or not).
+    #[serde(default)]
+    pub requests: u64,
+    /// Answers pushed onto the ring.
+    #[serde(default)]
+    pub responses: u64,
+    /// Reads answered with an error.
+    #[serde(default)]
+    pub read_errors: u64,
+    /// Writes (plain and FUA) answered with an error.
+    #[serde(default)]
+    pub write_errors: u64,
+    /// Times the ring was looked at for new requests (each wake-up of its fd).
+    #[serde(default)]
+    pub kicks_in: u64,
+    /// Times answers were published to the kernel (`RESPOND`).
+    #[serde(default)]
+    pub kicks_out: u64,
+}
+
+impl IoStats {
+    fn count_error(&mut self, operation: u8) {
+        self.errors += 1;
+        match operation {
+            abi::OP_READ => self.read_errors += 1,
+            abi::OP_WRITE | abi::OP_WRITE_FUA => self.write_errors += 1,
+            _ => {}
+        }
+    }
 }
 
 /// How a server treats its requests.
@@ -337,6 +366,7 @@ impl<M: RingMemory> Server<M> {
         if let Some(f) = self.fault {
             return Err(f.into());
         }
+        self.stats.kicks_in += 1;
         let mut fetched = std::mem::take(&mut self.fetched);
         fetched.clear();
         let result = self.ring.fetch(&mut fetched);
@@ -403,6 +433,7 @@ impl<M: RingMemory> Server<M> {
 
     /// Starts one request (or answers it, if it cannot be started).
     fn start(&mut self, raw: &blktap_request) {
+        self.stats.requests += 1;
         let req = match validate(raw, self.capacity) {
             Ok(req) => req,
             Err(invalid) => return self.refuse(raw, invalid),
@@ -416,7 +447,7 @@ impl<M: RingMemory> Server<M> {
             return self.respond(raw.id, raw.operation, abi::RSP_EOPNOTSUPP);
         }
         if self.readonly && req.op.writes() {
-            self.stats.errors += 1;
+            self.stats.count_error(raw.operation);
             return self.respond(raw.id, raw.operation, abi::RSP_ERROR);
         }
         match req.op {
@@ -446,7 +477,7 @@ impl<M: RingMemory> Server<M> {
                 None => {
                     // Unreachable for a validated request: answer it anyway.
                     self.in_flight[slot] = None;
-                    self.stats.errors += 1;
+                    self.stats.count_error(req.op.code());
                     return self.respond(slot as u64, req.op.code(), abi::RSP_ERROR);
                 }
             }
@@ -472,7 +503,7 @@ impl<M: RingMemory> Server<M> {
     }
 
     fn refuse(&mut self, raw: &blktap_request, invalid: Invalid) {
-        self.stats.errors += 1;
+        self.stats.count_error(raw.operation);
         self.stats.invalid += 1;
         if self.stats.invalid <= LOGGED_INVALID {
             eprintln!(
@@ -553,7 +584,7 @@ impl<M: RingMemory> Server<M> {
                     }
                     return;
                 }
-                self.stats.errors += 1;
+                self.stats.count_error(op.code());
                 if self.stats.errors - self.stats.invalid <= LOGGED_FAILURES {
                     eprintln!("blktap: {}: {op:?} of slot {slot} failed: {e}", self.image);
                 }
@@ -574,8 +605,9 @@ impl<M: RingMemory> Server<M> {
             status,
             ..Default::default()
         };
-        if let Err(e) = self.ring.push_response(&rsp) {
-            eprintln!("blktap: {}: response for id {id}: {e}", self.image);
+        match self.ring.push_response(&rsp) {
+            Ok(()) => self.stats.responses += 1,
+            Err(e) => eprintln!("blktap: {}: response for id {id}: {e}", self.image),
         }
     }
 
@@ -583,7 +615,9 @@ impl<M: RingMemory> Server<M> {
         if self.fault.is_some() {
             return Ok(());
         }
-        self.ring.publish()?;
+        if self.ring.publish()? {
+            self.stats.kicks_out += 1;
+        }
         Ok(())
     }
 }
