@@ -14,8 +14,10 @@ use nix::unistd::Pid;
 fn start(dir: &PathBuf) -> (Child, Client) {
     let _ = std::fs::remove_dir_all(dir);
     let mut child = Command::new(env!("CARGO_BIN_EXE_tapdisk"))
+        .arg("-D")
         .arg("--ctl-dir")
         .arg(dir)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

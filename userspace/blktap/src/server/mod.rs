@@ -296,6 +296,83 @@ impl<M: RingMemory> Server<M> {
         self.in_flight.iter().filter(|s| s.is_some()).count()
     }
 
+    /// The server's state for a debug dump (SIGUSR1): ring indexes, the requests in flight by
+    /// slot, the counters; one item per line.
+    pub fn debug_state(&self) -> String {
+        use std::fmt::Write as _;
+        let shared = self.ring.shared();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "image {} ({} sectors{}), deadline {} s, device flags {:#x}",
+            self.image,
+            self.capacity,
+            if self.readonly { ", read-only" } else { "" },
+            self.options.deadline.as_secs(),
+            self.device_flags
+        );
+        let _ = writeln!(
+            out,
+            "ring: req_prod {} req_cons {} rsp_prod {} (private {}), taken and unanswered {}, \
+             answers unpublished {}, msg {}, fault {}",
+            shared.req_prod(),
+            self.ring.req_cons(),
+            shared.rsp_prod(),
+            self.ring.rsp_prod_pvt(),
+            self.ring.outstanding(),
+            self.ring.unpublished(),
+            shared.msg(),
+            self.fault.map_or("none".to_string(), |f| f.to_string())
+        );
+        let now = Instant::now();
+        let _ = writeln!(
+            out,
+            "slots in flight: {} (the backend has {} I/Os)",
+            self.in_flight(),
+            self.backend.in_flight()
+        );
+        for f in self.in_flight.iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  slot {:2}: {:?} sector {} ({} sectors), for {} ms, {} failed tries{}",
+                f.req.slot,
+                f.req.op,
+                f.req.sector,
+                f.req.sectors(),
+                now.saturating_duration_since(f.started).as_millis(),
+                f.failures,
+                f.retry_at.map_or(String::new(), |at| format!(
+                    ", next try in {} ms",
+                    at.saturating_duration_since(now).as_millis()
+                ))
+            );
+        }
+        let _ = write!(out, "counters: {:?}", self.stats);
+        out
+    }
+
+    /// Answers at once every request waiting to be tried again after a transient error (a
+    /// forced close: nobody waits for their deadline). Returns how many.
+    pub fn fail_retries(&mut self) -> usize {
+        let waiting: Vec<usize> = self
+            .in_flight
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.is_some_and(|f| f.retry_at.is_some()))
+            .map(|(slot, _)| slot)
+            .collect();
+        for &slot in &waiting {
+            if let Some(f) = self.in_flight[slot].take() {
+                self.stats.count_error(f.req.op.code());
+                self.respond(slot as u64, f.req.op.code(), abi::RSP_ERROR);
+            }
+        }
+        if let Err(e) = self.publish() {
+            log::warn!("{}: {e}", self.image);
+        }
+        waiting.len()
+    }
+
     /// Whether every request the ring has published was taken and answered (and published),
     /// and the backend has no I/O left: nothing of this server's is pending any more.
     pub fn idle(&self) -> bool {
@@ -424,7 +501,7 @@ impl<M: RingMemory> Server<M> {
     /// ring's memory back.
     pub fn into_memory(mut self) -> M {
         if let Err(e) = self.drain() {
-            eprintln!("blktap: {}: {e}", self.image);
+            log::warn!("{}: {e}", self.image);
         }
         let Server { backend, ring, .. } = self;
         drop(backend);
@@ -506,9 +583,11 @@ impl<M: RingMemory> Server<M> {
         self.stats.count_error(raw.operation);
         self.stats.invalid += 1;
         if self.stats.invalid <= LOGGED_INVALID {
-            eprintln!(
-                "blktap: {}: invalid request (id {}, op {}): {invalid}",
-                self.image, raw.id, raw.operation
+            log::warn!(
+                "{}: invalid request (id {}, op {}): {invalid}",
+                self.image,
+                raw.id,
+                raw.operation
             );
         }
         self.respond(raw.id, raw.operation, invalid.status());
@@ -550,7 +629,7 @@ impl<M: RingMemory> Server<M> {
     fn finish(&mut self, c: Completion) {
         let slot = c.tag as usize;
         let Some(done) = self.in_flight.get_mut(slot).and_then(|f| f.as_mut()) else {
-            eprintln!("blktap: {}: completion for idle slot {slot}", self.image);
+            log::warn!("{}: completion for idle slot {slot}", self.image);
             return;
         };
         let op = done.req.op;
@@ -577,8 +656,8 @@ impl<M: RingMemory> Server<M> {
                     done.retry_at = Some((now + backoff(done.failures)).min(deadline));
                     self.stats.retries += 1;
                     if self.stats.retries <= LOGGED_FAILURES {
-                        eprintln!(
-                            "blktap: {}: {op:?} of slot {slot} failed: {e}; trying again",
+                        log::warn!(
+                            "{}: {op:?} of slot {slot} failed: {e}; trying again",
                             self.image
                         );
                     }
@@ -586,7 +665,7 @@ impl<M: RingMemory> Server<M> {
                 }
                 self.stats.count_error(op.code());
                 if self.stats.errors - self.stats.invalid <= LOGGED_FAILURES {
-                    eprintln!("blktap: {}: {op:?} of slot {slot} failed: {e}", self.image);
+                    log::warn!("{}: {op:?} of slot {slot} failed: {e}", self.image);
                 }
                 abi::RSP_ERROR
             }
@@ -607,7 +686,7 @@ impl<M: RingMemory> Server<M> {
         };
         match self.ring.push_response(&rsp) {
             Ok(()) => self.stats.responses += 1,
-            Err(e) => eprintln!("blktap: {}: response for id {id}: {e}", self.image),
+            Err(e) => log::warn!("{}: response for id {id}: {e}", self.image),
         }
     }
 
