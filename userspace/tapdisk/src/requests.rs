@@ -43,13 +43,18 @@ impl Daemon {
                 readonly,
                 recovery,
                 recover,
+                no_direct,
+                timeout,
             } => {
                 let args = OpenArgs {
                     params: &params,
                     readonly,
                     recovery,
                     recover,
-                    ..Default::default()
+                    no_direct,
+                    deadline: timeout
+                        .filter(|&t| t > 0)
+                        .map(std::time::Duration::from_secs),
                 };
                 now(self.open_tap(minor, &args))
             }

@@ -61,6 +61,8 @@ fn answers_requests_and_exits_on_sigterm() {
             readonly: false,
             recovery: false,
             recover: false,
+            no_direct: false,
+            timeout: None,
         },
         CtlRequest::Unpause {
             minor: 5,

@@ -49,6 +49,12 @@ pub enum CtlRequest {
         /// `CREATE_DEVICE`; the image must have the disk's size.
         #[serde(default, skip_serializing_if = "is_false")]
         recover: bool,
+        /// Never open the image with `O_DIRECT`.
+        #[serde(default, skip_serializing_if = "is_false")]
+        no_direct: bool,
+        /// This tap's request deadline in seconds, instead of the tapdisk's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<u64>,
     },
     /// Remove the tap's disk and close its image.
     Close {
@@ -265,6 +271,8 @@ mod tests {
                     readonly: true,
                     recovery: false,
                     recover: false,
+                    no_direct: false,
+                    timeout: None,
                 },
                 r#"{"op":"open","minor":1,"params":"aio:/var/tmp/d.img","readonly":true}"#,
             ),
@@ -275,6 +283,8 @@ mod tests {
                     readonly: false,
                     recovery: true,
                     recover: false,
+                    no_direct: false,
+                    timeout: None,
                 },
                 r#"{"op":"open","minor":1,"params":"ram:1M","readonly":false,"recovery":true}"#,
             ),
@@ -285,6 +295,8 @@ mod tests {
                     readonly: false,
                     recovery: false,
                     recover: true,
+                    no_direct: false,
+                    timeout: None,
                 },
                 r#"{"op":"open","minor":1,"params":"ram:1M","readonly":false,"recover":true}"#,
             ),
@@ -329,6 +341,8 @@ mod tests {
                 readonly: false,
                 recovery: false,
                 recover: false,
+                no_direct: false,
+                timeout: None,
             }
         );
         assert_eq!(CtlRequest::List.minor(), None);
