@@ -48,15 +48,14 @@ pub fn debug(what: impl FnOnce() -> String) {
     }
 }
 
-/// The tapdisk to run: next to this executable, else `$TAPDISK`, else `tapdisk` from `PATH`.
+/// The tapdisk to run: `$TAPDISK`, else the one next to this executable, else `tapdisk` from
+/// `PATH`.
 pub fn tapdisk_binary(own_exe: Option<&Path>, tapdisk_env: Option<OsString>) -> PathBuf {
-    if let Some(beside) = own_exe.map(|exe| exe.with_file_name("tapdisk")) {
-        if beside.is_file() {
-            return beside;
-        }
+    if let Some(t) = tapdisk_env.filter(|t| !t.is_empty()) {
+        return t.into();
     }
-    match tapdisk_env {
-        Some(t) if !t.is_empty() => t.into(),
+    match own_exe.map(|exe| exe.with_file_name("tapdisk")) {
+        Some(beside) if beside.is_file() => beside,
         _ => PathBuf::from("tapdisk"),
     }
 }
@@ -549,21 +548,17 @@ mod tests {
         let dir = env::temp_dir().join(format!("tap-ctl-bin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let own = dir.join("tap-ctl");
-        // Nothing beside: $TAPDISK, else PATH.
-        assert_eq!(
-            tapdisk_binary(Some(&own), Some("/opt/td".into())),
-            PathBuf::from("/opt/td")
-        );
+        // $TAPDISK first, then beside, then PATH.
         assert_eq!(tapdisk_binary(Some(&own), None), PathBuf::from("tapdisk"));
         assert_eq!(
             tapdisk_binary(None, Some("".into())),
             PathBuf::from("tapdisk")
         );
-        // Beside tap-ctl wins.
         std::fs::write(dir.join("tapdisk"), "").unwrap();
+        assert_eq!(tapdisk_binary(Some(&own), None), dir.join("tapdisk"));
         assert_eq!(
             tapdisk_binary(Some(&own), Some("/opt/td".into())),
-            dir.join("tapdisk")
+            PathBuf::from("/opt/td")
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

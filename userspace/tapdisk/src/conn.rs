@@ -1,9 +1,11 @@
 //! One client connection on the control socket, in either protocol.
 //!
-//! The first two bytes say which: a binary `tapdisk_message_t` starts with its little-endian
-//! type, so every message type (all below 256) has a NUL second byte, which no JSON text has.
-//! So: a NUL second byte is binary, anything else JSON (a malformed JSON line gets a JSON error;
-//! garbage of neither kind is answered as JSON, or times out).
+//! The first two bytes say which. A JSON request starts with `{` (or white space) and has no NUL
+//! byte; a binary `tapdisk_message_t` starts with its little-endian type, and every message type
+//! (all below 256) has a NUL second byte. So: JSON if the first byte is `{` or white space and
+//! the second is not NUL; binary otherwise (an unknown type gets a binary EINVAL). A JSON
+//! connection that sends a NUL byte (a binary message whose type looks like JSON) gets a JSON
+//! error and is closed: no client of either protocol waits on the other.
 //!
 //! - JSON: request lines in, response lines out, any number, in order;
 //! - binary: one message (and its trailer), one answer, then the connection is closed once the
@@ -44,6 +46,8 @@ pub enum Request {
     Json(String),
     /// A binary message and the trailer that followed it.
     Binary(Box<Message>, Vec<u8>),
+    /// A NUL byte on a JSON connection: not JSON; answered with an error, then closed.
+    NotJson,
 }
 
 /// What reading from a connection produced.
@@ -163,19 +167,37 @@ impl Conn {
         if self.proto == Proto::Unknown {
             self.proto = match self.input.as_slice() {
                 [] | [_] => Proto::Unknown,
-                [_, 0, ..] => Proto::Binary,
-                _ => Proto::Json,
+                [b'{' | b' ' | b'\t' | b'\n' | b'\r', second, ..] if *second != 0 => Proto::Json,
+                _ => Proto::Binary,
             };
         }
         let mut requests = Vec::new();
         match self.proto {
             Proto::Unknown => {}
             Proto::Json => {
+                if let Some(nul) = self.input.iter().position(|&b| b == 0) {
+                    // Lines before the NUL are answered; then the connection ends.
+                    self.input.truncate(nul);
+                    self.input.push(b'\n');
+                    closed = true;
+                    requests.push(Request::NotJson);
+                }
                 while let Some(end) = self.input.iter().position(|&b| b == b'\n') {
                     let line: Vec<u8> = self.input.drain(..=end).collect();
                     requests.push(Request::Json(
                         String::from_utf8_lossy(&line[..end]).into_owned(),
                     ));
+                }
+                // The NUL's marker goes last, after the lines before it.
+                if let Some(i) = requests.iter().position(|r| *r == Request::NotJson) {
+                    let r = requests.remove(i);
+                    if let Some(Request::Json(partial)) = requests.last() {
+                        if !partial.is_empty() && closed {
+                            // The text before the NUL was no complete line: drop it.
+                            requests.pop();
+                        }
+                    }
+                    requests.push(r);
                 }
                 if self.input.len() > MAX_LINE {
                     closed = true;
@@ -357,8 +379,10 @@ mod tests {
         for (start, proto) in [
             (&[b'{', 0][..], Proto::Binary),
             (&[9, 0][..], Proto::Binary),
-            (&b"no"[..], Proto::Json),
-            (&[0, 1][..], Proto::Json),
+            (&[0xe7, 3][..], Proto::Binary),
+            (&b"no"[..], Proto::Binary),
+            (&b"{\""[..], Proto::Json),
+            (&b" {"[..], Proto::Json),
         ] {
             let (a, mut b) = UnixStream::pair().unwrap();
             let mut conn = Conn::new(a).unwrap();
@@ -366,6 +390,17 @@ mod tests {
             conn.read();
             assert_eq!(conn.proto(), proto, "{start:?}");
         }
+    }
+
+    #[test]
+    fn a_nul_ends_a_json_connection() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut conn = Conn::new(a).unwrap();
+        b.write_all(b"{\"op\":\"list\"}\n{\"x\0rest").unwrap();
+        assert_eq!(
+            conn.read(),
+            Input::Closed(vec![json("{\"op\":\"list\"}"), Request::NotJson])
+        );
     }
 
     #[test]

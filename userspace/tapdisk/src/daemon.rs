@@ -453,6 +453,11 @@ impl Daemon {
                         }
                     }
                 }
+                Request::NotJson => {
+                    let e = Error::invalid("not a JSON request: a NUL byte");
+                    log!("control connection: {e}; closing it");
+                    conn.queue(CtlResponse::failed(&e).to_line().as_bytes());
+                }
                 Request::Binary(msg, trailer) => match self.handle_binary(&msg, &trailer) {
                     crate::binary::Answer::Now(bytes) => conn.queue(&bytes),
                     crate::binary::Answer::Later(minor) => {

@@ -87,7 +87,7 @@ fn answers_requests_and_exits_on_sigterm() {
     // Malformed lines get an answer too, and the connection stays usable.
     let mut raw = std::os::unix::net::UnixStream::connect(socket_path(&dir, pid)).unwrap();
     use std::io::{BufRead, BufReader, Write};
-    raw.write_all(b"not json\n\n{\"op\":\"list\"}\n").unwrap();
+    raw.write_all(b"{not json\n\n{\"op\":\"list\"}\n").unwrap();
     let mut reader = BufReader::new(raw.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
