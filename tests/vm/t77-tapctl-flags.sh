@@ -23,8 +23,9 @@ fio_verify() {
     half=$(($2 / 2))
     fio --name=v --filename="$1" --ioengine=io_uring --direct=1 --rw=randwrite --bsrange=4k-44k \
         --iodepth=8 --size=${half}M --numjobs=2 --offset_increment=${half}M --verify=crc32c \
-        --do_verify=1 --verify_fatal=1 --output=/tmp/fio.out >/dev/null 2>&1 \
-    && [ "$(grep -c 'err= 0' /tmp/fio.out)" = 2 ] || { cat /tmp/fio.out; false; }
+        --do_verify=1 --verify_fatal=1 --output=/tmp/fio.out >/tmp/fio.err 2>&1 \
+    && [ "$(grep -c 'err= 0' /tmp/fio.out)" = 2 ] ||
+    { grep -v 'state file' /tmp/fio.err | head -5; grep 'err=' /tmp/fio.out; false; }
 }
 
 truncate -s 16M /tmp/a.raw /tmp/b.raw
