@@ -36,8 +36,10 @@ check "modprobe blktap2 resolves to it" sh -c "modprobe -d $ROOT --show-depends 
 
 # Installed but not loaded: tap-ctl says so, and how to load it (its modprobe dry run sees the
 # scratch root through MODPROBE_OPTIONS).
-check "tap-ctl check: not loaded (ENODEV)" is "$(errno_of env MODPROBE_OPTIONS="-d $ROOT" $ROOT/usr/local/sbin/tap-ctl check)" 19
-env MODPROBE_OPTIONS="-d $ROOT" $ROOT/usr/local/sbin/tap-ctl check > /tmp/check-msg 2>&1
+# As the original: the storage manager's line on stdout and exit status 218; then ours on stderr.
+check "tap-ctl check: not loaded (exit 218, as the original)" is "$(errno_of env MODPROBE_OPTIONS="-d $ROOT" $ROOT/usr/local/sbin/tap-ctl check)" 218
+env MODPROBE_OPTIONS="-d $ROOT" $ROOT/usr/local/sbin/tap-ctl check > /tmp/check-out 2> /tmp/check-msg
+check "stdout: the original's line" is "$(cat /tmp/check-out)" "blktap kernel module not installed"
 check "its message says the module is not loaded" grep -q 'blktap kernel module is not loaded' /tmp/check-msg
 check "and that modprobe blktap loads it" grep -q 'installed for this kernel: load it with `modprobe blktap`' /tmp/check-msg
 $ROOT/usr/local/sbin/tap-ctl check > /tmp/check-msg 2>&1
