@@ -3,10 +3,12 @@
 //! The tapdev disks, `/dev/xen/blktap-2/tapdevN` (`tda`, `tdb`, ...), on blk-mq.
 //!
 //! Improved request dequeuing: the old driver woke tapdisk and pulled requests inside tapdisk's
-//! `poll`, mapping pages per request. Here each disk has one hardware queue of 32 tags, and a
-//! request's tag is its ring slot, so the ring can never overflow. `queue_rq` writes the ring
-//! entry itself and copies write data into the slot's pages (mapped once for the ring's life);
-//! `req_prod` is published, and tapdisk woken, once per batch (`last` / `commit_rqs`).
+//! `poll`, mapping pages per request. Here each disk has one hardware queue of 32 tags, as many
+//! as the ring has slots. `queue_rq` reserves a free slot (the lowest; not the tag, as a slot
+//! outlives a request that timed out until tapdisk answers it), writes the ring entry itself and
+//! copies write data into the slot's pages (mapped once for the ring's life); `req_prod` is
+//! published, and tapdisk woken, once per batch (`last` / `commit_rqs`). A request that finds
+//! every slot late waits in the tap for one, within its deadline (see `slot.rs`).
 
 use kernel::{
     prelude::*,
@@ -39,6 +41,13 @@ use crate::{
     Blktap, //
 };
 
+/// The largest capacity, in 512-byte sectors: its byte size must fit `loff_t`.
+const CAPACITY_MAX: u64 = i64::MAX as u64 / request::SECTOR_SIZE as u64;
+
+/// The largest physical block size (`BLK_MAX_BLOCK_SIZE`); discard splitting needs far less than
+/// a discard request's largest size (1 GiB).
+const PHYSICAL_BLOCK_MAX: u32 = 64 * 1024;
+
 /// A validated disk description, from `CREATE_DEVICE` or `CREATE_DEVICE_COMPAT`.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct DeviceInfo {
@@ -57,9 +66,10 @@ impl DeviceInfo {
     ///
     /// # Errors
     ///
-    /// `EINVAL` for a zero capacity, a sector size that is not a power of two in 512..=4096, a
-    /// physical sector size that is not a power of two of at least 512, unknown flags, or FUA
-    /// without FLUSH.
+    /// `EINVAL` for a zero capacity, one whose byte size does not fit `loff_t` or that is not a
+    /// whole number of logical blocks, a sector size that is not a power of two in 512..=4096, a
+    /// physical sector size that is not a power of two in 512..=64 KiB (the block layer's largest
+    /// block), unknown flags, or FUA without FLUSH.
     pub(crate) fn from_info(info: &uapi::BlktapDeviceInfo) -> Result<Self> {
         let flags = info.flags;
         if flags & !uapi::DEVICE_FLAGS_KNOWN != 0
@@ -107,8 +117,9 @@ impl DeviceInfo {
             || !ss.is_power_of_two()
             || !(512..=4096).contains(&ss)
             || !pss.is_power_of_two()
-            || pss < 512
-            || self.capacity > u64::MAX / 512
+            || !(512..=PHYSICAL_BLOCK_MAX).contains(&pss)
+            || self.capacity > CAPACITY_MAX
+            || self.capacity % u64::from(ss / request::SECTOR_SIZE) != 0
         {
             return Err(EINVAL);
         }
@@ -135,7 +146,7 @@ impl Operations for TapDisk {
     }
 
     fn timeout(q: ArcBorrow<'_, DiskQueue>, rq: RequestRef<'_>) -> TimeoutAction {
-        q.tap.timed_out(rq)
+        q.tap.timed_out(&q.pages, rq)
     }
 
     fn commit_rqs(q: ArcBorrow<'_, DiskQueue>) {
@@ -251,9 +262,9 @@ pub(crate) fn abandon(tap: &Tap) -> Result {
     if disk.openers() > 0 {
         return Err(EBUSY);
     }
-    let mut kept = ring::NONE_TAKEN;
+    let mut kept = ring::Taken::new();
     tap.ring.lock().abandon(&mut kept);
-    let failed = ring::fail_all(&mut kept);
+    let failed = kept.fail_all();
     if failed > 0 {
         pr_warn!(
             "blktap{}: freed while recovering; failed {failed} kept requests\n",
@@ -285,6 +296,7 @@ mod tests {
         assert_eq!(d.capacity, 2048);
         assert!(d.read_only);
         assert!(DeviceInfo::from_info(&info(8, 4096, 4096, 0)).is_ok());
+        assert!(DeviceInfo::from_info(&info(CAPACITY_MAX, 512, 65536, 0)).is_ok());
         assert_eq!(d.features, Features::default());
         assert!(!d.recovery);
         Ok(())
@@ -321,6 +333,10 @@ mod tests {
             info(8, 512, 512, 0x2),
             info(8, 512, 512, uapi::DEVICE_FUA),
             info(u64::MAX, 512, 512, 0),
+            info(CAPACITY_MAX + 1, 512, 512, 0),
+            info(9, 4096, 4096, 0),
+            info(8, 512, 128 * 1024, 0),
+            info(8, 512, 1 << 31, 0),
         ] {
             assert_eq!(DeviceInfo::from_info(&bad), Err(EINVAL));
         }

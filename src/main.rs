@@ -42,6 +42,7 @@ mod control;
 mod device;
 mod request;
 mod ring;
+mod slot;
 mod sysfs;
 mod tap;
 mod uapi;
@@ -72,6 +73,7 @@ use class::{
 };
 use misc::MiscNodeRegistration;
 use tap::{
+    RingUser,
     Tap,
     TapTable, //
 };
@@ -203,18 +205,31 @@ impl Blktap {
         if minor >= uapi::MAX_MINORS {
             return Err(EINVAL);
         }
-        {
+        loop {
             let mut table = self.taps.table.lock();
             let entry = table.get(minor).ok_or(ENODEV)?;
-            if entry.tap.inner.lock().ring_open {
-                return Err(EBUSY);
+            let tap = entry.tap.clone();
+            let mut inner = tap.inner.lock();
+            match inner.ring_user {
+                RingUser::Open(_) => return Err(EBUSY),
+                RingUser::Closing => {
+                    // Its old disk is being removed: wait for it, then look again.
+                    drop(table);
+                    if tap.closed.wait_interruptible(&mut inner) {
+                        return Err(ERESTARTSYS);
+                    }
+                    continue;
+                }
+                RingUser::Closed => {}
             }
+            drop(inner);
             // A disk without a ring is one kept for recovery that nobody came back for.
-            device::abandon(&entry.tap)?;
+            device::abandon(&tap)?;
             // The class device goes before the minor is free again: a concurrent `ALLOC_TAP`
             // of the same minor would otherwise find `blktap!blktapN` still in sysfs (EEXIST).
             // Removing it waits for the tap's sysfs callbacks, which never take this lock.
             drop(table.remove(minor));
+            break;
         }
         if self.taps.verbose() {
             pr_info!("blktap{minor}: freed\n");
@@ -228,15 +243,27 @@ impl Blktap {
     ///
     /// `ENXIO` if the minor is not allocated, `EBUSY` if its ring is already open.
     pub(crate) fn open_ring(&self, minor: u32, pid: Pid) -> Result<Arc<Tap>> {
-        let table = self.taps.table.lock();
-        let tap = &table.get(minor).ok_or(ENXIO)?.tap;
-        let mut inner = tap.inner.lock();
-        if inner.ring_open {
-            return Err(EBUSY);
+        loop {
+            let table = self.taps.table.lock();
+            let tap = table.get(minor).ok_or(ENXIO)?.tap.clone();
+            let mut inner = tap.inner.lock();
+            match inner.ring_user {
+                RingUser::Open(_) => return Err(EBUSY),
+                RingUser::Closing => {
+                    // The last user's disk is being removed: wait for it, then look again (the
+                    // tap may have been freed meanwhile).
+                    drop(table);
+                    if tap.closed.wait_interruptible(&mut inner) {
+                        return Err(ERESTARTSYS);
+                    }
+                }
+                RingUser::Closed => {
+                    inner.ring_user = RingUser::Open(pid);
+                    drop(inner);
+                    return Ok(tap);
+                }
+            }
         }
-        inner.ring_open = true;
-        inner.ring_pid = Some(pid);
-        Ok(tap.clone())
     }
 }
 

@@ -3,7 +3,7 @@
 //! The ring devices, `/dev/xen/blktap-2/blktapN`, and the shared ring behind them.
 //!
 //! A tapdisk opens the ring of its tap exclusively (`EBUSY` for a second opener, `ENXIO` for an
-//! unallocated minor), maps it once per open (1 + 32 x 11 pages at offset 0), creates the disk
+//! unallocated minor; an opener waits while the last user's disk is removed), maps it once per open (1 + 32 x 11 pages at offset 0), creates the disk
 //! with `CREATE_DEVICE`, polls for requests and answers with `RESPOND`. See
 //! `Documentation/blktap2.rst` for the protocol and its memory-ordering argument.
 //!
@@ -12,7 +12,7 @@
 //! Everything tapdisk writes into the ring is read once, into a local copy, and validated before
 //! use: `rsp_prod` may not run ahead of the requests given out; each response must name a slot
 //! (< 32) with a request pending, with the same operation. A bad response is refused with a log
-//! line and never completes anything.
+//! line and never completes anything. The slots' life is in `slot.rs`.
 //!
 //! # Lock order
 //!
@@ -62,7 +62,15 @@ use crate::{
         self,
         BadResponse, //
     },
-    tap::Tap,
+    slot::{
+        Answer,
+        Parked,
+        Slots, //
+    },
+    tap::{
+        RingUser,
+        Tap, //
+    },
     uapi,
     Blktap, //
 };
@@ -205,30 +213,10 @@ pub(crate) struct Pending {
     bytes: u32,
 }
 
-/// A ring slot: an id tapdisk answers with, and the slot's data pages.
-enum Slot {
-    Free,
-    /// Reserved by [`Tap::queue`] while it copies a write's data into the slot's pages.
-    Filling,
-    /// On the ring (or kept for recovery).
-    Busy(Pending),
-    /// Its request timed out and has ended with an error. The slot stays reserved until tapdisk
-    /// answers (the answer is dropped) or the ring goes away, as tapdisk may still write into the
-    /// slot's pages.
-    Late {
-        op: u8,
-    },
-}
-
-impl Slot {
-    /// The operation tapdisk must echo for this slot, if it may answer it.
-    fn answerable_op(&self) -> Option<u8> {
-        match self {
-            Slot::Busy(p) => Some(p.entry.operation),
-            Slot::Late { op } => Some(*op),
-            Slot::Free | Slot::Filling => None,
-        }
-    }
+/// A request waiting for a free slot, with its ring operation.
+pub(crate) struct Waiting {
+    rq: Request,
+    op: u8,
 }
 
 /// What the negotiated extensions let the kernel send.
@@ -243,8 +231,10 @@ pub(crate) struct Features {
 ///
 /// # Invariants
 ///
-/// - `slots[s]` is `Busy` from the publication of the request with id `s` until its response,
-///   its timeout or the ring's death; requests are kept while `!live` only if `recovery`.
+/// - A slot is `OnRing` from the publication of the request with its id (or, while the tap
+///   recovers, from the request's arrival) until tapdisk's answer, its timeout or the ring's
+///   death; requests are kept while `!live` only if `recovery` (see [`crate::slot`]).
+/// - `parked` holds requests only while no slot was free for them.
 /// - `rsp_cons <= published <= req_prod_pvt` in ring (wrapping) order, at most 32 apart.
 pub(crate) struct RingState {
     /// The ring is mapped by a tapdisk that is alive.
@@ -257,9 +247,12 @@ pub(crate) struct RingState {
     vmas: u32,
     req_prod_pvt: u32,
     published: u32,
-    polled: u32,
     rsp_cons: u32,
-    slots: [Slot; uapi::RING_SIZE],
+    slots: Slots<Pending>,
+    /// Requests waiting for a slot (every slot was late when they came).
+    parked: Parked<Waiting>,
+    /// The disk is paused (`PAUSE`): no waiting request goes on the ring.
+    paused: bool,
     /// The disk is being removed: new requests fail at once.
     removing: bool,
     /// The disk was made with `BLKTAP_DEVICE_RECOVERY`: requests outlive the tapdisk.
@@ -267,12 +260,14 @@ pub(crate) struct RingState {
     /// Seconds a request may stay unanswered (`deadline` in sysfs).
     pub(crate) deadline: u32,
     /// Counters for `debug`: requests answered, responses refused, requests timed out, late
-    /// answers dropped, requests given again to a recovering tapdisk.
+    /// answers dropped, requests given again to a recovering tapdisk, tapdisks lost by a
+    /// recovery tap.
     pub(crate) completed: u64,
     pub(crate) refused: u64,
     pub(crate) timed_out: u64,
     pub(crate) late: u64,
     pub(crate) reissued: u64,
+    lost: u64,
 }
 
 impl RingState {
@@ -284,9 +279,10 @@ impl RingState {
             vmas: 0,
             req_prod_pvt: 0,
             published: 0,
-            polled: 0,
             rsp_cons: 0,
-            slots: [const { Slot::Free }; uapi::RING_SIZE],
+            slots: Slots::new(),
+            parked: Parked::new(),
+            paused: false,
             removing: false,
             recovery: false,
             deadline,
@@ -295,23 +291,23 @@ impl RingState {
             timed_out: 0,
             late: 0,
             reissued: 0,
+            lost: 0,
         }
     }
 
     /// Requests given to tapdisk (or kept for one) and not yet answered.
     pub(crate) fn pending(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| matches!(s, Slot::Busy(_)))
-            .count()
+        self.slots.pending()
     }
 
     /// Slots held by requests that timed out and that tapdisk has not answered.
     pub(crate) fn late_slots(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| matches!(s, Slot::Late { .. }))
-            .count()
+        self.slots.late()
+    }
+
+    /// Requests waiting for a free slot.
+    pub(crate) fn parked(&self) -> usize {
+        self.parked.len()
     }
 
     pub(crate) fn is_mapped(&self) -> bool {
@@ -328,20 +324,13 @@ impl RingState {
         !self.removing && (self.live || self.recovery)
     }
 
-    /// Reserves the lowest free slot.
-    fn reserve(&mut self) -> Option<usize> {
-        let slot = self.slots.iter().position(|s| matches!(s, Slot::Free))?;
-        self.slots[slot] = Slot::Filling;
-        Some(slot)
-    }
-
     /// Starts removing the disk: new requests fail at once from now on.
     ///
     /// # Errors
     ///
-    /// `EBUSY` if requests are on the ring.
+    /// `EBUSY` if requests are on the ring or wait for a slot.
     pub(crate) fn start_removing(&mut self) -> Result {
-        if self.pending() > 0 {
+        if self.pending() > 0 || !self.parked.is_empty() {
             return Err(EBUSY);
         }
         self.removing = true;
@@ -352,6 +341,7 @@ impl RingState {
     pub(crate) fn end_removing(&mut self) {
         self.removing = false;
         self.recovery = false;
+        self.paused = false;
     }
 
     /// Publishes the requests written since the last call; true if tapdisk must be woken.
@@ -366,51 +356,55 @@ impl RingState {
         true
     }
 
-    /// Takes every request out; the caller ends them. Late slots are freed: no tapdisk is left
-    /// to write into them.
-    fn take_all(&mut self, out: &mut [Option<Pending>; uapi::RING_SIZE]) {
-        self.free_late();
-        for (o, s) in out.iter_mut().zip(self.slots.iter_mut()) {
-            if matches!(s, Slot::Busy(_)) {
-                if let Slot::Busy(p) = core::mem::replace(s, Slot::Free) {
-                    *o = Some(p);
-                }
-            }
-        }
-    }
-
-    /// Frees the slots of timed-out requests: the tapdisk that could answer them is gone.
-    fn free_late(&mut self) {
-        for s in self.slots.iter_mut() {
-            if matches!(s, Slot::Late { .. }) {
-                *s = Slot::Free;
-            }
-        }
+    /// Takes every request out, on the ring and waiting; the caller ends them. Late slots are
+    /// freed: no tapdisk is left to write into them.
+    fn take_all(&mut self, out: &mut Taken) {
+        self.slots.free_late();
+        self.slots.take_on_ring(&mut out.on_ring);
+        self.parked.take_all(&mut out.parked);
     }
 
     /// Fails every request at once and makes new ones fail (the disk is being removed without a
     /// tapdisk). The caller ends the requests taken.
-    pub(crate) fn abandon(&mut self, out: &mut [Option<Pending>; uapi::RING_SIZE]) {
+    pub(crate) fn abandon(&mut self, out: &mut Taken) {
         self.removing = true;
         self.take_all(out);
     }
 }
 
-/// Ends requests taken off the ring with an I/O error; returns how many.
-pub(crate) fn fail_all(taken: &mut [Option<Pending>; uapi::RING_SIZE]) -> usize {
-    let mut n = 0;
-    for p in taken.iter_mut().filter_map(Option::take) {
-        p.rq.end(Err(EIO));
-        n += 1;
-    }
-    n
+/// Requests taken off a ring, to be ended outside its lock.
+pub(crate) struct Taken {
+    on_ring: [Option<Pending>; uapi::RING_SIZE],
+    parked: [Option<Waiting>; uapi::RING_SIZE],
 }
 
-/// Space for the requests of a ring.
-pub(crate) type Taken = [Option<Pending>; uapi::RING_SIZE];
+impl Taken {
+    /// None yet.
+    pub(crate) const fn new() -> Self {
+        Self {
+            on_ring: [const { None }; uapi::RING_SIZE],
+            parked: [const { None }; uapi::RING_SIZE],
+        }
+    }
 
-/// An empty [`Taken`].
-pub(crate) const NONE_TAKEN: Taken = [const { None }; uapi::RING_SIZE];
+    /// Ends every request taken with an I/O error; returns how many.
+    pub(crate) fn fail_all(&mut self) -> usize {
+        let on_ring = self
+            .on_ring
+            .iter_mut()
+            .filter_map(|p| p.take().map(|p| p.rq));
+        let parked = self
+            .parked
+            .iter_mut()
+            .filter_map(|w| w.take().map(|w| w.rq));
+        let mut n = 0;
+        for rq in Iterator::chain(on_ring, parked) {
+            rq.end(Err(EIO));
+            n += 1;
+        }
+        n
+    }
+}
 
 /// The ring operation for a block request, given the negotiated features.
 fn ring_op(op: Op, fua: bool, features: Features) -> Option<u8> {
@@ -469,8 +463,9 @@ fn ring_entry(op: u8, slot: usize, sector: u64, bytes: u32) -> Result<uapi::Requ
 
 impl Tap {
     /// Queues a request on the ring (from `queue_rq`). Ends it at once if the ring takes no
-    /// requests or the request cannot go on the ring; hands it back if every slot is taken
-    /// (by requests that timed out and that tapdisk has not answered).
+    /// requests or the request cannot go on the ring. If no slot is free (every one is held by a
+    /// request that timed out and that tapdisk has not answered), the request waits for one,
+    /// within its deadline.
     pub(crate) fn queue(
         &self,
         pages: &RingPages,
@@ -489,13 +484,31 @@ impl Tap {
                 rq.end(Err(EIO));
                 return Queued::Taken;
             }
-            match ring.reserve() {
+            match ring.slots.reserve() {
                 Some(slot) => slot,
-                None => return Queued::Busy(rq),
+                None => {
+                    let refused = ring.parked.push(Waiting { rq, op }).err();
+                    drop(ring);
+                    // Never: a waiting request holds one of the ring's 32 tags.
+                    if let Some(w) = refused {
+                        w.rq.end(Err(EIO));
+                    }
+                    return Queued::Taken;
+                }
             }
         };
+        if self.fill(pages, slot, rq, op, last) {
+            self.poll.notify_all();
+        }
+        Queued::Taken
+    }
+
+    /// Puts `rq` in `slot`, which the caller reserved for it: copies a write's data into the
+    /// slot's pages (without the lock: the reserved slot is the request's alone), then writes its
+    /// entry on the ring, or keeps it while the tap recovers. Ends the request with an I/O error
+    /// if it cannot go. With `publish`, publishes the batch; returns whether to wake tapdisk.
+    fn fill(&self, pages: &RingPages, slot: usize, rq: Request, op: u8, publish: bool) -> bool {
         let bytes = rq.bytes();
-        // The slot is reserved for this request: its pages are ours to fill without the lock.
         let ready = ring_entry(op, slot, rq.sector(), bytes).and_then(|entry| {
             let data = op == uapi::OP_WRITE || op == uapi::OP_WRITE_FUA;
             if data && rq.copy_to_pages(pages.slot(slot), bytes as usize) != bytes as usize {
@@ -511,22 +524,55 @@ impl Tap {
                         pages.write_request(ring.req_prod_pvt, &entry);
                         ring.req_prod_pvt = ring.req_prod_pvt.wrapping_add(1);
                     }
-                    // While the tap recovers, the request is kept here, for the next tapdisk.
-                    ring.slots[slot] = Slot::Busy(Pending { rq, entry, bytes });
-                    (last && ring.live && ring.publish(), None)
+                    let p = Pending { rq, entry, bytes };
+                    match ring.slots.put_on_ring(slot, op, p) {
+                        Ok(()) => (publish && ring.live && ring.publish(), None),
+                        Err(p) => (false, Some(p.rq)),
+                    }
                 }
                 _ => {
-                    ring.slots[slot] = Slot::Free;
+                    ring.slots.cancel(slot);
                     (false, Some(rq))
                 }
             }
         };
         if let Some(rq) = refused {
             rq.end(Err(EIO));
-        } else if wake {
+        }
+        wake
+    }
+
+    /// Moves waiting requests into free slots, oldest first, and publishes them; fails them if
+    /// the ring takes no more requests. Nothing moves while the disk is paused.
+    fn dispatch_parked(&self, pages: &RingPages) {
+        let mut failed = Taken::new();
+        loop {
+            let (slot, w) = {
+                let mut ring = self.ring.lock();
+                if ring.parked.is_empty() || ring.paused {
+                    break;
+                }
+                if !ring.accepts() {
+                    ring.parked.take_all(&mut failed.parked);
+                    break;
+                }
+                let Some(slot) = ring.slots.reserve() else {
+                    break;
+                };
+                match ring.parked.pop_oldest() {
+                    Some(w) => (slot, w),
+                    None => {
+                        ring.slots.cancel(slot);
+                        break;
+                    }
+                }
+            };
+            self.fill(pages, slot, w.rq, w.op, false);
+        }
+        failed.fail_all();
+        if self.ring.lock().publish() {
             self.poll.notify_all();
         }
-        Queued::Taken
     }
 
     /// Publishes a batch (from `commit_rqs`).
@@ -536,45 +582,58 @@ impl Tap {
         }
     }
 
-    /// A request has not been answered within the tap's deadline (blk-mq's timeout handler):
-    /// it ends with an I/O error. If a tapdisk serves the ring, its slot stays reserved until
-    /// tapdisk answers.
-    pub(crate) fn timed_out(&self, rq: RequestRef<'_>) -> TimeoutAction {
-        let (p, slot, live, log, deadline) = {
+    /// A request has not ended within the tap's deadline (blk-mq's timeout handler): it ends
+    /// with an I/O error. If a tapdisk serves the ring, its slot stays reserved until tapdisk
+    /// answers. A request waiting for a slot ends the same way.
+    pub(crate) fn timed_out(&self, pages: &RingPages, rq: RequestRef<'_>) -> TimeoutAction {
+        let (rq, op, slot, live, log, deadline) = {
             let mut ring = self.ring.lock();
-            let found = ring
-                .slots
-                .iter()
-                .position(|s| matches!(s, Slot::Busy(p) if p.rq.is(&rq)));
-            // Not on the ring: the request is ending (answered) or is still being queued.
-            let Some(slot) = found else {
-                return TimeoutAction::Done;
-            };
-            let Slot::Busy(p) = core::mem::replace(&mut ring.slots[slot], Slot::Free) else {
-                return TimeoutAction::Done;
-            };
             let live = ring.live;
-            if live {
-                ring.slots[slot] = Slot::Late {
-                    op: p.entry.operation,
-                };
-            }
-            ring.timed_out += 1;
-            (p, slot, live, worth_logging(ring.timed_out), ring.deadline)
-        };
-        let op = p.entry.operation;
-        p.rq.end(Err(EIO));
-        if log {
-            let why = if live {
-                "tapdisk has not answered"
-            } else {
-                "no tapdisk attached"
+            let (rq, op, slot) = match ring.slots.find_on_ring(|p| p.rq.is(&rq)) {
+                Some(slot) => match ring.slots.time_out(slot, live) {
+                    Some(p) => (p.rq, p.entry.operation, Some(slot)),
+                    None => return TimeoutAction::ResetTimer,
+                },
+                None => match ring.parked.remove(|w| w.rq.is(&rq)) {
+                    Some(w) => (w.rq, w.op, None),
+                    // Reserved (being filled) or completing (being answered): it ends soon.
+                    None => return TimeoutAction::ResetTimer,
+                },
             };
-            pr_warn!(
-                "blktap{}: request in slot {slot} (op {op}) timed out after {deadline} s ({why}); \
-                 failed with EIO\n",
-                self.minor()
-            );
+            ring.timed_out += 1;
+            (
+                rq,
+                op,
+                slot,
+                live,
+                worth_logging(ring.timed_out),
+                ring.deadline,
+            )
+        };
+        rq.end(Err(EIO));
+        if log {
+            let minor = self.minor();
+            match (slot, live) {
+                (None, _) => pr_warn!(
+                    "blktap{minor}: request (op {op}) timed out after {deadline} s waiting for a \
+                     slot (every slot is held by a late request); failed with EIO\n"
+                ),
+                (Some(slot), live) => {
+                    let why = if live {
+                        "tapdisk has not answered"
+                    } else {
+                        "no tapdisk attached"
+                    };
+                    pr_warn!(
+                        "blktap{minor}: request in slot {slot} (op {op}) timed out after \
+                         {deadline} s ({why}); failed with EIO\n"
+                    );
+                }
+            }
+        }
+        // Without a tapdisk the slot is free again: a waiting request may take it.
+        if slot.is_some() && !live {
+            self.dispatch_parked(pages);
         }
         TimeoutAction::Done
     }
@@ -609,23 +668,25 @@ impl Tap {
             };
             for i in 0..n {
                 let rsp = pages.read_response(ring.rsp_cons.wrapping_add(i));
-                let checked = request::check_response(&rsp, |s| ring.slots[s].answerable_op());
-                match checked {
-                    Ok(slot) => match core::mem::replace(&mut ring.slots[slot], Slot::Free) {
-                        Slot::Busy(p) => done[slot] = Some((p, rsp.status)),
-                        // The request timed out and ended: the answer is dropped.
-                        _ => {
-                            late += 1;
-                            ring.late += 1;
-                        }
-                    },
-                    Err(why) => {
-                        bad += 1;
-                        ring.refused += 1;
-                        if bad == 1 && worth_logging(ring.refused) {
-                            report_bad(self.minor(), &rsp, why);
-                        }
+                let checked = request::check_response(&rsp, |s| ring.slots.answerable_op(s));
+                let why = match checked.map(|slot| (slot, ring.slots.answer(slot))) {
+                    Ok((slot, Answer::Done(p))) => {
+                        done[slot] = Some((p, rsp.status));
+                        continue;
                     }
+                    Ok((_, Answer::Late)) => {
+                        late += 1;
+                        ring.late += 1;
+                        continue;
+                    }
+                    // The check found it answerable; kept for the type's sake.
+                    Ok((_, Answer::NotPending)) => BadResponse::NotPending,
+                    Err(why) => why,
+                };
+                bad += 1;
+                ring.refused += 1;
+                if bad == 1 && worth_logging(ring.refused) {
+                    report_bad(self.minor(), &rsp, why);
                 }
             }
             ring.rsp_cons = ring.rsp_cons.wrapping_add(n);
@@ -638,12 +699,14 @@ impl Tap {
             }
             pages
         };
-        for (slot, d) in done.iter_mut().enumerate() {
-            let Some((p, status)) = d.take() else {
+        // The answered slots are `Completing`: their pages are ours until they are freed.
+        let mut results: [Result; uapi::RING_SIZE] = [Ok(()); uapi::RING_SIZE];
+        for (slot, d) in done.iter().enumerate() {
+            let Some((p, status)) = d else {
                 continue;
             };
             let len = p.bytes as usize;
-            let result = match status {
+            results[slot] = match *status {
                 uapi::RSP_OKAY
                     if p.entry.operation != uapi::OP_READ
                         || p.rq.copy_from_pages(pages.slot(slot), len) == len =>
@@ -653,7 +716,23 @@ impl Tap {
                 uapi::RSP_EOPNOTSUPP => Err(EOPNOTSUPP),
                 _ => Err(EIO),
             };
-            p.rq.end(result);
+        }
+        let waiting = {
+            let mut ring = self.ring.lock();
+            for (slot, d) in done.iter().enumerate() {
+                if d.is_some() {
+                    ring.slots.complete(slot);
+                }
+            }
+            !ring.parked.is_empty()
+        };
+        for (d, result) in done.iter_mut().zip(results) {
+            if let Some((p, _)) = d.take() {
+                p.rq.end(result);
+            }
+        }
+        if waiting {
+            self.dispatch_parked(&pages);
         }
         if bad > 0 {
             return Err(EINVAL);
@@ -662,29 +741,31 @@ impl Tap {
     }
 
     /// The ring's mapping went away (munmap or the process died). Without recovery, fails every
-    /// pending request, and all new I/O until the disk is removed. With recovery, keeps them for
-    /// the next tapdisk.
+    /// pending and waiting request, and all new I/O until the disk is removed. With recovery,
+    /// keeps them for the next tapdisk.
     fn ring_gone(&self) {
-        let mut dead = NONE_TAKEN;
+        let mut dead = Taken::new();
         let kept = {
             let mut ring = self.ring.lock();
             ring.live = false;
             ring.mm = 0;
             ring.pages = None;
             if ring.recovery {
-                ring.free_late();
-                Some(ring.pending())
+                ring.slots.free_late();
+                ring.lost += 1;
+                Some((ring.pending(), worth_logging(ring.lost)))
             } else {
                 ring.take_all(&mut dead);
                 None
             }
         };
-        let failed = fail_all(&mut dead);
+        let failed = dead.fail_all();
         match kept {
-            Some(n) => pr_warn!(
+            Some((n, true)) => pr_warn!(
                 "blktap{}: ring unmapped; keeping the disk and {n} requests for recovery\n",
                 self.minor()
             ),
+            Some((_, false)) => {}
             None if failed > 0 => pr_warn!(
                 "blktap{}: ring unmapped; failed {failed} pending requests\n",
                 self.minor()
@@ -695,22 +776,27 @@ impl Tap {
     }
 
     /// `PAUSE` (`true`) and `RESUME` (`false`): stops or restarts handing requests to the ring,
-    /// and clears a pause or resume message.
+    /// and clears a pause or resume message (also when there is no disk to pause).
     ///
     /// # Errors
     ///
     /// `ENODEV` if the tap has no disk.
     fn set_paused(&self, paused: bool) -> Result {
         let mut inner = self.inner.lock();
-        let disk = inner.disk.as_mut().ok_or(ENODEV)?;
-        // Stopping waits for `queue_rq` calls in progress; none takes `inner`.
-        disk.set_quiesced(paused);
-        let ring = self.ring.lock();
-        if let Some(pages) = &ring.pages {
+        if let Some(pages) = &self.ring.lock().pages {
             let msg = pages.msg();
             if msg == uapi::RING_MSG_PAUSE || msg == uapi::RING_MSG_RESUME {
                 pages.set_msg(0);
             }
+        }
+        let disk = inner.disk.as_mut().ok_or(ENODEV)?;
+        // Stopping waits for `queue_rq` calls in progress; none takes `inner`.
+        disk.set_quiesced(paused);
+        self.ring.lock().paused = paused;
+        let pages = inner.pages.clone();
+        drop(inner);
+        if let (false, Some(pages)) = (paused, pages) {
+            self.dispatch_parked(&pages);
         }
         Ok(())
     }
@@ -719,11 +805,16 @@ impl Tap {
     ///
     /// # Errors
     ///
-    /// `ENXIO` if no tapdisk maps the ring.
+    /// `ENXIO` if no tapdisk maps the ring, `ENODEV` if the tap has no disk.
     pub(crate) fn request_pause(&self, paused: bool) -> Result {
         {
+            let inner = self.inner.lock();
             let ring = self.ring.lock();
             let pages = ring.pages.as_ref().ok_or(ENXIO)?;
+            // Without a disk there is nothing to pause, and the message would stay unanswered.
+            if inner.disk.is_none() {
+                return Err(ENODEV);
+            }
             pages.set_msg(if paused {
                 uapi::RING_MSG_PAUSE
             } else {
@@ -759,7 +850,7 @@ fn report_bad(minor: u32, rsp: &uapi::Response, why: BadResponse) {
 ///
 /// # Invariants
 ///
-/// `tap.inner.ring_open` is set for as long as this object exists.
+/// `tap.inner.ring_user` is `Open` for as long as this object exists (`Closing` while it drops).
 pub(crate) struct RingFile {
     tap: Arc<Tap>,
     /// The driver, for the block major of the disk the ring creates.
@@ -770,19 +861,26 @@ pub(crate) struct RingFile {
 
 impl Drop for RingFile {
     fn drop(&mut self) {
-        // The mapping (which holds the file) is gone: tear down what is left, outside locks.
-        let disk = {
+        // The mapping (which holds the file) is gone. The disk goes too, unless it waits for a
+        // new tapdisk (recovery). Until it is gone the ring stays `Closing`: a new opener of the
+        // minor and `FREE_TAP` wait, so no new disk or tap can meet the old disk's removal.
+        let (kept, disk) = {
             let mut inner = self.tap.inner.lock();
-            inner.ring_open = false;
-            inner.ring_pid = None;
-            let recovery = self.tap.ring.lock().recovery;
-            match inner.disk.as_mut() {
+            let mut ring = self.tap.ring.lock();
+            if ring.recovery && inner.disk.is_some() {
                 // The disk and its requests wait for a new tapdisk; a pause ends with the old one.
-                Some(disk) if recovery => {
+                ring.paused = false;
+                drop(ring);
+                if let Some(disk) = inner.disk.as_mut() {
                     disk.set_quiesced(false);
-                    None
                 }
-                _ => inner.take_disk(),
+                (true, None)
+            } else {
+                // New requests fail at once while the disk goes.
+                ring.removing = true;
+                drop(ring);
+                inner.ring_user = RingUser::Closing;
+                (false, inner.take_disk())
             }
         };
         if let Some(disk) = disk {
@@ -791,8 +889,15 @@ impl Drop for RingFile {
                 self.tap.minor()
             );
             drop(disk);
-            self.tap.ring.lock().end_removing();
         }
+        {
+            let mut inner = self.tap.inner.lock();
+            if !kept {
+                self.tap.ring.lock().end_removing();
+            }
+            inner.ring_user = RingUser::Closed;
+        }
+        self.tap.closed.notify_all();
     }
 }
 
@@ -853,7 +958,6 @@ impl RingFile {
             ring.vmas = 1;
             ring.req_prod_pvt = 0;
             ring.published = 0;
-            ring.polled = 0;
             ring.rsp_cons = 0;
             // A recovering tap's kept requests go to the new tapdisk first, as fresh entries.
             let mut n = 0u32;
@@ -862,14 +966,12 @@ impl RingFile {
                 req_prod_pvt,
                 ..
             } = &mut *ring;
-            for s in slots.iter() {
-                if let Slot::Busy(p) = s {
-                    pages.write_request(*req_prod_pvt, &p.entry);
-                    *req_prod_pvt = req_prod_pvt.wrapping_add(1);
-                    n += 1;
-                }
+            for (_, p) in slots.on_ring() {
+                pages.write_request(*req_prod_pvt, &p.entry);
+                *req_prod_pvt = req_prod_pvt.wrapping_add(1);
+                n += 1;
             }
-            ring.pages = Some(pages);
+            ring.pages = Some(pages.clone());
             ring.reissued += u64::from(n);
             ring.publish();
             n
@@ -882,18 +984,23 @@ impl RingFile {
             );
             self.tap.poll.notify_all();
         }
+        // Then the requests that waited for a slot.
+        self.tap.dispatch_parked(&pages);
         Ok(())
     }
 
+    /// A query without side effects, level-triggered: readable while the ring holds a request
+    /// tapdisk has not answered (timed-out ones aside) or a message; an error while unmapped.
+    /// So a peer that registers late, re-arms (`EPOLL_CTL_MOD`) or polls through nested epoll
+    /// sees the same answer each time.
     fn poll(&self, file: &File, table: PollTable<'_>) -> u32 {
         table.register_wait(file, &self.tap.poll);
-        let mut ring = self.tap.ring.lock();
+        let ring = self.tap.ring.lock();
         if !ring.is_mapped() {
             return POLLERR;
         }
         let msg = ring.pages.as_ref().map_or(0, |p| p.msg());
-        if ring.published != ring.polled || msg != 0 {
-            ring.polled = ring.published;
+        if ring.pending() > 0 || msg != 0 {
             return POLLIN | POLLRDNORM;
         }
         0
@@ -1016,7 +1123,7 @@ impl CharDevice for Ring {
         // SAFETY: Reads the current task's tgid through the C helper.
         let pid = unsafe { ffi::blktap_current_tgid() };
         let tap = blktap.open_ring(minor, pid)?;
-        // INVARIANT: `open_ring` set `ring_open`. If the allocation fails, the `RingFile` is
+        // INVARIANT: `open_ring` set `ring_user` to `Open`. If the allocation fails, the `RingFile` is
         // dropped, which clears it again.
         KBox::new(
             RingFile {
@@ -1101,20 +1208,16 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_reserved_lowest_first() {
+    fn removal_refuses_new_requests_and_ends_a_pause() {
         let mut ring = RingState::new(120);
-        assert_eq!(ring.reserve(), Some(0));
-        assert_eq!(ring.reserve(), Some(1));
-        ring.slots[0] = Slot::Late { op: uapi::OP_READ };
-        ring.slots[1] = Slot::Free;
-        assert_eq!(ring.reserve(), Some(1));
-        for s in ring.slots.iter_mut() {
-            *s = Slot::Late { op: uapi::OP_WRITE };
-        }
-        assert_eq!(ring.reserve(), None);
-        assert_eq!(ring.late_slots(), 32);
-        assert_eq!(ring.slots[7].answerable_op(), Some(uapi::OP_WRITE));
-        assert_eq!(Slot::Filling.answerable_op(), None);
+        ring.live = true;
+        assert!(ring.start_removing().is_ok());
+        assert!(!ring.accepts());
+        ring.paused = true;
+        ring.recovery = true;
+        ring.end_removing();
+        assert!(ring.accepts());
+        assert!(!ring.paused && !ring.recovery);
     }
 
     #[test]

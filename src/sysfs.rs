@@ -36,7 +36,10 @@ use crate::{
         DeviceAttributes,
         SysfsBuf, //
     },
-    tap::Tap,
+    tap::{
+        RingUser,
+        Tap, //
+    },
     uapi,
     Taps, //
 };
@@ -106,7 +109,7 @@ impl DeviceAttributes for Tap {
                 out.write_bytes(b"\n")?;
             }
             b"task" => {
-                if let Some(pid) = inner.ring_pid {
+                if let RingUser::Open(pid) = inner.ring_user {
                     writeln!(out, "{pid}")?;
                 }
             }
@@ -115,9 +118,10 @@ impl DeviceAttributes for Tap {
                 out.write_bytes(b"name: ")?;
                 out.write_bytes(&inner.name)?;
                 out.write_bytes(b"\n")?;
-                match inner.ring_pid {
-                    Some(pid) if inner.ring_open => writeln!(out, "ring: open by {pid}")?,
-                    _ => writeln!(out, "ring: closed")?,
+                match inner.ring_user {
+                    RingUser::Open(pid) => writeln!(out, "ring: open by {pid}")?,
+                    RingUser::Closing => writeln!(out, "ring: closing")?,
+                    RingUser::Closed => writeln!(out, "ring: closed")?,
                 }
                 if let Some(disk) = &inner.disk {
                     let ro = if inner.read_only { " (read-only)" } else { "" };
@@ -147,6 +151,7 @@ impl DeviceAttributes for Tap {
                 writeln!(out, "deadline: {}", ring.deadline)?;
                 writeln!(out, "pending: {}", ring.pending())?;
                 writeln!(out, "late: {}", ring.late_slots())?;
+                writeln!(out, "parked: {}", ring.parked())?;
                 writeln!(out, "completed: {}", ring.completed)?;
                 writeln!(out, "refused: {}", ring.refused)?;
                 writeln!(out, "timed_out: {}", ring.timed_out)?;

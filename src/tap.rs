@@ -21,6 +21,7 @@ use kernel::{
     sync::{
         poll::PollCondVar,
         Arc,
+        CondVar,
         Mutex,
         SpinLock, //
     },
@@ -43,10 +44,8 @@ use crate::{
 pub(crate) struct TapInner {
     /// The tap's name, set through sysfs; empty while unset.
     pub(crate) name: KVec<u8>,
-    /// The ring node is open (or mapped, as a mapping keeps the file open).
-    pub(crate) ring_open: bool,
-    /// The thread group of the process that opened the ring.
-    pub(crate) ring_pid: Option<Pid>,
+    /// Who has the ring open.
+    pub(crate) ring_user: RingUser,
     /// The shared pages, from the first mapping until the tap is freed.
     pub(crate) pages: Option<Arc<RingPages>>,
     /// The tap's disk, between `CREATE_DEVICE` and `REMOVE_DEVICE` (or the ring's close).
@@ -55,6 +54,18 @@ pub(crate) struct TapInner {
     pub(crate) read_only: bool,
     /// The disk's negotiated extensions.
     pub(crate) features: Features,
+}
+
+/// Who has a tap's ring open.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum RingUser {
+    /// Nobody: it may be opened, and the tap freed.
+    Closed,
+    /// The ring node is open (or mapped, as a mapping keeps the file open) by this thread group.
+    Open(Pid),
+    /// Its last user closed it, and the disk it served is being removed: a new opener and
+    /// `FREE_TAP` wait on [`Tap::closed`] until it is gone.
+    Closing,
 }
 
 impl TapInner {
@@ -82,6 +93,9 @@ pub(crate) struct Tap {
     /// Woken when requests are published or the ring's state changes.
     #[pin]
     pub(crate) poll: PollCondVar,
+    /// Woken when the ring's user goes from `Closing` to `Closed`; waited on with `inner`.
+    #[pin]
+    pub(crate) closed: CondVar,
     /// Keeps the module loaded while the tap exists.
     _module: ModuleRef,
 }
@@ -100,8 +114,7 @@ impl Tap {
                 inner <- kernel::new_mutex!(
                     TapInner {
                         name: KVec::new(),
-                        ring_open: false,
-                        ring_pid: None,
+                        ring_user: RingUser::Closed,
                         pages: None,
                         disk: None,
                         read_only: false,
@@ -111,6 +124,7 @@ impl Tap {
                 ),
                 ring <- kernel::new_spinlock!(RingState::new(deadline), "blktap_ring"),
                 poll <- kernel::new_poll_condvar!("blktap_poll"),
+                closed <- kernel::new_condvar!("blktap_closed"),
                 _module: ModuleRef::get(module)?,
             }),
             GFP_KERNEL,

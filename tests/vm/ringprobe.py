@@ -5,7 +5,7 @@
 
 RESULT is OK or the errno name. The caller (t65-ring-errors.sh) compares them with the ABI.
 """
-import ctypes, errno, mmap, os, struct, sys
+import ctypes, errno, mmap, os, select, struct, sys
 
 PAGE = 4096
 PAGES = 1 + 32 * 11
@@ -64,6 +64,27 @@ out("create-sector-8192", res(lambda: ioctl(fd, 208, info(2048, 8192, 8192))))
 out("create-physical-256", res(lambda: ioctl(fd, 208, info(2048, 512, 256))))
 out("create-unknown-flag", res(lambda: ioctl(fd, 208, info(2048, flags=0x80))))
 out("create-bad-pointer", res(lambda: ioctl(fd, 208, ctypes.c_void_p(16))))
+# The byte size must fit loff_t, and be a whole number of logical blocks.
+out("create-capacity-loff-max", res(lambda: ioctl(fd, 208, info((2**63 - 1) // 512 + 1))))
+out("create-capacity-partial-block", res(lambda: ioctl(fd, 208, info(2049, 4096, 4096))))
+out("create-physical-128k", res(lambda: ioctl(fd, 208, info(2048, 512, 128 * 1024))))
+# A pause asked through sysfs with no disk: refused, the ring message stays clear, and the
+# ring does not poll readable for it; PAUSE itself answers ENODEV.
+pause_attr = f"/sys/class/blktap2/blktap!blktap{minor}/pause"
+def write_pause(v):
+    a = os.open(pause_attr, os.O_WRONLY)
+    try:
+        os.write(a, v)
+    finally:
+        os.close(a)
+out("sysfs-pause-without-disk", res(lambda: write_pause(b"1")))
+out("msg-after-refused-pause", m[16])
+p = select.poll()
+p.register(fd, select.POLLIN)
+out("poll-without-disk", p.poll(0) or "0")
+m[16] = 1  # a stale message (as an old driver could leave): PAUSE clears it, even with ENODEV
+out("pause-ioctl-without-disk", res(lambda: ioctl(fd, 204)))
+out("msg-after-pause-ioctl", m[16])
 out("unknown-ring-ioctl", res(lambda: ioctl(fd, 203)))
 out("remove-without-disk", res(lambda: ioctl(fd, 207)))
 out("create", res(lambda: ioctl(fd, 208, info(2048))))

@@ -18,6 +18,14 @@ expect create-sector-8192 EINVAL
 expect create-physical-256 EINVAL
 expect create-unknown-flag EINVAL
 expect create-bad-pointer EFAULT
+expect create-capacity-loff-max EINVAL
+expect create-capacity-partial-block EINVAL
+expect create-physical-128k EINVAL
+expect sysfs-pause-without-disk ENODEV
+expect msg-after-refused-pause 0
+expect poll-without-disk 0
+expect pause-ioctl-without-disk ENODEV
+expect msg-after-pause-ioctl 0
 expect unknown-ring-ioctl ENOTTY
 expect remove-without-disk ENODEV
 expect create OK

@@ -9,7 +9,7 @@ mod tapdisk;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 
 use blktap::backend::ImageSpec;
 use blktap::control::Control;
@@ -22,8 +22,17 @@ use clap::{Parser, Subcommand};
 use crate::lifecycle::CreateArgs;
 use crate::list::Filter;
 
+/// `tap-ctl --version`: the version and where the installed tapdisk is looked for (`make install`
+/// checks it against its `$(LIBEXECDIR)`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (tapdisk: ",
+    env!("TAPDISK_EXECDIR"),
+    "/tapdisk)"
+);
+
 #[derive(Parser)]
-#[command(name = "tap-ctl", version, about = "Control blktap2 taps and tapdisks")]
+#[command(name = "tap-ctl", version = VERSION, about = "Control blktap2 taps and tapdisks")]
 struct Cli {
     /// Directory of the tapdisks' control sockets (ctl<pid>).
     #[arg(
@@ -363,11 +372,46 @@ fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// Whether a `blktap` module is installed for the running kernel, as a dry run of modprobe says
+/// (it honours `MODPROBE_OPTIONS`, e.g. `-d ROOT`); `None` without modprobe.
+fn module_installed() -> Option<bool> {
+    for modprobe in ["modprobe", "/sbin/modprobe"] {
+        let status = std::process::Command::new(modprobe)
+            .args(["--dry-run", "--quiet", "blktap"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        match status {
+            Ok(status) => return Some(status.success()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// What to do when the module is not loaded, by whether it is installed.
+fn not_loaded_hint(installed: Option<bool>) -> Option<&'static str> {
+    match installed? {
+        true => Some("blktap is installed for this kernel: load it with `modprobe blktap`"),
+        false => Some(
+            "no blktap module is installed for this kernel: install it (blktap2-rs: `make \
+             install` or `make dkms`, see its README, \"Install on a host\"), or insmod blktap.ko",
+        ),
+    }
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tap-ctl: {e}");
+            if matches!(e, Error::NotLoaded) {
+                if let Some(hint) = not_loaded_hint(module_installed()) {
+                    eprintln!("tap-ctl: {hint}");
+                }
+            }
             ExitCode::from(u8::try_from(e.errno()).unwrap_or(1).max(1))
         }
     }
@@ -376,6 +420,23 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_module_gets_the_right_hint() {
+        assert!(not_loaded_hint(Some(true))
+            .unwrap()
+            .contains("modprobe blktap"));
+        let absent = not_loaded_hint(Some(false)).unwrap();
+        assert!(absent.contains("no blktap module is installed"), "{absent}");
+        assert!(!absent.contains("modprobe"), "{absent}");
+        assert_eq!(not_loaded_hint(None), None);
+    }
+
+    #[test]
+    fn the_version_names_the_installed_tapdisk() {
+        assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        assert!(VERSION.ends_with(&format!("(tapdisk: {}/tapdisk)", tapdisk::TAPDISK_EXECDIR)));
+    }
 
     #[test]
     fn the_command_line_matches_the_original_flags() {

@@ -1,7 +1,7 @@
 //! Starting tapdisks and talking to them.
 
 use std::env;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -19,17 +19,64 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a tapdisk may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The tapdisk to run: next to this executable, else `$TAPDISK`, else `tapdisk` from `PATH`.
-pub fn tapdisk_binary(own_exe: Option<&Path>, tapdisk_env: Option<OsString>) -> PathBuf {
-    if let Some(beside) = own_exe.map(|exe| exe.with_file_name("tapdisk")) {
-        if beside.is_file() {
-            return beside;
+/// Where `make install` puts tapdisk, and where an installed tap-ctl runs it from (the original
+/// tap-ctl's `TAPDISK_EXECDIR`): `$(LIBEXECDIR)` of the top-level Makefile, `$(PREFIX)/libexec`,
+/// fixed when tap-ctl is built (`build.rs`).
+pub const TAPDISK_EXECDIR: &str = env!("TAPDISK_EXECDIR");
+
+/// Where tap-ctl looks for tapdisk.
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup<'a> {
+    /// tap-ctl's own executable.
+    pub own_exe: Option<&'a Path>,
+    /// `$TAPDISK`, else `$TAPDISK2` (the original's overrides).
+    pub env: Option<&'a OsStr>,
+    /// The installed tapdisk's directory ([`TAPDISK_EXECDIR`]).
+    pub execdir: &'a Path,
+}
+
+impl Lookup<'_> {
+    /// The tapdisk to run, the first of:
+    /// 1. `tapdisk` next to this executable: a tap-ctl run from its build directory
+    ///    (`target/release`) runs the tapdisk built with it, never an older installed one;
+    /// 2. `$TAPDISK`, else `$TAPDISK2`, as given (a bare name is looked up in `PATH`);
+    /// 3. the installed one, `TAPDISK_EXECDIR/tapdisk`;
+    /// 4. `tapdisk` from `PATH`.
+    pub fn binary(&self) -> PathBuf {
+        if let Some(beside) = self.own_exe.map(|exe| exe.with_file_name("tapdisk")) {
+            if beside.is_file() {
+                return beside;
+            }
         }
+        if let Some(t) = self.env.filter(|t| !t.is_empty()) {
+            return t.into();
+        }
+        let installed = self.execdir.join("tapdisk");
+        if installed.is_file() {
+            return installed;
+        }
+        PathBuf::from("tapdisk")
     }
-    match tapdisk_env {
-        Some(t) if !t.is_empty() => t.into(),
-        _ => PathBuf::from("tapdisk"),
+}
+
+/// `$TAPDISK`, else `$TAPDISK2`, if set and not empty.
+fn tapdisk_env() -> Option<OsString> {
+    ["TAPDISK", "TAPDISK2"]
+        .into_iter()
+        .filter_map(env::var_os)
+        .find(|t| !t.is_empty())
+}
+
+/// The tapdisk this tap-ctl runs (see [`Lookup::binary`]).
+pub fn tapdisk_binary() -> PathBuf {
+    let exe = env::current_exe().ok();
+    let env = tapdisk_env();
+    Lookup {
+        own_exe: exe.as_deref(),
+        env: env.as_deref(),
+        execdir: Path::new(TAPDISK_EXECDIR),
     }
+    .binary()
 }
 
 /// A tapdisk this tap-ctl started.
@@ -94,8 +141,7 @@ impl SpawnOptions<'_> {
 /// once its last tap is detached; returns when it listens on its socket in `ctl_dir`.
 pub fn spawn(ctl_dir: &Path, opts: &SpawnOptions<'_>) -> Result<Spawned> {
     let log = opts.log;
-    let exe = env::current_exe().ok();
-    let binary = tapdisk_binary(exe.as_deref(), env::var_os("TAPDISK"));
+    let binary = tapdisk_binary();
     let out = match log {
         Some(path) => OpenOptions::new()
             .create(true)
@@ -209,24 +255,36 @@ mod tests {
     #[test]
     fn finds_the_tapdisk_binary() {
         let dir = env::temp_dir().join(format!("tap-ctl-bin-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let own = dir.join("tap-ctl");
-        // Nothing beside: $TAPDISK, else PATH.
-        assert_eq!(
-            tapdisk_binary(Some(&own), Some("/opt/td".into())),
-            PathBuf::from("/opt/td")
-        );
-        assert_eq!(tapdisk_binary(Some(&own), None), PathBuf::from("tapdisk"));
-        assert_eq!(
-            tapdisk_binary(None, Some("".into())),
-            PathBuf::from("tapdisk")
-        );
-        // Beside tap-ctl wins.
-        std::fs::write(dir.join("tapdisk"), "").unwrap();
-        assert_eq!(
-            tapdisk_binary(Some(&own), Some("/opt/td".into())),
-            dir.join("tapdisk")
-        );
+        let (build, libexec) = (dir.join("release"), dir.join("libexec"));
+        std::fs::create_dir_all(&build).unwrap();
+        std::fs::create_dir_all(&libexec).unwrap();
+        let own = build.join("tap-ctl");
+        let lookup = |env: Option<&str>| {
+            Lookup {
+                own_exe: Some(&own),
+                env: env.map(OsStr::new),
+                execdir: &libexec,
+            }
+            .binary()
+        };
+        // Nothing beside, nothing installed: $TAPDISK, else PATH.
+        assert_eq!(lookup(Some("/opt/td")), PathBuf::from("/opt/td"));
+        assert_eq!(lookup(None), PathBuf::from("tapdisk"));
+        assert_eq!(lookup(Some("")), PathBuf::from("tapdisk"));
+        // Installed: $TAPDISK still wins, then the installed one, before PATH.
+        std::fs::write(libexec.join("tapdisk"), "").unwrap();
+        assert_eq!(lookup(Some("/opt/td")), PathBuf::from("/opt/td"));
+        assert_eq!(lookup(None), libexec.join("tapdisk"));
+        // Beside tap-ctl (its build directory) wins over everything.
+        std::fs::write(build.join("tapdisk"), "").unwrap();
+        assert_eq!(lookup(Some("/opt/td")), build.join("tapdisk"));
+        assert_eq!(lookup(None), build.join("tapdisk"));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_installed_tapdisk_is_under_an_absolute_execdir() {
+        assert!(TAPDISK_EXECDIR.starts_with('/'), "{TAPDISK_EXECDIR}");
+        assert!(!TAPDISK_EXECDIR.ends_with('/') || TAPDISK_EXECDIR == "/");
     }
 }
