@@ -79,6 +79,12 @@ libc.syscall.restype = ctypes.c_long
 maddr = ctypes.addressof(ctypes.c_char.from_buffer(m))
 grown = libc.syscall(25, ctypes.c_void_p(maddr), ctypes.c_size_t(PAGE * PAGES), ctypes.c_size_t(PAGE * (PAGES + 1)), 0)
 out("mremap-grow", "OK" if grown != -1 else errno.errorcode[ctypes.get_errno()])
+# Nor move (vm_ops->mremap refuses): EINVAL, and the ring stays mapped and usable.
+target = libc.mmap(None, PAGE * PAGES, 0, 0x22, -1, 0)  # PROT_NONE, MAP_PRIVATE|MAP_ANONYMOUS
+moved = libc.syscall(25, ctypes.c_void_p(maddr), ctypes.c_size_t(PAGE * PAGES), ctypes.c_size_t(PAGE * PAGES), 3, ctypes.c_void_p(target))
+out("mremap-move", "OK" if moved != -1 else errno.errorcode[ctypes.get_errno()])
+libc.munmap(ctypes.c_void_p(target), PAGE * PAGES)
+out("respond-after-mremap", res(lambda: ioctl(fd, 1)))
 # A pause asked through sysfs with no disk: refused, the ring message stays clear, and the
 # ring does not poll readable for it; PAUSE itself answers ENODEV.
 pause_attr = f"/sys/class/blktap2/blktap!blktap{minor}/pause"

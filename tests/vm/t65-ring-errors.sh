@@ -26,6 +26,8 @@ expect create-fua-without-flush EINVAL
 expect compat-create-sector-1000 EINVAL
 expect compat-create-capacity-0 EINVAL
 expect mremap-grow EFAULT
+expect mremap-move EINVAL
+expect respond-after-mremap OK
 expect sysfs-pause-without-disk ENODEV
 expect msg-after-refused-pause 0
 expect poll-without-disk 0
