@@ -18,9 +18,16 @@ debug_is() { grep -qx "$1" "$T/debug" || { cat "$T/debug"; false; }; }
 debug_becomes() { i=0; while ! grep -qx "$1" "$T/debug" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; debug_is "$1"; }
 # ctl LINE...: the peer's control file, replaced at once.
 ctl() { printf '%s\n' "$@" > $CTL.new; mv $CTL.new $CTL; sleep 0.3; }
-dio() { python3 tests/vm/dio.py $D "$@"; }
 # ended PID SECS: the process ends within SECS seconds (a request stuck in the kernel does not).
 ended() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt $(($2 * 10)) ]; do sleep 0.1; i=$((i+1)); done; ! kill -0 "$1" 2>/dev/null; }
+# dio ARGS...: tests/vm/dio.py on the tapdev; prints its result, or STUCK if it has not ended
+# within 40 s (longer than any deadline here), so a request the kernel never ends fails a check
+# instead of hanging the script.
+dio() {
+    o=$(mktemp)
+    python3 tests/vm/dio.py $D "$@" > $o 2>&1 &
+    if ended $! 40; then cat $o; else echo STUCK; fi
+}
 peer_said() { grep -q "$1" /tmp/errpeer.log || { tail -n 20 /tmp/errpeer.log; false; }; }
 start_peer() { rm -f $CTL; python3 tests/vm/errpeer.py 0 65536 "$@" >> /tmp/errpeer.log 2>&1 & peer=$!; wait_node; }
 # all_late: every slot held by a late request (the peer holds its answers; deadline 1 s).
@@ -140,15 +147,21 @@ check "with its data" is "$(cat /tmp/parked.out)" "OK 00"
 kill $peer; wait $peer
 check "the peer removed the disk" wait_gone
 
-# --- A recovery tapdisk's death ends a pause ---------------------------------------------------
+# --- A recovery tapdisk's death ends a pause and frees late slots -----------------------------
 start_peer --flags 0x6c
-echo 30 > $T/deadline
 check "a recovery disk" debug_is "recovery: on"
+ctl "hold 1"
+echo 1 > $T/deadline
+check "a held read fails at the deadline" is "$(dio read 0 4096)" EIO
+check "its slot stays late" debug_is "late: 1"
+echo 30 > $T/deadline
 echo 1 > $T/pause
 check "paused" debug_becomes "paused: yes"
 kill -9 $peer; wait $peer 2>/dev/null
 check "the disk stays when the peer dies" debug_becomes "recovery: waiting for a tapdisk"
 check "the pause ended with it" sh -c "grep -qx 'paused: no' '$T/debug' && test \$(cat $T/pause) = 0"
+check "and the late slot is free (nobody is left to answer it)" debug_is "late: 0"
+rm -f $CTL
 python3 tests/vm/errpeer.py 0 65536 --recover >> /tmp/errpeer.log 2>&1 &
 peer=$!
 check "a new peer attaches" debug_becomes "recovery: on"
