@@ -7,7 +7,7 @@ CACHE ?= $(HOME)/.cache/blktap2-rs
 VARIANT ?= default
 KDIR ?= $(CACHE)/kernel/$(VARIANT)
 
-.PHONY: help setup kernel module userspace test test-debug demo bench clean
+.PHONY: help setup kernel module userspace test test-debug demo bench clean mutants
 
 help:
 	@echo "make demo       set up everything, then show blktap in a VM (the main job)"
@@ -18,6 +18,7 @@ help:
 	@echo "make kernel     build the test kernel into the cache (once)"
 	@echo "make module     build blktap.ko against the cached kernel"
 	@echo "make userspace  build tap-ctl and tapdisk"
+	@echo "make mutants    mutation testing: kernel mutants vs the VM tests, cargo-mutants (long)"
 
 setup:
 	@scripts/setup
@@ -43,6 +44,10 @@ demo:
 # BENCH_ARGS: e.g. --profile, --runs 5, --smoke (see scripts/bench --help)
 bench:
 	@scripts/bench $(BENCH_ARGS)
+
+# MUTANTS=id,id: only those kernel mutants (tests/mutants/kernel.toml); MUTANTS_ARGS: more options
+mutants: kernel
+	@scripts/mutants $(if $(MUTANTS),--only $(MUTANTS)) $(MUTANTS_ARGS)
 
 clean:
 	@[ -d $(KDIR) ] && $(MAKE) -s -C $(KDIR) M=$(CURDIR) LLVM=-19 clean || true
