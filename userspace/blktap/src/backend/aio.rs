@@ -728,6 +728,20 @@ mod tests {
     }
 
     #[test]
+    fn direct_io_is_used_where_the_file_system_allows_it() {
+        let path = scratch("direct", 8192);
+        let allowed = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .is_ok();
+        let aio = AioBackend::open(&path, true).unwrap();
+        assert_eq!(aio.direct(), allowed);
+        assert_eq!(aio.path(), path.as_path());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn opening_reports_missing_files_and_odd_types() {
         let e = AioBackend::open(Path::new("/nonexistent/disk.img"), false).unwrap_err();
         assert_eq!(e.errno(), libc::ENOENT);
