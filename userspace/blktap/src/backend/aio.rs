@@ -724,6 +724,35 @@ mod tests {
         assert!(!aio.direct());
         // SAFETY: the read completed.
         assert_eq!(unsafe { p.add(3 + 99).read() }, 9);
+        // The image stays writable through the page cache.
+        // SAFETY: as above.
+        unsafe {
+            std::ptr::write_bytes(p.add(3), 7, 100);
+            aio.queue(Io {
+                tag: 2,
+                op: Op::Write,
+                offset: 1000,
+                iov: vec![iov(p.add(3), 100)],
+                discard_len: 0,
+            });
+        }
+        aio.submit().unwrap();
+        done.clear();
+        aio.drain(&mut done).unwrap();
+        assert_eq!(
+            done,
+            [Completion {
+                tag: 2,
+                result: Ok(())
+            }]
+        );
+        let mut content = Vec::new();
+        File::open(&path)
+            .unwrap()
+            .read_to_end(&mut content)
+            .unwrap();
+        assert!(content[1000..1100].iter().all(|&b| b == 7));
+        assert_eq!(content[1100], 9);
         std::fs::remove_file(path).unwrap();
     }
 
