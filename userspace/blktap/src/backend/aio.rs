@@ -721,6 +721,49 @@ mod tests {
         assert!(!aio.direct());
         // SAFETY: the read completed.
         assert_eq!(unsafe { p.add(3 + 99).read() }, 9);
+        // The image stays writable through the page cache.
+        // SAFETY: as above.
+        unsafe {
+            std::ptr::write_bytes(p.add(3), 7, 100);
+            aio.queue(Io {
+                tag: 2,
+                op: Op::Write,
+                offset: 1000,
+                iov: vec![iov(p.add(3), 100)],
+                discard_len: 0,
+            });
+        }
+        aio.submit().unwrap();
+        done.clear();
+        aio.drain(&mut done).unwrap();
+        assert_eq!(
+            done,
+            [Completion {
+                tag: 2,
+                result: Ok(())
+            }]
+        );
+        let mut content = Vec::new();
+        File::open(&path)
+            .unwrap()
+            .read_to_end(&mut content)
+            .unwrap();
+        assert!(content[1000..1100].iter().all(|&b| b == 7));
+        assert_eq!(content[1100], 9);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn direct_io_is_used_where_the_file_system_allows_it() {
+        let path = scratch("direct", 8192);
+        let allowed = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .is_ok();
+        let aio = AioBackend::open(&path, true).unwrap();
+        assert_eq!(aio.direct(), allowed);
+        assert_eq!(aio.path(), path.as_path());
         std::fs::remove_file(path).unwrap();
     }
 

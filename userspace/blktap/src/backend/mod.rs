@@ -357,6 +357,9 @@ mod tests {
         assert!(check_range(&discard(512, 512), 1024).is_ok());
         assert_eq!(check_range(&discard(512, 1024), 1024), Err(Errno::EIO));
         assert_eq!(discard(0, 4096).len(), 4096);
+        assert!(!discard(0, 4096).is_empty());
+        assert!(discard(0, 0).is_empty());
+        assert!(!io(0, 512).is_empty());
     }
 
     #[test]
