@@ -58,8 +58,19 @@ impl Tap {
                     self.poll.notify_all();
                 }
             }
-            Ok(None) => {}
-            Err(rq) => rq.end(Err(EIO)),
+            // Parked or refused: the batch's earlier requests are on the ring, unpublished, and
+            // blk-mq calls no `commit_rqs` after a request it handed over; publish them now.
+            Ok(None) => {
+                if last {
+                    self.commit();
+                }
+            }
+            Err(rq) => {
+                rq.end(Err(EIO));
+                if last {
+                    self.commit();
+                }
+            }
         }
         Queued::Taken
     }
