@@ -46,7 +46,12 @@ def dkms_conf(path=REPO / "dkms.conf"):
 
 
 def run(cmd, **kw):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    # As DKMS runs make: not as a sub-make of `make test` (whose MAKELEVEL would add
+    # "Entering directory" lines and whose MAKEFLAGS would leak its options).
+    env = {k: v for k, v in kw.pop("env", os.environ).items()
+           if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                       **kw)
     if p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}")
     return p.stdout
