@@ -62,6 +62,7 @@ stuck_reads() {
         sh -c "test \$(ls /tmp/dd-*.rc | wc -l) = 64 && awk 'BEGIN { exit !($el <= $BOUND) }'"
     check "$1: ... each with EIO" \
         sh -c "test \$(cat /tmp/dd-*.rc | grep -c '^1$') = 64 && test \$(grep -l 'Input/output error' /tmp/dd-*.err | wc -l) = 64"
+    check "$1: no request is left waiting for a slot" is "$(counter parked)" 0
 }
 
 # woken LABEL: after the peer wakes up, the requests that went late are answered: every late
