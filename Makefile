@@ -49,9 +49,9 @@ RUN_DEPMOD = $(DEPMOD) -a $(if $(DESTDIR),-b $(DESTDIR)) $(KVERSION)
 # DKMS (`make dkms`): the module's sources, copied to /usr/src/blktap-<version>.
 DKMS_VERSION = $(shell sed -n 's/^PACKAGE_VERSION="\(.*\)"$$/\1/p' dkms.conf)
 DKMS_SRC = $(DESTDIR)/usr/src/blktap-$(DKMS_VERSION)
-DKMS_FILES = dkms.conf Makefile Kbuild $(wildcard src/*.rs rust/*.rs rust/*.c rust/*.h include/uapi/*.h)
+DKMS_FILES = dkms.conf Makefile Kbuild $(wildcard src/*.rs src/*/*.rs rust/*.rs rust/*.c rust/*.h include/uapi/*.h)
 
-.PHONY: help setup kernel module userspace test test-debug test-kcsan demo bench clean clean-module \
+.PHONY: help setup kernel module userspace test test-debug test-kcsan demo bench mutants clean clean-module \
 	install install-module install-tools uninstall dkms-source dkms dkms-remove need-kernel
 
 help:
@@ -68,6 +68,7 @@ help:
 	@echo "make uninstall  remove what make install installed"
 	@echo "make dkms       copy the module's source to /usr/src/blktap-$(DKMS_VERSION), dkms add and install"
 	@echo "make dkms-remove  dkms remove it from every kernel, and its source"
+	@echo "make mutants    mutation testing: kernel mutants vs the VM tests, cargo-mutants (long)"
 
 setup:
 	@scripts/setup
@@ -97,6 +98,10 @@ demo:
 # BENCH_ARGS: e.g. --profile, --runs 5, --smoke (see scripts/bench --help)
 bench:
 	@scripts/bench $(BENCH_ARGS)
+
+# MUTANTS=id,id: only those kernel mutants (tests/mutants/kernel.toml); MUTANTS_ARGS: more options
+mutants: kernel
+	@scripts/mutants $(if $(MUTANTS),--only $(MUTANTS)) $(MUTANTS_ARGS)
 
 clean: clean-module
 	@cd userspace && cargo clean

@@ -48,6 +48,9 @@ def out(name, r):
 
 minor = int(sys.argv[1])
 fd = os.open(f"/dev/xen/blktap-2/blktap{minor}", os.O_RDWR)
+p0 = select.poll()
+p0.register(fd, select.POLLIN)
+out("poll-before-mmap", "POLLERR" if any(ev & select.POLLERR for _, ev in p0.poll(0)) else "0")
 out("create-before-mmap", res(lambda: ioctl(fd, 208, info(2048))))
 out("respond-before-mmap", res(lambda: ioctl(fd, 1)))
 out("mmap-too-small", res(lambda: mmap_raw(fd, PAGE * (PAGES - 1))))
@@ -68,6 +71,20 @@ out("create-bad-pointer", res(lambda: ioctl(fd, 208, ctypes.c_void_p(16))))
 out("create-capacity-loff-max", res(lambda: ioctl(fd, 208, info((2**63 - 1) // 512 + 1))))
 out("create-capacity-partial-block", res(lambda: ioctl(fd, 208, info(2049, 4096, 4096))))
 out("create-physical-128k", res(lambda: ioctl(fd, 208, info(2048, 512, 128 * 1024))))
+out("create-fua-without-flush", res(lambda: ioctl(fd, 208, info(2048, flags=0x20))))
+out("compat-create-sector-1000", res(lambda: ioctl(fd, 202, ctypes.create_string_buffer(struct.pack("256sQQ", b"x", 4096, 1000)))))
+out("compat-create-capacity-0", res(lambda: ioctl(fd, 202, ctypes.create_string_buffer(struct.pack("256sQQ", b"x", 0, 512)))))
+# The mapping cannot grow (VM_DONTEXPAND): mremap in place answers EFAULT.
+libc.syscall.restype = ctypes.c_long
+maddr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+grown = libc.syscall(25, ctypes.c_void_p(maddr), ctypes.c_size_t(PAGE * PAGES), ctypes.c_size_t(PAGE * (PAGES + 1)), 0)
+out("mremap-grow", "OK" if grown != -1 else errno.errorcode[ctypes.get_errno()])
+# Nor move (vm_ops->mremap refuses): EINVAL, and the ring stays mapped and usable.
+target = libc.mmap(None, PAGE * PAGES, 0, 0x22, -1, 0)  # PROT_NONE, MAP_PRIVATE|MAP_ANONYMOUS
+moved = libc.syscall(25, ctypes.c_void_p(maddr), ctypes.c_size_t(PAGE * PAGES), ctypes.c_size_t(PAGE * PAGES), 3, ctypes.c_void_p(target))
+out("mremap-move", "OK" if moved != -1 else errno.errorcode[ctypes.get_errno()])
+libc.munmap(ctypes.c_void_p(target), PAGE * PAGES)
+out("respond-after-mremap", res(lambda: ioctl(fd, 1)))
 # A pause asked through sysfs with no disk: refused, the ring message stays clear, and the
 # ring does not poll readable for it; PAUSE itself answers ENODEV.
 pause_attr = f"/sys/class/blktap2/blktap!blktap{minor}/pause"
@@ -94,8 +111,20 @@ if pid == 0:
     # A child shares the fd but not the mapping (no copy on fork): refused.
     print(f"child-respond {res(lambda: ioctl(fd, 1))}", flush=True)
     print(f"child-remove {res(lambda: ioctl(fd, 207))}", flush=True)
+    print(f"child-pause {res(lambda: ioctl(fd, 204))}", flush=True)
+    print(f"child-resume {res(lambda: ioctl(fd, 206))}", flush=True)
+    print(f"child-create {res(lambda: ioctl(fd, 208, info(2048)))}", flush=True)
+    print(f"child-compat-create {res(lambda: ioctl(fd, 202, ctypes.create_string_buffer(struct.pack('256sQQ', b'x', 4096, 512))))}", flush=True)
     os._exit(0)
 os.waitpid(pid, 0)
+# Nor is the mapping copied on fork (VM_DONTCOPY): a child touching it faults.
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open("/dev/null", os.O_WRONLY), 2)
+    m[100]  # SIGSEGV without a copy
+    os._exit(0)
+_, st = os.waitpid(pid, 0)
+out("child-touches-mapping", "SIGSEGV" if os.WIFSIGNALED(st) and os.WTERMSIG(st) == 11 else f"status-{st}")
 bd = os.open(f"/dev/xen/blktap-2/tapdev{minor}", os.O_RDONLY | os.O_NONBLOCK)
 out("remove-while-open", res(lambda: ioctl(fd, 207)))
 os.close(bd)

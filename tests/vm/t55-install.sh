@@ -31,11 +31,15 @@ check "modinfo shows the license" grep -q '^license: *GPL$' /tmp/modinfo.out
 check "modinfo lists the parameter" grep -q '^parm: *request_timeout:.*(u32)$' /tmp/modinfo.out
 check "modinfo shows the kernel it is for" grep -q "^vermagic: *$KVER " /tmp/modinfo.out
 check "modprobe would load the installed file" sh -c "modprobe -d $ROOT --show-depends blktap | grep -qx 'insmod $MODS/updates/blktap.ko *'"
+check "modinfo shows the alias blktap2" grep -q '^alias: *blktap2$' /tmp/modinfo.out
+check "modprobe blktap2 resolves to it" sh -c "modprobe -d $ROOT --show-depends blktap2 | grep -qx 'insmod $MODS/updates/blktap.ko *'"
 
 # Installed but not loaded: tap-ctl says so, and how to load it (its modprobe dry run sees the
 # scratch root through MODPROBE_OPTIONS).
-check "tap-ctl check: not loaded (ENODEV)" is "$(errno_of env MODPROBE_OPTIONS="-d $ROOT" $ROOT/usr/local/sbin/tap-ctl check)" 19
-env MODPROBE_OPTIONS="-d $ROOT" $ROOT/usr/local/sbin/tap-ctl check > /tmp/check-msg 2>&1
+# As the original: the storage manager's line on stdout and exit status 218; then ours on stderr.
+check "tap-ctl check: not loaded (exit 218, as the original)" is "$(errno_of env MODPROBE_OPTIONS="-d $ROOT" $ROOT/usr/local/sbin/tap-ctl check)" 218
+env MODPROBE_OPTIONS="-d $ROOT" $ROOT/usr/local/sbin/tap-ctl check > /tmp/check-out 2> /tmp/check-msg
+check "stdout: the original's line" is "$(cat /tmp/check-out)" "blktap kernel module not installed"
 check "its message says the module is not loaded" grep -q 'blktap kernel module is not loaded' /tmp/check-msg
 check "and that modprobe blktap loads it" grep -q 'installed for this kernel: load it with `modprobe blktap`' /tmp/check-msg
 $ROOT/usr/local/sbin/tap-ctl check > /tmp/check-msg 2>&1

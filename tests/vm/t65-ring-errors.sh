@@ -4,6 +4,7 @@ load
 $TAPCTL allocate >/dev/null
 python3 tests/vm/ringprobe.py 0 > /tmp/probe.txt 2>&1
 expect() { check "$1: $2" is "$(awk -v k="$1" '$1 == k {print $2}' /tmp/probe.txt)" "$2"; }
+expect poll-before-mmap POLLERR
 expect create-before-mmap EACCES
 expect respond-before-mmap EACCES
 expect mmap-too-small EINVAL
@@ -21,6 +22,12 @@ expect create-bad-pointer EFAULT
 expect create-capacity-loff-max EINVAL
 expect create-capacity-partial-block EINVAL
 expect create-physical-128k EINVAL
+expect create-fua-without-flush EINVAL
+expect compat-create-sector-1000 EINVAL
+expect compat-create-capacity-0 EINVAL
+expect mremap-grow EFAULT
+expect mremap-move EINVAL
+expect respond-after-mremap OK
 expect sysfs-pause-without-disk ENODEV
 expect msg-after-refused-pause 0
 expect poll-without-disk 0
@@ -32,6 +39,11 @@ expect create OK
 expect create-again EEXIST
 expect child-respond EACCES
 expect child-remove EACCES
+expect child-pause EACCES
+expect child-resume EACCES
+expect child-create EACCES
+expect child-compat-create EACCES
+expect child-touches-mapping SIGSEGV
 expect remove-while-open EBUSY
 expect remove OK
 expect compat-create OK

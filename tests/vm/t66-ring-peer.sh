@@ -16,6 +16,7 @@ check "segments of a page" is "$(cat /sys/block/tda/queue/max_segment_size)" 409
 check "44 KiB per request" is "$(cat /sys/block/tda/queue/max_hw_sectors_kb)" 44
 check "no write cache advertised" is "$(cat /sys/block/tda/queue/write_cache)" "write through"
 check "no discard advertised" is "$(cat /sys/block/tda/queue/discard_max_bytes)" 0
+check "no FUA advertised" is "$(cat /sys/block/tda/queue/fua)" 0
 check "no I/O scheduler by default" grep -q "\[none\]" /sys/block/tda/queue/scheduler
 head -c 8M /dev/urandom > /tmp/in
 check "write 8 MiB (direct, 44 KiB)" dd if=/tmp/in of=$DEVDIR/tapdev0 bs=44k oflag=direct status=none

@@ -22,7 +22,7 @@ pub enum Mode {
     /// Random bytes over the response entries (those of the requests consumed and not
     /// answered) and a random rsp_prod.
     Garbage,
-    /// Answer correctly (reads return zeros, writes are dropped).
+    /// Answer correctly (reads return [`pattern`], writes are dropped).
     Good,
     /// Seeded random actions (see `chaos.rs`): good, bad and garbage answers, random rsp_prod,
     /// message bytes, duplicates, delayed or missing RESPONDs; `--count` of them, then settles.
@@ -45,6 +45,21 @@ pub struct Rogue<M: RingMemory> {
     pending: [bool; abi::RING_SIZE],
     rng: Rng,
 }
+
+/// What a good answer reads at `sector`: each 512-byte sector holds its own number with
+/// `0x5a5a` in the top 16 bits, as 64 little-endian `u64`s. A test checks that what the
+/// application reads is this, not what a refused answer left in the pages.
+pub fn pattern(sector: u64) -> [u8; 512] {
+    let word = (sector | 0x5a5a << 48).to_le_bytes();
+    let mut out = [0u8; 512];
+    for chunk in out.chunks_exact_mut(8) {
+        chunk.copy_from_slice(&word);
+    }
+    out
+}
+
+/// The byte a bad answer leaves in a read's data pages before the kernel refuses it.
+pub const BAD_BYTE: u8 = 0xba;
 
 /// One line about a request.
 pub fn describe(req: &blktap_request) -> String {
@@ -131,27 +146,45 @@ impl<M: RingMemory> Rogue<M> {
         }
     }
 
-    /// Writes the correct answer to `req` (not published): zeros for a valid read.
+    /// Fills the data pages of a valid read with [`pattern`] (`bad`: with [`BAD_BYTE`]).
+    fn fill_read(&self, req: &blktap_request, bad: bool) {
+        let Ok(valid) = validate(req, self.sectors) else {
+            return;
+        };
+        if valid.op != blktap::ring::Op::Read {
+            return;
+        }
+        let ring = self.ring();
+        let mut sector = valid.sector;
+        for (j, seg) in valid.segments().iter().enumerate() {
+            let Some(page) = ring.data_page(valid.slot, j) else {
+                continue;
+            };
+            for k in 0..seg.sectors() as usize {
+                let bytes = if bad {
+                    [BAD_BYTE; 512]
+                } else {
+                    pattern(sector)
+                };
+                // SAFETY: a validated segment lies inside its data page, which is inside the
+                // ring mapping; only raw pointers reach it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        page.as_ptr().add(seg.page_offset() + k * 512),
+                        512,
+                    )
+                };
+                sector += 1;
+            }
+        }
+    }
+
+    /// Writes the correct answer to `req` (not published): [`pattern`] for a valid read.
     pub fn answer(&mut self, req: &blktap_request) -> i16 {
         let status = match validate(req, self.sectors) {
-            Ok(valid) => {
-                if valid.op == blktap::ring::Op::Read {
-                    let ring = self.ring();
-                    for (j, seg) in valid.segments().iter().enumerate() {
-                        let Some(page) = ring.data_page(valid.slot, j) else {
-                            continue;
-                        };
-                        // SAFETY: a validated segment lies inside its data page, which is
-                        // inside the ring mapping; only raw pointers reach it.
-                        unsafe {
-                            std::ptr::write_bytes(
-                                page.as_ptr().add(seg.page_offset()),
-                                0,
-                                seg.len(),
-                            )
-                        };
-                    }
-                }
+            Ok(_) => {
+                self.fill_read(req, false);
                 abi::RSP_OKAY
             }
             Err(invalid) => invalid.status(),
@@ -176,6 +209,10 @@ impl<M: RingMemory> Rogue<M> {
     /// Answers `req` the way `mode` says, publishes and kicks; returns the line to print.
     pub fn bad(&mut self, mode: Mode, req: &blktap_request) -> String {
         let what = describe(req);
+        // What the application would read if the kernel took the bad answer for a good one.
+        if mode.leaves_request_pending() {
+            self.fill_read(req, true);
+        }
         match mode {
             Mode::BadId => {
                 self.push(1000, req.operation, abi::RSP_OKAY);
@@ -333,19 +370,23 @@ mod tests {
     }
 
     #[test]
-    fn good_answers_zero_reads_and_refuse_invalid_requests() {
+    fn good_answers_fill_reads_with_the_pattern_and_refuse_invalid_requests() {
         let mut bad = request(5, 0);
         bad.nr_segments = 0;
         let (mem, mut rogue, reqs) = setup(&[request(2, 0), bad]);
         let ring = SharedRing::new(&*mem);
         let page = ring.data_page(2, 0).unwrap().as_ptr();
+        rogue.bad(Mode::WrongOp, &reqs[0]);
         // SAFETY: inside the data page; the test is single-threaded.
-        unsafe { std::ptr::write_bytes(page, 0xff, 4096) };
+        assert!((0..4096).all(|i| unsafe { page.add(i).read() } == BAD_BYTE));
         rogue.good(&reqs[0]);
-        // SAFETY: as above.
-        assert!((0..4096).all(|i| unsafe { page.add(i).read() } == 0));
+        for s in 0..8 {
+            // SAFETY: as above.
+            let got = unsafe { std::slice::from_raw_parts(page.add(s * 512), 512) };
+            assert_eq!(got, &pattern(s as u64)[..], "sector {s}");
+        }
         rogue.good(&reqs[1]);
-        assert_eq!(ring.read_response(1).status, -1);
+        assert_eq!(ring.read_response(2).status, -1);
         assert!(Mode::BadId.leaves_request_pending());
         assert!(!Mode::Duplicate.leaves_request_pending());
     }

@@ -186,8 +186,8 @@ impl AioBackend {
             .open(&self.path);
         match reopened {
             Ok(file) => {
-                eprintln!(
-                    "blktap: aio {}: O_DIRECT transfer failed ({errno}); using buffered I/O",
+                log::warn!(
+                    "aio {}: O_DIRECT transfer failed ({errno}); using buffered I/O",
                     self.path.display()
                 );
                 self.retired = Some(std::mem::replace(&mut self.file, file));
@@ -195,8 +195,8 @@ impl AioBackend {
                 true
             }
             Err(e) => {
-                eprintln!(
-                    "blktap: aio {}: O_DIRECT transfer failed ({errno}) and reopening without \
+                log::warn!(
+                    "aio {}: O_DIRECT transfer failed ({errno}) and reopening without \
                      it failed: {e}",
                     self.path.display()
                 );
@@ -246,7 +246,7 @@ impl AioBackend {
             }
             // Queue full: hand what is queued to the kernel and retry once.
             if let Err(e) = self.submit_queued() {
-                eprintln!("blktap: aio {}: submit: {e}", self.path.display());
+                log::warn!("aio {}: submit: {e}", self.path.display());
             }
         }
         self.complete(token, Err(Errno::EAGAIN));
@@ -264,10 +264,7 @@ impl AioBackend {
     /// Handles the completion of one transfer of I/O `token`: finishes it, or continues it.
     fn handle(&mut self, token: usize, res: i32) -> bool {
         let Some(p) = self.ops.get_mut(token).and_then(Option::as_mut) else {
-            eprintln!(
-                "blktap: aio {}: unknown completion {token}",
-                self.path.display()
-            );
+            log::warn!("aio {}: unknown completion {token}", self.path.display());
             return false;
         };
         if res < 0 {
@@ -392,7 +389,7 @@ impl Backend for AioBackend {
         let _ = self.eventfd.read();
         if self.reap_kernel() {
             if let Err(e) = self.submit_queued() {
-                eprintln!("blktap: aio {}: submit: {e}", self.path.display());
+                log::warn!("aio {}: submit: {e}", self.path.display());
             }
         }
         out.append(&mut self.done);
@@ -438,7 +435,7 @@ impl Drop for AioBackend {
         // The kernel must be done with the caller's buffers before they may go away.
         let mut lost = Vec::new();
         if let Err(e) = self.drain(&mut lost) {
-            eprintln!("blktap: aio {}: {e}", self.path.display());
+            log::warn!("aio {}: {e}", self.path.display());
         }
     }
 }
@@ -724,6 +721,49 @@ mod tests {
         assert!(!aio.direct());
         // SAFETY: the read completed.
         assert_eq!(unsafe { p.add(3 + 99).read() }, 9);
+        // The image stays writable through the page cache.
+        // SAFETY: as above.
+        unsafe {
+            std::ptr::write_bytes(p.add(3), 7, 100);
+            aio.queue(Io {
+                tag: 2,
+                op: Op::Write,
+                offset: 1000,
+                iov: vec![iov(p.add(3), 100)],
+                discard_len: 0,
+            });
+        }
+        aio.submit().unwrap();
+        done.clear();
+        aio.drain(&mut done).unwrap();
+        assert_eq!(
+            done,
+            [Completion {
+                tag: 2,
+                result: Ok(())
+            }]
+        );
+        let mut content = Vec::new();
+        File::open(&path)
+            .unwrap()
+            .read_to_end(&mut content)
+            .unwrap();
+        assert!(content[1000..1100].iter().all(|&b| b == 7));
+        assert_eq!(content[1100], 9);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn direct_io_is_used_where_the_file_system_allows_it() {
+        let path = scratch("direct", 8192);
+        let allowed = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .is_ok();
+        let aio = AioBackend::open(&path, true).unwrap();
+        assert_eq!(aio.direct(), allowed);
+        assert_eq!(aio.path(), path.as_path());
         std::fs::remove_file(path).unwrap();
     }
 

@@ -249,8 +249,17 @@ pub fn parse_size(s: &str) -> Result<u64> {
 
 /// Opens the image `spec`; writes are refused when `readonly`.
 pub fn open(spec: &ImageSpec, readonly: bool) -> Result<Box<dyn Backend>> {
+    open_with(spec, readonly, true)
+}
+
+/// Opens the image `spec` as [`open`] does; `direct: false` never uses `O_DIRECT` (`aio:`).
+pub fn open_with(spec: &ImageSpec, readonly: bool, direct: bool) -> Result<Box<dyn Backend>> {
     Ok(match spec.kind {
-        ImageKind::Aio => Box::new(aio::AioBackend::open(spec.arg.as_ref(), readonly)?),
+        ImageKind::Aio => Box::new(aio::AioBackend::open_with(
+            spec.arg.as_ref(),
+            readonly,
+            direct,
+        )?),
         ImageKind::Ram => Box::new(immediate::Synchronous::new(ram::RamBackend::new(
             parse_size(&spec.arg)?,
         )?)),
@@ -348,6 +357,9 @@ mod tests {
         assert!(check_range(&discard(512, 512), 1024).is_ok());
         assert_eq!(check_range(&discard(512, 1024), 1024), Err(Errno::EIO));
         assert_eq!(discard(0, 4096).len(), 4096);
+        assert!(!discard(0, 4096).is_empty());
+        assert!(discard(0, 0).is_empty());
+        assert!(!io(0, 512).is_empty());
     }
 
     #[test]
