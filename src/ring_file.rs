@@ -108,7 +108,7 @@ impl RingFile {
     }
 
     /// A query without side effects, level-triggered: readable while the ring holds a request
-    /// tapdisk has not answered (timed-out ones aside) or a message; an error while unmapped.
+    /// tapdisk has not answered (timed-out ones included) or a message; an error while unmapped.
     /// So a peer that registers late, re-arms (`EPOLL_CTL_MOD`) or polls through nested epoll
     /// sees the same answer each time.
     fn poll(&self, file: &File, table: PollTable<'_>) -> u32 {

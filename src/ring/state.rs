@@ -261,7 +261,9 @@ impl RingState {
         let Some(m) = &self.mapping else {
             return Readiness::Unmapped;
         };
-        if self.pending() > 0 || m.pages.msg() != 0 {
+        // A late request counts too: tapdisk may not have read it yet (a stopped tapdisk wakes
+        // up after its deadline), and until it answers, its slot stays taken.
+        if self.pending() > 0 || self.late_slots() > 0 || m.pages.msg() != 0 {
             Readiness::Readable
         } else {
             Readiness::Idle
