@@ -6,7 +6,8 @@
 # measured); sync returns; the file system unmounts. Then the peer wakes up (SIGCONT, SIGUSR2):
 # it must get the requests that went late while it slept and answer them; the late answers are
 # dropped (late_answers > 0, refused 0), the disk is usable again (fio crc32c verify, 2 jobs)
-# and removable.
+# and removable. (d) A live peer that leaves one request unanswered (one late slot): batches of
+# 32 reads (more than the free slots) must all succeed.
 . tests/vm/lib.sh
 load
 mkdir -p /tmp/mnt
@@ -169,6 +170,40 @@ silent_peer() {
 silent_peer "silent peer"
 # --- (c) the same, then waiting on an edge-triggered epoll (as tapdisk does) ----------------------
 silent_peer "silent peer, then epoll-et" --epoll-et
+
+# --- (d) one late slot under a live peer: a batch larger than the free slots ---------------------
+# The peer answers everything but the requests at sector 8, so one slot goes late while it is
+# alive. fio then submits 32 reads at once (one batch, 32 free tags, 31 free slots): the one that
+# finds no slot waits for one, and the 31 others go on the ring and are answered. None may fail.
+label="one late slot"
+check "$label: tap 0 allocated" is "$($TAPCTL allocate)" $D
+python3 tests/vm/pytap.py 0 65536 --ignore-sector 8 > /tmp/pytap.log 2>&1 &
+peer=$!
+i=0; while [ ! -b $D ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+check "$label: the disk appears" test -b $D
+echo $DL > "$T/deadline"
+check "$label: the read the peer ignores fails with EIO" \
+    sh -c "! dd if=$D of=/dev/null bs=4k count=1 skip=1 iflag=direct 2>/tmp/dd.err && grep -q 'Input/output error' /tmp/dd.err"
+check "$label: its slot is late" is "$(counter late)" 1
+bounded 60 fio --name=batch --filename=$D --ioengine=libaio --direct=1 --rw=randread --bs=4k \
+    --offset=1M --size=8M --iodepth=32 --iodepth_batch_submit=32 --time_based --runtime=5 \
+    --continue_on_error=all --output-format=json --output=/tmp/batch.json >/dev/null 2>&1
+sed 's/^/# /' "$T/debug"
+check "$label: fio's batches of 32 all succeed (none waits past its deadline)" python3 -c "
+t = open('/tmp/batch.json').read()
+import json
+j = json.loads(t[t.index('{'):])['jobs'][0]
+print('reads', j['read']['total_ios'], 'errors', j['total_err'])
+assert j['total_err'] == 0 and j['read']['total_ios'] >= 64, j['total_err']"
+kill -USR2 $peer
+i=0; while [ "$(counter late)" != 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+check "$label: the ignored request's late answer frees its slot" \
+    sh -c "test \$(sed -n 's/^late: //p' '$T/debug') = 0 && test \$(sed -n 's/^late_answers: //p' '$T/debug') -ge 1"
+kill $peer
+i=0; while kill -0 $peer 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+kill -9 $peer 2>/dev/null
+wait $peer
+check "$label: free the tap" bounded 30 $TAPCTL free -m 0
 
 check "no tap left" sh -c "test -z \"\$(ls $CLASS | grep '^blktap!')\""
 check "rmmod" unload
