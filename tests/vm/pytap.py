@@ -5,6 +5,7 @@
                            [--delay SECONDS] [--recover] [--hold N] [--silent]
                            [--epoll | --epoll-et | --epoll-mod | --epoll-nested]
                            [--register-late SECONDS] [--open-retry SECONDS] [--free-alloc]
+                           [--ignore-sector S]
 
 Maps the ring of an allocated tap, creates its disk, serves it from memory (or from --file),
 and on SIGTERM (or after --for seconds) removes the disk and exits. Used by the VM tests to
@@ -41,6 +42,10 @@ Modes for the concurrency tests:
               peer still holds it), as fast as it can: for races against a dying peer.
 --free-alloc  first frees the tap (FREE_TAP, retried while EBUSY) and allocates it again
               (ALLOC_TAP must give back MINOR), then serves it.
+--ignore-sector S
+              serves everything but requests starting at sector S: those it takes off the
+              ring and does not answer until SIGUSR2 (so their slots go late while the peer
+              is alive and answers the rest).
 
 A failed CREATE_DEVICE prints `pytap: create: ERRNO` and exits 3.
 """
@@ -151,7 +156,15 @@ def main():
     store = Store(sectors, opt("--file", str, None))
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-    signal.signal(signal.SIGUSR2, lambda *a: silent.clear())
+    ignore_sector = opt("--ignore-sector", int, None)
+    ignored = []  # answers held back by --ignore-sector until SIGUSR2
+    released = []
+
+    def usr2(*_):
+        silent.clear()
+        released.append(1)
+
+    signal.signal(signal.SIGUSR2, usr2)
     if "--free-alloc" in sys.argv:
         say(f"freeing tap {minor}")
         free_and_allocate(minor, opt("--open-retry", float, 10.0))
@@ -213,9 +226,16 @@ def main():
                     pos += ln
             else:
                 status = -2
-            answers.append((rid, op, status))
+            if ignore_sector is not None and sector == ignore_sector and not released:
+                ignored.append((rid, op, status))
+            else:
+                answers.append((rid, op, status))
             req_cons = (req_cons + 1) & 0xFFFFFFFF
         state["req_cons"] = req_cons
+        if released and ignored:
+            say(f"answering {len(ignored)} ignored requests")
+            answers += ignored
+            ignored.clear()
         return answers
 
     def answer(answers):
@@ -286,6 +306,9 @@ def main():
             if held:
                 # Holding answers keeps the ring readable (level-triggered): sleep instead.
                 time.sleep(min(0.002, max(0.0, first + HOLD_WINDOW - time.time())))
+            elif ignored:
+                # So does a request it does not answer.
+                time.sleep(0.001)
             else:
                 p.poll(50 if later else 200)
             message()
