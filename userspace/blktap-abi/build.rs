@@ -5,7 +5,10 @@ use std::env;
 use std::path::PathBuf;
 
 fn main() {
-    let header = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../include/uapi/blktap.h");
+    // Read at run time, not compiled in: a target directory that moved with its checkout still
+    // finds the header where the checkout now is.
+    let manifest = env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR is set by cargo");
+    let header = PathBuf::from(manifest).join("../../include/uapi/blktap.h");
     println!("cargo:rerun-if-changed={}", header.display());
 
     let bindings = bindgen::Builder::default()
