@@ -799,6 +799,35 @@ mod tests {
         let mut out = Vec::new();
         aio.reap(&mut out);
         assert_eq!((out.len(), aio.in_flight()), (1, 0));
+        // A short transfer goes on where it stopped; one that moves nothing, or more than was
+        // left, fails.
+        // SAFETY: as above.
+        unsafe { aio.queue(read(7)) };
+        assert!(aio.handle(0, 1024));
+        assert!(!aio.handle(0, 3072));
+        for (tag, res) in [(8, 0), (9, 4097)] {
+            // SAFETY: as above.
+            unsafe { aio.queue(read(tag)) };
+            assert!(!aio.handle(0, res));
+        }
+        aio.reap(&mut out);
+        assert_eq!(
+            out[1..],
+            [
+                Completion {
+                    tag: 7,
+                    result: Ok(())
+                },
+                Completion {
+                    tag: 8,
+                    result: Err(Errno::EIO)
+                },
+                Completion {
+                    tag: 9,
+                    result: Err(Errno::EIO)
+                }
+            ]
+        );
         drop(aio);
         std::fs::remove_file(path).unwrap();
     }
