@@ -96,7 +96,7 @@ check "with its data" is "$(cat /tmp/held.out)" "OK 00"
 # The same with nobody holding the disk open: a buffered write's writeback at the last close
 # runs once the open count is already 0, so only the check of the ring stops REMOVE_DEVICE.
 ctl "hold 1"
-dd if=/dev/urandom of=$D bs=4k count=1 status=none &
+dd if=/dev/urandom of=$D bs=4k count=1 seek=100 status=none &
 w=$!
 check "the writeback at the last close is pending" debug_becomes "pending: [1-9][0-9]*"
 ctl "hold 1" "remove 3"
@@ -140,7 +140,7 @@ check "with its data" is "$(cat /tmp/parked.out)" "OK 00"
 
 all_late
 echo 30 > $T/deadline
-dd if=/dev/urandom of=$D bs=4k count=1 status=none &
+dd if=/dev/urandom of=$D bs=4k count=1 seek=100 status=none &
 w=$!
 check "a writeback at the last close waits for a slot" debug_becomes "parked: 1"
 ctl "hold 1" "remove 4"
