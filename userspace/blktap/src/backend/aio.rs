@@ -796,6 +796,8 @@ mod tests {
                 result: Err(Errno::EIO)
             }]
         );
+        // Handed out only when reaped.
+        assert_eq!(aio.in_flight(), 1);
         let mut out = Vec::new();
         aio.reap(&mut out);
         assert_eq!((out.len(), aio.in_flight()), (1, 0));
