@@ -81,6 +81,7 @@ mod ffi {
             depth: u32,
             flags: u32,
         ) -> c_int;
+        pub(super) fn blktap_disk_limits_size() -> usize;
         pub(super) fn blktap_alloc_disk(
             set: *mut bindings::blk_mq_tag_set,
             queuedata: *mut c_void,
@@ -88,15 +89,7 @@ mod ffi {
             major: c_int,
             first_minor: c_int,
             name: *const c_char,
-            capacity: u64,
-            lbs: u32,
-            pbs: u32,
-            max_hw_sectors: u32,
-            max_segments: u16,
-            read_only: bool,
-            write_cache: bool,
-            fua: bool,
-            max_discard_sectors: u32,
+            limits: *const super::CLimits,
         ) -> *mut bindings::gendisk;
     }
 }
@@ -338,33 +331,140 @@ impl<T: Operations> PinnedDrop for TagSet<T> {
     }
 }
 
+/// `struct blktap_disk_limits` of `rust/helpers.h`; the helper's size is checked against it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CLimits {
+    capacity: u64,
+    logical_block_size: u32,
+    physical_block_size: u32,
+    max_hw_sectors: u32,
+    max_discard_sectors: u32,
+    max_segments: u16,
+    read_only: bool,
+    write_cache: bool,
+    fua: bool,
+}
+
+/// The size and queue limits of a [`Disk`], built step by step and checked by
+/// [`QueueLimits::validate`] before a disk is made with them.
+///
+/// Every segment is at most a page and never crosses one.
+#[derive(Clone, Copy)]
+pub struct QueueLimits {
+    c: CLimits,
+}
+
+/// The largest block size the block layer takes (`BLK_MAX_BLOCK_SIZE`).
+pub const MAX_BLOCK_SIZE: u32 = 64 * 1024;
+
+impl QueueLimits {
+    /// A disk of `capacity` 512-byte sectors with `logical_block_size`-byte blocks (also the
+    /// physical block size until set), requests of at most a page in one segment, writable,
+    /// without write cache or discard.
+    pub fn new(capacity: u64, logical_block_size: u32) -> Self {
+        Self {
+            c: CLimits {
+                capacity,
+                logical_block_size,
+                physical_block_size: logical_block_size,
+                // CAST: A page is 4096 bytes here: 8 sectors.
+                max_hw_sectors: (kernel::page::PAGE_SIZE / 512) as u32,
+                max_discard_sectors: 0,
+                max_segments: 1,
+                read_only: false,
+                write_cache: false,
+                fua: false,
+            },
+        }
+    }
+
+    /// The physical block size, in bytes.
+    pub fn physical_block_size(mut self, bytes: u32) -> Self {
+        self.c.physical_block_size = bytes;
+        self
+    }
+
+    /// The largest request, in 512-byte sectors.
+    pub fn max_hw_sectors(mut self, sectors: u32) -> Self {
+        self.c.max_hw_sectors = sectors;
+        self
+    }
+
+    /// The most segments (each at most a page, never crossing one) per request.
+    pub fn max_segments(mut self, segments: u16) -> Self {
+        self.c.max_segments = segments;
+        self
+    }
+
+    /// Writes are refused.
+    pub fn read_only(mut self) -> Self {
+        self.c.read_only = true;
+        self
+    }
+
+    /// The device has a volatile write cache: the driver gets `REQ_OP_FLUSH` requests, and with
+    /// `fua` writes with `REQ_FUA` ([`Request::is_fua`]).
+    pub fn write_cache(mut self, fua: bool) -> Self {
+        self.c.write_cache = true;
+        self.c.fua = fua;
+        self
+    }
+
+    /// Discards of at most `sectors` 512-byte sectors, at the physical block's granularity.
+    pub fn max_discard_sectors(mut self, sectors: u32) -> Self {
+        self.c.max_discard_sectors = sectors;
+        self
+    }
+
+    /// Whether the disk has a write cache.
+    pub fn has_write_cache(&self) -> bool {
+        self.c.write_cache
+    }
+
+    /// Whether the disk takes FUA writes.
+    pub fn has_fua(&self) -> bool {
+        self.c.write_cache && self.c.fua
+    }
+
+    /// The largest discard, in sectors (0: none).
+    pub fn discard_sectors(&self) -> u32 {
+        self.c.max_discard_sectors
+    }
+
+    /// Checks the limits as the block layer would.
+    ///
+    /// # Errors
+    ///
+    /// `EINVAL` for block sizes that are not powers of two in 512..=64 KiB, a capacity whose
+    /// byte size does not fit `loff_t`, requests smaller than a page, or no segment.
+    pub fn validate(self) -> Result<Self> {
+        let c = &self.c;
+        let block = |b: u32| b.is_power_of_two() && (512..=MAX_BLOCK_SIZE).contains(&b);
+        // CAST: A page is 4096 bytes here.
+        let page_sectors = (kernel::page::PAGE_SIZE / 512) as u32;
+        if !block(c.logical_block_size)
+            || !block(c.physical_block_size)
+            || c.capacity > i64::MAX as u64 / 512
+            || c.max_hw_sectors < page_sectors
+            || c.max_segments == 0
+        {
+            return Err(EINVAL);
+        }
+        Ok(self)
+    }
+}
+
 /// How to make a [`Disk`].
 pub struct DiskParams<'a> {
     /// The disk's name (e.g. `tda`).
     pub name: &'a CStr,
-    /// Block major and the disk's minor.
+    /// The block major.
     pub major: u32,
     /// The disk's minor.
     pub minor: u32,
-    /// Size in 512-byte sectors.
-    pub capacity: u64,
-    /// Logical block size in bytes.
-    pub logical_block_size: u32,
-    /// Physical block size in bytes.
-    pub physical_block_size: u32,
-    /// Largest request, in 512-byte sectors.
-    pub max_hw_sectors: u32,
-    /// Most segments (each at most a page, never crossing one) per request.
-    pub max_segments: u16,
-    /// Refuse writes.
-    pub read_only: bool,
-    /// The device has a volatile write cache: the driver gets `REQ_OP_FLUSH` requests.
-    pub write_cache: bool,
-    /// With `write_cache`, the driver gets writes with `REQ_FUA` ([`Request::is_fua`]).
-    pub fua: bool,
-    /// Largest discard in 512-byte sectors; 0 for none. The granularity is the physical block
-    /// size.
-    pub max_discard_sectors: u32,
+    /// Its size and queue limits.
+    pub limits: QueueLimits,
 }
 
 /// A disk on a [`TagSet`], in the VFS until dropped.
@@ -390,14 +490,21 @@ impl<T: Operations> Disk<T> {
     ///
     /// # Errors
     ///
-    /// `EINVAL` for block sizes the block layer refuses, `ENOMEM`, or what `add_disk` returns.
+    /// `EINVAL` for limits the block layer refuses ([`QueueLimits::validate`]), `ENOMEM`, or
+    /// what `add_disk` returns.
     pub fn new(
         tagset: Arc<TagSet<T>>,
         params: &DiskParams<'_>,
         data: T::QueueData,
     ) -> Result<Self> {
+        let limits = params.limits.validate()?;
+        // SAFETY: The helper only reports a size.
+        if unsafe { ffi::blktap_disk_limits_size() } != size_of::<CLimits>() {
+            return Err(EINVAL);
+        }
         let data = data.into_foreign();
-        // SAFETY: The tag set is allocated; the fops table is static; `name` is copied.
+        // SAFETY: The tag set is allocated; the fops table is static; `name` is copied; the
+        // limits are read during the call (their layout matches, checked above).
         let disk = unsafe {
             ffi::blktap_alloc_disk(
                 tagset.set.get(),
@@ -407,15 +514,7 @@ impl<T: Operations> Disk<T> {
                 params.major as c_int,
                 params.minor as c_int,
                 params.name.as_char_ptr(),
-                params.capacity,
-                params.logical_block_size,
-                params.physical_block_size,
-                params.max_hw_sectors,
-                params.max_segments,
-                params.read_only,
-                params.write_cache,
-                params.fua,
-                params.max_discard_sectors,
+                &limits.c,
             )
         };
         let disk = match kernel::error::from_err_ptr(disk) {

@@ -32,6 +32,18 @@ use kernel::{
     },
 };
 
+/// Readiness bits a [`CharDevice::poll`] returns.
+pub mod poll_bits {
+    use kernel::bindings;
+
+    /// Data to read (`POLLIN`).
+    pub const IN: u32 = bindings::POLLIN;
+    /// Normal data to read (`POLLRDNORM`).
+    pub const RDNORM: u32 = bindings::POLLRDNORM;
+    /// An error condition (`POLLERR`).
+    pub const ERR: u32 = bindings::POLLERR;
+}
+
 /// A range of character device numbers under one dynamic major.
 ///
 /// # Invariants

@@ -4,7 +4,7 @@
  * Rust cannot call, and field accesses that must follow the C compiler's layout.
  *
  * Every helper is a thin, side-effect-free wrapper; the safety contracts are on the Rust side
- * (rust/blk_mq.rs, src/ring.rs).
+ * (the Rust files of rust/).
  */
 #include <linux/blk-mq.h>
 #include <linux/blkdev.h>
@@ -111,24 +111,9 @@ void *blktap_vma_private(struct vm_area_struct *vma)
 	return vma->vm_private_data;
 }
 
-unsigned long blktap_vma_start(struct vm_area_struct *vma)
-{
-	return vma->vm_start;
-}
-
-unsigned long blktap_vma_size(struct vm_area_struct *vma)
-{
-	return vma->vm_end - vma->vm_start;
-}
-
 unsigned long blktap_vma_pgoff(struct vm_area_struct *vma)
 {
 	return vma->vm_pgoff;
-}
-
-const void *blktap_vma_mm(struct vm_area_struct *vma)
-{
-	return vma->vm_mm;
 }
 
 void *blktap_hctx_queuedata(struct blk_mq_hw_ctx *hctx)
@@ -170,34 +155,37 @@ int blktap_tag_set_alloc(struct blk_mq_tag_set *set, const struct blk_mq_ops *op
 	return blk_mq_alloc_tag_set(set);
 }
 
+size_t blktap_disk_limits_size(void)
+{
+	return sizeof(struct blktap_disk_limits);
+}
+
 /*
  * Allocates a disk on @set with the given limits and identity; the caller adds it. Every
  * segment is at most a page and never crosses one.
  */
 struct gendisk *blktap_alloc_disk(struct blk_mq_tag_set *set, void *queuedata,
 				  const struct block_device_operations *fops, int major,
-				  int first_minor, const char *name, u64 capacity,
-				  unsigned int lbs, unsigned int pbs, unsigned int max_hw_sectors,
-				  unsigned short max_segments, bool read_only, bool write_cache,
-				  bool fua, unsigned int max_discard_sectors)
+				  int first_minor, const char *name,
+				  const struct blktap_disk_limits *l)
 {
 	struct queue_limits lim = {
-		.logical_block_size = lbs,
-		.physical_block_size = pbs,
-		.max_hw_sectors = max_hw_sectors,
-		.max_segments = max_segments,
+		.logical_block_size = l->logical_block_size,
+		.physical_block_size = l->physical_block_size,
+		.max_hw_sectors = l->max_hw_sectors,
+		.max_segments = l->max_segments,
 		.max_segment_size = PAGE_SIZE,
 		.seg_boundary_mask = PAGE_SIZE - 1,
 	};
 	struct gendisk *disk;
 
-	if (write_cache)
+	if (l->write_cache)
 		lim.features |= BLK_FEAT_WRITE_CACHE;
-	if (write_cache && fua)
+	if (l->write_cache && l->fua)
 		lim.features |= BLK_FEAT_FUA;
-	if (max_discard_sectors) {
-		lim.max_hw_discard_sectors = max_discard_sectors;
-		lim.discard_granularity = pbs;
+	if (l->max_discard_sectors) {
+		lim.max_hw_discard_sectors = l->max_discard_sectors;
+		lim.discard_granularity = l->physical_block_size;
 	}
 
 	disk = blk_mq_alloc_disk(set, &lim, queuedata);
@@ -209,8 +197,8 @@ struct gendisk *blktap_alloc_disk(struct blk_mq_tag_set *set, void *queuedata,
 	disk->fops = fops;
 	disk->flags |= GENHD_FL_NO_PART;
 	strscpy(disk->disk_name, name, sizeof(disk->disk_name));
-	set_capacity(disk, capacity);
-	set_disk_ro(disk, read_only);
+	set_capacity(disk, l->capacity);
+	set_disk_ro(disk, l->read_only);
 	return disk;
 }
 

@@ -44,13 +44,7 @@ void blktap_vma_set_ops(struct vm_area_struct *vma, const struct vm_operations_s
 
 void *blktap_vma_private(struct vm_area_struct *vma);
 
-unsigned long blktap_vma_start(struct vm_area_struct *vma);
-
-unsigned long blktap_vma_size(struct vm_area_struct *vma);
-
 unsigned long blktap_vma_pgoff(struct vm_area_struct *vma);
-
-const void *blktap_vma_mm(struct vm_area_struct *vma);
 
 void *blktap_hctx_queuedata(struct blk_mq_hw_ctx *hctx);
 
@@ -63,12 +57,28 @@ void blktap_disk_set_timeout(struct gendisk *disk, unsigned int msecs);
 int blktap_tag_set_alloc(struct blk_mq_tag_set *set, const struct blk_mq_ops *ops,
 			 unsigned int depth, unsigned int flags);
 
+/*
+ * What a disk is made with: its size, queue limits and flags. Filled in by QueueLimits in
+ * rust/blk_mq.rs, whose #[repr(C)] copy must match (checked at run time by size).
+ */
+struct blktap_disk_limits {
+	u64 capacity;
+	u32 logical_block_size;
+	u32 physical_block_size;
+	u32 max_hw_sectors;
+	u32 max_discard_sectors;
+	u16 max_segments;
+	bool read_only;
+	bool write_cache;
+	bool fua;
+};
+
+size_t blktap_disk_limits_size(void);
+
 struct gendisk *blktap_alloc_disk(struct blk_mq_tag_set *set, void *queuedata,
 				  const struct block_device_operations *fops, int major,
-				  int first_minor, const char *name, u64 capacity,
-				  unsigned int lbs, unsigned int pbs, unsigned int max_hw_sectors,
-				  unsigned short max_segments, bool read_only, bool write_cache,
-				  bool fua, unsigned int max_discard_sectors);
+				  int first_minor, const char *name,
+				  const struct blktap_disk_limits *limits);
 
 void *blktap_page_address(struct page *page);
 

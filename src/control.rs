@@ -25,12 +25,12 @@ use kernel::{
 };
 
 use crate::{
+    driver::Blktap,
     misc::{
         MiscNodeDevice,
         MiscNodeRegistration, //
     },
-    uapi,
-    Blktap, //
+    uapi, //
 };
 
 /// The control device's file operations.

@@ -36,12 +36,12 @@ use crate::{
         DeviceAttributes,
         SysfsBuf, //
     },
+    driver::Taps,
     tap::{
-        RingUser,
-        Tap, //
+        Tap,
+        DEADLINE_MAX, //
     },
-    uapi,
-    Taps, //
+    uapi, //
 };
 
 static CLASS_ATTRIBUTES: [ClassAttribute; 2] = [
@@ -57,22 +57,7 @@ impl ClassAttributes for Arc<Taps> {
     fn show(&self, name: &CStr, out: &mut SysfsBuf<'_>) -> Result {
         match name.to_bytes() {
             b"verbosity" => writeln!(out, "{}", self.verbosity.load(Ordering::Relaxed))?,
-            b"devices" => {
-                let table = self.table.lock();
-                for (minor, entry) in table.iter() {
-                    let inner = entry.tap.inner.lock();
-                    if inner.disk.is_none() {
-                        continue;
-                    }
-                    write!(out, "{minor} ")?;
-                    if inner.name.is_empty() {
-                        writeln!(out, "{minor}")?;
-                    } else {
-                        out.write_bytes(&inner.name)?;
-                        out.write_bytes(b"\n")?;
-                    }
-                }
-            }
+            b"devices" => self.show_devices(out)?,
             _ => return Err(EIO),
         }
         Ok(())
@@ -101,68 +86,16 @@ impl DeviceAttributes for Tap {
     const ATTRIBUTES: &'static [DeviceAttribute] = &TAP_ATTRIBUTES;
 
     fn show(&self, name: &CStr, out: &mut SysfsBuf<'_>) -> Result {
-        let inner = self.inner.lock();
         match name.to_bytes() {
-            b"name" if inner.name.is_empty() => writeln!(out, "{}", self.minor())?,
-            b"name" => {
-                out.write_bytes(&inner.name)?;
-                out.write_bytes(b"\n")?;
-            }
+            b"name" => self.show_name(out)?,
             b"task" => {
-                if let RingUser::Open(pid) = inner.ring_user {
+                if let Some(pid) = self.task() {
                     writeln!(out, "{pid}")?;
                 }
             }
-            b"debug" => {
-                writeln!(out, "minor: {}", self.minor())?;
-                out.write_bytes(b"name: ")?;
-                out.write_bytes(&inner.name)?;
-                out.write_bytes(b"\n")?;
-                match inner.ring_user {
-                    RingUser::Open(pid) => writeln!(out, "ring: open by {pid}")?,
-                    RingUser::Closing => writeln!(out, "ring: closing")?,
-                    RingUser::Closed => writeln!(out, "ring: closed")?,
-                }
-                if let Some(disk) = &inner.disk {
-                    let ro = if inner.read_only { " (read-only)" } else { "" };
-                    writeln!(out, "disk: tapdev{}{ro}", self.minor())?;
-                    let paused = if disk.is_quiesced() { "yes" } else { "no" };
-                    writeln!(out, "paused: {paused}")?;
-                    let f = inner.features;
-                    writeln!(
-                        out,
-                        "features: flush={} fua={} discard={}",
-                        u8::from(f.flush),
-                        u8::from(f.fua),
-                        u8::from(f.discard)
-                    )?;
-                } else {
-                    writeln!(out, "disk: none")?;
-                }
-                let ring = self.ring.lock();
-                let mapped = if ring.is_mapped() { "yes" } else { "no" };
-                writeln!(out, "mapped: {mapped}")?;
-                let recovery = match (ring.recovery, ring.is_live()) {
-                    (false, _) => "off",
-                    (true, true) => "on",
-                    (true, false) => "waiting for a tapdisk",
-                };
-                writeln!(out, "recovery: {recovery}")?;
-                writeln!(out, "deadline: {}", ring.deadline)?;
-                writeln!(out, "pending: {}", ring.pending())?;
-                writeln!(out, "late: {}", ring.late_slots())?;
-                writeln!(out, "parked: {}", ring.parked())?;
-                writeln!(out, "completed: {}", ring.completed)?;
-                writeln!(out, "refused: {}", ring.refused)?;
-                writeln!(out, "timed_out: {}", ring.timed_out)?;
-                writeln!(out, "late_answers: {}", ring.late)?;
-                writeln!(out, "reissued: {}", ring.reissued)?;
-            }
-            b"pause" => {
-                let paused = inner.disk.as_ref().is_some_and(|d| d.is_quiesced());
-                writeln!(out, "{}", u8::from(paused))?;
-            }
-            b"deadline" => writeln!(out, "{}", self.ring.lock().deadline)?,
+            b"debug" => self.show_debug(out)?,
+            b"pause" => writeln!(out, "{}", u8::from(self.is_paused()))?,
+            b"deadline" => writeln!(out, "{}", self.deadline())?,
             _ => return Err(EIO),
         }
         Ok(())
@@ -177,23 +110,13 @@ impl DeviceAttributes for Tap {
             },
             b"deadline" => {
                 let secs = u32::try_from(parse_int(input)?).map_err(|_| EINVAL)?;
-                if !(1..=crate::DEADLINE_MAX).contains(&secs) {
+                if !(1..=DEADLINE_MAX).contains(&secs) {
                     return Err(EINVAL);
                 }
-                let inner = self.inner.lock();
-                self.ring.lock().deadline = secs;
-                if let Some(disk) = &inner.disk {
-                    disk.set_timeout_ms(secs * 1000);
-                }
+                self.set_deadline(secs);
                 Ok(())
             }
-            b"name" => {
-                let name = parse_name(input)?;
-                let mut copy = KVec::with_capacity(name.len(), GFP_KERNEL)?;
-                copy.extend_from_slice(name, GFP_KERNEL)?;
-                self.inner.lock().name = copy;
-                Ok(())
-            }
+            b"name" => self.set_name(parse_name(input)?),
             _ => Err(EACCES),
         }
     }

@@ -2,7 +2,9 @@
 """A minimal blktap2 ring peer in Python, independent of the Rust userspace.
 
     pytap.py MINOR SECTORS [--ro] [--compat] [--for SECONDS] [--flags N] [--file PATH]
-                           [--delay SECONDS] [--recover]
+                           [--delay SECONDS] [--recover] [--hold N] [--silent]
+                           [--epoll | --epoll-et | --epoll-mod | --epoll-nested]
+                           [--register-late SECONDS] [--open-retry SECONDS] [--free-alloc]
 
 Maps the ring of an allocated tap, creates its disk, serves it from memory (or from --file),
 and on SIGTERM (or after --for seconds) removes the disk and exits. Used by the VM tests to
@@ -14,14 +16,43 @@ answers the ring's PAUSE and RESUME messages with the ioctls of the same names. 
 every request that many seconds late (for request deadlines). --recover attaches to the disk a
 dead peer left (RECOVERY): it maps the ring and serves, without creating the disk. Every op it
 sees is counted and printed at exit, and on SIGUSR1 into /tmp/pytap-MINOR.ops.
+
+Modes for the concurrency tests:
+
+--hold N      collects requests (up to N, or until 20 ms passed since the first one it holds),
+              then answers all of them in ONE RESPOND, out of order: reversed, or shuffled
+              (alternately). Prints `pytap: hold batches=B multi=M max=X reordered=R` at exit.
+--silent      maps the ring and creates the disk but never looks at the ring (a live peer that
+              does not answer) until SIGUSR2; from then on it serves every entry on the ring,
+              so the requests that timed out meanwhile get (late) answers.
+--epoll, --epoll-et, --epoll-mod, --epoll-nested
+              reads the ring only when an epoll reports the ring fd readable (no timeout-driven
+              reading; the epoll wait's timeout only checks for SIGTERM): level-triggered;
+              edge-triggered; registered with an empty event mask first, then EPOLL_CTL_MOD to
+              EPOLLIN; the ring fd in an inner epoll whose fd is in an outer epoll. A lost
+              wake-up stalls the disk.
+--register-late S
+              (with an epoll mode) creates and registers the epoll only S seconds after the
+              disk exists, without reading the ring meanwhile, so requests issued in between
+              are published before registration; it prints how many were
+              (`pytap: N requests published before registration`).
+--open-retry S
+              retries opening the ring for up to S seconds while it is busy (EBUSY: another
+              peer still holds it), as fast as it can: for races against a dying peer.
+--free-alloc  first frees the tap (FREE_TAP, retried while EBUSY) and allocates it again
+              (ALLOC_TAP must give back MINOR), then serves it.
+
+A failed CREATE_DEVICE prints `pytap: create: ERRNO` and exits 3.
 """
-import ctypes, mmap, os, select, signal, struct, sys, time
+import ctypes, errno, mmap, os, random, select, signal, struct, sys, time
 
 PAGE = 4096
 RING_SIZE, SEGS = 32, 11
 READ, WRITE, FLUSH, DISCARD, WRITE_FUA = 0, 1, 2, 3, 4
 MSG_PAUSE, MSG_RESUME = 1, 2
 IOCTL_RESPOND, IOCTL_PAUSE, IOCTL_RESUME = 1, 204, 206
+ALLOC_TAP, FREE_TAP = 200, 201
+HOLD_WINDOW = 0.02
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -36,6 +67,10 @@ def opt(name, conv, default):
     if name in sys.argv:
         return conv(sys.argv[sys.argv.index(name) + 1])
     return default
+
+
+def say(text):
+    print(f"pytap: {text}", flush=True)
 
 
 class Store:
@@ -61,6 +96,45 @@ class Store:
             self.mem[pos:pos + len(data)] = data
 
 
+def free_and_allocate(minor, seconds):
+    """FREE_TAP (retried while the ring is busy), then ALLOC_TAP, which must give MINOR back."""
+    ctl = os.open("/dev/xen/blktap-2/control", os.O_RDWR)
+    end, tries = time.time() + seconds, 0
+    while True:
+        try:
+            ioctl(ctl, FREE_TAP, ctypes.c_ulong(minor))
+            break
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.time() >= end:
+                say(f"free: {errno.errorcode.get(e.errno, e.errno)} after {tries} tries")
+                sys.exit(2)
+            tries += 1
+            os.sched_yield()
+    buf = ctypes.create_string_buffer(12)
+    ioctl(ctl, ALLOC_TAP, buf)
+    got = struct.unpack("III", buf.raw)[2]
+    os.close(ctl)
+    say(f"freed tap {minor} after {tries} busy tries, allocated tap {got}")
+    if got != minor:
+        sys.exit(2)
+
+
+def open_ring(minor, seconds):
+    """Opens the ring, retrying for up to SECONDS while it is busy."""
+    end, tries = time.time() + seconds, 0
+    while True:
+        try:
+            fd = os.open(f"/dev/xen/blktap-2/blktap{minor}", os.O_RDWR)
+            if tries:
+                say(f"ring opened after {tries} busy tries")
+            return fd
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.time() >= end:
+                raise
+            tries += 1
+            os.sched_yield()
+
+
 def main():
     minor, sectors = int(sys.argv[1]), int(sys.argv[2])
     ro = "--ro" in sys.argv
@@ -69,39 +143,50 @@ def main():
     flags = opt("--flags", lambda v: int(v, 0), 0)
     delay = opt("--delay", float, 0.0)
     until = opt("--for", lambda v: time.time() + float(v), None)
+    hold = opt("--hold", int, 0)
+    silent = [1] if "--silent" in sys.argv else []
+    epoll_mode = next((a[2:] for a in sys.argv
+                       if a in ("--epoll", "--epoll-et", "--epoll-mod", "--epoll-nested")), None)
+    register_late = opt("--register-late", float, 0.0)
     store = Store(sectors, opt("--file", str, None))
-    fd = os.open(f"/dev/xen/blktap-2/blktap{minor}", os.O_RDWR)
-    m = mmap.mmap(fd, PAGE * (1 + RING_SIZE * SEGS), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    if recover:
-        pass
-    elif compat:
-        buf = ctypes.create_string_buffer(struct.pack("256sQQ", b"pytap", sectors, 512))
-        ioctl(fd, 202, buf)
-    else:
-        buf = ctypes.create_string_buffer(
-            struct.pack("QIIQ4Q", sectors, 512, 512, (1 if ro else 0) | flags, 0, 0, 0, 0))
-        ioctl(fd, 208, buf)
     stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    signal.signal(signal.SIGUSR2, lambda *a: silent.clear())
+    if "--free-alloc" in sys.argv:
+        say(f"freeing tap {minor}")
+        free_and_allocate(minor, opt("--open-retry", float, 10.0))
+    say(f"opening the ring of tap {minor}")
+    fd = open_ring(minor, opt("--open-retry", float, 0.0))
+    m = mmap.mmap(fd, PAGE * (1 + RING_SIZE * SEGS), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        if recover:
+            pass
+        elif compat:
+            buf = ctypes.create_string_buffer(struct.pack("256sQQ", b"pytap", sectors, 512))
+            ioctl(fd, 202, buf)
+        else:
+            buf = ctypes.create_string_buffer(
+                struct.pack("QIIQ4Q", sectors, 512, 512, (1 if ro else 0) | flags, 0, 0, 0, 0))
+            ioctl(fd, 208, buf)
+    except OSError as e:
+        say(f"create: {errno.errorcode.get(e.errno, e.errno)}")
+        sys.exit(3)
     ops = {READ: 0, WRITE: 0, FLUSH: 0, DISCARD: 0, WRITE_FUA: 0, "other": 0, "pause": 0, "resume": 0}
+    stats = {"batches": 0, "multi": 0, "max": 0, "reordered": 0, "wakeups": 0, "spurious": 0}
 
     def dump(*_):
         with open(f"/tmp/pytap-{minor}.ops", "w") as f:
             f.write(" ".join(f"{k}={v}" for k, v in names(ops).items()) + "\n")
 
-    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     signal.signal(signal.SIGUSR1, dump)
-    req_cons = rsp_prod = 0
-    later = []  # (due time, id, op, status) of answers held back by --delay
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    print(f"pytap: serving tap {minor}", flush=True)
-    while not stop and (until is None or time.time() < until):
-        p.poll(50 if later else 200)
-        msg = m[16]
-        if msg in (MSG_PAUSE, MSG_RESUME):
-            ioctl(fd, IOCTL_PAUSE if msg == MSG_PAUSE else IOCTL_RESUME)
-            ops["pause" if msg == MSG_PAUSE else "resume"] += 1
+    state = {"req_cons": 0, "rsp_prod": 0}
+    rng = random.Random(minor)
+
+    def take():
+        """Serves every request on the ring not seen yet; returns their answers (id, op, status)."""
+        answers = []
         req_prod = struct.unpack_from("I", m, 0)[0]
+        req_cons = state["req_cons"]
         while req_cons != req_prod:
             off = 64 + (req_cons % RING_SIZE) * 112
             op, nseg, rid, sector = struct.unpack_from("BBxxxxxxQQ", m, off)
@@ -128,26 +213,116 @@ def main():
                     pos += ln
             else:
                 status = -2
-            later.append((time.time() + delay, rid, op, status))
+            answers.append((rid, op, status))
             req_cons = (req_cons + 1) & 0xFFFFFFFF
-        now, n = time.time(), 0
-        while later and later[0][0] <= now:
-            _, rid, op, status = later.pop(0)
+        state["req_cons"] = req_cons
+        return answers
+
+    def answer(answers):
+        """Writes the answers in the given order and consumes them with one RESPOND."""
+        if not answers:
+            return
+        rsp_prod = state["rsp_prod"]
+        for rid, op, status in answers:
             roff = 64 + (rsp_prod % RING_SIZE) * 112
             struct.pack_into("QBxh", m, roff, rid, op, status)
             rsp_prod = (rsp_prod + 1) & 0xFFFFFFFF
-            n += 1
-        if n:
-            struct.pack_into("I", m, 8, rsp_prod)
-            ioctl(fd, IOCTL_RESPOND)
+        state["rsp_prod"] = rsp_prod
+        struct.pack_into("I", m, 8, rsp_prod)
+        ioctl(fd, IOCTL_RESPOND)
+
+    def message():
+        msg = m[16]
+        if msg in (MSG_PAUSE, MSG_RESUME):
+            ioctl(fd, IOCTL_PAUSE if msg == MSG_PAUSE else IOCTL_RESUME)
+            ops["pause" if msg == MSG_PAUSE else "resume"] += 1
+
+    def running():
+        return not stop and (until is None or time.time() < until)
+
+    say(f"serving tap {minor}")
+    if silent:
+        say("silent until SIGUSR2")
+        while silent and running():
+            time.sleep(0.1)
+        if running():
+            say("answering from now on")
+    if epoll_mode:
+        if register_late:
+            end = time.time() + register_late
+            while running() and time.time() < end:
+                time.sleep(0.05)
+            waiting = (struct.unpack_from("I", m, 0)[0] - state["req_cons"]) & 0xFFFFFFFF
+            say(f"{waiting} requests published before registration")
+        ep = select.epoll()
+        inner = None
+        if epoll_mode == "epoll":
+            ep.register(fd, select.EPOLLIN)
+        elif epoll_mode == "epoll-et":
+            ep.register(fd, select.EPOLLIN | select.EPOLLET)
+        elif epoll_mode == "epoll-mod":
+            ep.register(fd, 0)
+            ep.modify(fd, select.EPOLLIN)
+        else:
+            inner = select.epoll()
+            inner.register(fd, select.EPOLLIN)
+            ep.register(inner.fileno(), select.EPOLLIN)
+        say(f"registered ({epoll_mode})")
+        while running():
+            if not ep.poll(0.2):
+                continue
+            if inner is not None and not inner.poll(0):
+                stats["spurious"] += 1
+                continue
+            stats["wakeups"] += 1
+            message()
+            answer(take())
+    else:
+        later = []  # (due time, id, op, status) of answers held back by --delay
+        held, first = [], 0.0  # answers held by --hold, and when the first of them came
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        while running():
+            if held:
+                # Holding answers keeps the ring readable (level-triggered): sleep instead.
+                time.sleep(min(0.002, max(0.0, first + HOLD_WINDOW - time.time())))
+            else:
+                p.poll(50 if later else 200)
+            message()
+            new = take()
+            now = time.time()
+            if hold:
+                if new and not held:
+                    first = now
+                held += new
+                if held and (len(held) >= hold or now - first >= HOLD_WINDOW):
+                    batch = held[::-1] if stats["batches"] % 2 == 0 else rng.sample(held, len(held))
+                    stats["batches"] += 1
+                    stats["max"] = max(stats["max"], len(batch))
+                    if len(batch) > 1:
+                        stats["multi"] += 1
+                        if batch != held:
+                            stats["reordered"] += 1
+                    answer(batch)
+                    held = []
+                continue
+            later += [(now + delay, *a) for a in new]
+            due = []
+            while later and later[0][0] <= now:
+                due.append(later.pop(0)[1:])
+            answer(due)
     for _ in range(50):
         try:
             ioctl(fd, 207)
             break
         except OSError as e:
-            print(f"pytap: remove: {e}", flush=True)
+            say(f"remove: {e}")
             time.sleep(0.1)
-    print("pytap: ops " + " ".join(f"{k}={v}" for k, v in names(ops).items()), flush=True)
+    say("ops " + " ".join(f"{k}={v}" for k, v in names(ops).items()))
+    if hold:
+        say("hold " + " ".join(f"{k}={stats[k]}" for k in ("batches", "multi", "max", "reordered")))
+    if epoll_mode:
+        say(f"epoll wakeups={stats['wakeups']} spurious={stats['spurious']}")
     m.close()
     os.close(fd)
 

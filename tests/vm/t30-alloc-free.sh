@@ -28,7 +28,7 @@ check "free tap 50" $TAPCTL free -m 50
 check "next allocation reuses the lowest free minor" is "$($TAPCTL allocate)" "$DEVDIR/tapdev3"
 check "then the next one" is "$($TAPCTL allocate)" "$DEVDIR/tapdev50"
 check "then a new one" is "$($TAPCTL allocate)" "$DEVDIR/tapdev100"
-check "allocate -d names the tap" is "$($TAPCTL allocate -d vbd-7-51712)" "$DEVDIR/tapdev101"
+check "allocate --name names the tap" is "$($TAPCTL allocate --name vbd-7-51712)" "$DEVDIR/tapdev101"
 check "the name is in sysfs" is "$(cat "$CLASS/blktap!blktap101/name")" "vbd-7-51712"
 
 freed=0

@@ -1334,7 +1334,7 @@ impl<'c> Fuzzer<'c> {
             1 => 1,
             2 => u64::MAX,
             3 => u64::MAX / 512,
-            4 => u64::MAX / 512 + 1,
+            4 => i64::MAX as u64 / 512 + self.rng.below(2),
             5 => 1 << 40,
             6 => self.rng.next_u64(),
             _ => 1 + self.rng.below(1 << 21),
@@ -1766,10 +1766,14 @@ impl<'c> Fuzzer<'c> {
 /// without a disk, for one with a disk, and whether the disk would be read-only.
 fn judge_device(at: u64, compat: bool) -> (Allowed, Allowed, bool) {
     let good_size = |s: u64| s.is_power_of_two() && (512..=4096).contains(&s);
+    // The byte size must fit loff_t and be a whole number of logical blocks.
+    let good_capacity = |c: u64, ss: u64| {
+        c != 0 && c <= i64::MAX as u64 / 512 && c.is_multiple_of((ss / 512).max(1))
+    };
     if compat {
         let capacity = read_u64(at + 256);
         let ss = read_u64(at + 264);
-        let valid = capacity != 0 && capacity <= u64::MAX / 512 && good_size(ss);
+        let valid = good_size(ss) && good_capacity(capacity, ss);
         return if !valid {
             (vec![EINVAL], vec![EINVAL], false)
         } else if capacity > 1 << 48 {
@@ -1788,11 +1792,10 @@ fn judge_device(at: u64, compat: bool) -> (Allowed, Allowed, bool) {
     let flags = read_u64(at + 16);
     let rsvd_zero = (0..4).all(|k| read_u64(at + 24 + 8 * k) == 0);
     let valid = flags & !(DEVICE_RO | NEW_FLAGS) == 0
-        && capacity != 0
-        && capacity <= u64::MAX / 512
         && good_size(ss)
+        && good_capacity(capacity, ss)
         && pss.is_power_of_two()
-        && pss >= 512;
+        && (512..=65536).contains(&pss);
     let unsure = flags & NEW_FLAGS != 0 || !rsvd_zero;
     let extreme = capacity > 1 << 48 || pss > 65536 || pss < ss;
     let ro = flags & DEVICE_RO != 0;

@@ -79,7 +79,7 @@ impl Drop for Mapping {
         // this: every user borrows the `Mapping`.
         if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
             // Nothing sensible can be done; the address range stays reserved.
-            eprintln!("blktap: munmap of {} bytes failed: {e}", self.len);
+            log::warn!("munmap of {} bytes failed: {e}", self.len);
         }
     }
 }

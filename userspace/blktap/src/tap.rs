@@ -59,6 +59,10 @@ pub struct OpenArgs<'a> {
     pub recovery: bool,
     /// Serve the disk that exists already (a new tapdisk taking over): no `CREATE_DEVICE`.
     pub recover: bool,
+    /// Never open the image with `O_DIRECT` (also when it is opened again after a pause).
+    pub no_direct: bool,
+    /// This tap's request deadline, instead of the tapdisk's.
+    pub deadline: Option<std::time::Duration>,
 }
 
 /// A paused tap: the ring, and what to open again.
@@ -66,6 +70,7 @@ struct Paused<D> {
     ring: D,
     image: String,
     readonly: bool,
+    no_direct: bool,
     capacity: u64,
     stats: IoStats,
     device_flags: u64,
@@ -100,6 +105,8 @@ pub struct TapCore<D: RingDevice> {
     resume_requested: bool,
     /// Changes whenever the image (and so the backend's fd) is opened or closed.
     generation: u64,
+    /// The image is opened without `O_DIRECT`.
+    no_direct: bool,
 }
 
 impl<D: RingDevice> TapCore<D> {
@@ -110,6 +117,7 @@ impl<D: RingDevice> TapCore<D> {
             options,
             resume_requested: false,
             generation: 0,
+            no_direct: false,
         }
     }
 
@@ -177,7 +185,7 @@ impl<D: RingDevice> TapCore<D> {
     pub fn open(&mut self, args: &OpenArgs<'_>) -> Result<()> {
         self.check_attached()?;
         let spec: ImageSpec = args.params.parse()?;
-        let backend = backend::open(&spec, args.readonly)?;
+        let backend = backend::open_with(&spec, args.readonly, !args.no_direct)?;
         self.open_backend(args, &spec.to_string(), backend)
     }
 
@@ -234,6 +242,10 @@ impl<D: RingDevice> TapCore<D> {
         let Some(Stage::Attached(ring)) = self.stage.take() else {
             unreachable!("checked above");
         };
+        if let Some(deadline) = args.deadline {
+            self.options.server.deadline = deadline;
+        }
+        self.no_direct = args.no_direct;
         let mut server = Server::with_options(
             ring,
             backend,
@@ -247,7 +259,7 @@ impl<D: RingDevice> TapCore<D> {
         if args.recover {
             // The kept requests are on the ring already.
             if let Err(e) = self.serve() {
-                eprintln!("blktap: tap {minor}: {e}");
+                log::warn!("tap {minor}: {e}");
             }
         }
         Ok(())
@@ -266,7 +278,7 @@ impl<D: RingDevice> TapCore<D> {
             }
             Stage::Open(server) | Stage::Pausing(server) => {
                 if let Err(e) = server.drain() {
-                    eprintln!("blktap: tap {minor}: {e}");
+                    log::warn!("tap {minor}: {e}");
                 }
                 server.memory().remove_device()?;
             }
@@ -314,7 +326,7 @@ impl<D: RingDevice> TapCore<D> {
         self.stage = Some(Stage::Pausing(server));
         // Requests published before PAUSE returned are on the ring: take them.
         if let Err(e) = self.serve() {
-            eprintln!("blktap: tap {minor}: {e}");
+            log::warn!("tap {minor}: {e}");
         }
         match self.advance() {
             Some(Err(e)) => Err(e),
@@ -347,6 +359,7 @@ impl<D: RingDevice> TapCore<D> {
                 let paused = Paused {
                     image: server.image().to_string(),
                     readonly: server.readonly(),
+                    no_direct: self.no_direct,
                     capacity: server.capacity(),
                     stats: server.stats(),
                     device_flags: server.device_flags(),
@@ -362,7 +375,7 @@ impl<D: RingDevice> TapCore<D> {
         if self.resume_requested && matches!(self.stage(), Stage::Paused(_)) {
             self.resume_requested = false;
             if let Err(e) = self.unpause(None) {
-                eprintln!("blktap: tap {minor}: resuming as the kernel asked: {e}");
+                log::warn!("tap {minor}: resuming as the kernel asked: {e}");
             }
         }
         result
@@ -398,7 +411,7 @@ impl<D: RingDevice> TapCore<D> {
             }
         };
         let spec: ImageSpec = params.unwrap_or(&p.image).parse()?;
-        let backend = backend::open(&spec, p.readonly)?;
+        let backend = backend::open_with(&spec, p.readonly, !p.no_direct)?;
         self.unpause_backend(&spec.to_string(), backend)
     }
 
@@ -427,6 +440,7 @@ impl<D: RingDevice> TapCore<D> {
         let Paused {
             ring,
             readonly,
+            no_direct,
             capacity,
             stats,
             device_flags,
@@ -442,6 +456,7 @@ impl<D: RingDevice> TapCore<D> {
                 ring,
                 image: old_image,
                 readonly,
+                no_direct,
                 capacity,
                 stats,
                 device_flags,
@@ -451,7 +466,7 @@ impl<D: RingDevice> TapCore<D> {
         self.stage = Some(Stage::Open(Box::new(server)));
         self.generation += 1;
         if let Err(e) = self.serve() {
-            eprintln!("blktap: tap {minor}: {e}");
+            log::warn!("tap {minor}: {e}");
         }
         Ok(())
     }
@@ -516,10 +531,7 @@ impl<D: RingDevice> TapCore<D> {
     pub fn shut_down(mut self) -> D {
         if self.has_disk() {
             if let Err(e) = self.close() {
-                eprintln!(
-                    "blktap: tap {}: {e}; dropping the ring anyway",
-                    self.minor()
-                );
+                log::warn!("tap {}: {e}; dropping the ring anyway", self.minor());
             }
         }
         match self.stage.take().expect("a tap always has a stage") {
@@ -527,6 +539,44 @@ impl<D: RingDevice> TapCore<D> {
             Stage::Open(s) | Stage::Pausing(s) => s.into_memory(),
             Stage::Paused(p) => p.ring,
         }
+    }
+
+    /// The tap's state for a debug dump (SIGUSR1), one item per line.
+    pub fn debug_state(&self) -> String {
+        let head = format!(
+            "state {:?} (list state {:#x}), generation {}{}",
+            self.state(),
+            self.state().code(),
+            self.generation,
+            if self.resume_requested {
+                ", resume requested"
+            } else {
+                ""
+            }
+        );
+        match self.stage() {
+            Stage::Attached(_) => format!("{head}\nno image"),
+            Stage::Open(s) | Stage::Pausing(s) => format!("{head}\n{}", s.debug_state()),
+            Stage::Paused(p) => format!(
+                "{head}\nimage {} closed while paused ({} sectors), counters: {:?}",
+                p.image, p.capacity, p.stats
+            ),
+        }
+    }
+
+    /// Forced close: fails the requests waiting to be tried again, then closes as
+    /// [`TapCore::close`] does.
+    pub fn force_close(&mut self) -> Result<()> {
+        if let Some(s) = self.server_mut() {
+            let n = s.fail_retries();
+            if n > 0 {
+                log::warn!(
+                    "tap {}: forced close: failed {n} requests waiting to be tried again",
+                    self.minor()
+                );
+            }
+        }
+        self.close()
     }
 
     /// The tap as `list` shows it.
@@ -611,8 +661,8 @@ fn negotiate<D: RingDevice>(
     params.flags = ext | recovery_flag;
     match ring.create_device(&params) {
         Ok(()) => return Ok(params.flags),
-        Err(e) if ext != 0 && refused(&e) => eprintln!(
-            "blktap: tap {}: the kernel refused the extensions {ext:#x} ({e}); \
+        Err(e) if ext != 0 && refused(&e) => log::warn!(
+            "tap {}: the kernel refused the extensions {ext:#x} ({e}); \
              creating the disk without them",
             ring.minor()
         ),
@@ -666,6 +716,7 @@ mod tests {
             readonly: false,
             recovery,
             recover,
+            ..Default::default()
         }
     }
 
@@ -812,7 +863,7 @@ mod tests {
         tap.on_backend().unwrap();
         assert!(matches!(tap.advance(), Some(Ok(()))));
         assert_eq!(tap.state(), TapState::Paused);
-        assert_eq!(tap.entry().state.code(), 0x20);
+        assert_eq!(tap.entry().state.code(), 0x2a);
         assert_eq!(ids(&mut k), [(0, 0), (1, 0), (2, 0)], "nothing failed");
         assert!(tap.backend_fd().is_none());
         assert!(tap.server().is_none(), "the image is closed");

@@ -1,26 +1,30 @@
-//! `tap-ctl create` and `destroy`: a tap's whole life in one command each.
+//! `tap-ctl create` and `destroy`: a tap's whole life in one command each, and `allocate`.
 //!
 //! create = allocate (or take a given tap) + spawn + attach + open; on failure every step done
 //! so far is undone. destroy = close + detach + free; the tapdisk exits by itself once idle.
 
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use blktap::backend::ImageSpec;
 use blktap::control::Control;
-use blktap::ctl::{CtlRequest, TapState};
-use blktap::{sysfs, Result};
+use blktap::ctl::binary::{kind, state};
+use blktap::ctl::CtlRequest;
+use blktap::sysfs::{self, DeviceKind};
+use blktap::{Error, Result};
 use blktap_abi as abi;
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
-use crate::tapdisk::{self, find_server, SpawnOptions, Spawned};
+use crate::tapdisk::{self, find_server, OpenRequest, SpawnOptions, Spawned};
 
 /// What `create` is asked for.
 #[derive(Debug, Clone)]
 pub struct CreateArgs<'a> {
-    /// The image, `type:path`.
-    pub image: &'a str,
-    /// Create a read-only disk.
-    pub readonly: bool,
-    /// The tap's name.
+    /// What to open (the image, its flags, per-request timeout...).
+    pub open: OpenRequest,
+    /// The block node to make for the disk (`-d`), instead of the kernel's own.
+    pub devname: Option<&'a Path>,
+    /// The tap's sysfs name (`--name`).
     pub name: Option<&'a str>,
     /// Use this already allocated tap instead of allocating one.
     pub minor: Option<u32>,
@@ -44,9 +48,66 @@ impl CreateArgs<'_> {
     }
 }
 
+/// Checks that `params` has the `type:path` form (the tapdisk checks the rest: an original one
+/// knows other types than this one).
+pub fn check_params(params: &str) -> Result<()> {
+    match params.split_once(':') {
+        Some((t, p)) if !t.is_empty() && !p.is_empty() => Ok(()),
+        _ => Err(Error::invalid(format!(
+            "{params:?}: the image must be given as type:path"
+        ))),
+    }
+}
+
+/// Makes the block node `path` for tap `minor`'s disk (replacing what is there), as the
+/// original `allocate -d` did.
+pub fn make_block_node(path: &Path, minor: u32) -> Result<()> {
+    let major = sysfs::major(DeviceKind::Block, abi::BLOCK_MAJOR_NAME)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+    }
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("cannot remove", path, e)),
+    }
+    mknod(
+        path,
+        SFlag::S_IFBLK,
+        Mode::from_bits_truncate(0o600),
+        makedev(u64::from(major), u64::from(minor)),
+    )
+    .map_err(|e| Error::io("cannot make node", path, e.into()))
+}
+
+/// `tap-ctl allocate`: a new tap; its node is made at `devname` if given. Returns the node's
+/// path.
+pub fn allocate(devname: Option<&Path>, name: Option<&str>) -> Result<PathBuf> {
+    let control = Control::open()?;
+    let info = control.allocate()?;
+    let named = (|| {
+        if let Some(path) = devname {
+            make_block_node(path, info.minor)?;
+        }
+        if let Some(name) = name {
+            sysfs::find_tap(info.minor)?.set_attr("name", name)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = named {
+        // Do not leave a tap behind that the caller was never told about.
+        let _ = control.free(info.minor);
+        return Err(e);
+    }
+    Ok(devname.map_or_else(
+        || PathBuf::from(abi::device_path(info.minor)),
+        Path::to_path_buf,
+    ))
+}
+
 /// `tap-ctl create`: returns the new disk's node.
-pub fn create(ctl_dir: &Path, args: &CreateArgs<'_>) -> Result<String> {
-    let spec: ImageSpec = args.image.parse()?;
+pub fn create(ctl_dir: &Path, args: &CreateArgs<'_>) -> Result<PathBuf> {
+    check_params(&args.open.params)?;
     let (minor, control) = match args.minor {
         Some(minor) => {
             sysfs::find_tap(minor)?;
@@ -59,11 +120,14 @@ pub fn create(ctl_dir: &Path, args: &CreateArgs<'_>) -> Result<String> {
         }
     };
     let mut spawned = None;
-    let result = set_up(ctl_dir, args, &spec, minor, &mut spawned);
+    let result = set_up(ctl_dir, args, minor, &mut spawned);
     if result.is_err() {
         // Undo in reverse: stopping the tapdisk closes the ring; then the tap can be freed.
         if let Some(s) = spawned {
             s.stop();
+        }
+        if let Some(path) = args.devname {
+            let _ = fs::remove_file(path);
         }
         if let Some(control) = control {
             if let Err(e) = control.free(minor) {
@@ -71,59 +135,64 @@ pub fn create(ctl_dir: &Path, args: &CreateArgs<'_>) -> Result<String> {
             }
         }
     }
-    result.map(|()| abi::device_path(minor))
+    result.map(|()| {
+        args.devname
+            .map_or_else(|| PathBuf::from(abi::device_path(minor)), Path::to_path_buf)
+    })
 }
 
 fn set_up(
     ctl_dir: &Path,
     args: &CreateArgs<'_>,
-    spec: &ImageSpec,
     minor: u32,
     spawned: &mut Option<Spawned>,
 ) -> Result<()> {
+    if let Some(path) = args.devname {
+        make_block_node(path, minor)?;
+    }
     if let Some(name) = args.name {
         sysfs::find_tap(minor)?.set_attr("name", name)?;
     }
     let pid = spawned
         .insert(tapdisk::spawn(ctl_dir, &args.spawn_options())?)
         .pid();
-    tapdisk::call(ctl_dir, pid, &CtlRequest::Attach { minor })?;
-    tapdisk::call(
-        ctl_dir,
-        pid,
-        &CtlRequest::Open {
-            minor,
-            params: spec.to_string(),
-            readonly: args.readonly,
-            recovery: args.recovery,
-            recover: false,
-        },
-    )?;
+    tapdisk::simple(ctl_dir, pid, kind::ATTACH, minor, tapdisk::DEFAULT_TIMEOUT)?;
+    if args.recovery {
+        // This project's extra: only its JSON protocol carries it.
+        tapdisk::json_call(ctl_dir, pid, &json_open(&args.open, minor, true, false))?;
+    } else {
+        tapdisk::open(ctl_dir, pid, minor, &args.open)?;
+    }
     Ok(())
+}
+
+/// The JSON `open` for `req` (what it can say: read-only, no O_DIRECT, timeout).
+fn json_open(req: &OpenRequest, minor: u32, recovery: bool, recover: bool) -> CtlRequest {
+    use blktap::ctl::binary::flag;
+    CtlRequest::Open {
+        minor,
+        params: req.params.clone(),
+        readonly: req.flags & flag::RDONLY != 0,
+        recovery,
+        recover,
+        no_direct: req.flags & flag::NO_O_DIRECT != 0,
+        timeout: (req.req_timeout > 0).then_some(u64::from(req.req_timeout)),
+    }
 }
 
 /// `tap-ctl recover`: a new tapdisk takes over tap `minor`, whose disk was created with
 /// recovery and whose tapdisk died. It maps the ring (the kernel publishes the requests it kept
-/// then) and serves the existing disk from `args.image` (of the disk's size), without creating
+/// then) and serves the existing disk from the image (of the disk's size), without creating
 /// it. Returns the disk's node.
 pub fn recover(ctl_dir: &Path, args: &CreateArgs<'_>, minor: u32) -> Result<String> {
-    let spec: ImageSpec = args.image.parse()?;
+    check_params(&args.open.params)?;
     sysfs::find_tap(minor)?;
     let spawned = tapdisk::spawn(ctl_dir, &args.spawn_options())?;
     let pid = spawned.pid();
-    let result = tapdisk::call(ctl_dir, pid, &CtlRequest::Attach { minor }).and_then(|_| {
-        tapdisk::call(
-            ctl_dir,
-            pid,
-            &CtlRequest::Open {
-                minor,
-                params: spec.to_string(),
-                readonly: args.readonly,
-                recovery: false,
-                recover: true,
-            },
-        )
-    });
+    let result = tapdisk::simple(ctl_dir, pid, kind::ATTACH, minor, tapdisk::DEFAULT_TIMEOUT)
+        .and_then(|()| {
+            tapdisk::json_call(ctl_dir, pid, &json_open(&args.open, minor, false, true))
+        });
     if let Err(e) = result {
         spawned.stop();
         return Err(e);
@@ -131,29 +200,69 @@ pub fn recover(ctl_dir: &Path, args: &CreateArgs<'_>, minor: u32) -> Result<Stri
     Ok(abi::device_path(minor))
 }
 
-/// `tap-ctl destroy`: closes and detaches tap `minor` in its tapdisk (`pid`, or the one serving
-/// it), then frees it.
-pub fn destroy(ctl_dir: &Path, pid: Option<i32>, minor: u32) -> Result<()> {
+/// `tap-ctl destroy`: closes (within `timeout`) and detaches tap `minor` in its tapdisk
+/// (`pid`, or the one serving it), then frees it.
+pub fn destroy(
+    ctl_dir: &Path,
+    pid: Option<i32>,
+    minor: u32,
+    timeout: Option<Duration>,
+) -> Result<()> {
     let pid = match pid {
         Some(pid) => Some(pid),
         None => find_server(ctl_dir, minor)?,
     };
     if let Some(pid) = pid {
-        let list = tapdisk::call(ctl_dir, pid, &CtlRequest::List)?;
-        let state = list
-            .taps
-            .unwrap_or_default()
-            .into_iter()
-            .find(|t| t.minor == minor)
-            .map(|t| t.state);
-        if matches!(
-            state,
-            Some(TapState::Open | TapState::Dead | TapState::Pausing | TapState::Paused)
-        ) {
-            tapdisk::call(ctl_dir, pid, &CtlRequest::Close { minor })?;
+        let taps = tapdisk::list(ctl_dir, pid)?;
+        let tap = taps.iter().find(|t| t.minor == minor as i32);
+        // Close unless the tapdisk says the tap has no image (closed, and nothing else).
+        if tap.is_some_and(|t| t.state as u32 != state::CLOSED) {
+            tapdisk::close(ctl_dir, pid, minor, false, timeout)?;
         }
         // A tapdisk that does not have the tap says so (ENODEV).
-        tapdisk::call(ctl_dir, pid, &CtlRequest::Detach { minor })?;
+        tapdisk::simple(ctl_dir, pid, kind::DETACH, minor, tapdisk::DEFAULT_TIMEOUT)?;
     }
     Control::open()?.free(minor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_type_colon_path() {
+        assert!(check_params("aio:/x").is_ok());
+        assert!(check_params("vhd:/sr/a.vhd").is_ok());
+        assert!(check_params("ram:64M").is_ok());
+        for bad in ["", "aio", "aio:", ":/x"] {
+            assert_eq!(
+                check_params(bad).unwrap_err().errno(),
+                libc::EINVAL,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_opens_carry_what_json_can_say() {
+        use blktap::ctl::binary::flag;
+        let req = OpenRequest {
+            params: "aio:/x".into(),
+            flags: flag::RDONLY | flag::NO_O_DIRECT,
+            req_timeout: 30,
+            ..Default::default()
+        };
+        assert_eq!(
+            json_open(&req, 2, true, false),
+            CtlRequest::Open {
+                minor: 2,
+                params: "aio:/x".into(),
+                readonly: true,
+                recovery: true,
+                recover: false,
+                no_direct: true,
+                timeout: Some(30),
+            }
+        );
+    }
 }

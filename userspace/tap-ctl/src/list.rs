@@ -3,14 +3,12 @@
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::Path;
-use std::time::Duration;
 
-use blktap::ctl::{find_tapdisks, Client, CtlRequest, TapEntry};
-use blktap::sysfs;
-use blktap::Error;
+use blktap::ctl::binary::ListEntry;
+use blktap::ctl::find_tapdisks;
+use blktap::{sysfs, Error};
 
-/// How long `list` waits for each tapdisk.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::tapdisk;
 
 /// One row of `tap-ctl list`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,22 +83,27 @@ fn split_image(params: &str) -> (String, String) {
 
 /// Merges the kernel's taps (minor, pid of the ring's holder) with what each tapdisk reports:
 /// one row per tap by minor, then the taps only tapdisks know, then idle tapdisks.
-pub fn merge(taps: &[(u32, Option<i32>)], tapdisks: &[(i32, Vec<TapEntry>)]) -> Vec<Row> {
-    let mut served: BTreeMap<u32, (i32, &TapEntry)> = BTreeMap::new();
+pub fn merge(taps: &[(u32, Option<i32>)], tapdisks: &[(i32, Vec<ListEntry>)]) -> Vec<Row> {
+    let mut served: BTreeMap<i64, (i32, &ListEntry)> = BTreeMap::new();
+    let mut unattached = Vec::new();
     for (pid, entries) in tapdisks {
         for e in entries {
-            served.insert(e.minor, (*pid, e));
+            if e.minor < 0 {
+                unattached.push((*pid, e));
+            } else {
+                served.insert(i64::from(e.minor), (*pid, e));
+            }
         }
     }
-    let row = |pid: i32, e: &TapEntry| Row {
+    let row = |pid: i32, e: &ListEntry| Row {
         pid: Some(pid),
-        minor: Some(e.minor),
-        state: Some(e.state.code()),
-        image: e.params.as_deref().map(split_image),
+        minor: u32::try_from(e.minor).ok(),
+        state: Some(e.state as u32),
+        image: (!e.path.is_empty()).then(|| split_image(&e.path)),
     };
     let mut rows = Vec::new();
     for &(minor, task) in taps {
-        match served.remove(&minor) {
+        match served.remove(&i64::from(minor)) {
             Some((pid, e)) => rows.push(row(pid, e)),
             None => rows.push(Row {
                 pid: task,
@@ -111,6 +114,7 @@ pub fn merge(taps: &[(u32, Option<i32>)], tapdisks: &[(i32, Vec<TapEntry>)]) -> 
         }
     }
     rows.extend(served.values().map(|&(pid, e)| row(pid, e)));
+    rows.extend(unattached.iter().map(|&(pid, e)| row(pid, e)));
     for (pid, entries) in tapdisks {
         if entries.is_empty() {
             rows.push(Row {
@@ -124,26 +128,32 @@ pub fn merge(taps: &[(u32, Option<i32>)], tapdisks: &[(i32, Vec<TapEntry>)]) -> 
     rows
 }
 
-/// Asks every tapdisk with a socket in `ctl_dir` for its taps; the ones that do not answer
-/// (dead, stale sockets) are left out.
-pub fn query_tapdisks(ctl_dir: &Path) -> Vec<(i32, Vec<TapEntry>)> {
-    find_tapdisks(ctl_dir)
-        .into_iter()
-        .filter_map(|pid| {
-            let mut client = Client::connect_with_timeout(ctl_dir, pid, QUERY_TIMEOUT).ok()?;
-            let taps = client.call(&CtlRequest::List).ok()?.taps?;
-            Some((pid, taps))
-        })
+/// Asks every tapdisk with a socket in `ctl_dir` (or only `pid`) for its taps, in the binary
+/// protocol either kind of tapdisk speaks; the ones that do not answer within the timeout
+/// (dead, stale sockets, not a tapdisk) are left out.
+pub fn query_tapdisks(ctl_dir: &Path, pid: Option<i32>) -> Vec<(i32, Vec<ListEntry>)> {
+    let pids = match pid {
+        Some(p) => vec![p],
+        None => find_tapdisks(ctl_dir),
+    };
+    pids.into_iter()
+        .filter_map(|pid| Some((pid, tapdisk::list(ctl_dir, pid).ok()?)))
         .collect()
 }
 
 /// `tap-ctl list`.
 pub fn list(ctl_dir: &Path, filter: &Filter<'_>) -> Result<(), Error> {
     let mut taps = Vec::new();
-    for tap in sysfs::list_taps()? {
+    // The module was checked already: a missing class is no taps.
+    let in_sysfs = match sysfs::list_taps() {
+        Ok(t) => t,
+        Err(Error::NotLoaded) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    for tap in in_sysfs {
         taps.push((tap.minor, tap.task()?));
     }
-    let tapdisks = query_tapdisks(ctl_dir);
+    let tapdisks = query_tapdisks(ctl_dir, filter.pid);
     let tty = std::io::stdout().is_terminal();
     for row in merge(&taps, &tapdisks).iter().filter(|r| filter.keeps(r)) {
         println!("{}", if tty { row.table() } else { row.dict() });
@@ -153,8 +163,6 @@ pub fn list(ctl_dir: &Path, filter: &Filter<'_>) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests {
-    use blktap::ctl::TapState;
-
     use super::*;
 
     #[test]
@@ -183,12 +191,12 @@ mod tests {
         );
     }
 
-    fn entry(minor: u32, state: TapState, params: Option<&str>) -> TapEntry {
-        TapEntry {
+    fn entry(minor: i32, state: i32, params: Option<&str>) -> ListEntry {
+        ListEntry {
+            count: 1,
             minor,
             state,
-            params: params.map(Into::into),
-            readonly: false,
+            path: params.unwrap_or_default().into(),
         }
     }
 
@@ -199,8 +207,9 @@ mod tests {
             (
                 100,
                 vec![
-                    entry(0, TapState::Open, Some("aio:/img/a")),
-                    entry(7, TapState::Attached, None),
+                    entry(0, 0, Some("aio:/img/a")),
+                    entry(7, 0x2, None),
+                    entry(-1, 0x2a, Some("aio:/img/b")),
                 ],
             ),
             (200, vec![]),
@@ -214,6 +223,7 @@ mod tests {
                 "minor=1",
                 "pid=555 minor=2",
                 "pid=100 minor=7 state=0x2",
+                "pid=100 state=0x2a args=aio:/img/b",
                 "pid=200",
             ]
         );
@@ -223,7 +233,7 @@ mod tests {
     fn filters() {
         let rows = merge(
             &[(0, Some(100)), (1, None)],
-            &[(100, vec![entry(0, TapState::Open, Some("ram:64M"))])],
+            &[(100, vec![entry(0, 0, Some("ram:64M"))])],
         );
         let shown = |f: Filter<'_>| rows.iter().filter(|r| f.keeps(r)).count();
         assert_eq!(shown(Filter::default()), 2);

@@ -1,5 +1,9 @@
-//! The event loop: one epoll over the control socket, the termination signals, each client
-//! connection, each ring fd and each backend's completion eventfd.
+//! The event loop: one epoll over the control socket, the signals, each client connection, each
+//! ring fd and each backend's completion eventfd.
+//!
+//! Signals, as the original tapdisk: SIGHUP reopens the log, SIGUSR1 writes the state of every
+//! tap to it, SIGTERM and SIGINT shut down cleanly (every tap closed: its I/O answered, its disk
+//! removed). None of them loses a disk.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -19,8 +23,8 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::conn::{Conn, Input};
-use crate::log::log;
+use crate::conn::{Conn, Input, Proto, Request};
+use crate::logging::{self, log};
 use crate::requests::{not_attached, Handled};
 use crate::tap::{Tap, TapEvent};
 
@@ -97,7 +101,12 @@ impl Daemon {
     /// control socket.
     pub fn new(opts: &Options) -> anyhow::Result<Self> {
         let mut mask = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        for s in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGUSR1,
+        ] {
             mask.add(s);
         }
         mask.thread_block().context("cannot block signals")?;
@@ -145,9 +154,12 @@ impl Daemon {
         self.tap_options
     }
 
-    /// How long epoll may wait: until the first retry of any tap is due.
+    /// How long epoll may wait: until the first retry of any tap is due, or a connection's
+    /// timeout.
     fn timeout(&self) -> EpollTimeout {
-        let Some(at) = self.taps.values().filter_map(Tap::next_wakeup).min() else {
+        let retries = self.taps.values().filter_map(Tap::next_wakeup);
+        let conns = self.conns.values().filter_map(Conn::deadline);
+        let Some(at) = retries.chain(conns).min() else {
             return EpollTimeout::NONE;
         };
         let left = at.saturating_duration_since(Instant::now());
@@ -156,8 +168,33 @@ impl Daemon {
         EpollTimeout::from(ms)
     }
 
+    /// Closes the connections whose client took too long to send its request or read its
+    /// answer.
+    fn expire_conns(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline().is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            if let Some(conn) = self.conns.remove(&id) {
+                if conn.proto() != Proto::Json || conn.stalled_at() != "idle" {
+                    log!(
+                        "control connection closed after {} s: {}",
+                        crate::conn::READ_TIMEOUT.as_secs(),
+                        conn.stalled_at()
+                    );
+                }
+                self.unwatch(conn.stream().as_fd());
+            }
+        }
+    }
+
     /// Runs the retries that are due.
     fn run_timers(&mut self) {
+        self.expire_conns();
         let now = Instant::now();
         let due: Vec<u32> = self
             .taps
@@ -306,7 +343,14 @@ impl Daemon {
         for (id, _) in ready {
             if let Some(mut conn) = self.conns.remove(&id) {
                 conn.waiting = false;
-                conn.queue(&response.to_line());
+                conn.touch();
+                match conn.proto() {
+                    Proto::Binary => {
+                        let answer = crate::binary::pause_answer(minor, &response);
+                        conn.queue(answer.as_bytes());
+                    }
+                    _ => conn.queue(response.to_line().as_bytes()),
+                }
                 self.process(id, &mut conn);
                 self.rearm(id, conn);
             }
@@ -373,11 +417,11 @@ impl Daemon {
         let Some(mut conn) = self.conns.remove(&id) else {
             return;
         };
-        let (lines, closed) = match conn.read() {
-            Input::Lines(lines) => (lines, false),
-            Input::Closed(lines) => (lines, true),
+        let (requests, closed) = match conn.read() {
+            Input::Requests(r) => (r, false),
+            Input::Closed(r) => (r, true),
         };
-        conn.backlog.extend(lines);
+        conn.backlog.extend(requests);
         self.process(id, &mut conn);
         let hung_up = closed || events.contains(EpollFlags::EPOLLERR);
         if hung_up {
@@ -388,22 +432,39 @@ impl Daemon {
         self.rearm(id, conn);
     }
 
-    /// Answers the connection's request lines in order, up to one whose answer must wait (a
-    /// pause still draining).
+    /// Answers the connection's requests in order, up to one whose answer must wait (a pause
+    /// still draining).
     fn process(&mut self, id: u64, conn: &mut Conn) {
         while !conn.waiting {
-            let Some(line) = conn.backlog.pop_front() else {
+            let Some(request) = conn.backlog.pop_front() else {
                 return;
             };
-            if line.trim().is_empty() {
-                continue;
-            }
-            match self.handle_line(&line) {
-                Handled::Now(response) => conn.queue(&response.to_line()),
-                Handled::Later(minor) => {
-                    conn.waiting = true;
-                    self.waiters.push((id, minor));
+            conn.touch();
+            match request {
+                Request::Json(line) => {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    match self.handle_line(&line) {
+                        Handled::Now(response) => conn.queue(response.to_line().as_bytes()),
+                        Handled::Later(minor) => {
+                            conn.waiting = true;
+                            self.waiters.push((id, minor));
+                        }
+                    }
                 }
+                Request::NotJson => {
+                    let e = Error::invalid("not a JSON request: a NUL byte");
+                    log!("control connection: {e}; closing it");
+                    conn.queue(CtlResponse::failed(&e).to_line().as_bytes());
+                }
+                Request::Binary(msg, trailer) => match self.handle_binary(&msg, &trailer) {
+                    crate::binary::Answer::Now(bytes) => conn.queue(&bytes),
+                    crate::binary::Answer::Later(minor) => {
+                        conn.waiting = true;
+                        self.waiters.push((id, minor));
+                    }
+                },
             }
         }
     }
@@ -412,6 +473,7 @@ impl Daemon {
     /// is full); drops it if the client is gone.
     fn rearm(&mut self, id: u64, mut conn: Conn) {
         match conn.flush() {
+            Ok(_) if conn.done() => self.unwatch(conn.stream().as_fd()),
             Ok(pending) => {
                 let mut flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
                 if pending {
@@ -465,12 +527,38 @@ impl Daemon {
 
     fn on_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
-            let name = Signal::try_from(info.ssi_signo as i32)
-                .map(|s| s.as_str())
-                .unwrap_or("a signal");
-            log!("{name}: shutting down");
-            self.quit = true;
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGHUP) => match logging::reopen() {
+                    Ok(what) => log!("SIGHUP: {what}"),
+                    Err(e) => log!("SIGHUP: cannot reopen the log: {e}"),
+                },
+                Ok(Signal::SIGUSR1) => self.dump_state(),
+                Ok(s) => {
+                    log!("{}: shutting down", s.as_str());
+                    self.quit = true;
+                }
+                Err(_) => log!("signal {}: ignored", info.ssi_signo),
+            }
         }
+    }
+
+    /// SIGUSR1: the state of the daemon and of every tap (ring indexes, requests in flight by
+    /// slot, counters), to the log.
+    fn dump_state(&self) {
+        log!(
+            "SIGUSR1: state of tapdisk {}: {} tap(s), {} control connection(s), {} waiting for a \
+             pause",
+            std::process::id(),
+            self.taps.len(),
+            self.conns.len(),
+            self.waiters.len()
+        );
+        for (minor, tap) in &self.taps {
+            for line in tap.debug_state().lines() {
+                log!("tap {minor}: {line}");
+            }
+        }
+        log!("SIGUSR1: end of state");
     }
 
     fn shut_down(&mut self) {

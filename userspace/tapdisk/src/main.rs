@@ -1,49 +1,74 @@
 //! tapdisk: serves blktap2 taps from disk images.
 //!
-//! One process serves any number of taps. It listens for control requests (newline-delimited
-//! JSON, see `blktap::ctl`) on the unix socket `ctl<pid>` in `/var/run/blktap-control` (or
-//! `--ctl-dir`), and serves each open tap's ring from its image, all in one epoll loop.
+//! One process serves any number of taps. It listens for control requests on the unix socket
+//! `ctl<pid>` in `/var/run/blktap-control` (or `--ctl-dir`), in two protocols told apart by a
+//! connection's first bytes: the original binary `tapdisk_message_t` messages (what a Xen host's
+//! `tap-ctl` sends) and newline-delimited JSON (see `blktap::ctl`). It serves each open tap's
+//! ring from its image, all in one epoll loop.
 //!
-//! It runs in the foreground until SIGTERM, SIGINT or SIGHUP, then closes every tap cleanly.
-//! With `--exit-when-idle` (what `tap-ctl spawn` passes) it also exits by itself once its last
-//! tap is gone (detached, or closed by the kernel), provided it had attached one.
+//! The process model is the original's: started with no arguments, tapdisk daemonizes, prints
+//! its socket's path (`/var/run/blktap-control/ctl<pid>`) on stdout once it listens, and the
+//! parent exits 0 (1 if the daemon could not start); `-D` stays in the foreground (and still
+//! prints the path). It exits once its last tap is gone, provided it had attached one
+//! (`--keep-running`: never by itself).
 //!
-//! `--deadline SECS` bounds each request, retries of transient errors included (120 s);
-//! `--no-extensions` never asks the kernel for flush, FUA or discard (like an old tapdisk).
+//! Signals: SIGHUP reopens the log, SIGUSR1 writes every tap's state to it, SIGTERM and SIGINT
+//! close every tap cleanly and exit.
+//!
+//! Logs go to `--log FILE`, else to stderr in the foreground, else to syslog.
 
+mod binary;
 mod conn;
 mod daemon;
-mod log;
+mod logging;
 mod requests;
 mod tap;
 
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use blktap::ctl::CTL_DIR;
 use blktap::server::ServerOptions;
 use blktap::tap::TapOptions;
 use clap::Parser;
+use nix::unistd::{fork, pipe, setsid, ForkResult};
 
 use crate::daemon::{Daemon, Options};
-use crate::log::log;
+use crate::logging::{log, Sink};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "tapdisk",
     version,
-    about = "Serve blktap2 taps from disk images"
+    about = "Serve blktap2 taps from disk images",
+    long_about = "Serve blktap2 taps from disk images. With no arguments it daemonizes and \
+                  prints its control socket's path, as the original tapdisk did."
 )]
 struct Cli {
+    /// Stay in the foreground (do not daemonize).
+    #[arg(short = 'D')]
+    foreground: bool,
     /// Directory of the control socket (ctl<pid>).
     #[arg(long, value_name = "DIR", default_value = CTL_DIR, env = "BLKTAP_CTL_DIR")]
     ctl_dir: PathBuf,
-    /// Exit once the last tap is detached (after at least one was attached).
-    #[arg(long)]
+    /// Log to FILE (appended; SIGHUP reopens it). Default: stderr in the foreground, else
+    /// syslog.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Keep running after the last tap is gone (by default tapdisk exits then, as the original
+    /// did, once it had attached a tap).
+    #[arg(long, conflicts_with = "exit_when_idle")]
+    keep_running: bool,
+    /// Exit once the last tap is detached (the default; kept for older callers).
+    #[arg(long, hide = true)]
     exit_when_idle: bool,
     /// How long a request may take, retries of transient errors included, before it is
-    /// answered with an error.
+    /// answered with an error (an open's per-request timeout overrides it for its tap).
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400))]
     deadline: u64,
     /// Behave like an old tapdisk: never ask the kernel for flush, FUA or discard.
@@ -51,19 +76,95 @@ struct Cli {
     no_extensions: bool,
 }
 
+/// Forks; the parent waits until the child says it listens (exit 0) or failed (exit 1). The
+/// child gets the writing end of that channel, in a new session, in `/`, with its standard
+/// streams on `/dev/null`.
+fn daemonize() -> anyhow::Result<File> {
+    let (r, w) = pipe().context("pipe")?;
+    // SAFETY: no other thread exists yet; the child goes on with this single-threaded program.
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Parent { .. } => {
+            drop(w);
+            let mut status = Vec::new();
+            let _ = File::from(r).read_to_end(&mut status);
+            if status.first() == Some(&b'0') {
+                std::process::exit(0);
+            }
+            let why = String::from_utf8_lossy(status.get(1..).unwrap_or_default());
+            eprintln!("tapdisk: the daemon did not start: {}", why.trim());
+            std::process::exit(1);
+        }
+        ForkResult::Child => {
+            drop(r);
+            setsid().context("setsid")?;
+            std::env::set_current_dir("/").context("chdir /")?;
+            let null = File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .context("/dev/null")?;
+            nix::unistd::dup2_stdin(&null).context("dup2")?;
+            nix::unistd::dup2_stdout(&null).context("dup2")?;
+            nix::unistd::dup2_stderr(&null).context("dup2")?;
+            Ok(File::from(w))
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let opts = Options {
-        ctl_dir: cli.ctl_dir,
-        exit_when_idle: cli.exit_when_idle,
-        tap: TapOptions {
-            server: ServerOptions {
-                deadline: Duration::from_secs(cli.deadline),
-            },
-            extensions: !cli.no_extensions,
-        },
+    // The socket's path goes to the stdout the caller gave (daemonizing puts /dev/null there).
+    let mut out = File::from(
+        std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("dup stdout")?,
+    );
+    let ctl_dir = std::path::absolute(&cli.ctl_dir).context("--ctl-dir")?;
+    let log_path = cli
+        .log
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .context("--log")?;
+    let mut ready = if cli.foreground {
+        None
+    } else {
+        Some(daemonize()?)
     };
-    let mut daemon = Daemon::new(&opts)?;
+    let sink = match (log_path, cli.foreground) {
+        (Some(path), _) => Sink::File(path),
+        (None, true) => Sink::Stderr,
+        (None, false) => Sink::Syslog,
+    };
+    let started = (|| {
+        logging::init(sink).context("cannot open the log")?;
+        let opts = Options {
+            ctl_dir,
+            exit_when_idle: !cli.keep_running,
+            tap: TapOptions {
+                server: ServerOptions {
+                    deadline: Duration::from_secs(cli.deadline),
+                },
+                extensions: !cli.no_extensions,
+            },
+        };
+        Daemon::new(&opts)
+    })();
+    let mut daemon = match started {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some(mut r) = ready.take() {
+                let _ = write!(r, "1{e:#}");
+            }
+            return Err(e);
+        }
+    };
     log!("listening on {}", daemon.socket().display());
+    let _ = writeln!(out, "{}", daemon.socket().display());
+    drop(out);
+    if let Some(mut r) = ready.take() {
+        let _ = r.write_all(b"0");
+    }
     daemon.run()
 }
 
@@ -72,6 +173,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log!("{e:#}");
+            eprintln!("tapdisk: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -84,17 +186,34 @@ mod tests {
     #[test]
     fn command_line() {
         let cli = Cli::try_parse_from(["tapdisk"]).unwrap();
-        assert!(!cli.exit_when_idle);
+        assert!(!cli.foreground && !cli.keep_running);
         assert_eq!(cli.deadline, 120);
         assert!(!cli.no_extensions);
+        assert_eq!(cli.ctl_dir, PathBuf::from("/var/run/blktap-control"));
+        let cli = Cli::try_parse_from(["tapdisk", "-D"]).unwrap();
+        assert!(cli.foreground);
         let cli = Cli::try_parse_from(["tapdisk", "--deadline", "5", "--no-extensions"]).unwrap();
         assert_eq!(cli.deadline, 5);
         assert!(cli.no_extensions);
         assert!(Cli::try_parse_from(["tapdisk", "--deadline", "0"]).is_err());
-        let cli =
-            Cli::try_parse_from(["tapdisk", "--ctl-dir", "/tmp/x", "--exit-when-idle"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "tapdisk",
+            "-D",
+            "--ctl-dir",
+            "/tmp/x",
+            "--exit-when-idle",
+            "--log",
+            "/tmp/l",
+        ])
+        .unwrap();
         assert_eq!(cli.ctl_dir, PathBuf::from("/tmp/x"));
-        assert!(cli.exit_when_idle);
+        assert_eq!(cli.log, Some(PathBuf::from("/tmp/l")));
+        assert!(
+            Cli::try_parse_from(["tapdisk", "--keep-running"])
+                .unwrap()
+                .keep_running
+        );
+        assert!(Cli::try_parse_from(["tapdisk", "--keep-running", "--exit-when-idle"]).is_err());
         assert!(Cli::try_parse_from(["tapdisk", "extra"]).is_err());
     }
 }

@@ -6,7 +6,7 @@ use blktap::{Error, Result};
 use nix::errno::Errno;
 
 use crate::daemon::Daemon;
-use crate::log::log;
+use crate::logging::log;
 use crate::tap::{self, Tap};
 
 /// The outcome of a request.
@@ -35,26 +35,34 @@ impl Daemon {
     pub fn handle(&mut self, req: CtlRequest) -> Result<Handled> {
         let now = |r: Result<CtlResponse>| r.map(|r| Handled::Now(Box::new(r)));
         match req {
-            CtlRequest::Attach { minor } => now(self.attach(minor)),
-            CtlRequest::Detach { minor } => now(self.detach(minor)),
+            CtlRequest::Attach { minor } => now(self.attach_tap(minor)),
+            CtlRequest::Detach { minor } => now(self.detach_tap(minor)),
             CtlRequest::Open {
                 minor,
                 params,
                 readonly,
                 recovery,
                 recover,
+                no_direct,
+                timeout,
             } => {
                 let args = OpenArgs {
                     params: &params,
                     readonly,
                     recovery,
                     recover,
+                    no_direct,
+                    deadline: timeout
+                        .filter(|&t| t > 0)
+                        .map(std::time::Duration::from_secs),
                 };
-                now(self.open(minor, &args))
+                now(self.open_tap(minor, &args))
             }
-            CtlRequest::Close { minor } => now(self.close(minor)),
-            CtlRequest::Pause { minor } => self.pause(minor),
-            CtlRequest::Unpause { minor, params } => now(self.unpause(minor, params.as_deref())),
+            CtlRequest::Close { minor } => now(self.close_tap(minor, false)),
+            CtlRequest::Pause { minor } => self.pause_tap(minor),
+            CtlRequest::Unpause { minor, params } => {
+                now(self.unpause_tap(minor, params.as_deref()))
+            }
             CtlRequest::Stats { minor } => now(Ok(CtlResponse {
                 stats: Some(self.tap(minor)?.stats()),
                 ..CtlResponse::ok()
@@ -74,7 +82,7 @@ impl Daemon {
         self.taps.get_mut(&minor).ok_or_else(|| not_attached(minor))
     }
 
-    fn attach(&mut self, minor: u32) -> Result<CtlResponse> {
+    pub(crate) fn attach_tap(&mut self, minor: u32) -> Result<CtlResponse> {
         if self.taps.contains_key(&minor) {
             return Err(Error::os(
                 format!("tap {minor} is already attached to this tapdisk"),
@@ -92,7 +100,7 @@ impl Daemon {
         Ok(CtlResponse::ok())
     }
 
-    fn detach(&mut self, minor: u32) -> Result<CtlResponse> {
+    pub(crate) fn detach_tap(&mut self, minor: u32) -> Result<CtlResponse> {
         let tap = self.tap(minor)?;
         if tap.has_disk() {
             return Err(Error::os(
@@ -105,7 +113,7 @@ impl Daemon {
         Ok(CtlResponse::ok())
     }
 
-    fn open(&mut self, minor: u32, args: &OpenArgs<'_>) -> Result<CtlResponse> {
+    pub(crate) fn open_tap(&mut self, minor: u32, args: &OpenArgs<'_>) -> Result<CtlResponse> {
         self.tap_mut(minor)?.open(args)?;
         if let Err(e) = self.sync_backend_watch(minor) {
             // Without completions the disk cannot be served: undo.
@@ -114,6 +122,17 @@ impl Daemon {
             return Err(Error::os(format!("poll the image of tap {minor}"), e));
         }
         let ro = if args.readonly { " read-only" } else { "" };
+        let ro = match (ro, args.no_direct, args.deadline) {
+            (ro, false, None) => ro.to_string(),
+            (ro, nd, d) => format!(
+                "{ro}{}{}",
+                if nd { " without O_DIRECT" } else { "" },
+                d.map_or(String::new(), |d| format!(
+                    ", request timeout {} s",
+                    d.as_secs()
+                ))
+            ),
+        };
         let how = if args.recover {
             " (recovered: serving the existing disk)"
         } else if args.recovery {
@@ -125,21 +144,30 @@ impl Daemon {
         Ok(CtlResponse::ok())
     }
 
-    fn close(&mut self, minor: u32) -> Result<CtlResponse> {
+    /// Closes the tap's image; `force` fails the requests waiting to be tried again first.
+    pub(crate) fn close_tap(&mut self, minor: u32, force: bool) -> Result<CtlResponse> {
         if !self.tap(minor)?.has_disk() {
             return Err(Error::os(
                 format!("tap {minor} has no image open"),
                 Errno::EINVAL,
             ));
         }
-        let result = self.tap_mut(minor)?.close();
+        let tap = self.tap_mut(minor)?;
+        let result = if force {
+            tap.force_close()
+        } else {
+            tap.close()
+        };
         self.after_tap_event(minor);
         result?;
-        log!("tap {minor}: closed");
+        log!(
+            "tap {minor}: closed{}",
+            if force { " (forced)" } else { "" }
+        );
         Ok(CtlResponse::ok())
     }
 
-    fn pause(&mut self, minor: u32) -> Result<Handled> {
+    pub(crate) fn pause_tap(&mut self, minor: u32) -> Result<Handled> {
         let paused = self.tap_mut(minor)?.pause()?;
         if paused {
             self.after_tap_event(minor);
@@ -150,7 +178,7 @@ impl Daemon {
         Ok(Handled::Later(minor))
     }
 
-    fn unpause(&mut self, minor: u32, params: Option<&str>) -> Result<CtlResponse> {
+    pub(crate) fn unpause_tap(&mut self, minor: u32, params: Option<&str>) -> Result<CtlResponse> {
         let result = self.tap_mut(minor)?.unpause(params);
         self.after_tap_event(minor);
         result?;

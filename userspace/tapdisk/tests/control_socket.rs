@@ -14,8 +14,10 @@ use nix::unistd::Pid;
 fn start(dir: &PathBuf) -> (Child, Client) {
     let _ = std::fs::remove_dir_all(dir);
     let mut child = Command::new(env!("CARGO_BIN_EXE_tapdisk"))
+        .arg("-D")
         .arg("--ctl-dir")
         .arg(dir)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -59,6 +61,8 @@ fn answers_requests_and_exits_on_sigterm() {
             readonly: false,
             recovery: false,
             recover: false,
+            no_direct: false,
+            timeout: None,
         },
         CtlRequest::Unpause {
             minor: 5,
@@ -83,7 +87,7 @@ fn answers_requests_and_exits_on_sigterm() {
     // Malformed lines get an answer too, and the connection stays usable.
     let mut raw = std::os::unix::net::UnixStream::connect(socket_path(&dir, pid)).unwrap();
     use std::io::{BufRead, BufReader, Write};
-    raw.write_all(b"not json\n\n{\"op\":\"list\"}\n").unwrap();
+    raw.write_all(b"{not json\n\n{\"op\":\"list\"}\n").unwrap();
     let mut reader = BufReader::new(raw.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();

@@ -186,8 +186,8 @@ impl AioBackend {
             .open(&self.path);
         match reopened {
             Ok(file) => {
-                eprintln!(
-                    "blktap: aio {}: O_DIRECT transfer failed ({errno}); using buffered I/O",
+                log::warn!(
+                    "aio {}: O_DIRECT transfer failed ({errno}); using buffered I/O",
                     self.path.display()
                 );
                 self.retired = Some(std::mem::replace(&mut self.file, file));
@@ -195,8 +195,8 @@ impl AioBackend {
                 true
             }
             Err(e) => {
-                eprintln!(
-                    "blktap: aio {}: O_DIRECT transfer failed ({errno}) and reopening without \
+                log::warn!(
+                    "aio {}: O_DIRECT transfer failed ({errno}) and reopening without \
                      it failed: {e}",
                     self.path.display()
                 );
@@ -246,7 +246,7 @@ impl AioBackend {
             }
             // Queue full: hand what is queued to the kernel and retry once.
             if let Err(e) = self.submit_queued() {
-                eprintln!("blktap: aio {}: submit: {e}", self.path.display());
+                log::warn!("aio {}: submit: {e}", self.path.display());
             }
         }
         self.complete(token, Err(Errno::EAGAIN));
@@ -264,10 +264,7 @@ impl AioBackend {
     /// Handles the completion of one transfer of I/O `token`: finishes it, or continues it.
     fn handle(&mut self, token: usize, res: i32) -> bool {
         let Some(p) = self.ops.get_mut(token).and_then(Option::as_mut) else {
-            eprintln!(
-                "blktap: aio {}: unknown completion {token}",
-                self.path.display()
-            );
+            log::warn!("aio {}: unknown completion {token}", self.path.display());
             return false;
         };
         if res < 0 {
@@ -392,7 +389,7 @@ impl Backend for AioBackend {
         let _ = self.eventfd.read();
         if self.reap_kernel() {
             if let Err(e) = self.submit_queued() {
-                eprintln!("blktap: aio {}: submit: {e}", self.path.display());
+                log::warn!("aio {}: submit: {e}", self.path.display());
             }
         }
         out.append(&mut self.done);
@@ -438,7 +435,7 @@ impl Drop for AioBackend {
         // The kernel must be done with the caller's buffers before they may go away.
         let mut lost = Vec::new();
         if let Err(e) = self.drain(&mut lost) {
-            eprintln!("blktap: aio {}: {e}", self.path.display());
+            log::warn!("aio {}: {e}", self.path.display());
         }
     }
 }

@@ -249,8 +249,17 @@ pub fn parse_size(s: &str) -> Result<u64> {
 
 /// Opens the image `spec`; writes are refused when `readonly`.
 pub fn open(spec: &ImageSpec, readonly: bool) -> Result<Box<dyn Backend>> {
+    open_with(spec, readonly, true)
+}
+
+/// Opens the image `spec` as [`open`] does; `direct: false` never uses `O_DIRECT` (`aio:`).
+pub fn open_with(spec: &ImageSpec, readonly: bool, direct: bool) -> Result<Box<dyn Backend>> {
     Ok(match spec.kind {
-        ImageKind::Aio => Box::new(aio::AioBackend::open(spec.arg.as_ref(), readonly)?),
+        ImageKind::Aio => Box::new(aio::AioBackend::open_with(
+            spec.arg.as_ref(),
+            readonly,
+            direct,
+        )?),
         ImageKind::Ram => Box::new(immediate::Synchronous::new(ram::RamBackend::new(
             parse_size(&spec.arg)?,
         )?)),

@@ -103,7 +103,7 @@ impl StallBackend {
             libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut())
         };
         if r != 0 {
-            eprintln!("blktap: stall: timerfd_settime: {}", Errno::last());
+            log::warn!("stall: timerfd_settime: {}", Errno::last());
         }
     }
 

@@ -1,10 +1,18 @@
-//! The tapdisk control protocol: newline-delimited JSON over `ctl<pid>` unix sockets.
+//! The tapdisk control protocols over `ctl<pid>` unix sockets: newline-delimited JSON (this
+//! tapdisk's own) and the original binary `tapdisk_message_t` protocol (what a Xen host's
+//! `tap-ctl` speaks). A tapdisk tells them apart by a connection's first two bytes: a
+//! binary message starts with its little-endian type, below 256, so its second byte is NUL,
+//! which no JSON text has.
 //!
-//! - [`proto`]: the messages ([`CtlRequest`], [`CtlResponse`]);
-//! - [`client`]: finding tapdisks and calling them ([`Client`]).
+//! - [`proto`]: the JSON messages ([`CtlRequest`], [`CtlResponse`]);
+//! - [`client`]: finding tapdisks and calling them ([`Client`]);
+//! - [`binary`]: the binary messages and a client for them ([`binary::Call`]);
+//! - [`xenstats`]: `stats` in the original tapdisk's JSON schema.
 
+pub mod binary;
 pub mod client;
 pub mod proto;
+pub mod xenstats;
 
 pub use client::{find_tapdisks, socket_path, Client};
 pub use proto::{CtlRequest, CtlResponse, TapEntry, TapState, TapStats, CTL_DIR};

@@ -49,6 +49,12 @@ pub enum CtlRequest {
         /// `CREATE_DEVICE`; the image must have the disk's size.
         #[serde(default, skip_serializing_if = "is_false")]
         recover: bool,
+        /// Never open the image with `O_DIRECT`.
+        #[serde(default, skip_serializing_if = "is_false")]
+        no_direct: bool,
+        /// This tap's request deadline in seconds, instead of the tapdisk's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<u64>,
     },
     /// Remove the tap's disk and close its image.
     Close {
@@ -94,16 +100,16 @@ pub enum TapState {
 }
 
 impl TapState {
-    /// The number `tap-ctl list` prints, after the original tapdisk's state bits: 0 while
-    /// serving, `0x1` (dead), `0x2` (no image: closed), `0x10` (pause requested), `0x20`
-    /// (paused).
+    /// The number `tap-ctl list` prints, the original tapdisk's state bits: 0 while serving,
+    /// `0x1` (dead), `0x2` (no image: closed), `0x10` (pause requested), `0x2a` (paused: `0x20`
+    /// paused, `0x8` quiesced, `0x2` image closed, as a paused original tapdisk reports).
     pub fn code(self) -> u32 {
         match self {
             TapState::Open => 0,
             TapState::Dead => 0x1,
             TapState::Attached => 0x2,
             TapState::Pausing => 0x10,
-            TapState::Paused => 0x20,
+            TapState::Paused => 0x2a,
         }
     }
 }
@@ -265,6 +271,8 @@ mod tests {
                     readonly: true,
                     recovery: false,
                     recover: false,
+                    no_direct: false,
+                    timeout: None,
                 },
                 r#"{"op":"open","minor":1,"params":"aio:/var/tmp/d.img","readonly":true}"#,
             ),
@@ -275,6 +283,8 @@ mod tests {
                     readonly: false,
                     recovery: true,
                     recover: false,
+                    no_direct: false,
+                    timeout: None,
                 },
                 r#"{"op":"open","minor":1,"params":"ram:1M","readonly":false,"recovery":true}"#,
             ),
@@ -285,6 +295,8 @@ mod tests {
                     readonly: false,
                     recovery: false,
                     recover: true,
+                    no_direct: false,
+                    timeout: None,
                 },
                 r#"{"op":"open","minor":1,"params":"ram:1M","readonly":false,"recover":true}"#,
             ),
@@ -329,6 +341,8 @@ mod tests {
                 readonly: false,
                 recovery: false,
                 recover: false,
+                no_direct: false,
+                timeout: None,
             }
         );
         assert_eq!(CtlRequest::List.minor(), None);
@@ -436,6 +450,6 @@ mod tests {
         assert_eq!(TapState::Dead.code(), 1);
         assert_eq!(TapState::Attached.code(), 2);
         assert_eq!(TapState::Pausing.code(), 0x10);
-        assert_eq!(TapState::Paused.code(), 0x20);
+        assert_eq!(TapState::Paused.code(), 0x2a);
     }
 }

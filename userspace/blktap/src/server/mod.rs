@@ -97,6 +97,35 @@ pub struct IoStats {
     pub unsupported: u64,
     /// Times a failed request was tried again.
     pub retries: u64,
+    /// Requests taken from the ring (valid or not).
+    #[serde(default)]
+    pub requests: u64,
+    /// Answers pushed onto the ring.
+    #[serde(default)]
+    pub responses: u64,
+    /// Reads answered with an error.
+    #[serde(default)]
+    pub read_errors: u64,
+    /// Writes (plain and FUA) answered with an error.
+    #[serde(default)]
+    pub write_errors: u64,
+    /// Times the ring was looked at for new requests (each wake-up of its fd).
+    #[serde(default)]
+    pub kicks_in: u64,
+    /// Times answers were published to the kernel (`RESPOND`).
+    #[serde(default)]
+    pub kicks_out: u64,
+}
+
+impl IoStats {
+    fn count_error(&mut self, operation: u8) {
+        self.errors += 1;
+        match operation {
+            abi::OP_READ => self.read_errors += 1,
+            abi::OP_WRITE | abi::OP_WRITE_FUA => self.write_errors += 1,
+            _ => {}
+        }
+    }
 }
 
 /// How a server treats its requests.
@@ -267,6 +296,83 @@ impl<M: RingMemory> Server<M> {
         self.in_flight.iter().filter(|s| s.is_some()).count()
     }
 
+    /// The server's state for a debug dump (SIGUSR1): ring indexes, the requests in flight by
+    /// slot, the counters; one item per line.
+    pub fn debug_state(&self) -> String {
+        use std::fmt::Write as _;
+        let shared = self.ring.shared();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "image {} ({} sectors{}), deadline {} s, device flags {:#x}",
+            self.image,
+            self.capacity,
+            if self.readonly { ", read-only" } else { "" },
+            self.options.deadline.as_secs(),
+            self.device_flags
+        );
+        let _ = writeln!(
+            out,
+            "ring: req_prod {} req_cons {} rsp_prod {} (private {}), taken and unanswered {}, \
+             answers unpublished {}, msg {}, fault {}",
+            shared.req_prod(),
+            self.ring.req_cons(),
+            shared.rsp_prod(),
+            self.ring.rsp_prod_pvt(),
+            self.ring.outstanding(),
+            self.ring.unpublished(),
+            shared.msg(),
+            self.fault.map_or("none".to_string(), |f| f.to_string())
+        );
+        let now = Instant::now();
+        let _ = writeln!(
+            out,
+            "slots in flight: {} (the backend has {} I/Os)",
+            self.in_flight(),
+            self.backend.in_flight()
+        );
+        for f in self.in_flight.iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  slot {:2}: {:?} sector {} ({} sectors), for {} ms, {} failed tries{}",
+                f.req.slot,
+                f.req.op,
+                f.req.sector,
+                f.req.sectors(),
+                now.saturating_duration_since(f.started).as_millis(),
+                f.failures,
+                f.retry_at.map_or(String::new(), |at| format!(
+                    ", next try in {} ms",
+                    at.saturating_duration_since(now).as_millis()
+                ))
+            );
+        }
+        let _ = write!(out, "counters: {:?}", self.stats);
+        out
+    }
+
+    /// Answers at once every request waiting to be tried again after a transient error (a
+    /// forced close: nobody waits for their deadline). Returns how many.
+    pub fn fail_retries(&mut self) -> usize {
+        let waiting: Vec<usize> = self
+            .in_flight
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.is_some_and(|f| f.retry_at.is_some()))
+            .map(|(slot, _)| slot)
+            .collect();
+        for &slot in &waiting {
+            if let Some(f) = self.in_flight[slot].take() {
+                self.stats.count_error(f.req.op.code());
+                self.respond(slot as u64, f.req.op.code(), abi::RSP_ERROR);
+            }
+        }
+        if let Err(e) = self.publish() {
+            log::warn!("{}: {e}", self.image);
+        }
+        waiting.len()
+    }
+
     /// Whether every request the ring has published was taken and answered (and published),
     /// and the backend has no I/O left: nothing of this server's is pending any more.
     pub fn idle(&self) -> bool {
@@ -337,6 +443,7 @@ impl<M: RingMemory> Server<M> {
         if let Some(f) = self.fault {
             return Err(f.into());
         }
+        self.stats.kicks_in += 1;
         let mut fetched = std::mem::take(&mut self.fetched);
         fetched.clear();
         let result = self.ring.fetch(&mut fetched);
@@ -394,7 +501,7 @@ impl<M: RingMemory> Server<M> {
     /// ring's memory back.
     pub fn into_memory(mut self) -> M {
         if let Err(e) = self.drain() {
-            eprintln!("blktap: {}: {e}", self.image);
+            log::warn!("{}: {e}", self.image);
         }
         let Server { backend, ring, .. } = self;
         drop(backend);
@@ -403,6 +510,7 @@ impl<M: RingMemory> Server<M> {
 
     /// Starts one request (or answers it, if it cannot be started).
     fn start(&mut self, raw: &blktap_request) {
+        self.stats.requests += 1;
         let req = match validate(raw, self.capacity) {
             Ok(req) => req,
             Err(invalid) => return self.refuse(raw, invalid),
@@ -416,7 +524,7 @@ impl<M: RingMemory> Server<M> {
             return self.respond(raw.id, raw.operation, abi::RSP_EOPNOTSUPP);
         }
         if self.readonly && req.op.writes() {
-            self.stats.errors += 1;
+            self.stats.count_error(raw.operation);
             return self.respond(raw.id, raw.operation, abi::RSP_ERROR);
         }
         match req.op {
@@ -446,7 +554,7 @@ impl<M: RingMemory> Server<M> {
                 None => {
                     // Unreachable for a validated request: answer it anyway.
                     self.in_flight[slot] = None;
-                    self.stats.errors += 1;
+                    self.stats.count_error(req.op.code());
                     return self.respond(slot as u64, req.op.code(), abi::RSP_ERROR);
                 }
             }
@@ -472,12 +580,14 @@ impl<M: RingMemory> Server<M> {
     }
 
     fn refuse(&mut self, raw: &blktap_request, invalid: Invalid) {
-        self.stats.errors += 1;
+        self.stats.count_error(raw.operation);
         self.stats.invalid += 1;
         if self.stats.invalid <= LOGGED_INVALID {
-            eprintln!(
-                "blktap: {}: invalid request (id {}, op {}): {invalid}",
-                self.image, raw.id, raw.operation
+            log::warn!(
+                "{}: invalid request (id {}, op {}): {invalid}",
+                self.image,
+                raw.id,
+                raw.operation
             );
         }
         self.respond(raw.id, raw.operation, invalid.status());
@@ -519,7 +629,7 @@ impl<M: RingMemory> Server<M> {
     fn finish(&mut self, c: Completion) {
         let slot = c.tag as usize;
         let Some(done) = self.in_flight.get_mut(slot).and_then(|f| f.as_mut()) else {
-            eprintln!("blktap: {}: completion for idle slot {slot}", self.image);
+            log::warn!("{}: completion for idle slot {slot}", self.image);
             return;
         };
         let op = done.req.op;
@@ -546,16 +656,16 @@ impl<M: RingMemory> Server<M> {
                     done.retry_at = Some((now + backoff(done.failures)).min(deadline));
                     self.stats.retries += 1;
                     if self.stats.retries <= LOGGED_FAILURES {
-                        eprintln!(
-                            "blktap: {}: {op:?} of slot {slot} failed: {e}; trying again",
+                        log::warn!(
+                            "{}: {op:?} of slot {slot} failed: {e}; trying again",
                             self.image
                         );
                     }
                     return;
                 }
-                self.stats.errors += 1;
+                self.stats.count_error(op.code());
                 if self.stats.errors - self.stats.invalid <= LOGGED_FAILURES {
-                    eprintln!("blktap: {}: {op:?} of slot {slot} failed: {e}", self.image);
+                    log::warn!("{}: {op:?} of slot {slot} failed: {e}", self.image);
                 }
                 abi::RSP_ERROR
             }
@@ -574,8 +684,9 @@ impl<M: RingMemory> Server<M> {
             status,
             ..Default::default()
         };
-        if let Err(e) = self.ring.push_response(&rsp) {
-            eprintln!("blktap: {}: response for id {id}: {e}", self.image);
+        match self.ring.push_response(&rsp) {
+            Ok(()) => self.stats.responses += 1,
+            Err(e) => log::warn!("{}: response for id {id}: {e}", self.image),
         }
     }
 
@@ -583,7 +694,9 @@ impl<M: RingMemory> Server<M> {
         if self.fault.is_some() {
             return Ok(());
         }
-        self.ring.publish()?;
+        if self.ring.publish()? {
+            self.stats.kicks_out += 1;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The pages a tap shares with its tapdisk: the ring page (header and entries) and 32 x 11 data
+//! pages. Allocated at a tap's first mapping and kept until the tap is freed; nothing is
+//! allocated or mapped on the I/O path.
+//!
+//! Every access to the ring page is one volatile read or write of a whole field or entry: what
+//! tapdisk writes is read once, into a copy, and checked before use (`protocol.rs`).
+
+use core::mem::offset_of;
+
+use kernel::{
+    page::Page,
+    prelude::*,
+    sync::barrier::{
+        smp_mb,
+        Read,
+        Write, //
+    },
+};
+
+use crate::{
+    page::LowmemPage,
+    uapi::{
+        self,
+        SringHeader, //
+    },
+};
+
+/// The shared pages of a tap.
+///
+/// # Invariants
+///
+/// `data` holds `RING_SIZE * SEGMENT_MAX` pages.
+pub(crate) struct RingPages {
+    ring: LowmemPage,
+    data: KVec<Page>,
+}
+
+impl RingPages {
+    /// Allocates the ring page and the data pages, zeroed.
+    ///
+    /// # Errors
+    ///
+    /// `ENOMEM`.
+    pub(crate) fn new() -> Result<Self> {
+        let ring = LowmemPage::alloc_zeroed()?;
+        let n = uapi::RING_SIZE * uapi::SEGMENT_MAX;
+        let mut data = KVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
+            data.push(Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?, GFP_KERNEL)?;
+        }
+        // INVARIANT: `data` holds every data page.
+        Ok(Self { ring, data })
+    }
+
+    /// The ring page.
+    pub(crate) fn ring_page(&self) -> &Page {
+        self.ring.page()
+    }
+
+    /// Every data page, slot by slot: the mapping's pages after the ring page.
+    pub(crate) fn data_pages(&self) -> &[Page] {
+        &self.data
+    }
+
+    /// The data pages of slot `slot` (< 32).
+    pub(crate) fn slot(&self, slot: usize) -> &[Page] {
+        let first = (slot % uapi::RING_SIZE) * uapi::SEGMENT_MAX;
+        &self.data[first..first + uapi::SEGMENT_MAX]
+    }
+
+    /// Zeroes the ring page (at each new mapping).
+    pub(crate) fn zero_ring(&self) {
+        self.ring.zero();
+    }
+
+    /// The byte offset of ring entry `index` (free-running; the entry is `index % 32`).
+    fn entry_offset(index: u32) -> usize {
+        uapi::RING_HEADER_SIZE + (index as usize % uapi::RING_SIZE) * uapi::RING_ENTRY_SIZE
+    }
+
+    /// Writes request entry `index`.
+    pub(crate) fn write_request(&self, index: u32, req: &uapi::Request) {
+        // Entries 0..32 of 112 bytes after the 64-byte header fit in the page, 8-aligned.
+        let _ = self.ring.write_volatile(Self::entry_offset(index), *req);
+    }
+
+    /// Copies response entry `index` out of the ring: the one read of it.
+    pub(crate) fn read_response(&self, index: u32) -> uapi::Response {
+        self.ring
+            .read_volatile(Self::entry_offset(index))
+            .unwrap_or_default()
+    }
+
+    /// Publishes `req_prod`: the entries written before are visible to tapdisk first.
+    pub(crate) fn publish_req_prod(&self, req_prod: u32) {
+        smp_mb(Write);
+        let _ = self
+            .ring
+            .write_volatile(offset_of!(SringHeader, req_prod), req_prod);
+    }
+
+    /// Reads `rsp_prod` once; the entries it covers are read after it.
+    pub(crate) fn read_rsp_prod(&self) -> u32 {
+        let v = self
+            .ring
+            .read_volatile(offset_of!(SringHeader, rsp_prod))
+            .unwrap_or(0);
+        smp_mb(Read);
+        v
+    }
+
+    /// The header's `msg` byte.
+    pub(crate) fn msg(&self) -> u8 {
+        self.ring
+            .read_volatile(offset_of!(SringHeader, msg))
+            .unwrap_or(0)
+    }
+
+    /// Sets the header's `msg` byte.
+    pub(crate) fn set_msg(&self, msg: u8) {
+        let _ = self.ring.write_volatile(offset_of!(SringHeader, msg), msg);
+    }
+}
+
+#[kunit_tests(blktap_ring_pages)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_and_header_fields_fit_the_ring_page() -> Result {
+        let pages = RingPages::new()?;
+        assert_eq!(pages.data_pages().len(), uapi::MMAP_PAGES - 1);
+        for i in [0u32, 31, 32, u32::MAX] {
+            let e = uapi::Request {
+                id: u64::from(i),
+                ..Default::default()
+            };
+            pages.write_request(i, &e);
+        }
+        // Entry 31 (also index u32::MAX) is the last one, and it ends inside the page.
+        assert_eq!(
+            RingPages::entry_offset(u32::MAX) + uapi::RING_ENTRY_SIZE,
+            uapi::RING_HEADER_SIZE + 32 * uapi::RING_ENTRY_SIZE
+        );
+        // A response's `operation` lies where a request's `id` starts (byte 8).
+        assert_eq!(pages.read_response(31).operation, 0xff);
+        assert_eq!(pages.read_response(32).operation, 32);
+        pages.set_msg(uapi::RING_MSG_PAUSE);
+        assert_eq!(pages.msg(), uapi::RING_MSG_PAUSE);
+        pages.publish_req_prod(7);
+        assert_eq!(pages.read_rsp_prod(), 0);
+        pages.zero_ring();
+        assert_eq!(pages.msg(), 0);
+        assert_eq!(pages.slot(31).len(), uapi::SEGMENT_MAX);
+        Ok(())
+    }
+}

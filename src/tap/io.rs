@@ -1,0 +1,218 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A tap's I/O path: requests from blk-mq onto the ring (`queue`, `commit`), tapdisk's answers
+//! back (`respond`), deadlines (`timed_out`), and requests that wait for a slot
+//! (`dispatch_parked`). Data is copied only while the request owns its slot (`ring/slot.rs`),
+//! with the spinlock dropped; requests end with it dropped too.
+
+use kernel::{
+    prelude::*,
+    sync::Arc, //
+};
+
+use super::Tap;
+use crate::{
+    blk_mq::{
+        Queued,
+        Request,
+        RequestRef,
+        TimeoutAction, //
+    },
+    protocol::{
+        self,
+        Features, //
+    },
+    ring::{
+        pages::RingPages,
+        state::{
+            worth_logging,
+            Answered,
+            Pending,
+            Taken,
+            TimedOut, //
+        },
+    },
+    uapi,
+};
+
+impl Tap {
+    /// Queues a request on the ring (from `queue_rq`). Ends it at once if the ring takes no
+    /// requests or the request cannot go on the ring. If no slot is free (every one is held by a
+    /// request that timed out and that tapdisk has not answered), the request waits for one,
+    /// within its deadline.
+    pub(crate) fn queue(
+        &self,
+        pages: &RingPages,
+        features: Features,
+        rq: Request,
+        last: bool,
+    ) -> Queued {
+        let Some(op) = protocol::ring_op(rq.op(), rq.is_fua(), features) else {
+            rq.end(Err(EOPNOTSUPP));
+            return Queued::Taken;
+        };
+        let admitted = self.ring.lock().admit(rq, op);
+        match admitted {
+            Ok(Some((slot, rq))) => {
+                if self.fill(pages, slot, rq, op, last) {
+                    self.poll.notify_all();
+                }
+            }
+            Ok(None) => {}
+            Err(rq) => rq.end(Err(EIO)),
+        }
+        Queued::Taken
+    }
+
+    /// Puts `rq` in `slot`, which the caller reserved for it: copies a write's data into the
+    /// slot's pages (without the lock: the reserved slot is the request's alone), then puts its
+    /// entry on the ring, or keeps it while the tap recovers. Ends the request with an I/O error
+    /// if it cannot go. With `publish`, publishes the batch; returns whether to wake tapdisk.
+    fn fill(&self, pages: &RingPages, slot: usize, rq: Request, op: u8, publish: bool) -> bool {
+        let bytes = rq.bytes();
+        let ready = protocol::ring_entry(op, slot, rq.sector(), bytes).and_then(|entry| {
+            let data = op == uapi::OP_WRITE || op == uapi::OP_WRITE_FUA;
+            if data && rq.copy_to_pages(pages.slot(slot), bytes as usize) != bytes as usize {
+                return Err(EIO);
+            }
+            Ok(entry)
+        });
+        let put = match ready {
+            Ok(entry) => {
+                let p = Pending { rq, entry, bytes };
+                self.ring.lock().put_on_ring(slot, op, p, publish)
+            }
+            Err(_) => {
+                self.ring.lock().cancel(slot);
+                Err(rq)
+            }
+        };
+        match put {
+            Ok(wake) => wake,
+            Err(rq) => {
+                rq.end(Err(EIO));
+                false
+            }
+        }
+    }
+
+    /// Moves waiting requests into free slots, oldest first, and publishes them; fails them if
+    /// the ring takes no more requests. Nothing moves while the disk is paused.
+    pub(super) fn dispatch_parked(&self, pages: &RingPages) {
+        let mut failed = Taken::new();
+        loop {
+            let next = self.ring.lock().next_parked(&mut failed);
+            let Some((slot, w)) = next else {
+                break;
+            };
+            self.fill(pages, slot, w.rq, w.op, false);
+        }
+        failed.fail_all();
+        if self.ring.lock().publish() {
+            self.poll.notify_all();
+        }
+    }
+
+    /// Publishes a batch (from `commit_rqs`).
+    pub(crate) fn commit(&self) {
+        if self.ring.lock().publish() {
+            self.poll.notify_all();
+        }
+    }
+
+    /// A request has not ended within the tap's deadline (blk-mq's timeout handler): it ends
+    /// with an I/O error. If a tapdisk serves the ring, its slot stays reserved until tapdisk
+    /// answers. A request waiting for a slot ends the same way.
+    pub(crate) fn timed_out(&self, pages: &RingPages, rq: RequestRef<'_>) -> TimeoutAction {
+        let (found, log, deadline) = {
+            let mut ring = self.ring.lock();
+            let found = ring.time_out(|r| r.is(&rq));
+            let c = ring.counters();
+            (found, worth_logging(c.timed_out), ring.deadline())
+        };
+        let minor = self.minor;
+        match found {
+            // Reserved (being filled) or completing (being answered): it ends soon.
+            TimedOut::NotHeld => return TimeoutAction::ResetTimer,
+            TimedOut::Parked { rq, op } => {
+                rq.end(Err(EIO));
+                if log {
+                    pr_warn!(
+                        "blktap{minor}: request (op {op}) timed out after {deadline} s waiting \
+                         for a slot (every slot is held by a late request); failed with EIO\n"
+                    );
+                }
+            }
+            TimedOut::OnRing { rq, op, slot, live } => {
+                rq.end(Err(EIO));
+                if log {
+                    let why = if live {
+                        "tapdisk has not answered"
+                    } else {
+                        "no tapdisk attached"
+                    };
+                    pr_warn!(
+                        "blktap{minor}: request in slot {slot} (op {op}) timed out after \
+                         {deadline} s ({why}); failed with EIO\n"
+                    );
+                }
+                // Without a tapdisk the slot is free again: a waiting request may take it.
+                if !live {
+                    self.dispatch_parked(pages);
+                }
+            }
+        }
+        TimeoutAction::Done
+    }
+
+    /// `RESPOND`: consumes tapdisk's responses. Read data is copied out while the answered
+    /// slots are `Completing`; the slots are freed, and only then do the requests end.
+    ///
+    /// # Errors
+    ///
+    /// `ENXIO` if the ring is not mapped, `EIO` if `rsp_prod` is out of bounds (nothing is
+    /// consumed), `EINVAL` if a response was refused (the others are consumed).
+    pub(crate) fn respond(&self) -> Result {
+        let mut done: Answered = [const { None }; uapi::RING_SIZE];
+        let (pages, consumed): (Arc<RingPages>, _) = {
+            let mut ring = self.ring.lock();
+            let pages = ring.pages().ok_or(ENXIO)?;
+            let consumed = ring.take_answers(self.minor, &pages, &mut done)?;
+            (pages, consumed)
+        };
+        let mut results: [Result; uapi::RING_SIZE] = [Ok(()); uapi::RING_SIZE];
+        for (slot, d) in done.iter().enumerate() {
+            let Some((p, status)) = d else {
+                continue;
+            };
+            let len = p.bytes as usize;
+            results[slot] = match *status {
+                uapi::RSP_OKAY
+                    if p.entry.operation != uapi::OP_READ
+                        || p.rq.copy_from_pages(pages.slot(slot), len) == len =>
+                {
+                    Ok(())
+                }
+                uapi::RSP_EOPNOTSUPP => Err(EOPNOTSUPP),
+                _ => Err(EIO),
+            };
+        }
+        let waiting = {
+            let mut ring = self.ring.lock();
+            ring.complete(&done);
+            ring.has_waiting()
+        };
+        for (d, result) in done.iter_mut().zip(results) {
+            if let Some((p, _)) = d.take() {
+                p.rq.end(result);
+            }
+        }
+        if waiting {
+            self.dispatch_parked(&pages);
+        }
+        if consumed.bad > 0 {
+            return Err(EINVAL);
+        }
+        Ok(())
+    }
+}
