@@ -93,6 +93,16 @@ check "REMOVE_DEVICE while it is on the ring: EBUSY" peer_said "remove 1: EBUSY"
 ctl "hold 0"
 check "answered, it ends" ended $r 10
 check "with its data" is "$(cat /tmp/held.out)" "OK 00"
+# The same with a buffered write's writeback at the writer's last close (it syncs while it
+# still counts as an opener).
+ctl "hold 1"
+dd if=/dev/urandom of=$D bs=4k count=1 seek=100 status=none &
+w=$!
+check "the writeback at the last close is pending" debug_becomes "pending: [1-9][0-9]*"
+ctl "hold 1" "remove 3"
+check "REMOVE_DEVICE with it on the ring: EBUSY" peer_said "remove 3: EBUSY"
+ctl "hold 0"
+check "answered, the writeback ends" ended $w 10
 
 # --- A late slot, and the ring's death -------------------------------------------------------
 ctl "hold 1"
@@ -127,6 +137,16 @@ check "the late answers free the slots" debug_becomes "late: 0"
 check "and are dropped" debug_is "late_answers: 32"
 check "the waiting request gets a slot and ends" ended $r 10
 check "with its data" is "$(cat /tmp/parked.out)" "OK 00"
+
+all_late
+echo 30 > $T/deadline
+dd if=/dev/urandom of=$D bs=4k count=1 seek=100 status=none &
+w=$!
+check "a writeback at the last close waits for a slot" debug_becomes "parked: 1"
+ctl "hold 1" "remove 4"
+check "REMOVE_DEVICE with it waiting for a slot: EBUSY" peer_said "remove 4: EBUSY"
+ctl "hold 0"
+check "the late answers free a slot for it, and it ends" ended $w 10
 
 all_late
 echo 30 > $T/deadline

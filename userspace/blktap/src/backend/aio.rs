@@ -754,6 +754,84 @@ mod tests {
     }
 
     #[test]
+    fn transient_errors_are_retried_then_reported() {
+        let path = scratch("retry", 8192);
+        let buf = Mapping::anonymous(4096).unwrap();
+        let p = buf.as_ptr().as_ptr();
+        let mut aio = AioBackend::open(&path, false).unwrap();
+        let read = |tag| Io {
+            tag,
+            op: Op::Read,
+            offset: 0,
+            iov: vec![iov(p, 4096)],
+            discard_len: 0,
+        };
+        // Queued and never submitted: the completions below are made up, and the retries only
+        // queue the transfer again.
+        // SAFETY: nothing reaches the kernel, so the buffer is never used.
+        unsafe { aio.queue(read(5)) };
+        for _ in 0..MAX_RETRIES {
+            assert!(aio.handle(0, -libc::EAGAIN));
+        }
+        assert!(!aio.handle(0, -libc::EINTR));
+        assert_eq!(
+            aio.done,
+            [Completion {
+                tag: 5,
+                result: Err(Errno::EINTR)
+            }]
+        );
+        aio.done.clear();
+        // Any other error ends the transfer at once.
+        // SAFETY: as above.
+        unsafe { aio.queue(read(6)) };
+        assert!(!aio.handle(0, -libc::EIO));
+        assert_eq!(
+            aio.done,
+            [Completion {
+                tag: 6,
+                result: Err(Errno::EIO)
+            }]
+        );
+        // Handed out only when reaped.
+        assert_eq!(aio.in_flight(), 1);
+        let mut out = Vec::new();
+        aio.reap(&mut out);
+        assert_eq!((out.len(), aio.in_flight()), (1, 0));
+        // A short transfer goes on where it stopped; one that moves nothing, or more than was
+        // left, fails.
+        // SAFETY: as above.
+        unsafe { aio.queue(read(7)) };
+        assert!(aio.handle(0, 1024));
+        assert!(!aio.handle(0, 3072));
+        for (tag, res) in [(8, 0), (9, 4097)] {
+            // SAFETY: as above.
+            unsafe { aio.queue(read(tag)) };
+            assert!(!aio.handle(0, res));
+        }
+        aio.reap(&mut out);
+        assert_eq!(
+            out[1..],
+            [
+                Completion {
+                    tag: 7,
+                    result: Ok(())
+                },
+                Completion {
+                    tag: 8,
+                    result: Err(Errno::EIO)
+                },
+                Completion {
+                    tag: 9,
+                    result: Err(Errno::EIO)
+                }
+            ]
+        );
+        drop(aio);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn direct_io_is_used_where_the_file_system_allows_it() {
         let path = scratch("direct", 8192);
         let allowed = File::options()

@@ -67,6 +67,9 @@ mod tests {
     fn reads_zeros_and_drops_writes() {
         let mut null = Synchronous::new(NullBackend::new(8192));
         assert_eq!(null.size(), 8192);
+        // It "does" everything (a flush or discard of nothing succeeds) and stores nothing.
+        assert_eq!(null.features(), Features::ALL);
+        assert_eq!(null.allocated_bytes(), None);
         let mut buf = vec![0xffu8; 1024];
         let p = buf.as_mut_ptr();
         let iov = || {

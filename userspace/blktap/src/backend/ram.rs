@@ -256,10 +256,10 @@ mod tests {
         let before = ram.allocated_bytes().unwrap();
         let mut buf = vec![0x77u8; 2 << 20];
         let mut done = Vec::new();
-        // Write 2 MiB at 64 KiB, then FUA-write 4 KiB at 0, then flush.
+        // Write 2 MiB at 62 KiB, then FUA-write 4 KiB at 0, then flush.
         // SAFETY: the buffers outlive the I/Os, which complete inside `queue`.
         unsafe {
-            ram.queue(io(Op::Write, 65536, vec![iov(&mut buf)], 0));
+            ram.queue(io(Op::Write, 62 * 1024, vec![iov(&mut buf)], 0));
             ram.queue(io(Op::WriteFua, 0, vec![iov(&mut buf[..4096])], 0));
             ram.queue(io(Op::Flush, 0, vec![], 0));
         }
@@ -267,16 +267,20 @@ mod tests {
         assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
         let written = ram.allocated_bytes().unwrap();
         assert!(written >= before + (2 << 20), "{before} -> {written}");
-        // Discard 1 MiB + 1 KiB at 63 KiB: not page-aligned at either end.
+        // Discard 1 MiB + 1.5 KiB at 63 KiB: not page-aligned at either end; and 1000 bytes
+        // inside one page.
         // SAFETY: no buffers.
-        unsafe { ram.queue(io(Op::Discard, 63 * 1024, vec![], (1 << 20) + 1024)) };
+        unsafe { ram.queue(io(Op::Discard, 63 * 1024, vec![], (1 << 20) + 1536)) };
         // Beyond the end: refused.
         // SAFETY: no buffers.
         unsafe { ram.queue(io(Op::Discard, size - 512, vec![], 1024)) };
+        // SAFETY: no buffers.
+        unsafe { ram.queue(io(Op::Discard, (1 << 20) + 200 * 1024 + 100, vec![], 1000)) };
         done.clear();
         ram.reap(&mut done);
         assert_eq!(done[0].result, Ok(()));
         assert_eq!(done[1].result, Err(Errno::EIO));
+        assert_eq!(done[2].result, Ok(()));
         let after = ram.allocated_bytes().unwrap();
         assert!(
             after + (1 << 20) - 8192 <= written,
@@ -290,12 +294,26 @@ mod tests {
         done.clear();
         ram.reap(&mut done);
         assert_eq!(done[0].result, Ok(()));
-        assert!(
-            back[..1024].iter().all(|&b| b == 0),
-            "before the range: never written"
-        );
-        assert!(back[1024..1024 + (1 << 20) + 1024].iter().all(|&b| b == 0));
-        assert!(back[1024 + (1 << 20) + 1024..].iter().all(|&b| b == 0x77));
+        assert!(back[..1024].iter().all(|&b| b == 0x77), "before the range");
+        assert!(back[1024..1024 + (1 << 20) + 1536].iter().all(|&b| b == 0));
+        assert!(back[1024 + (1 << 20) + 1536..].iter().all(|&b| b == 0x77));
+        // The small range: zeros, and its neighbours in the same page kept.
+        let mut back = vec![0xffu8; 4096];
+        // SAFETY: as above.
+        unsafe {
+            ram.queue(io(
+                Op::Read,
+                (1 << 20) + 200 * 1024 - 1948,
+                vec![iov(&mut back)],
+                0,
+            ))
+        };
+        done.clear();
+        ram.reap(&mut done);
+        assert_eq!(done[0].result, Ok(()));
+        assert!(back[..2048].iter().all(|&b| b == 0x77));
+        assert!(back[2048..3048].iter().all(|&b| b == 0));
+        assert!(back[3048..].iter().all(|&b| b == 0x77));
     }
 
     #[test]

@@ -253,6 +253,33 @@ mod tests {
     }
 
     #[test]
+    fn describes_itself_and_answers_what_is_due() {
+        // `stall:MS` without a size: 64 MiB.
+        assert_eq!(DEFAULT_SIZE, 64 << 20);
+        let mut stall = StallBackend::new(Duration::from_millis(20), 4096).unwrap();
+        assert_eq!(stall.delay(), Duration::from_millis(20));
+        assert_eq!(stall.allocated_bytes(), Some(0));
+        assert_eq!(stall.features(), Features::ALL);
+        // SAFETY: no buffers.
+        unsafe {
+            stall.queue(Io {
+                tag: 3,
+                op: Op::Flush,
+                offset: 0,
+                iov: vec![],
+                discard_len: 0,
+            });
+        }
+        let due = stall.pending.front().unwrap().0;
+        let mut out = Vec::new();
+        stall.take_due(due - Duration::from_nanos(1), &mut out);
+        assert!(out.is_empty());
+        // Due at `due` itself.
+        stall.take_due(due, &mut out);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
     fn drain_waits_for_the_last_answer() {
         let mut stall = StallBackend::new(Duration::from_millis(100), 4096).unwrap();
         let start = Instant::now();

@@ -274,6 +274,34 @@ mod tests {
     }
 
     #[test]
+    fn raw_entries_and_clearing() {
+        let mem = AnonRing::new().unwrap();
+        let ring = SharedRing::new(&mem);
+        let mut bytes = [0u8; ENTRY_SIZE];
+        bytes[..8].copy_from_slice(&9u64.to_ne_bytes());
+        bytes[ENTRY_SIZE - 1] = 0xee;
+        ring.write_entry_bytes(34, &bytes); // slot 2
+        assert_eq!(ring.read_response(2).id, 9);
+        // SAFETY: the last byte of entry 2, inside the ring page.
+        assert_eq!(
+            unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() },
+            0xee
+        );
+        ring.set_req_prod(3);
+        ring.set_msg(RING_MESSAGE_CLOSE);
+        ring.clear();
+        assert_eq!(
+            (ring.req_prod(), ring.msg(), ring.read_response(2).id),
+            (0, 0, 0)
+        );
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() },
+            0
+        );
+    }
+
+    #[test]
     fn data_pages_are_bounds_checked() {
         let mem = AnonRing::new().unwrap();
         let ring = SharedRing::new(&mem);

@@ -282,6 +282,7 @@ mod tests {
         assert_eq!(r.segments().len(), 3);
         assert_eq!(r.segments()[2].page_offset(), 1024);
         assert_eq!(r.segments()[2].len(), 2048);
+        assert!(r.segments().iter().all(|s| !s.is_empty()));
         // Exactly up to the end of the image.
         assert!(validate(&raw(0, 0, 80, &[(0, 7); 11][..]), 168).is_ok());
         assert!(validate(&raw(0, 0, 81, &[(0, 7); 11][..]), 168).is_err());
