@@ -63,6 +63,22 @@ is() {
     return 1
 }
 
+# now: the time in seconds (with nanoseconds); since T: seconds elapsed since T, one decimal.
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# bounded SECONDS CMD...: runs CMD in the background and waits at most SECONDS for it; status 124
+# if it did not end by then (it is left behind: a request that never ends cannot be killed),
+# else CMD's status.
+bounded() {
+    s=$1; shift
+    "$@" &
+    b=$!
+    i=0; while kill -0 $b 2>/dev/null && [ $i -lt $((s * 10)) ]; do sleep 0.1; i=$((i + 1)); done
+    if kill -0 $b 2>/dev/null; then echo "# still running after $s s: $*"; return 124; fi
+    wait $b
+}
+
 load() { insmod "$KO"; }
 unload() { rmmod blktap; }
 

@@ -20,24 +20,11 @@ BOUND=$((3 * DL + 5))
 # fio at depth 64: the same two rounds, plus fio's own start-up (seconds under TCG).
 FIO_BOUND=$((6 * DL + 8))
 
-now() { date +%s.%N; }
-# since T: seconds since T (a `now` value), one decimal.
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 # within SECONDS T: `since T` is at most SECONDS.
 within() { le "$(since $2)" $1; }
 # le ELAPSED SECONDS: ELAPSED is at most SECONDS.
 le() { awk -v s="$1" -v m="$2" 'BEGIN { exit !(s <= m) }' || { echo "took $1 s, more than $2 s"; false; }; }
 counter() { sed -n "s/^$1: //p" "$T/debug"; }
-# bounded SECONDS CMD...: runs CMD, waiting at most SECONDS for it; status 124 if it did not end
-# by then (it is left behind: a request that never ends cannot be killed).
-bounded() {
-    s=$1; shift
-    "$@" &
-    b=$!
-    i=0; while kill -0 $b 2>/dev/null && [ $i -lt $((s * 10)) ]; do sleep 0.1; i=$((i + 1)); done
-    if kill -0 $b 2>/dev/null; then echo "# still running after $s s: $*"; return 124; fi
-    wait $b
-}
 
 # stuck_reads LABEL DEV: fio at depth 64 must end with EIO, and then 64 direct 4 KiB reads at
 # once (64 dd processes) must each end with EIO; each within BOUND seconds.

@@ -10,18 +10,6 @@ $TAPCTL allocate >/dev/null
 D=$DEVDIR/tapdev0
 head -c 1M /dev/urandom > /tmp/in
 
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-# bounded SECONDS CMD...: runs CMD, waiting at most SECONDS for it; status 124 if it did not end
-# by then (it is left behind: a stalled request cannot be killed).
-bounded() {
-    s=$1; shift
-    "$@" &
-    b=$!
-    i=0; while kill -0 $b 2>/dev/null && [ $i -lt $((s * 10)) ]; do sleep 0.1; i=$((i + 1)); done
-    if kill -0 $b 2>/dev/null; then echo "# still running after $s s: $*"; return 124; fi
-    wait $b
-}
 fio_verify() {
     fio --name=e1 --filename=$D --ioengine=io_uring --direct=1 --rw=randwrite --bsrange=4k-44k \
         --iodepth=16 --offset=2M --size=4M --verify=crc32c --verify_fatal=1 --output=/tmp/e1.out >/dev/null 2>&1 &

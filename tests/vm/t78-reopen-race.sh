@@ -21,15 +21,6 @@ mkdir -p /tmp/mnt
 truncate -s 64M /tmp/r.raw /tmp/r2.raw
 head -c 256k /dev/urandom > /tmp/probe
 
-# bounded SECONDS CMD...: runs CMD, waiting at most SECONDS for it; status 124 if it did not end.
-bounded() {
-    s=$1; shift
-    "$@" &
-    b=$!
-    i=0; while kill -0 $b 2>/dev/null && [ $i -lt $((s * 10)) ]; do sleep 0.1; i=$((i + 1)); done
-    if kill -0 $b 2>/dev/null; then echo "# still running after $s s: $*"; return 124; fi
-    wait $b
-}
 # wait_log PATTERN SECONDS: waits until /tmp/pytap.log has a line matching PATTERN.
 wait_log() {
     i=0; while ! grep -Eq "$1" /tmp/pytap.log && [ $i -lt $(($2 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
