@@ -36,46 +36,37 @@ use crate::{
     },
     protocol::{
         DeviceInfo,
-        Features,
         MAX_REQUEST_BYTES,
         SECTOR_SIZE, //
     },
-    ring::pages::RingPages,
     tap::{
         DiskControl,
-        Tap, //
+        DiskLink, //
     },
     uapi,
 };
-
-/// The queue data of a tap's disk.
-pub(crate) struct DiskQueue {
-    tap: Arc<Tap>,
-    pages: Arc<RingPages>,
-    features: Features,
-}
 
 /// The tapdev disks' blk-mq operations.
 pub(crate) struct TapDisk;
 
 #[vtable]
 impl Operations for TapDisk {
-    type QueueData = Arc<DiskQueue>;
+    type QueueData = Arc<DiskLink>;
 
-    fn queue_rq(q: ArcBorrow<'_, DiskQueue>, rq: Request, last: bool) -> Queued {
-        q.tap.queue(&q.pages, q.features, rq, last)
+    fn queue_rq(link: ArcBorrow<'_, DiskLink>, rq: Request, last: bool) -> Queued {
+        link.queue(rq, last)
     }
 
-    fn timeout(q: ArcBorrow<'_, DiskQueue>, rq: RequestRef<'_>) -> TimeoutAction {
-        q.tap.timed_out(&q.pages, rq)
+    fn timeout(link: ArcBorrow<'_, DiskLink>, rq: RequestRef<'_>) -> TimeoutAction {
+        link.timed_out(rq)
     }
 
-    fn commit_rqs(q: ArcBorrow<'_, DiskQueue>) {
-        q.tap.commit();
+    fn commit_rqs(link: ArcBorrow<'_, DiskLink>) {
+        link.commit();
     }
 
-    fn devnode(q: ArcBorrow<'_, DiskQueue>) -> Option<(CString, u16)> {
-        let minor = q.tap.minor();
+    fn devnode(link: ArcBorrow<'_, DiskLink>) -> Option<(CString, u16)> {
+        let minor = link.minor();
         let path = CString::try_from_fmt(fmt!("xen/blktap-2/tapdev{minor}")).ok()?;
         Some((path, uapi::NODE_MODE))
     }
@@ -122,18 +113,13 @@ fn limits(info: &DeviceInfo) -> Result<QueueLimits> {
     lim.validate()
 }
 
-/// Makes tap `tap`'s disk (for `CREATE_DEVICE`), on block major `major`, serving its ring's
-/// `pages`.
+/// Makes a tap's disk (for `CREATE_DEVICE`) on block major `major`; its queue reaches the tap
+/// through `link`.
 ///
 /// # Errors
 ///
 /// `EINVAL` for limits the block layer refuses, `ENOMEM`, or what adding the disk answers.
-pub(crate) fn new(
-    tap: &Arc<Tap>,
-    major: u32,
-    pages: &Arc<RingPages>,
-    info: &DeviceInfo,
-) -> Result<KBox<dyn DiskControl>> {
+pub(crate) fn new(link: DiskLink, major: u32, info: &DeviceInfo) -> Result<KBox<dyn DiskControl>> {
     let tagset = Arc::pin_init(
         TagSet::new(
             uapi::RING_SIZE as u32,
@@ -144,20 +130,12 @@ pub(crate) fn new(
     )?;
     let mut name = [0u8; 32];
     let params = DiskParams {
-        name: disk_name(tap.minor(), &mut name),
+        name: disk_name(link.minor(), &mut name),
         major,
-        minor: tap.minor(),
+        minor: link.minor(),
         limits: limits(info)?,
     };
-    let queue = Arc::new(
-        DiskQueue {
-            tap: tap.clone(),
-            pages: pages.clone(),
-            features: info.features,
-        },
-        GFP_KERNEL,
-    )?;
-    let disk = Disk::new(tagset, &params, queue)?;
+    let disk = Disk::new(tagset, &params, Arc::new(link, GFP_KERNEL)?)?;
     Ok(KBox::new(disk, GFP_KERNEL)?)
 }
 
@@ -186,6 +164,7 @@ pub(crate) fn disk_name(minor: u32, out: &mut [u8; 32]) -> &CStr {
 #[kunit_tests(blktap_disk)]
 mod tests {
     use super::*;
+    use crate::protocol::Features;
 
     #[test]
     fn disk_names_count_like_sd() {

@@ -220,7 +220,7 @@ impl Blktap {
     ///
     /// As [`Tap::create_disk`].
     pub(crate) fn create_disk(&self, tap: &Arc<Tap>, info: &protocol::DeviceInfo) -> Result {
-        tap.create_disk(info, |pages| disk::new(tap, self.bdev_major(), pages, info))?;
+        Tap::create_disk(tap, info, |link| disk::new(link, self.bdev_major(), info))?;
         if self.verbose() {
             pr_info!(
                 "blktap{}: disk created, {} sectors\n",

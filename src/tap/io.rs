@@ -35,18 +35,51 @@ use crate::{
     uapi,
 };
 
+/// A disk's way into its tap: what the disk's queue holds (`disk.rs`). It keeps the tap and the
+/// ring pages the disk's requests are copied through alive for the disk's life, and carries the
+/// features the disk was created with; the disk sees neither the pages nor the ring.
+pub(crate) struct DiskLink {
+    tap: Arc<Tap>,
+    pages: Arc<RingPages>,
+    features: Features,
+}
+
+impl DiskLink {
+    pub(super) fn new(tap: Arc<Tap>, pages: Arc<RingPages>, features: Features) -> Self {
+        Self {
+            tap,
+            pages,
+            features,
+        }
+    }
+
+    /// The tap's minor.
+    pub(crate) fn minor(&self) -> u32 {
+        self.tap.minor()
+    }
+
+    /// `queue_rq`: as [`Tap::queue`].
+    pub(crate) fn queue(&self, rq: Request, last: bool) -> Queued {
+        self.tap.queue(&self.pages, self.features, rq, last)
+    }
+
+    /// `commit_rqs`: as [`Tap::commit`].
+    pub(crate) fn commit(&self) {
+        self.tap.commit()
+    }
+
+    /// blk-mq's timeout handler: as [`Tap::timed_out`].
+    pub(crate) fn timed_out(&self, rq: RequestRef<'_>) -> TimeoutAction {
+        self.tap.timed_out(&self.pages, rq)
+    }
+}
+
 impl Tap {
     /// Queues a request on the ring (from `queue_rq`). Ends it at once if the ring takes no
     /// requests or the request cannot go on the ring. If no slot is free (every one is held by a
     /// request that timed out and that tapdisk has not answered), the request waits for one,
     /// within its deadline.
-    pub(crate) fn queue(
-        &self,
-        pages: &RingPages,
-        features: Features,
-        rq: Request,
-        last: bool,
-    ) -> Queued {
+    fn queue(&self, pages: &RingPages, features: Features, rq: Request, last: bool) -> Queued {
         let Some(op) = protocol::ring_op(rq.op(), rq.is_fua(), features) else {
             rq.end(Err(EOPNOTSUPP));
             return Queued::Taken;
@@ -125,7 +158,7 @@ impl Tap {
     }
 
     /// Publishes a batch (from `commit_rqs`).
-    pub(crate) fn commit(&self) {
+    fn commit(&self) {
         if self.ring.lock().publish() {
             self.poll.notify_all();
         }
@@ -134,7 +167,7 @@ impl Tap {
     /// A request has not ended within the tap's deadline (blk-mq's timeout handler): it ends
     /// with an I/O error. If a tapdisk serves the ring, its slot stays reserved until tapdisk
     /// answers. A request waiting for a slot ends the same way.
-    pub(crate) fn timed_out(&self, pages: &RingPages, rq: RequestRef<'_>) -> TimeoutAction {
+    fn timed_out(&self, pages: &RingPages, rq: RequestRef<'_>) -> TimeoutAction {
         let (found, log, deadline) = {
             let mut ring = self.ring.lock();
             let found = ring.time_out(|r| r.is(&rq));

@@ -10,7 +10,7 @@
 //!
 //! This is the one place the lock order is written:
 //!
-//! 1. `Taps::table` (`blktap_taps`, mutex, `main.rs`): the table of taps;
+//! 1. `Taps::table` (`blktap_taps`, mutex, `driver.rs`): the table of taps;
 //! 2. `Tap::inner` (`blktap_tap`, mutex): one tap's life: its name, who has the ring, the
 //!    pages, the disk;
 //! 3. `Tap::ring` (`blktap_ring`, spinlock, `ring/state.rs`): the ring's I/O state.
@@ -63,6 +63,8 @@ use crate::{
 
 mod io;
 pub(crate) mod table;
+
+pub(crate) use io::DiskLink;
 
 /// The longest deadline a tap accepts, in seconds (a day).
 pub(crate) const DEADLINE_MAX: u32 = 86400;
@@ -398,33 +400,34 @@ impl Tap {
 
     // ---- the disk ----------------------------------------------------------------------------
 
-    /// `CREATE_DEVICE`: makes the disk with `make`, given the shared pages.
+    /// `CREATE_DEVICE`: makes the disk with `make`, given the link its queue reaches `tap`
+    /// through.
     ///
     /// # Errors
     ///
     /// `EEXIST` if the tap has a disk, `EBUSY` while one is being removed, `ENXIO` if the ring
     /// was never mapped, or what `make` answers.
     pub(crate) fn create_disk(
-        &self,
+        tap: &Arc<Self>,
         info: &DeviceInfo,
-        make: impl FnOnce(&Arc<RingPages>) -> Result<KBox<dyn DiskControl>>,
+        make: impl FnOnce(DiskLink) -> Result<KBox<dyn DiskControl>>,
     ) -> Result {
-        let mut inner = self.inner.lock();
+        let mut inner = tap.inner.lock();
         match inner.disk {
             DiskState::None => {}
             DiskState::Live { .. } => return Err(EEXIST),
             DiskState::Removing => return Err(EBUSY),
         }
         let pages = inner.pages.clone().ok_or(ENXIO)?;
-        let disk = make(&pages)?;
-        let deadline = self.ring.lock().deadline();
+        let disk = make(DiskLink::new(tap.clone(), pages, info.features))?;
+        let deadline = tap.ring.lock().deadline();
         disk.set_timeout_ms(deadline.saturating_mul(1000));
         inner.disk = DiskState::Live {
             disk,
             read_only: info.read_only,
             features: info.features,
         };
-        self.ring.lock().disk_created(info.recovery);
+        tap.ring.lock().disk_created(info.recovery);
         Ok(())
     }
 
