@@ -4,6 +4,7 @@ alternated round by round (ABBA), tears them down, measures the memory a tap cos
 optionally profiles tapdev vs ublk.
 
     tests/vm/bench.py run [--smoke] [--rounds N] [--runtime S] [--ramp S] [--taps N] [--profile]
+                          [--devices D,...]
     tests/vm/bench.py check FILE      (the smoke test: every device produced numbers)
     tests/vm/bench.py plan [--rounds N] [--smoke]   (print the order of the runs, nothing else)
 
@@ -621,12 +622,12 @@ def set_pinning(nproc):
     return {"fio": FIO_CPU, "servers": SERVER_CPU}
 
 
-def set_up_devices():
-    """Every device of DEVICES set up at once, its scheduler set to none and its server pinned.
-    Those ready, in DEVICES order, as name -> (device, path); the number that failed (a skipped
-    optional device is not a failure)."""
+def set_up_devices(names):
+    """Every device named set up at once, its scheduler set to none and its server pinned.
+    Those ready, in the order given, as name -> (device, path); the number that failed (a
+    skipped optional device is not a failure)."""
     ready, failed = {}, 0
-    for name in DEVICES:
+    for name in names:
         d = make_device(name)
         try:
             note(f"{name}: setting up")
@@ -676,16 +677,20 @@ def run(args):
     rounds = args.rounds or (1 if args.smoke else ROUNDS)
     runtime = args.runtime if args.runtime else (1 if args.smoke else 5)
     ramp = args.ramp if args.ramp is not None else (0 if args.smoke else 1)
+    devices = args.devices.split(",") if args.devices else DEVICES
+    unknown = [d for d in devices if d not in DEVICES]
+    if unknown:
+        raise SystemExit(f"unknown devices {unknown}: choose among {DEVICES}")
     pinning = set_pinning(os.cpu_count())
     loops = calibration_loops()
     emit("meta", kernel=os.uname().release, nproc=os.cpu_count(),
          mem_kib=meminfo()["MemTotal"], fio=sh(["fio", "--version"]), jobs=jobs, runs=rounds,
-         rounds=rounds, order="abba", devices=DEVICES, runtime=runtime, ramp=ramp, span=SPAN,
+         rounds=rounds, order="abba", devices=devices, runtime=runtime, ramp=ramp, span=SPAN,
          smoke=args.smoke, job_specs={j: JOBS[j] for j in jobs}, pinning=pinning,
          gauge={"loops": loops, "clocksource": clocksource()})
     failed = 0
     if not args.no_devices:
-        ready, failed = set_up_devices()
+        ready, failed = set_up_devices(devices)
         try:
             before = calibrate(loops)
             for rnd, job, name in plan(list(ready), jobs, rounds):
@@ -793,6 +798,7 @@ def main():
     r.add_argument("--taps", type=int, default=32, help="taps for the memory measurement")
     r.add_argument("--profile", action="store_true", help="also profile tapdev-null vs ublk-null")
     r.add_argument("--no-devices", action="store_true", help="skip the fio runs")
+    r.add_argument("--devices", help=f"comma-separated subset of {','.join(DEVICES)} (all)")
     c = sub.add_parser("check")
     c.add_argument("file")
     pl = sub.add_parser("plan")
