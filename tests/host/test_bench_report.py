@@ -327,6 +327,9 @@ class Report(unittest.TestCase):
         out, md = report(recs)
         self.assertEqual(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]["pairs"], 3)
         self.assertIn("old log", md)
+        # Every target of the issue is listed, those whose job did not run as not measured.
+        one_mib = [t for t in out["targets"] if "1m-qd8" in t["target"]]
+        self.assertEqual([(t["status"], t["why"]) for t in one_mib], [("undetermined", "not measured")] * 2)
 
 
 class Gauge(unittest.TestCase):
