@@ -400,9 +400,10 @@ class Gauge(unittest.TestCase):
 
 
 class HostSampler(unittest.TestCase):
+    # No docstring in test cases: scripts/test reads `name (...) ... ok` on one line.
     def test_marks_samples_and_a_new_log(self):
-        """HostGauge times each BENCH-RESULT line as it shows up, starts over when the runner
-        replaces the log (a second boot), and finds QEMU among the runner's children."""
+        # HostGauge times each BENCH-RESULT line as it shows up, starts over when the runner
+        # replaces the log (a second boot), and finds QEMU among the runner's children.
         import subprocess
         import time
         with tempfile.TemporaryDirectory() as tmp:
