@@ -204,13 +204,21 @@ class Ublk:
 
 def pin_servers(pids, cpu):
     """Pins every thread of the server processes to `cpu` (taskset -a). The CPUs each thread
-    may run on afterwards, as the kernel says (Cpus_allowed_list), by thread id."""
+    may run on afterwards, as the kernel says (Cpus_allowed_list), by thread id; a failure to
+    pin is noted there too (the run goes on: its record shows the placement it had)."""
     placed = {}
     for pid in pids:
         if cpu is not None:
-            sh(["taskset", "-a", "-p", "-c", str(cpu), str(pid)])
+            p = subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+            if p.returncode != 0:
+                placed[f"error {pid}"] = p.stdout.strip()[-200:]
+                note(f"pinning {pid} to vCPU {cpu} failed: {p.stdout.strip()[-200:]}")
         for st in glob.glob(f"/proc/{pid}/task/*/status"):
-            m = re.search(r"^Cpus_allowed_list:\s+(\S+)", Path(st).read_text(), re.M)
+            try:
+                m = re.search(r"^Cpus_allowed_list:\s+(\S+)", Path(st).read_text(), re.M)
+            except OSError:
+                continue
             placed[st.split("/")[4]] = m.group(1) if m else "?"
     return placed
 
