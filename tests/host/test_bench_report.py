@@ -374,7 +374,7 @@ class Gauge(unittest.TestCase):
         samples, busy, qemu = [], 0, 0
         for k in range(2 * len(recs) + 1):
             t = 5.0 * k
-            samples.append([t, busy, 0, qemu, 42])
+            samples.append([t, busy, 10 * k, qemu, 42])
             hot = any(marks[i] - 10 <= t < marks[i] for i in busy_at)
             busy += 5 * 100 * (1.5 + 1.0 if hot else 1.0)  # QEMU's 1 core, others' 1.5 if hot
             qemu += 5 * 100
@@ -385,6 +385,8 @@ class Gauge(unittest.TestCase):
         flagged = [r for rs in out["runs"]["tapdev-null"].values() for r in rs if r["disturbed"]]
         self.assertEqual([r["round"] for r in flagged], [1])
         self.assertAlmostEqual(flagged[0]["host"]["others_cores"], 1.5)
+        self.assertAlmostEqual(g["host_niced_cores_median"], 0.02)
+        self.assertIn("niced host processes (not counted) used 0.02 cores", md)
         # Marks that do not match the records one for one: the host side says nothing.
         out, _ = report(recs, {"hz": 100, "samples": samples, "marks": marks[:-1]})
         self.assertEqual((out["gauge"]["host_side"], out["gauge"]["flagged"]), (False, 0))
@@ -396,6 +398,8 @@ class Gauge(unittest.TestCase):
         self.assertIsNone(B.others_in(s, 0.5, 1.5, 100, False))  # QEMU restarted in between
         self.assertEqual(B.others_in(s, 0.0, 1.0, 100, False)["others_cores"], 0.0)
         self.assertEqual(B.others_in(s, 0.0, 1.0, 100, True)["others_cores"], 0.5)
+        self.assertEqual(B.others_in(s, 0.0, 1.0, 100, False)["niced_cores"], 0.5)
+        self.assertIsNone(B.others_in(s, 0.0, 1.0, 100, True)["niced_cores"])
         self.assertIsNone(B.others_in([[0.0, 0, 0, None, 1], [1.0, 0, 0, None, 1]], 0.0, 1.0, 100, False))
 
 
