@@ -270,8 +270,9 @@ class Report(unittest.TestCase):
         self.assertIn("not measured", md)
 
     def test_no_runs_at_all(self):
-        recs = [r for r in records(lambda d, j, r: None)]
+        recs = records(lambda d, j, r: None, extra=[{"kind": "memory", "error": "tap-ctl failed"}])
         out, md = report(recs)
+        self.assertIn("not measured: tap-ctl failed", md)
         self.assertEqual(out["results"], {})
         self.assertEqual(out["gauge"]["runs"], 0)
         self.assertTrue(all(t["status"] == "undetermined" for t in out["targets"]))
