@@ -277,6 +277,15 @@ class Report(unittest.TestCase):
         self.assertEqual(out["gauge"]["runs"], 0)
         self.assertTrue(all(t["status"] == "undetermined" for t in out["targets"]))
 
+    def test_incomplete_memory_and_profile_records(self):
+        extra = [{"kind": "memory", "taps": 2, "per_tap_kib": {"memfree_drop": 1.0}},
+                 {"kind": "profile", "device": "tapdev-null", "job": "randread-4k-qd1", "fio": {}}]
+        out, md = report(records(lambda d, j, r: {}, rounds=2, extra=extra))
+        self.assertIsNone(out["memory"]["cost_kib"])
+        self.assertIn("**Memory per tap**: the record is incomplete", md)
+        self.assertIn("**Profile**: the records are incomplete", md)
+        self.assertEqual([t for t in out["targets"] if t["group"] == "memory"], [])
+
     def test_one_pair(self):
         out, md = report(records(lambda d, j, r: {"iops": 2000.0 if d == "tapdev-null" else 1000.0}, rounds=1))
         est = out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]

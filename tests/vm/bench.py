@@ -378,17 +378,18 @@ def calibration_loops(target_s=CALIBRATION_S):
 
 
 def calibrate(loops):
-    """spin(loops) timed on each vCPU this process may use, in ms (vCPU order)."""
-    cpus = sorted(os.sched_getaffinity(0))
+    """spin(loops) timed on each vCPU in turn, in ms (vCPU order); this process's CPU affinity
+    is put back afterwards."""
+    mask = os.sched_getaffinity(0)
     times = []
     try:
-        for cpu in cpus:
+        for cpu in range(os.cpu_count()):
             os.sched_setaffinity(0, {cpu})
             t = time.monotonic()
             spin(loops)
             times.append(round((time.monotonic() - t) * 1000, 3))
     finally:
-        os.sched_setaffinity(0, cpus)
+        os.sched_setaffinity(0, mask)
     return times
 
 
