@@ -9,11 +9,13 @@ import itertools
 import importlib.util
 import json
 import math
+import os
 import random
 import shutil
 import sys
 import tempfile
 import unittest
+import unittest.mock
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -411,6 +413,97 @@ class Gauge(unittest.TestCase):
         self.assertEqual(B.others_in(s, 0.0, 1.0, 100, False)["niced_cores"], 0.5)
         self.assertIsNone(B.others_in(s, 0.0, 1.0, 100, True)["niced_cores"])
         self.assertIsNone(B.others_in([[0.0, 0, 0, None, 1], [1.0, 0, 0, None, 1]], 0.0, 1.0, 100, False))
+
+
+class GuestRun(unittest.TestCase):
+    # tests/vm/bench.py's run() on the host: stand-in devices, fio and memory measurement, the
+    # real order, gauge, records and smoke check; then the report on its records.
+
+    def guest_run(self, fail=None, rounds=2):
+        lines = []
+        calls = []
+
+        class Dev:
+            def __init__(self, name):
+                self.name = name
+
+            def setup(self):
+                if self.name == "rnull":
+                    raise GUEST.Skip("not built (stand-in)")
+                return f"/dev/{self.name}", {"params": "stand-in"}
+
+            def teardown(self):
+                calls.append(("teardown", self.name))
+
+            def server_pids(self):
+                return []
+
+        def fio(path, jobs, runtime, ramp, out=None):
+            calls.append(("fio", path, jobs[0]))
+            if fail and fail(path, len(calls)):
+                raise RuntimeError("fio exited 1 (stand-in)")
+            return {jobs[0]: {"iops": 1000.0, "bw_kib": 4000, "ios": 5000, "lat_mean_us": 0.0,
+                              "lat_p99_us": 0.0, "usr_cpu": 1, "sys_cpu": 2, "ctx": 3}}
+
+        def emit(kind, **fields):
+            lines.append(GUEST.MARK + json.dumps({"kind": kind, **fields}))
+
+        stubs = {"make_device": Dev, "no_scheduler": lambda p: {"default": "none", "used": "none"},
+                 "fio": fio, "emit": emit, "note": lambda msg: None, "calibration_loops": lambda: 1000,
+                 "calibrate": lambda loops: [50.0] * os.cpu_count(),
+                 "measure_memory": lambda n: {"taps": n, "per_tap_kib": {"memfree_drop": 1.0}},
+                 "sh": lambda cmd, check=True, **kw: "fio-3.33", "FIO_CPU": 0, "SERVER_CPU": 1}
+        with unittest.mock.patch.multiple(GUEST, **stubs):
+            args = GUEST.argparse.Namespace(smoke=True, rounds=rounds, runtime=1, ramp=0, taps=2,
+                                            profile=False, no_devices=False, devices=None)
+            rc = GUEST.run(args)
+        return rc, lines, calls
+
+    def test_order_records_and_smoke_check(self):
+        rc, lines, calls = self.guest_run()
+        self.assertEqual(rc, 0)
+        fio = [(c[1].rsplit("/", 1)[1], c[2]) for c in calls if c[0] == "fio"]
+        devs = ["null_blk", "ublk-null", "tapdev-null", "tapdev-ram"]  # rnull skipped
+        expect = [(d, j) for j in GUEST.SMOKE_JOBS for d in devs] + \
+            [(d, j) for j in GUEST.SMOKE_JOBS for d in reversed(devs)]
+        self.assertEqual(fio, expect)
+        self.assertEqual([c[1] for c in calls if c[0] == "teardown"][-4:], list(reversed(devs)))
+        recs = GUEST.read_results("\n".join(lines))
+        kinds = [r["kind"] for r in recs if r["kind"] in ("start", "run")]
+        self.assertEqual(kinds, ["start", "run"] * len(expect))
+        runs = [r for r in recs if r["kind"] == "run"]
+        self.assertTrue(all(len(r["gauge"]["before_ms"]) == os.cpu_count() for r in runs))
+        with tempfile.NamedTemporaryFile("w", suffix=".log") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            with unittest.mock.patch("builtins.print"):
+                self.assertEqual(GUEST.check(f.name), 0)  # zero latencies are accepted
+        out, md = report(recs)
+        self.assertEqual(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]["pairs"], 2)
+        self.assertIsNone(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["lat_p99"]["median"])
+
+    def test_calibrate_times_every_vcpu_and_restores_the_affinity(self):
+        mask = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(mask)})
+        try:
+            times = GUEST.calibrate(1000)
+            self.assertEqual(os.sched_getaffinity(0), {min(mask)})
+        finally:
+            os.sched_setaffinity(0, mask)
+        self.assertEqual(len(times), os.cpu_count())
+        self.assertTrue(all(t is None or t >= 0 for t in times))
+
+    def test_a_failed_run_is_recorded_and_the_rest_goes_on(self):
+        rc, lines, calls = self.guest_run(fail=lambda path, n: path == "/dev/ublk-null" and n < 4)
+        self.assertEqual(rc, 1)
+        recs = GUEST.read_results("\n".join(lines))
+        errors = [r for r in recs if r["kind"] == "run" and "error" in r]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(recs[-1], {"kind": "done", "failed": 1})
+        self.assertEqual(len([r for r in recs if r["kind"] == "run"]), 16)
+        out, md = report(recs)
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]
+        self.assertEqual((est["pairs"], est["missing"]), (1, 1))
 
 
 class HostSampler(unittest.TestCase):

@@ -378,13 +378,17 @@ def calibration_loops(target_s=CALIBRATION_S):
 
 
 def calibrate(loops):
-    """spin(loops) timed on each vCPU in turn, in ms (vCPU order); this process's CPU affinity
-    is put back afterwards."""
+    """spin(loops) timed on each vCPU in turn, in ms (vCPU order; None for one this process
+    cannot run on); this process's CPU affinity is put back afterwards."""
     mask = os.sched_getaffinity(0)
     times = []
     try:
         for cpu in range(os.cpu_count()):
-            os.sched_setaffinity(0, {cpu})
+            try:
+                os.sched_setaffinity(0, {cpu})
+            except OSError:  # offline, or outside this cgroup's cpuset
+                times.append(None)
+                continue
             t = time.monotonic()
             spin(loops)
             times.append(round((time.monotonic() - t) * 1000, 3))
