@@ -262,8 +262,9 @@ mod tests {
             status: -1,
             ..Default::default()
         };
-        ring.write_response(33, &rsp); // slot 1
-                                       // SAFETY: entry 1 starts at 64 + 112; the fields at their ABI offsets.
+        // Slot 1.
+        ring.write_response(33, &rsp);
+        // SAFETY: entry 1 starts at 64 + 112; the fields at their ABI offsets, inside the ring page.
         unsafe {
             let e = base.add(64 + 112);
             assert_eq!(e.cast::<u64>().read(), 5);
@@ -282,11 +283,9 @@ mod tests {
         bytes[ENTRY_SIZE - 1] = 0xee;
         ring.write_entry_bytes(34, &bytes); // slot 2
         assert_eq!(ring.read_response(2).id, 9);
-        // SAFETY: the last byte of entry 2, inside the ring page.
-        assert_eq!(
-            unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() },
-            0xee
-        );
+        // SAFETY: the last byte of entry 2, inside the ring page `mem` maps for the whole test.
+        let last = unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() };
+        assert_eq!(last, 0xee);
         ring.set_req_prod(3);
         ring.set_msg(RING_MESSAGE_CLOSE);
         ring.clear();
@@ -294,11 +293,9 @@ mod tests {
             (ring.req_prod(), ring.msg(), ring.read_response(2).id),
             (0, 0, 0)
         );
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() },
-            0
-        );
+        // SAFETY: as above: the last byte of entry 2, inside the mapped ring page.
+        let last = unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() };
+        assert_eq!(last, 0);
     }
 
     #[test]
