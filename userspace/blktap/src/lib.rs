@@ -10,6 +10,8 @@
 //! - [`tap`]: a tap's life in tapdisk (open, pause, unpause, recover, close);
 //! - [`ctl`]: the tapdisk control protocol (JSON lines over unix sockets);
 //! - [`mapping`]: owned memory mappings;
+//! - `testkit` (the `testkit` feature, and this crate's tests): test doubles, a ring where the
+//!   test plays the kernel and a simulated kernel;
 //! - [`Error`]: one error type, with the errno a caller can act on.
 
 pub mod backend;
@@ -22,5 +24,7 @@ pub mod rng;
 pub mod server;
 pub mod sysfs;
 pub mod tap;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 pub use error::{Error, Result};

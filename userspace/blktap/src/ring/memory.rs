@@ -4,7 +4,6 @@
 //! out Rust references into it: indices are atomics, entries are copied in and out with volatile
 //! accesses, and data pages are raw pointers for I/O.
 
-use std::cell::Cell;
 use std::marker::PhantomData;
 use std::mem::{offset_of, size_of};
 use std::ptr::NonNull;
@@ -13,8 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use blktap_abi::{self as abi, blktap_request, blktap_response, blktap_ring_entry, blktap_sring};
 
-use crate::mapping::Mapping;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Page size the ring layout is defined with.
 pub const PAGE_SIZE: usize = 4096;
@@ -200,47 +198,10 @@ impl<'a> SharedRing<'a> {
     }
 }
 
-/// Ring memory in an anonymous mapping, for simulations and tests: the caller plays the kernel.
-///
-/// [`RingMemory::kick`] only counts the calls ([`AnonRing::kicks`]).
-#[derive(Debug)]
-pub struct AnonRing {
-    map: Mapping,
-    kicks: Cell<u64>,
-}
-
-impl AnonRing {
-    /// A zeroed ring mapping.
-    pub fn new() -> Result<Self> {
-        let map = Mapping::anonymous(MAP_SIZE).map_err(|e| Error::os("map ring memory", e))?;
-        Ok(Self {
-            map,
-            kicks: Cell::new(0),
-        })
-    }
-
-    /// How many times responses were signalled.
-    pub fn kicks(&self) -> u64 {
-        self.kicks.get()
-    }
-}
-
-// SAFETY: the mapping is MAP_SIZE bytes, page-aligned (mmap), lives as long as `self`, and is
-// only reached through raw pointers.
-unsafe impl RingMemory for AnonRing {
-    fn base(&self) -> NonNull<u8> {
-        self.map.as_ptr()
-    }
-
-    fn kick(&self) -> Result<()> {
-        self.kicks.set(self.kicks.get() + 1);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::AnonRing;
 
     #[test]
     fn indices_and_entries_land_at_the_abi_offsets() {
