@@ -1,0 +1,589 @@
+//! Tests of the VHD format code: round trips, qemu-img as an independent reference, chains,
+//! coalescing, malformed images and random corruption.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::check::check;
+use super::create::{coalesce, create_dynamic, create_fixed, snapshot};
+use super::{Chain, VhdError, VhdImage};
+use crate::backend::{self, Backend, ImageSpec, Io};
+use crate::ring::Op;
+use crate::rng::Rng;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("blktap-vhd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn pattern(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for c in v.chunks_mut(8) {
+        let r = rng.next_u64().to_le_bytes();
+        c.copy_from_slice(&r[..c.len()]);
+    }
+    v
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut chain = Chain::open(path, false).unwrap();
+    let mut buf = vec![0u8; chain.size() as usize];
+    chain.read(0, &mut buf).unwrap();
+    buf
+}
+
+fn qemu_img() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("qemu-img is not installed: skipped (scripts/setup installs qemu-utils)");
+    }
+    ok
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn to_raw(vhd: &Path, raw: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(raw);
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "vpc", "-O", "raw"])
+        .arg(vhd)
+        .arg(raw));
+    std::fs::read(raw).unwrap()
+}
+
+#[test]
+fn dynamic_images_read_back_what_was_written() {
+    let dir = scratch("dyn");
+    let path = dir.join("d.vhd");
+    create_dynamic(&path, 10 << 20, None).unwrap();
+    assert!(read_all(&path).iter().all(|&b| b == 0));
+    let mut rng = Rng::new(1);
+    let mut model = vec![0u8; 10 << 20];
+    {
+        let mut chain = Chain::open(&path, true).unwrap();
+        // Across a block boundary, at the start, and at the very end.
+        for (off, len) in [
+            (2 * 1024 * 1024 - 4096, 8192),
+            (0, 512),
+            ((10 << 20) - 1024, 1024),
+        ] {
+            let data = pattern(&mut rng, len);
+            chain.write(off as u64, &data).unwrap();
+            model[off..off + len].copy_from_slice(&data);
+        }
+        chain.flush().unwrap();
+        let mut buf = vec![0u8; model.len()];
+        chain.read(0, &mut buf).unwrap();
+        assert!(buf == model, "read back through the open chain");
+    }
+    assert!(read_all(&path) == model, "read back after reopening");
+    assert!(check(&path).is_empty(), "{:?}", check(&path));
+    let image = VhdImage::open(&path, false).unwrap();
+    let allocated = image
+        .bat()
+        .iter()
+        .filter(|&&e| e != super::UNALLOCATED)
+        .count();
+    assert_eq!(allocated, 3, "blocks 0, 1 and 4 allocated");
+    let mut chain = Chain::open(&path, false).unwrap();
+    assert!(matches!(
+        chain.write(0, &[0; 512]),
+        Err(VhdError::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        chain.read(10 << 20, &mut [0; 512]),
+        Err(VhdError::OutOfRange { .. })
+    ));
+    assert!(chain.read(100, &mut [0; 512]).is_err(), "unaligned");
+}
+
+#[test]
+fn fixed_images_read_back_what_was_written() {
+    let dir = scratch("fixed");
+    let path = dir.join("f.vhd");
+    create_fixed(&path, 3 << 20).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), (3 << 20) + 512);
+    let mut rng = Rng::new(2);
+    let data = pattern(&mut rng, 4096);
+    Chain::open(&path, true)
+        .unwrap()
+        .write(1 << 20, &data)
+        .unwrap();
+    let all = read_all(&path);
+    assert!(all[(1 << 20)..(1 << 20) + 4096] == data[..]);
+    assert!(all[..1 << 20].iter().all(|&b| b == 0));
+    assert!(check(&path).is_empty());
+}
+
+#[test]
+fn qemu_made_images_read_like_qemu_converts_them() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = scratch("qemu-read");
+    let mut rng = Rng::new(3);
+    for (sub, size_mb) in [
+        ("dynamic", 3u64),
+        ("dynamic", 17),
+        ("fixed", 5),
+        ("fixed", 9),
+    ] {
+        // A raw disk with scattered data, made a VHD by qemu-img.
+        let raw = dir.join("src.raw");
+        let size = size_mb << 20;
+        let mut model = vec![0u8; size as usize];
+        for _ in 0..6 {
+            let off = rng.below(size / 512 - 16) as usize * 512;
+            let data = pattern(&mut rng, 8192);
+            model[off..off + 8192].copy_from_slice(&data);
+        }
+        std::fs::write(&raw, &model).unwrap();
+        let vhd = dir.join(format!("{sub}-{size_mb}.vhd"));
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vpc", "-o"])
+            .arg(format!("subformat={sub}"))
+            .arg(&raw)
+            .arg(&vhd));
+        let reference = to_raw(&vhd, &dir.join("ref.raw"));
+        let ours = read_all(&vhd);
+        assert_eq!(ours.len(), reference.len(), "{sub} {size_mb}M: size");
+        assert!(ours == reference, "{sub} {size_mb}M: bytes");
+        assert!(check(&vhd).is_empty(), "{sub}: {:?}", check(&vhd));
+    }
+}
+
+/// Writes `data` at `offset` through the backend API (iovecs, queue, submit, drain).
+fn backend_io(b: &mut dyn Backend, op: Op, offset: u64, data: &mut [u8]) -> Result<(), i32> {
+    let (a, c) = data.split_at_mut(data.len() / 2);
+    let iov = vec![
+        libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: c.as_mut_ptr().cast(),
+            iov_len: c.len(),
+        },
+    ];
+    // SAFETY: `data` outlives the drain below, which hands out the completion.
+    unsafe {
+        b.queue(Io {
+            tag: 7,
+            op,
+            offset,
+            iov,
+            discard_len: 0,
+        })
+    };
+    b.submit().unwrap();
+    let mut out = Vec::new();
+    b.drain(&mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].tag, 7);
+    assert_eq!(b.in_flight(), 0);
+    out[0].result.map_err(|e| e as i32)
+}
+
+#[test]
+fn images_written_through_the_backend_convert_with_qemu_byte_for_byte() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = scratch("qemu-write");
+    let mut rng = Rng::new(4);
+    for kind in ["ours-dynamic", "ours-fixed", "qemu-dynamic", "qemu-fixed"] {
+        let path = dir.join(format!("{kind}.vhd"));
+        let size: u64 = match kind {
+            "ours-dynamic" => create_dynamic(&path, 12 << 20, None).unwrap().current_size,
+            "ours-fixed" => create_fixed(&path, 6 << 20).unwrap().current_size,
+            _ => {
+                let sub = kind.trim_start_matches("qemu-");
+                run(Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "vpc", "-o"])
+                    .arg(format!("subformat={sub}"))
+                    .arg(&path)
+                    .arg("8M"));
+                VhdImage::open(&path, false).unwrap().size()
+            }
+        };
+        let spec: ImageSpec = format!("vhd:{}", path.display()).parse().unwrap();
+        let mut model = vec![0u8; size as usize];
+        {
+            let mut b = backend::open(&spec, false).unwrap();
+            assert_eq!(b.size(), size);
+            assert!(b.features().flush && b.features().fua && !b.features().discard);
+            for i in 0..10 {
+                let len = 512 * (1 + rng.below(64) as usize) * 2;
+                let off = rng.below((size - len as u64) / 512) * 512;
+                let mut data = pattern(&mut rng, len);
+                let op = if i % 3 == 0 { Op::WriteFua } else { Op::Write };
+                backend_io(b.as_mut(), op, off, &mut data).unwrap();
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            backend_io(b.as_mut(), Op::Flush, 0, &mut []).unwrap();
+            let mut back = vec![0u8; size as usize];
+            backend_io(b.as_mut(), Op::Read, 0, &mut back).unwrap();
+            assert!(back == model, "{kind}: read back through the backend");
+            assert_eq!(
+                backend_io(b.as_mut(), Op::Discard, 0, &mut []),
+                Err(libc::EOPNOTSUPP)
+            );
+        }
+        let converted = to_raw(&path, &dir.join("out.raw"));
+        assert!(converted == model, "{kind}: qemu-img reads what we wrote");
+        let info = run(Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "vpc"])
+            .arg(&path));
+        assert!(
+            info.contains(&format!("\"virtual-size\": {size}")),
+            "{kind}: {info}"
+        );
+    }
+}
+
+#[test]
+fn qemu_img_reads_images_we_create_with_their_size() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = scratch("qemu-info");
+    for size_mb in [1u64, 10, 100, 2048] {
+        let path = dir.join(format!("{size_mb}.vhd"));
+        create_dynamic(&path, size_mb << 20, None).unwrap();
+        let info = run(Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "vpc"])
+            .arg(&path));
+        assert!(
+            info.contains(&format!("\"virtual-size\": {}", size_mb << 20)),
+            "{size_mb}M: {info}"
+        );
+    }
+}
+
+/// A chain of `depth` snapshots over a dynamic base, data written at every level.
+fn build_chain(dir: &Path, depth: usize, rng: &mut Rng) -> (PathBuf, Vec<u8>) {
+    let size = 8u64 << 20;
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, size, None).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut leaf = base;
+    for level in 0..=depth {
+        if level > 0 {
+            // Children in subdirectories every few levels, to resolve relative paths.
+            let sub = dir.join(format!("d{}", level / 4));
+            std::fs::create_dir_all(&sub).unwrap();
+            let child = sub.join(format!("c{level}.vhd"));
+            snapshot(&child, &leaf, false).unwrap();
+            leaf = child;
+        }
+        let mut chain = Chain::open(&leaf, true).unwrap();
+        assert_eq!(chain.layers().len(), level + 1);
+        for _ in 0..3 {
+            let len = 512 * (1 + rng.below(16) as usize);
+            let off = rng.below((size - len as u64) / 512) * 512;
+            let data = pattern(rng, len);
+            chain.write(off, &data).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        chain.flush().unwrap();
+    }
+    (leaf, model)
+}
+
+#[test]
+fn chains_read_through_the_leaf_check_clean_and_coalesce() {
+    let mut rng = Rng::new(5);
+    for depth in [1, 2, 30] {
+        let dir = scratch(&format!("chain{depth}"));
+        let (leaf, model) = build_chain(&dir, depth, &mut rng);
+        assert!(read_all(&leaf) == model, "depth {depth}: bytes");
+        assert!(check(&leaf).is_empty(), "{:?}", check(&leaf));
+        let parent = Chain::open(&leaf, false).unwrap().layers()[1]
+            .path()
+            .to_path_buf();
+        let copied = coalesce(&leaf).unwrap();
+        assert!(copied > 0);
+        assert!(
+            read_all(&parent) == model,
+            "depth {depth}: coalesced parent"
+        );
+        assert!(
+            read_all(&leaf) == model,
+            "depth {depth}: leaf after coalesce"
+        );
+        assert!(check(&parent).is_empty());
+    }
+}
+
+#[test]
+fn raw_parents_serve_what_a_child_lacks() {
+    let dir = scratch("rawparent");
+    let mut rng = Rng::new(6);
+    let raw = dir.join("base.raw");
+    let mut model = pattern(&mut rng, 4 << 20);
+    std::fs::write(&raw, &model).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &raw, true).unwrap();
+    assert!(read_all(&child) == model);
+    let data = pattern(&mut rng, 4096);
+    Chain::open(&child, true)
+        .unwrap()
+        .write(512 * 3, &data)
+        .unwrap();
+    model[1536..1536 + 4096].copy_from_slice(&data);
+    assert!(read_all(&child) == model);
+    assert!(
+        std::fs::read(&raw).unwrap() != model,
+        "the raw parent is untouched"
+    );
+    coalesce(&child).unwrap();
+    assert!(
+        std::fs::read(&raw).unwrap() == model,
+        "coalesced into the raw file"
+    );
+}
+
+fn corrupt(path: &Path, at: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+/// Rewrites the BAT entry of `block` (fixing nothing else).
+fn set_bat(path: &Path, block: u32, sector: u32) {
+    let image = VhdImage::open(path, false).unwrap();
+    let at = image.header().unwrap().table_offset + u64::from(block) * 4;
+    corrupt(path, at, &sector.to_be_bytes());
+}
+
+#[test]
+fn malformed_images_are_refused_with_a_clear_error() {
+    let dir = scratch("malformed");
+    let fresh = |name: &str| {
+        let p = dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        create_dynamic(&p, 8 << 20, None).unwrap();
+        Chain::open(&p, true).unwrap().write(0, &[1; 4096]).unwrap();
+        p
+    };
+    let open = |p: &Path| Chain::open(p, false).unwrap_err();
+
+    let p = fresh("checksum.vhd");
+    let len = std::fs::metadata(&p).unwrap().len();
+    corrupt(&p, len - 512 + 40, &[0xAB]);
+    assert!(matches!(open(&p), VhdError::BadChecksum { .. }));
+    let problems = check(&p);
+    assert!(problems[0].contains("checksum"), "{problems:?}");
+    assert!(problems[1].contains("footer copy"), "{problems:?}");
+
+    let p = fresh("header.vhd");
+    corrupt(&p, 512 + 30, &[0xAB]);
+    assert!(matches!(
+        open(&p),
+        VhdError::BadChecksum {
+            what: "dynamic header",
+            ..
+        }
+    ));
+
+    let p = fresh("past-end.vhd");
+    set_bat(&p, 1, 0x00F0_0000);
+    let e = open(&p);
+    assert!(matches!(e, VhdError::BadBat { block: 1, .. }), "{e}");
+    assert!(e.to_string().contains("past the end"));
+    assert!(!check(&p).is_empty());
+
+    let p = fresh("into-metadata.vhd");
+    set_bat(&p, 2, 1);
+    assert!(open(&p).to_string().contains("metadata"));
+
+    let p = fresh("overlap.vhd");
+    Chain::open(&p, true)
+        .unwrap()
+        .write(2 << 20, &[2; 512])
+        .unwrap();
+    let first = VhdImage::open(&p, false).unwrap().bat()[0];
+    set_bat(&p, 3, first + 8);
+    assert!(open(&p).to_string().contains("overlaps another block"));
+
+    let p = fresh("truncated.vhd");
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(1000).unwrap();
+    assert!(matches!(
+        open(&p),
+        VhdError::BadCookie { .. } | VhdError::Truncated { .. }
+    ));
+    f.set_len(100).unwrap();
+    assert!(matches!(open(&p), VhdError::Truncated { .. }));
+    let data = std::fs::read(fresh("t2.vhd")).unwrap();
+    // The footer kept but the BAT and blocks cut away.
+    let p = dir.join("t3.vhd");
+    let mut short = data[..1024].to_vec();
+    short.extend_from_slice(&data[data.len() - 512..]);
+    std::fs::write(&p, &short).unwrap();
+    assert!(
+        matches!(open(&p), VhdError::Truncated { .. }),
+        "{}",
+        open(&p)
+    );
+}
+
+#[test]
+fn broken_chains_are_refused() {
+    let dir = scratch("badchain");
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &base, false).unwrap();
+    assert_eq!(Chain::open(&child, false).unwrap().layers().len(), 2);
+
+    // A different parent in its place: the UUID does not match.
+    let saved = std::fs::read(&base).unwrap();
+    std::fs::remove_file(&base).unwrap();
+    let e = Chain::open(&child, false).unwrap_err();
+    assert!(matches!(e, VhdError::ParentMissing { .. }), "{e}");
+    assert_eq!(e.errno(), libc::ENOENT);
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let e = Chain::open(&child, false).unwrap_err();
+    assert!(matches!(e, VhdError::ParentMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("UUID"));
+    assert!(!check(&child).is_empty());
+
+    // A parent of another size with the right UUID.
+    let mut other = VhdImage::open(&base, false).unwrap().footer().clone();
+    std::fs::write(&base, &saved).unwrap();
+    let good = VhdImage::open(&base, false).unwrap().footer().clone();
+    other.uuid = good.uuid;
+    other.current_size = 2 << 20;
+    let len = std::fs::metadata(&base).unwrap().len();
+    corrupt(&base, len - 512, &other.to_bytes());
+    let e = Chain::open(&child, false).unwrap_err();
+    assert!(e.to_string().contains("size"), "{e}");
+    std::fs::write(&base, &saved).unwrap();
+
+    // A loop: the base made a differencing child of the child.
+    let a = dir.join("a.vhd");
+    let b = dir.join("b.vhd");
+    snapshot(&a, &base, false).unwrap();
+    snapshot(&b, &a, false).unwrap();
+    // Overwrite a with a copy of b's header naming b as parent: a -> b -> a.
+    let tmp = dir.join("tmp.vhd");
+    snapshot(&tmp, &b, false).unwrap();
+    std::fs::rename(&tmp, &a).unwrap();
+    let e = Chain::open(&b, false).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VhdError::BadChain { .. } | VhdError::ParentMismatch { .. }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_chain_that_loops_is_refused() {
+    // Two children naming each other, with matching UUIDs: only the loop check stops the walk.
+    let dir = scratch("loop");
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let a = dir.join("a.vhd");
+    snapshot(&a, &base, false).unwrap();
+    let b = dir.join("b.vhd");
+    snapshot(&b, &a, false).unwrap();
+    // Make a's parent b: rewrite a's header with b's UUID and locators naming b.vhd.
+    let tmp = dir.join("tmp.vhd");
+    snapshot(&tmp, &b, false).unwrap();
+    let a_footer = VhdImage::open(&a, false).unwrap().footer().clone();
+    let mut bytes = std::fs::read(&tmp).unwrap();
+    let fb = a_footer.to_bytes();
+    let n = bytes.len();
+    bytes[..512].copy_from_slice(&fb);
+    bytes[n - 512..].copy_from_slice(&fb);
+    std::fs::write(&a, &bytes).unwrap();
+    let e = Chain::open(&b, false).unwrap_err();
+    assert!(matches!(e, VhdError::BadChain { .. }), "{e}");
+    assert!(e.to_string().contains("loops"), "{e}");
+}
+
+#[test]
+fn random_corruption_never_panics() {
+    let dir = scratch("fuzz");
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &base, false).unwrap();
+    Chain::open(&child, true)
+        .unwrap()
+        .write(4096, &[9; 8192])
+        .unwrap();
+    let pristine = std::fs::read(&child).unwrap();
+    let len = pristine.len() as u64;
+    let mut rng = Rng::new(7);
+    let mut refused = 0;
+    for round in 0..400 {
+        // Flip bytes in the metadata (first 8 KiB), a block's bitmap, or the footer.
+        let mut changes = Vec::new();
+        for _ in 0..1 + rng.below(4) {
+            let at = match rng.below(3) {
+                0 => rng.below(8192),
+                1 => rng.below(len),
+                _ => len - 1 - rng.below(512),
+            };
+            changes.push((at, rng.next_u64() as u8));
+        }
+        for &(at, v) in &changes {
+            corrupt(&child, at, &[v]);
+        }
+        // The checksums catch most flips: also fix them up now and then, so the BAT, the
+        // offsets and the locators are exercised.
+        if round % 2 == 0 {
+            fix_checksums(&child);
+        }
+        match Chain::open(&child, true) {
+            Err(_) => refused += 1,
+            Ok(mut chain) => {
+                let size = chain.size();
+                let mut buf = vec![0u8; size.min(8 << 20) as usize];
+                let _ = chain.read(0, &mut buf);
+                let _ = chain.write(0, &[1; 1024]);
+                let _ = chain.write(size.saturating_sub(512), &[1; 512]);
+            }
+        }
+        let _ = check(&child);
+        std::fs::write(&child, &pristine).unwrap();
+    }
+    assert!(refused > 50, "only {refused} corrupt images refused");
+}
+
+/// Recomputes the footer and header checksums of `path` in place (after corruption).
+fn fix_checksums(path: &Path) {
+    let mut b = std::fs::read(path).unwrap();
+    let n = b.len();
+    if n < 1536 {
+        return;
+    }
+    for range in [0..512, n - 512..n] {
+        let f = &mut b[range];
+        f[64..68].fill(0);
+        let sum = super::checksum(f);
+        f[64..68].copy_from_slice(&sum.to_be_bytes());
+    }
+    let h = &mut b[512..1536];
+    h[36..40].fill(0);
+    let sum = super::checksum(h);
+    h[36..40].copy_from_slice(&sum.to_be_bytes());
+    std::fs::write(path, &b).unwrap();
+}
