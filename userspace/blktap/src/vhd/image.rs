@@ -8,10 +8,12 @@
 //! # Crash safety of writes
 //!
 //! A write to an unallocated block allocates it at the end of the data, where the trailing
-//! footer was: one `pwrite` puts the new block (bitmap, data, zeros for the rest) and the
-//! footer after it; `fdatasync`; then the block's BAT entry is written. Killed before the BAT
-//! write, the file has a valid footer at its (new) end and an unreferenced block; after it,
-//! the block is complete. A write into an allocated block whose bitmap lacks some of its
+//! footer was: first the footer is written at the new end (after where the block goes), then
+//! the block (bitmap, data, zeros for the rest) over the old footer; `fdatasync`; then the
+//! block's BAT entry. Killed before the BAT write (even in the middle of the block's write,
+//! which a kill can cut short), the file ends with a valid footer and holds an unreferenced
+//! block; after it, the block is complete. Sector-sized writes (footer, bitmap, BAT entry) are
+//! never cut. A write into an allocated block whose bitmap lacks some of its
 //! sectors writes the data, `fdatasync`s, and then sets the bits. BAT and bitmap writes are made
 //! durable by the next flush (or at once for FUA writes).
 
@@ -427,7 +429,7 @@ impl VhdImage {
                 VhdError::invalid(&self.path, "the BAT cannot address a block this far")
             })?;
         let (bm, bs) = (self.bitmap_bytes as usize, self.block_size as usize);
-        let mut buf = vec![0u8; bm + bs + FOOTER_SIZE];
+        let mut buf = vec![0u8; bm + bs];
         let (first, count) = if self.has_parent() {
             (within / 512, part.len() as u64 / 512)
         } else {
@@ -439,16 +441,18 @@ impl VhdImage {
         }
         let at = bm + within as usize;
         buf[at..at + part.len()].copy_from_slice(part);
-        buf[bm + bs..].copy_from_slice(&self.footer.to_bytes());
-        let bitmap = buf[..bm].to_vec();
+        let end = start + (bm + bs) as u64;
+        // The footer moves first, to the new end: the file always ends with a valid footer,
+        // even if the block's write below is cut short (a kill interrupts a large write).
+        self.write_file(end, &self.footer.to_bytes())?;
+        self.footer_offset = end;
         self.write_file(start, &buf)?;
         // Block and footer are on disk before the BAT points at the block.
         self.barrier()?;
         let entry_at = self.header.as_ref().map_or(0, |h| h.table_offset) + u64::from(block) * 4;
         self.write_file(entry_at, &sector.to_be_bytes())?;
         self.bat[block as usize] = sector;
-        self.footer_offset = start + (bm + bs) as u64;
-        self.bitmaps.insert(block, bitmap);
+        self.bitmaps.insert(block, buf[..bm].to_vec());
         Ok(())
     }
 

@@ -587,3 +587,109 @@ fn fix_checksums(path: &Path) {
     h[36..40].copy_from_slice(&sum.to_be_bytes());
     std::fs::write(path, &b).unwrap();
 }
+
+/// The writer of [`kill_9_during_allocating_writes_leaves_a_consistent_image`]: the data of
+/// write `i` (seeded by `seed`).
+fn crash_data(seed: u64, i: u64) -> (u64, Vec<u8>) {
+    let mut rng = Rng::new(seed ^ (i + 1).wrapping_mul(0x9e37_79b9));
+    // Distinct ranges, 1031 sectors apart: about four per 2 MiB block, the first allocating it.
+    (i * 1031 * 512, {
+        let len = 4096 + 512 * rng.below(8) as usize;
+        pattern(&mut rng, len)
+    })
+}
+
+const CRASH_ENV: &str = "BLKTAP_VHD_CRASH_WRITER";
+const CRASH_WRITES: u64 = 120;
+
+#[test]
+#[ignore = "the writer process of kill_9_during_allocating_writes_leaves_a_consistent_image"]
+fn crash_writer_process() {
+    use std::io::Write;
+    let Ok(arg) = std::env::var(CRASH_ENV) else {
+        return;
+    };
+    let (seed, path) = arg.split_once(':').unwrap();
+    let seed: u64 = seed.parse().unwrap();
+    let mut chain = Chain::open(Path::new(path), true).unwrap();
+    let mut out = std::io::stdout();
+    for i in 0..CRASH_WRITES {
+        let (off, data) = crash_data(seed, i);
+        chain.write(off, &data).unwrap();
+        writeln!(out, "ack {i}").unwrap();
+        out.flush().unwrap();
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn kill_9_during_allocating_writes_leaves_a_consistent_image() {
+    use std::io::Read;
+    let dir = scratch("crash");
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = Rng::new(8);
+    let mut killed_midway = 0;
+    for round in 0..16u64 {
+        let base = dir.join(format!("base{round}.vhd"));
+        let leaf = dir.join(format!("leaf{round}.vhd"));
+        create_dynamic(&base, 64 << 20, None).unwrap();
+        Chain::open(&base, true)
+            .unwrap()
+            .write(0, &vec![0x5A; 64 << 20])
+            .unwrap();
+        snapshot(&leaf, &base, false).unwrap();
+        let leaf = if round % 2 == 0 { leaf } else { base.clone() };
+        let seed = rng.next_u64();
+        let mut child = Command::new(&exe)
+            .args([
+                "vhd::image_tests::crash_writer_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_ENV, format!("{seed}:{}", leaf.display()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5 + rng.below(80)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut text = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        let acked: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("ack ")?.trim().parse().ok())
+            .collect();
+        if (acked.len() as u64) < CRASH_WRITES {
+            killed_midway += 1;
+        }
+        let problems = check(&leaf);
+        assert!(problems.is_empty(), "round {round}: {problems:?}");
+        let mut chain = Chain::open(&leaf, false).unwrap();
+        for &i in &acked {
+            let (off, data) = crash_data(seed, i);
+            let mut back = vec![0u8; data.len()];
+            chain.read(off, &mut back).unwrap();
+            assert!(back == data, "round {round}: acknowledged write {i} lost");
+        }
+        // What was not written still reads as the parent's (or, in the base, as before).
+        let mut gap = vec![0u8; 512];
+        chain
+            .read(crash_data(seed, 0).0 + 1030 * 512, &mut gap)
+            .unwrap();
+        assert!(gap.iter().all(|&b| b == 0x5A), "round {round}");
+    }
+    assert!(
+        killed_midway >= 4,
+        "only {killed_midway} rounds killed mid-way"
+    );
+}
