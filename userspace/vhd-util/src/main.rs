@@ -1,5 +1,5 @@
 //! `vhd-util`: the VHD tool of Xen's storage manager, with the original's commands and flags
-//! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `set`.
+//! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `repair`, `set`.
 //!
 //! Errors go to stderr and the exit status is the errno (as the original tools).
 
@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use blktap::vhd::chain::{find_parent, Chain};
 use blktap::vhd::check::check;
 use blktap::vhd::create::{coalesce, create_dynamic, create_fixed, snapshot};
+use blktap::vhd::repair::repair;
 use blktap::vhd::{VhdError, VhdImage};
 use clap::{Parser, Subcommand};
 
@@ -78,6 +79,12 @@ enum Command {
     /// Write a differencing image's data into its parent.
     Coalesce {
         /// The child.
+        #[arg(short = 'n')]
+        name: PathBuf,
+    },
+    /// Rebuild a lost or damaged footer from its copy (or the copy from the footer).
+    Repair {
+        /// The image.
         #[arg(short = 'n')]
         name: PathBuf,
     },
@@ -187,6 +194,11 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Coalesce { name } => {
             coalesce(&name)?;
+        }
+        Command::Repair { name } => {
+            if let Some(done) = repair(&name)? {
+                println!("{}: {done}", name.display());
+            }
         }
         Command::Set { name, field, value } => {
             if field != "hidden" {

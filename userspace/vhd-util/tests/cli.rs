@@ -178,6 +178,22 @@ fn check_says_what_is_wrong() {
     let out = vhd_util(&["query", "-n", s(&leaf), "-d"]);
     assert_eq!(out.status.code(), Some(libc::ENOENT));
 
+    // A lost footer: check says so, repair rebuilds it from the copy.
+    let lost = dir.join("lost.vhd");
+    ok(&["create", "-n", s(&lost), "-s", "4"]);
+    let len = std::fs::metadata(&lost).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lost)
+        .unwrap()
+        .set_len(len - 512)
+        .unwrap();
+    let out = vhd_util(&["check", "-n", s(&lost)]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("repairable"));
+    assert!(ok(&["repair", "-n", s(&lost)]).contains("rebuilt the footer"));
+    ok(&["check", "-n", s(&lost)]);
+    assert_eq!(ok(&["repair", "-n", s(&lost)]), "");
+
     let junk = dir.join("junk.vhd");
     std::fs::write(&junk, vec![7u8; 4096]).unwrap();
     let out = vhd_util(&["check", "-n", s(&junk)]);

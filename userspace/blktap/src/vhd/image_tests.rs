@@ -693,3 +693,55 @@ fn kill_9_during_allocating_writes_leaves_a_consistent_image() {
         "only {killed_midway} rounds killed mid-way"
     );
 }
+
+#[test]
+fn repair_rebuilds_a_lost_trailing_footer_from_its_copy() {
+    let dir = scratch("repair");
+    let p = dir.join("r.vhd");
+    create_dynamic(&p, 8 << 20, None).unwrap();
+    let mut rng = Rng::new(9);
+    let data = pattern(&mut rng, 8192);
+    Chain::open(&p, true)
+        .unwrap()
+        .write(4 << 20, &data)
+        .unwrap();
+    assert_eq!(super::repair::repair(&p).unwrap(), None);
+    let len = std::fs::metadata(&p).unwrap().len();
+
+    // The footer zeroed (a torn write), then the file cut inside the footer.
+    corrupt(&p, len - 512, &[0; 512]);
+    assert!(Chain::open(&p, false).is_err());
+    let done = super::repair::repair(&p).unwrap().unwrap();
+    assert!(done.contains("rebuilt"), "{done}");
+    assert!(check(&p).is_empty(), "{:?}", check(&p));
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), len);
+    assert!(read_all(&p)[4 << 20..(4 << 20) + 8192] == data[..]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    super::repair::repair(&p).unwrap().unwrap();
+    assert!(check(&p).is_empty());
+    assert!(read_all(&p)[4 << 20..(4 << 20) + 8192] == data[..]);
+
+    // A damaged copy is rewritten from the footer.
+    corrupt(&p, 10, &[0xFF]);
+    assert!(!check(&p).is_empty());
+    let done = super::repair::repair(&p).unwrap().unwrap();
+    assert!(done.contains("copy"), "{done}");
+    assert!(check(&p).is_empty());
+
+    // A block cut off: its data is gone, repair says so and leaves the file.
+    let cut = len - 512 - 4096;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let e = super::repair::repair(&p).unwrap_err();
+    assert!(e.to_string().contains("data is lost"), "{e}");
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), cut);
+}

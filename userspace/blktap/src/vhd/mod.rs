@@ -22,6 +22,7 @@ pub mod create;
 pub mod footer;
 pub mod header;
 pub mod image;
+pub mod repair;
 
 pub use chain::{Chain, Layer};
 pub use footer::{DiskType, Footer};
