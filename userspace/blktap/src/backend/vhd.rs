@@ -4,7 +4,10 @@
 //! sectors a layer lacks, writes go to the leaf and allocate its blocks in a crash-safe order
 //! (see [`crate::vhd::image`]). Transfers are plain `pread`/`pwrite` through a bounce buffer,
 //! on a worker thread ([`super::threaded`]). Flushes are `fdatasync` of the leaf, FUA writes
-//! are a write and a flush. Discard is not supported yet.
+//! are a write and a flush. Discard is done on a leaf without parent (fixed or dynamic), where
+//! a forgotten range reads as zeros and whole blocks are given back
+//! ([`crate::vhd::VhdImage::discard`]); a differencing leaf does not do it (its forgotten
+//! sectors would read as the parent's).
 
 use nix::errno::Errno;
 
@@ -60,8 +63,7 @@ impl SyncBackend for VhdBackend {
     unsafe fn transfer(&mut self, io: &Io) -> Result<(), Errno> {
         match io.op {
             Op::Flush => return self.chain.flush().map_err(|e| errno(&e)),
-            Op::Discard => return Err(Errno::EOPNOTSUPP),
-            Op::Read | Op::Write | Op::WriteFua => {}
+            Op::Read | Op::Write | Op::WriteFua | Op::Discard => {}
         }
         check_range(io, self.size)?;
         if !io.offset.is_multiple_of(512) || !io.len().is_multiple_of(512) {
@@ -69,6 +71,15 @@ impl SyncBackend for VhdBackend {
         }
         if self.readonly && io.op != Op::Read {
             return Err(Errno::EROFS);
+        }
+        if io.op == Op::Discard {
+            if !self.chain.can_discard() {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            return self
+                .chain
+                .discard(io.offset, io.discard_len)
+                .map_err(|e| errno(&e));
         }
         let len = usize::try_from(io.len()).map_err(|_| Errno::EINVAL)?;
         let mut buf = vec![0u8; len];
@@ -111,7 +122,7 @@ impl SyncBackend for VhdBackend {
         Features {
             flush: true,
             fua: true,
-            discard: false,
+            discard: self.chain.can_discard(),
         }
     }
 }

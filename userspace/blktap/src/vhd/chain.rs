@@ -256,6 +256,20 @@ impl Chain {
         self.leaf().write(offset, data)
     }
 
+    /// Whether the disk can forget ranges (a leaf without parent).
+    pub fn can_discard(&self) -> bool {
+        match &self.layers[..] {
+            [Layer::Vhd(v)] => v.can_discard(),
+            _ => false,
+        }
+    }
+
+    /// Forgets `[offset, offset + len)` of the leaf: it reads back as zeros
+    /// ([`VhdImage::discard`]).
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), VhdError> {
+        self.leaf().discard(offset, len)
+    }
+
     /// Makes the leaf's writes durable.
     pub fn flush(&mut self) -> Result<(), VhdError> {
         self.leaf().flush()

@@ -456,6 +456,86 @@ impl VhdImage {
         Ok(())
     }
 
+    /// Whether [`VhdImage::discard`] is possible: a fixed or dynamic disk (in a differencing disk
+    /// a forgotten sector would read as its parent's, not as zeros).
+    pub fn can_discard(&self) -> bool {
+        !self.has_parent()
+    }
+
+    /// Forgets `[offset, offset + len)`: it reads back as zeros. Whole blocks of a dynamic disk
+    /// are unallocated (their BAT entry cleared and made durable, then their space punched out
+    /// of the file); parts of blocks, and ranges of a fixed disk, are punched out (or written
+    /// with zeros where the file system has no holes).
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), VhdError> {
+        if !self.writable {
+            return Err(VhdError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        if !self.can_discard() {
+            return Err(VhdError::invalid(
+                &self.path,
+                "discard in a differencing image is not supported",
+            ));
+        }
+        self.check_range(offset, len)?;
+        if self.header.is_none() {
+            return self.zero_file(offset, len);
+        }
+        let (bs, bm) = (self.block_size, self.bitmap_bytes);
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let block = (pos / bs) as u32;
+            let within = pos % bs;
+            let n = (bs - within).min(end - pos);
+            let sector = self.bat[block as usize];
+            if sector != UNALLOCATED {
+                let start = u64::from(sector) * 512;
+                if n == bs {
+                    // The BAT forgets the block before its space goes: a crash in between
+                    // leaves an unreferenced block (or, the other way round after a power
+                    // loss, a hole whose zero bitmap says "not here": zeros all the same).
+                    let entry_at =
+                        self.header.as_ref().map_or(0, |h| h.table_offset) + u64::from(block) * 4;
+                    self.write_file(entry_at, &UNALLOCATED.to_be_bytes())?;
+                    self.barrier()?;
+                    self.bat[block as usize] = UNALLOCATED;
+                    self.bitmaps.remove(&block);
+                    let _ = self.punch(start, bm + bs);
+                } else {
+                    self.zero_file(start + bm + within, n)?;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn punch(&mut self, at: u64, len: u64) -> Result<(), nix::errno::Errno> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let at = i64::try_from(at).map_err(|_| nix::errno::Errno::EINVAL)?;
+        let len = i64::try_from(len).map_err(|_| nix::errno::Errno::EINVAL)?;
+        self.dirty = true;
+        fallocate(&self.file, flags, at, len)
+    }
+
+    /// Makes `[at, at + len)` of the file read as zeros.
+    fn zero_file(&mut self, at: u64, len: u64) -> Result<(), VhdError> {
+        if self.punch(at, len).is_ok() {
+            return Ok(());
+        }
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write_file(at + done, &chunk[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     /// Rewrites the footer (at the end, and its copy at offset 0 for dynamic disks) with
     /// `hidden`, durably.
     pub fn set_hidden(&mut self, hidden: u8) -> Result<(), VhdError> {

@@ -1,7 +1,7 @@
 //! Tests of the VHD format code: round trips, qemu-img as an independent reference, chains,
 //! coalescing, malformed images and random corruption.
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -225,7 +225,7 @@ fn images_written_through_the_backend_convert_with_qemu_byte_for_byte() {
         {
             let mut b = backend::open(&spec, false).unwrap();
             assert_eq!(b.size(), size);
-            assert!(b.features().flush && b.features().fua && !b.features().discard);
+            assert!(b.features().flush && b.features().fua);
             for i in 0..10 {
                 let len = 512 * (1 + rng.below(64) as usize) * 2;
                 let off = rng.below((size - len as u64) / 512) * 512;
@@ -238,10 +238,7 @@ fn images_written_through_the_backend_convert_with_qemu_byte_for_byte() {
             let mut back = vec![0u8; size as usize];
             backend_io(b.as_mut(), Op::Read, 0, &mut back).unwrap();
             assert!(back == model, "{kind}: read back through the backend");
-            assert_eq!(
-                backend_io(b.as_mut(), Op::Discard, 0, &mut []),
-                Err(libc::EOPNOTSUPP)
-            );
+            assert!(b.features().discard, "{kind}: no parent, discard works");
         }
         let converted = to_raw(&path, &dir.join("out.raw"));
         assert!(converted == model, "{kind}: qemu-img reads what we wrote");
@@ -744,4 +741,104 @@ fn repair_rebuilds_a_lost_trailing_footer_from_its_copy() {
     let e = super::repair::repair(&p).unwrap_err();
     assert!(e.to_string().contains("data is lost"), "{e}");
     assert_eq!(std::fs::metadata(&p).unwrap().len(), cut);
+}
+
+/// A discard through the backend API.
+fn backend_discard(b: &mut dyn Backend, offset: u64, len: u64) -> Result<(), i32> {
+    // SAFETY: a discard has no buffers.
+    unsafe {
+        b.queue(Io {
+            tag: 9,
+            op: Op::Discard,
+            offset,
+            iov: Vec::new(),
+            discard_len: len,
+        })
+    };
+    b.submit().unwrap();
+    let mut out = Vec::new();
+    b.drain(&mut out).unwrap();
+    out[0].result.map_err(|e| e as i32)
+}
+
+#[test]
+fn discard_zeroes_and_frees_whole_blocks_of_a_leaf_without_parent() {
+    let dir = scratch("discard");
+    let mut rng = Rng::new(10);
+    for kind in ["dynamic", "fixed"] {
+        let p = dir.join(format!("{kind}.vhd"));
+        let size = 12u64 << 20;
+        if kind == "dynamic" {
+            create_dynamic(&p, size, None).unwrap();
+        } else {
+            create_fixed(&p, size).unwrap();
+        }
+        let mut model = pattern(&mut rng, size as usize);
+        let spec: ImageSpec = format!("vhd:{}", p.display()).parse().unwrap();
+        let mut b = backend::open(&spec, false).unwrap();
+        assert!(b.features().discard);
+        backend_io(b.as_mut(), Op::Write, 0, &mut model.clone()).unwrap();
+        backend_io(b.as_mut(), Op::Flush, 0, &mut []).unwrap();
+        let used = std::fs::metadata(&p).unwrap().blocks() * 512;
+        // Blocks 1 and 2 whole, and parts of blocks 0 and 3.
+        let (off, len) = ((2 << 20) - 4096, (4 << 20) + 8192);
+        backend_discard(b.as_mut(), off, len).unwrap();
+        model[off as usize..(off + len) as usize].fill(0);
+        let mut back = vec![0u8; size as usize];
+        backend_io(b.as_mut(), Op::Read, 0, &mut back).unwrap();
+        assert!(
+            back == model,
+            "{kind}: reads zeros where discarded, the rest kept"
+        );
+        assert_eq!(
+            backend_discard(b.as_mut(), size - 512, 1024),
+            Err(libc::EIO)
+        );
+        drop(b);
+        assert!(read_all(&p) == model, "{kind}: after reopening");
+        assert!(check(&p).is_empty(), "{kind}: {:?}", check(&p));
+        let freed = used.saturating_sub(std::fs::metadata(&p).unwrap().blocks() * 512);
+        if kind == "dynamic" {
+            let image = VhdImage::open(&p, false).unwrap();
+            assert_eq!(image.bat()[1], super::UNALLOCATED);
+            assert_eq!(image.bat()[2], super::UNALLOCATED);
+            assert_ne!(image.bat()[0], super::UNALLOCATED);
+        }
+        // Where the file system has holes, the two whole blocks' space is given back (but the
+        // file system's pages the extents only partly cover).
+        eprintln!("{kind}: {freed} bytes freed");
+        if has_holes(&dir) {
+            assert!(
+                freed >= (4 << 20) - 4 * 4096,
+                "{kind}: only {freed} bytes freed"
+            );
+        }
+        if qemu_img() {
+            assert!(
+                to_raw(&p, &dir.join("d.raw")) == model,
+                "{kind}: qemu-img agrees"
+            );
+        }
+    }
+
+    // A differencing leaf does not discard.
+    let base = dir.join("dynamic.vhd");
+    let leaf = dir.join("leaf.vhd");
+    snapshot(&leaf, &base, false).unwrap();
+    let spec: ImageSpec = format!("vhd:{}", leaf.display()).parse().unwrap();
+    let mut b = backend::open(&spec, false).unwrap();
+    assert!(!b.features().discard);
+    assert_eq!(backend_discard(b.as_mut(), 0, 4096), Err(libc::EOPNOTSUPP));
+}
+
+/// Whether the file system of `dir` punches holes.
+fn has_holes(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let p = dir.join("holes");
+    let f = std::fs::File::create(&p).unwrap();
+    f.write_all_at(&[1; 65536], 0).unwrap();
+    f.sync_all().unwrap();
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on our own file.
+    unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, 65536) == 0 }
 }
