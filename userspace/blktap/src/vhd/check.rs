@@ -32,6 +32,9 @@ pub fn check(path: &Path) -> Vec<String> {
                     Ok(_) => {}
                 }
             }
+            if let Some(problem) = image.batmap().and_then(|b| b.problem.as_ref()) {
+                problems.push(format!("batmap: {problem}"));
+            }
             if image.has_parent() {
                 if let Err(e) = Chain::open(path, false) {
                     problems.push(e.to_string());

@@ -44,6 +44,8 @@ pub struct VhdImage {
     bitmap_bytes: u64,
     block_size: u64,
     bitmaps: HashMap<u32, Vec<u8>>,
+    /// XenServer's batmap, where there is one.
+    batmap: Option<Batmap>,
     /// Writes since the last `fdatasync`.
     dirty: bool,
 }
@@ -93,6 +95,7 @@ impl VhdImage {
             bitmap_bytes: 0,
             block_size: 0,
             bitmaps: HashMap::new(),
+            batmap: None,
             dirty: false,
         };
         if image.footer.disk_type == DiskType::Fixed {
@@ -168,6 +171,11 @@ impl VhdImage {
             if end <= self.footer_offset {
                 metadata.push((l.data_offset, end));
             }
+        }
+        self.batmap = self.find_batmap(path, &header, bat_end);
+        if let Some(b) = &self.batmap {
+            metadata.push((bat_end, bat_end + 512));
+            metadata.push((b.offset, b.offset + b.bytes));
         }
         let mut raw = vec![0u8; (blocks * 4) as usize];
         read_exact(&self.file, path, &mut raw, header.table_offset)?;
@@ -457,9 +465,68 @@ impl VhdImage {
     }
 
     /// Whether [`VhdImage::discard`] is possible: a fixed or dynamic disk (in a differencing disk
-    /// a forgotten sector would read as its parent's, not as zeros).
+    /// a forgotten sector would read as its parent's, not as zeros) without a batmap (whose bit
+    /// for an unallocated block would go stale).
     pub fn can_discard(&self) -> bool {
-        !self.has_parent()
+        !self.has_parent() && self.batmap.is_none()
+    }
+
+    /// XenServer's batmap, where there is one.
+    pub fn batmap(&self) -> Option<&Batmap> {
+        self.batmap.as_ref()
+    }
+
+    /// The batmap of an image made by XenServer's tools (creator `tap`, version 1.2 or later):
+    /// its header right after the BAT, cookie `tdbatmap`. None if absent, or if its header or
+    /// bitmap lie outside the file (not used for I/O, so a bad one is only reported).
+    fn find_batmap(&self, path: &Path, header: &Header, bat_end: u64) -> Option<Batmap> {
+        if &self.footer.creator_app[..3] != b"tap" || self.footer.creator_version < 0x0001_0002 {
+            return None;
+        }
+        if bat_end.checked_add(512)? > self.footer_offset {
+            return None;
+        }
+        let mut hb = [0u8; 512];
+        self.file.read_exact_at(&mut hb, bat_end).ok()?;
+        if &hb[..8] != BATMAP_COOKIE {
+            return None;
+        }
+        let offset = super::be64(&hb, 8);
+        let sectors = super::be32(&hb, 16);
+        let version = super::be32(&hb, 20);
+        let stored = super::be32(&hb, 24);
+        let bytes = u64::from(sectors) * 512;
+        let mut problem = None;
+        let end = offset.checked_add(bytes);
+        let mut map = Vec::new();
+        if u64::from(header.max_table_entries).div_ceil(8) > bytes {
+            problem = Some(format!(
+                "{sectors} sectors are too few for the BAT's entries"
+            ));
+        } else if offset < bat_end + 512 || end.is_none_or(|e| e > self.footer_offset) {
+            problem = Some(format!("its map at {offset:#x} is outside the metadata"));
+        } else {
+            map = vec![0u8; bytes as usize];
+            if let Err(e) = self.file.read_exact_at(&mut map, offset) {
+                problem = Some(e.to_string());
+            } else {
+                let computed = super::checksum(&map);
+                if computed != stored {
+                    problem = Some(format!(
+                        "checksum {stored:#010x} does not match {computed:#010x}"
+                    ));
+                }
+            }
+        }
+        if problem.is_some() {
+            log::warn!("{}: batmap: {problem:?}", path.display());
+        }
+        Some(Batmap {
+            offset: if map.is_empty() { bat_end } else { offset },
+            bytes: if map.is_empty() { 0 } else { bytes },
+            version,
+            problem,
+        })
     }
 
     /// Forgets `[offset, offset + len)`: it reads back as zeros. Whole blocks of a dynamic disk
@@ -559,6 +626,25 @@ impl VhdImage {
         self.read_file(0, &mut b)?;
         Footer::parse(&self.path, &b)
     }
+}
+
+/// The batmap's cookie.
+pub const BATMAP_COOKIE: &[u8; 8] = b"tdbatmap";
+
+/// XenServer's batmap: one bit per block that is fully allocated, after the BAT. This
+/// implementation reads it to keep its space out of the blocks' way and to check it; it does not
+/// use its bits (it reads the sector bitmaps) and never sets one, which keeps it true: a block it
+/// allocates or fills stays marked "not known full".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batmap {
+    /// Byte offset of the map.
+    pub offset: u64,
+    /// Bytes of the map (whole sectors).
+    pub bytes: u64,
+    /// Its version (1.2 is `0x00010002`).
+    pub version: u32,
+    /// What is wrong with it, if anything.
+    pub problem: Option<String>,
 }
 
 fn overlaps(a0: u64, a1: u64, b0: u64, b1: u64) -> bool {

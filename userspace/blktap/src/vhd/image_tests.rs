@@ -842,3 +842,73 @@ fn has_holes(dir: &Path) -> bool {
     // SAFETY: fallocate on our own file.
     unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, 65536) == 0 }
 }
+
+/// A dynamic image laid out as XenServer's tools make them: creator `tap` 1.3, and a batmap
+/// (header and one sector of map) after the BAT.
+fn image_with_batmap(path: &Path, size: u64) {
+    use super::footer::{DiskType, Footer};
+    use super::header::Header;
+    let entries = size.div_ceil(2 << 20) as u32;
+    assert!(entries <= 128);
+    let mut footer = Footer::new(DiskType::Dynamic, size, 512);
+    footer.creator_version = 0x0001_0003;
+    let header = Header::new(1536, entries, 2 << 20);
+    let mut b = vec![0u8; 3072];
+    b[..512].copy_from_slice(&footer.to_bytes());
+    b[512..1536].copy_from_slice(&header.to_bytes());
+    b[1536..2048].fill(0xff);
+    b[2048..2056].copy_from_slice(b"tdbatmap");
+    b[2056..2064].copy_from_slice(&2560u64.to_be_bytes());
+    b[2064..2068].copy_from_slice(&1u32.to_be_bytes());
+    b[2068..2072].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    b[2072..2076].copy_from_slice(&super::checksum(&[0u8; 512]).to_be_bytes());
+    b.extend_from_slice(&footer.to_bytes());
+    std::fs::write(path, &b).unwrap();
+}
+
+#[test]
+fn a_batmap_is_kept_out_of_the_blocks_way_and_checked() {
+    let dir = scratch("batmap");
+    let p = dir.join("b.vhd");
+    image_with_batmap(&p, 8 << 20);
+    let image = VhdImage::open(&p, false).unwrap();
+    let batmap = image.batmap().unwrap();
+    assert_eq!(
+        (batmap.offset, batmap.bytes, batmap.problem.as_deref()),
+        (2560, 512, None)
+    );
+    drop(image);
+    let mut rng = Rng::new(12);
+    let data = pattern(&mut rng, 8192);
+    Chain::open(&p, true)
+        .unwrap()
+        .write(2 << 20, &data)
+        .unwrap();
+    assert!(read_all(&p)[2 << 20..(2 << 20) + 8192] == data[..]);
+    assert!(check(&p).is_empty(), "{:?}", check(&p));
+    let image = VhdImage::open(&p, false).unwrap();
+    assert!(
+        u64::from(image.bat()[1]) * 512 >= 3072,
+        "the block is after the batmap"
+    );
+    assert!(
+        !image.can_discard(),
+        "a discard would leave the batmap's bit stale"
+    );
+    // The map is never changed: its checksum still holds.
+    assert_eq!(std::fs::read(&p).unwrap()[2560..3072], [0u8; 512]);
+
+    // A corrupt map is reported by check, and does not stop the image from opening.
+    corrupt(&p, 2600, &[1]);
+    let problems = check(&p);
+    assert!(
+        problems.len() == 1 && problems[0].contains("batmap: checksum"),
+        "{problems:?}"
+    );
+    assert!(Chain::open(&p, false).is_ok());
+    corrupt(&p, 2600, &[0]);
+    // A BAT entry into the batmap is refused.
+    set_bat(&p, 2, 5);
+    let e = Chain::open(&p, false).unwrap_err();
+    assert!(e.to_string().contains("metadata"), "{e}");
+}
