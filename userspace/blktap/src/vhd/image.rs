@@ -131,6 +131,16 @@ impl VhdImage {
         let header = Header::parse(path, &hb)?;
         let block_size = u64::from(header.block_size);
         let blocks = self.footer.current_size.div_ceil(block_size);
+        if blocks > super::MAX_BLOCKS {
+            return Err(VhdError::invalid(
+                path,
+                format!(
+                    "a disk of {} bytes in blocks of {block_size} needs {blocks} blocks, more than {}",
+                    self.footer.current_size,
+                    super::MAX_BLOCKS
+                ),
+            ));
+        }
         if blocks > u64::from(header.max_table_entries) {
             return Err(VhdError::invalid(
                 path,

@@ -386,6 +386,20 @@ fn malformed_images_are_refused_with_a_clear_error() {
     assert!(problems[0].contains("checksum"), "{problems:?}");
     assert!(problems[1].contains("footer copy"), "{problems:?}");
 
+    // A header claiming blocks of 512 bytes for a huge disk.
+    let p = fresh("huge.vhd");
+    let mut image = std::fs::read(&p).unwrap();
+    let mut f = VhdImage::open(&p, false).unwrap().footer().clone();
+    f.current_size = 1 << 40;
+    let mut h = VhdImage::open(&p, false).unwrap().header().unwrap().clone();
+    h.block_size = 512;
+    let n = image.len();
+    image[n - 512..].copy_from_slice(&f.to_bytes());
+    image[512..1536].copy_from_slice(&h.to_bytes());
+    std::fs::write(&p, &image).unwrap();
+    let e = open(&p);
+    assert!(e.to_string().contains("blocks, more than"), "{e}");
+
     let p = fresh("header.vhd");
     corrupt(&p, 512 + 30, &[0xAB]);
     assert!(matches!(

@@ -38,6 +38,9 @@ pub const UNALLOCATED: u32 = 0xFFFF_FFFF;
 /// Images in a chain at most (Xen's storage manager keeps chains at most 30 deep; this bound
 /// only stops runaway or looping chains).
 pub const MAX_CHAIN: usize = 64;
+/// The most blocks a disk may have (a BAT of 64 MiB: 32 TiB in 2 MiB blocks), so that a
+/// hostile header cannot make the BAT's buffer huge.
+pub const MAX_BLOCKS: u64 = 1 << 24;
 /// The largest block size accepted (the specification's blocks are 512 KiB to a few MiB).
 pub const MAX_BLOCK_SIZE: u32 = 256 << 20;
 /// Seconds from the Unix epoch to 2000-01-01 00:00:00 UTC, the epoch of VHD timestamps.
