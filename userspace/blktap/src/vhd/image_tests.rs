@@ -926,3 +926,49 @@ fn a_batmap_is_kept_out_of_the_blocks_way_and_checked() {
     let e = Chain::open(&p, false).unwrap_err();
     assert!(e.to_string().contains("metadata"), "{e}");
 }
+
+#[test]
+fn the_on_disk_layout_follows_the_specification() {
+    // Pinned by hand, since qemu-img (which writes full bitmaps) cannot tell: sector bitmaps
+    // are most significant bit first, BAT entries big-endian sector numbers, a block starts
+    // with its bitmap (one sector for 2 MiB) and the footer follows the last block.
+    let dir = scratch("layout");
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &base, false).unwrap();
+    let before = std::fs::metadata(&child).unwrap().len();
+    let mut chain = Chain::open(&child, true).unwrap();
+    chain.write(0, &[0xA1; 512]).unwrap();
+    chain.write(9 * 512, &[0xB2; 512]).unwrap();
+    drop(chain);
+    let bytes = std::fs::read(&child).unwrap();
+    assert_eq!(bytes.len() as u64, before + 512 + (2 << 20));
+    let table = VhdImage::open(&child, false)
+        .unwrap()
+        .header()
+        .unwrap()
+        .table_offset as usize;
+    let entry = u32::from_be_bytes(bytes[table..table + 4].try_into().unwrap());
+    assert_eq!(
+        u64::from(entry) * 512,
+        before - 512,
+        "the block went where the footer was"
+    );
+    assert_eq!(&bytes[table + 4..table + 8], &[0xff; 4]);
+    let block = entry as usize * 512;
+    assert_eq!(bytes[block..block + 3], [0x80, 0x40, 0x00]);
+    assert!(bytes[block + 512..block + 1024].iter().all(|&b| b == 0xA1));
+    assert!(bytes[block + 512 + 9 * 512..block + 1024 + 9 * 512]
+        .iter()
+        .all(|&b| b == 0xB2));
+    assert_eq!(&bytes[bytes.len() - 512..][..8], b"conectix");
+    // A dynamic disk without parent marks its whole new block present.
+    let mut chain = Chain::open(&base, true).unwrap();
+    chain.write(512, &[1; 512]).unwrap();
+    drop(chain);
+    let image = VhdImage::open(&base, false).unwrap();
+    let bytes = std::fs::read(&base).unwrap();
+    let block = image.bat()[0] as usize * 512;
+    assert!(bytes[block..block + 512].iter().all(|&b| b == 0xff));
+}
