@@ -63,8 +63,8 @@ help:
 	@echo "make setup      install packages, toolchain and kernel source (idempotent)"
 	@echo "make kernel     build the test kernel into the cache (once)"
 	@echo "make module     build blktap.ko against the cached kernel (KVERSION=\$$(uname -r): the running one)"
-	@echo "make userspace  build tap-ctl and tapdisk (PREFIX=/usr/local: where they will be installed)"
-	@echo "make install    install blktap.ko (then depmod), tap-ctl, tapdisk (DESTDIR, PREFIX, KVERSION)"
+	@echo "make userspace  build tap-ctl, tapdisk and vhd-util (PREFIX=/usr/local: where they will be installed)"
+	@echo "make install    install blktap.ko (then depmod), tap-ctl, tapdisk, vhd-util (DESTDIR, PREFIX, KVERSION)"
 	@echo "make uninstall  remove what make install installed"
 	@echo "make dkms       copy the module's source to /usr/src/blktap-$(DKMS_VERSION), dkms add and install"
 	@echo "make dkms-remove  dkms remove it from every kernel, and its source"
@@ -127,7 +127,7 @@ install-module: need-kernel
 	$(RUN_DEPMOD)
 
 install-tools:
-	@for t in tap-ctl tapdisk; do [ -x $(RELEASE)/$$t ] || { \
+	@for t in tap-ctl tapdisk vhd-util; do [ -x $(RELEASE)/$$t ] || { \
 		echo "make install: no $(RELEASE)/$$t: run 'make userspace' first" >&2; exit 1; }; done
 	@$(RELEASE)/tap-ctl --version | grep -qF '(tapdisk: $(LIBEXECDIR)/tapdisk)' || { \
 		echo "make install: $(RELEASE)/tap-ctl runs tapdisk from elsewhere ($$($(RELEASE)/tap-ctl --version));" \
@@ -136,10 +136,7 @@ install-tools:
 	install -D -m 0755 $(RELEASE)/tapdisk $(DESTDIR)$(LIBEXECDIR)/tapdisk
 	install -d $(DESTDIR)$(BINDIR)
 	ln -sfr $(DESTDIR)$(LIBEXECDIR)/tapdisk $(DESTDIR)$(BINDIR)/tapdisk
-	@# vhd-util, once the workspace builds one.
-	@if [ -x $(RELEASE)/vhd-util ]; then \
-		echo install -D -m 0755 $(RELEASE)/vhd-util $(DESTDIR)$(BINDIR)/vhd-util; \
-		install -D -m 0755 $(RELEASE)/vhd-util $(DESTDIR)$(BINDIR)/vhd-util; fi
+	install -D -m 0755 $(RELEASE)/vhd-util $(DESTDIR)$(BINDIR)/vhd-util
 
 uninstall:
 	@[ -n "$(KVERSION)" ] || { echo "make: which kernel's module? KVERSION=..." >&2; exit 1; }

@@ -64,6 +64,9 @@ pub enum Error {
     /// A control-socket peer broke the protocol (bad JSON, no answer).
     #[error("control protocol: {0}")]
     Protocol(String),
+    /// A VHD image or chain could not be used.
+    #[error("vhd: {0}")]
+    Vhd(Box<crate::vhd::VhdError>),
 }
 
 impl Error {
@@ -76,6 +79,7 @@ impl Error {
             Error::Parse { .. } | Error::InvalidArgument(_) => Errno::EINVAL as i32,
             Error::Os { errno, .. } | Error::Remote { errno, .. } => *errno,
             Error::Protocol(_) => Errno::EPROTO as i32,
+            Error::Vhd(e) => e.errno(),
         }
     }
 

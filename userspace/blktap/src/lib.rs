@@ -5,7 +5,8 @@
 //! - [`sysfs`]: the taps and attributes under `/sys/class/blktap2`, and majors in `/proc/devices`;
 //! - [`ring`]: a tap's shared ring: its memory, request validation, the ring protocol, and the
 //!   ring device with its ioctls;
-//! - [`backend`]: image backends (`aio:`, `ram:`, `null:`);
+//! - [`backend`]: image backends (`aio:`, `vhd:`, `ram:`, `null:`);
+//! - [`vhd`]: the VHD format: images, chains, creation and coalescing;
 //! - [`server`]: serving a ring from a backend;
 //! - [`tap`]: a tap's life in tapdisk (open, pause, unpause, recover, close);
 //! - [`ctl`]: the tapdisk control protocols (JSON lines and the original binary messages over
@@ -26,6 +27,7 @@ pub mod rng;
 pub mod server;
 pub mod sysfs;
 pub mod tap;
+pub mod vhd;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 

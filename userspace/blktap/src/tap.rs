@@ -1013,4 +1013,92 @@ mod tests {
         let ring = tap.shut_down();
         assert!(Rc::ptr_eq(&ring, &k.mem));
     }
+
+    /// Serves the tap until `n` responses have come back (a threaded backend answers later).
+    fn responses(tap: &mut Tap, k: &mut SimKernel, n: usize) -> Vec<(u64, i16)> {
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while got.len() < n {
+            assert!(std::time::Instant::now() < deadline, "no completion");
+            if let Some(fd) = tap.backend_fd() {
+                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)).unwrap();
+                tap.on_backend().unwrap();
+            }
+            got.extend(ids(k));
+        }
+        got
+    }
+
+    #[test]
+    fn a_live_snapshot_resumes_on_a_new_vhd_leaf_and_leaves_the_old_one_unchanged() {
+        let dir = std::env::temp_dir().join(format!("tap-vhd-snapshot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = dir.join("leaf0.vhd");
+        crate::vhd::create::create_dynamic(&old, 4 << 20, None).unwrap();
+        let mut k = SimKernel::new();
+        let mut tap = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
+        let params = format!("vhd:{}", old.display());
+        tap.open(&OpenArgs {
+            params: &params,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(k.state().disk.map(|d| d.0), Some(8192));
+        k.fill(0, 0, |_| 0x11);
+        k.submit(&SimKernel::request(W, 0, 0, &[(0, 7)]));
+        assert!(matches!(tap.on_ring(), TapEvent::Served));
+        // Paused with the write in flight: the pause waits for it.
+        let mut paused = tap.pause().unwrap();
+        while !paused {
+            if let Some(fd) = tap.backend_fd() {
+                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)).unwrap();
+                tap.on_backend().unwrap();
+            }
+            paused = matches!(tap.advance(), Some(Ok(())));
+        }
+        assert_eq!(ids(&mut k), [(0, 0)]);
+        assert_eq!(tap.state(), TapState::Paused);
+
+        // The snapshot: a new empty child of the leaf; unpause onto it.
+        let before = std::fs::read(&old).unwrap();
+        let new = dir.join("leaf1.vhd");
+        crate::vhd::create::snapshot(&new, &old, false).unwrap();
+        // A chain of another size is refused, and the tap stays paused.
+        let other = dir.join("other.vhd");
+        crate::vhd::create::create_dynamic(&other, 8 << 20, None).unwrap();
+        assert!(tap
+            .unpause(Some(&format!("vhd:{}", other.display())))
+            .is_err());
+        let new_params = format!("vhd:{}", new.display());
+        tap.unpause(Some(&new_params)).unwrap();
+        assert_eq!(tap.state(), TapState::Open);
+        assert_eq!(tap.entry().params.as_deref(), Some(new_params.as_str()));
+
+        // I/O resumes: a write to the new leaf, and reads of both.
+        k.fill(1, 0, |_| 0x22);
+        k.submit(&SimKernel::request(W, 1, 8, &[(0, 7)]));
+        tap.on_ring();
+        assert_eq!(responses(&mut tap, &mut k, 1), [(1, 0)]);
+        k.fill(2, 0, |_| 0);
+        k.fill(3, 0, |_| 0);
+        k.submit(&SimKernel::request(R, 2, 0, &[(0, 7)]));
+        k.submit(&SimKernel::request(R, 3, 8, &[(0, 7)]));
+        tap.on_ring();
+        let mut got = responses(&mut tap, &mut k, 2);
+        got.sort_unstable();
+        assert_eq!(got, [(2, 0), (3, 0)]);
+        assert!(k.page(2, 0).iter().all(|&b| b == 0x11), "the parent's data");
+        assert!(
+            k.page(3, 0).iter().all(|&b| b == 0x22),
+            "the new leaf's data"
+        );
+        assert!(
+            std::fs::read(&old).unwrap() == before,
+            "the old leaf is unchanged"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -71,7 +71,7 @@ struct Cli {
 /// Where the image is and how to open it: the flags `open` and `create` share.
 #[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
 struct OpenFlags {
-    /// The image, type:path (aio:/path, ram:SIZE, null:SIZE; an original tapdisk: vhd:, ...).
+    /// The image, type:path (aio:/path, vhd:/path, ram:SIZE, null:SIZE; an original tapdisk: others).
     #[arg(short = 'a', value_name = "TYPE:PATH")]
     args: String,
     /// Read-only disk.

@@ -1,6 +1,7 @@
 //! Image backends, chosen by `type:path`:
 //!
 //! - `aio:/path`: a raw file or block device through io_uring ([`aio`]);
+//! - `vhd:/path`: a VHD image and its chain of parents, on a worker thread ([`vhd`]);
 //! - `ram:SIZE`: an in-memory disk ([`ram`]);
 //! - `null:SIZE`: reads return zeros, writes are dropped ([`null`]);
 //! - `stall:MS[:SIZE]`: like `null:`, every answer `MS` milliseconds late ([`stall`]).
@@ -22,6 +23,8 @@ pub mod immediate;
 pub mod null;
 pub mod ram;
 pub mod stall;
+pub mod threaded;
+pub mod vhd;
 
 /// One I/O: a contiguous range of the image, scattered over `iov` (a flush has no range, a
 /// discard's length is `discard_len`).
@@ -152,6 +155,8 @@ pub enum ImageKind {
     Null,
     /// Zeros, writes dropped, every answer late.
     Stall,
+    /// A VHD image and its parents.
+    Vhd,
 }
 
 impl ImageKind {
@@ -162,6 +167,7 @@ impl ImageKind {
             ImageKind::Ram => "ram",
             ImageKind::Null => "null",
             ImageKind::Stall => "stall",
+            ImageKind::Vhd => "vhd",
         }
     }
 }
@@ -188,9 +194,10 @@ impl FromStr for ImageSpec {
             "ram" => ImageKind::Ram,
             "null" => ImageKind::Null,
             "stall" => ImageKind::Stall,
+            "vhd" => ImageKind::Vhd,
             _ => {
                 return Err(Error::invalid(format!(
-                    "image {s:?}: unknown type {kind:?} (aio, ram, null, stall)"
+                    "image {s:?}: unknown type {kind:?} (aio, vhd, ram, null, stall)"
                 )))
             }
         };
@@ -198,7 +205,7 @@ impl FromStr for ImageSpec {
             return Err(Error::invalid(format!("image {s:?}: empty path")));
         }
         match kind {
-            ImageKind::Aio => {}
+            ImageKind::Aio | ImageKind::Vhd => {}
             ImageKind::Ram | ImageKind::Null => {
                 parse_size(arg)?;
             }
@@ -270,6 +277,10 @@ pub fn open_with(spec: &ImageSpec, readonly: bool, direct: bool) -> Result<Box<d
             let (delay, size) = stall::parse_args(&spec.arg)?;
             Box::new(stall::StallBackend::new(delay, size)?)
         }
+        ImageKind::Vhd => Box::new(threaded::Threaded::new(vhd::VhdBackend::open(
+            spec.arg.as_ref(),
+            readonly,
+        )?)?),
     })
 }
 
@@ -302,11 +313,13 @@ mod tests {
         assert_eq!((s.kind, s.arg.as_str()), (ImageKind::Stall, "4000"));
         assert_eq!(s.to_string(), "stall:4000");
         assert!("stall:10:1M".parse::<ImageSpec>().is_ok());
+        let s: ImageSpec = "vhd:/sr/leaf.vhd".parse().unwrap();
+        assert_eq!((s.kind, s.arg.as_str()), (ImageKind::Vhd, "/sr/leaf.vhd"));
+        assert_eq!(s.to_string(), "vhd:/sr/leaf.vhd");
         for bad in [
             "",
             "aio",
             "aio:",
-            "vhd:/x",
             "ram:12",
             "null:lots",
             "stall:",

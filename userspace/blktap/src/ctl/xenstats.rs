@@ -24,6 +24,7 @@ use crate::ring::SECTOR_SIZE;
 pub fn driver_type(name: &str) -> i32 {
     match name {
         "aio" => 0,
+        "vhd" => 4,
         "ram" => 5,
         _ => -1,
     }
@@ -132,6 +133,7 @@ mod tests {
         assert_eq!(v["name"], Value::Null);
         assert_eq!(v["images"], json!([]));
         assert_eq!(driver_type("ram"), 5);
+        assert_eq!(driver_type("vhd"), 4);
         assert_eq!(driver_type("null"), -1);
     }
 }

@@ -389,6 +389,97 @@ fn serves_an_aio_image_end_to_end() {
     std::fs::remove_file(path).unwrap();
 }
 
+#[test]
+fn serves_a_vhd_chain_end_to_end() {
+    // A base with data and an empty child: 32 concurrent 11-segment writes allocate blocks in
+    // the child; reads come back through the worker thread's eventfd; the base is untouched.
+    let dir = std::env::temp_dir().join(format!("server-vhd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("base.vhd");
+    crate::vhd::create::create_dynamic(&base, 8 << 20, None).unwrap();
+    let mut chain = crate::vhd::Chain::open(&base, true).unwrap();
+    chain.write(0, &vec![0xEE; 8 << 20]).unwrap();
+    chain.flush().unwrap();
+    drop(chain);
+    let base_bytes = std::fs::read(&base).unwrap();
+    let leaf = dir.join("leaf.vhd");
+    crate::vhd::create::snapshot(&leaf, &base, false).unwrap();
+    let spec: crate::backend::ImageSpec = format!("vhd:{}", leaf.display()).parse().unwrap();
+    let mut k = SimKernel::new();
+    let backend = crate::backend::open(&spec, false).unwrap();
+    assert_eq!(backend.kind(), ImageKind::Vhd);
+    let mut server = Server::new(Rc::clone(&k.mem), backend, spec.to_string(), false);
+    let wait = |server: &mut Server<Rc<SimDevice>>, k: &mut SimKernel, n: usize| {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < n {
+            assert!(Instant::now() < deadline, "no completion");
+            let fd = server.backend_fd().unwrap();
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)).unwrap();
+            server.serve_backend().unwrap();
+            got.extend(k.responses());
+        }
+        got
+    };
+    // Writes 263 sectors apart over the first three 2 MiB blocks of the child: the first in a
+    // block allocates it, the others set bits in its bitmap.
+    let sector = |slot: usize| slot as u64 * 263;
+    for slot in 0..32usize {
+        for j in 0..11 {
+            k.fill(slot, j, |i| pattern(slot, j, i));
+        }
+        k.push(W, slot as u64, sector(slot), &[(0, 7); 11]);
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = wait(&mut server, &mut k, 32);
+    assert!(rsps.iter().all(|r| r.status == 0), "{rsps:?}");
+
+    for slot in 0..32usize {
+        for j in 0..2 {
+            k.fill(slot, j, |_| 0);
+        }
+        // Segment 0: the sector just before the write (the base's); segment 1: its first.
+        k.push(
+            R,
+            slot as u64,
+            sector(slot).saturating_sub(1),
+            &[(7, 7), (0, 0)],
+        );
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = wait(&mut server, &mut k, 32);
+    assert!(
+        rsps.iter().all(|r| r.status == 0 && r.operation == R),
+        "{rsps:?}"
+    );
+    for slot in 1..32usize {
+        let before = k.page(slot, 0);
+        assert!(
+            before[7 * 512..].iter().all(|&b| b == 0xEE),
+            "slot {slot}: base"
+        );
+        let first = k.page(slot, 1);
+        assert!(
+            first[..512]
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == pattern(slot, 0, i)),
+            "slot {slot}: written"
+        );
+    }
+    drop(server);
+    assert!(
+        std::fs::read(&base).unwrap() == base_bytes,
+        "the parent is untouched"
+    );
+    assert!(crate::vhd::check::check(&leaf).is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// The ring's memory seen from another thread (the simulated kernel's), by address.
 struct RawRing(NonNull<u8>);
 

@@ -1,0 +1,332 @@
+//! A [`SyncBackend`] whose transfers block on files, run on a worker thread so the event loop
+//! does not wait: [`Backend::submit`] hands the queued I/Os to the worker, which performs them
+//! in order and posts each completion, signalling an eventfd the event loop polls.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use nix::errno::Errno;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::immediate::SyncBackend;
+use super::{Backend, Completion, Features, ImageKind, Io};
+use crate::{Error, Result};
+
+/// An I/O on its way to the worker.
+struct Job(Io);
+
+// SAFETY: the raw buffer pointers in `Io::iov` are used by exactly one thread (the worker)
+// until the completion is handed out; the `queue` contract keeps them valid and unaliased by
+// Rust references for that long, and `Drop` joins the worker before the backend goes away.
+unsafe impl Send for Job {}
+
+#[derive(Default)]
+struct Done {
+    completions: Vec<Completion>,
+}
+
+struct Shared {
+    done: Mutex<Done>,
+    cond: Condvar,
+    eventfd: EventFd,
+}
+
+/// A [`SyncBackend`] served by a worker thread.
+pub struct Threaded {
+    kind: ImageKind,
+    size: u64,
+    features: Features,
+    shared: Arc<Shared>,
+    queued: Vec<Job>,
+    jobs: Option<Sender<Job>>,
+    worker: Option<JoinHandle<()>>,
+    /// Queued and not yet handed out.
+    pending: usize,
+}
+
+impl std::fmt::Debug for Threaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Threaded")
+            .field("kind", &self.kind)
+            .field("size", &self.size)
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+impl Threaded {
+    /// Moves `inner` to a new worker thread.
+    pub fn new<T: SyncBackend + Send + 'static>(mut inner: T) -> Result<Self> {
+        let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| Error::os("create an eventfd", e))?;
+        let shared = Arc::new(Shared {
+            done: Mutex::new(Done::default()),
+            cond: Condvar::new(),
+            eventfd,
+        });
+        let (kind, size, features) = (inner.kind(), inner.size(), inner.features());
+        let (tx, rx) = channel::<Job>();
+        let worker_shared = Arc::clone(&shared);
+        let worker = std::thread::Builder::new()
+            .name(format!("{}-io", kind.name()))
+            .spawn(move || {
+                let mut broken = false;
+                for Job(io) in rx {
+                    let result = if broken {
+                        Err(Errno::EIO)
+                    } else {
+                        // SAFETY: the buffers stay valid until this completion is handed out
+                        // (the `queue` contract, carried by `Job`).
+                        let run = || unsafe { inner.transfer(&io) };
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                            Ok(result) => result,
+                            Err(_) => {
+                                // A bug: every I/O from now on fails rather than hangs, and
+                                // the image is not touched again.
+                                log::error!("{} I/O thread: a transfer panicked", kind.name());
+                                broken = true;
+                                Err(Errno::EIO)
+                            }
+                        }
+                    };
+                    let mut done = worker_shared
+                        .done
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    done.completions.push(Completion {
+                        tag: io.tag,
+                        result,
+                    });
+                    drop(done);
+                    worker_shared.cond.notify_all();
+                    let _ = worker_shared.eventfd.write(1);
+                }
+            })
+            .map_err(|e| {
+                Error::os(
+                    "start an I/O thread",
+                    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
+                )
+            })?;
+        Ok(Self {
+            kind,
+            size,
+            features,
+            shared,
+            queued: Vec::new(),
+            jobs: Some(tx),
+            worker: Some(worker),
+            pending: 0,
+        })
+    }
+
+    fn take_done(&mut self, out: &mut Vec<Completion>) {
+        let mut done = self
+            .shared
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.pending -= done.completions.len();
+        out.append(&mut done.completions);
+    }
+}
+
+impl Backend for Threaded {
+    fn kind(&self) -> ImageKind {
+        self.kind
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    unsafe fn queue(&mut self, io: Io) {
+        self.pending += 1;
+        self.queued.push(Job(io));
+    }
+
+    fn submit(&mut self) -> Result<()> {
+        for job in self.queued.drain(..) {
+            let tag = job.0.tag;
+            let sent = self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+            if !sent {
+                // The worker is gone (it panicked): the I/O fails.
+                let mut done = self
+                    .shared
+                    .done
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                done.completions.push(Completion {
+                    tag,
+                    result: Err(Errno::EIO),
+                });
+                let _ = self.shared.eventfd.write(1);
+            }
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        // Clear the eventfd first: completions posted after this read signal it again.
+        let _ = self.shared.eventfd.read();
+        self.take_done(out);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending
+    }
+
+    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        self.submit()?;
+        let _ = self.shared.eventfd.read();
+        let mut done = self
+            .shared
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while done.completions.len() < self.pending {
+            done = self
+                .shared
+                .cond
+                .wait(done)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        self.pending -= done.completions.len();
+        out.append(&mut done.completions);
+        Ok(())
+    }
+
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.shared.eventfd.as_fd())
+    }
+
+    fn features(&self) -> Features {
+        self.features
+    }
+}
+
+impl Drop for Threaded {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker after the I/Os it has; joining it means no
+        // buffer is touched after the backend is gone.
+        self.queued.clear();
+        self.jobs = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::Op;
+
+    /// A disk in a vector; transfers at offset 4096 panic when `fragile`.
+    struct VecDisk {
+        data: Vec<u8>,
+        fragile: bool,
+    }
+
+    impl SyncBackend for VecDisk {
+        fn kind(&self) -> ImageKind {
+            ImageKind::Ram
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        unsafe fn transfer(&mut self, io: &Io) -> Result<(), Errno> {
+            assert!(!(self.fragile && io.offset == 4096), "a bug in a backend");
+            let mut pos = io.offset as usize;
+            for v in &io.iov {
+                // SAFETY: the iovec is valid for its length (the caller's contract); the
+                // vector is ours and was checked to hold the range below.
+                let buf =
+                    unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
+                let disk = self.data.get_mut(pos..pos + v.iov_len).ok_or(Errno::EIO)?;
+                match io.op {
+                    Op::Read => buf.copy_from_slice(disk),
+                    _ => disk.copy_from_slice(buf),
+                }
+                pos += v.iov_len;
+            }
+            Ok(())
+        }
+    }
+
+    fn disk(fragile: bool) -> VecDisk {
+        VecDisk {
+            data: vec![0; 1 << 20],
+            fragile,
+        }
+    }
+
+    fn io(tag: u64, op: Op, offset: u64, buf: &mut [u8]) -> Io {
+        Io {
+            tag,
+            op,
+            offset,
+            iov: vec![libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }],
+            discard_len: 0,
+        }
+    }
+
+    #[test]
+    fn completions_come_through_the_eventfd_in_order() {
+        let mut t = Threaded::new(disk(false)).unwrap();
+        let mut bufs: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 4096]).collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            // SAFETY: the buffers outlive the drain below.
+            unsafe { t.queue(io(i as u64, Op::Write, i as u64 * 4096, b)) };
+        }
+        assert_eq!(t.in_flight(), 8);
+        t.submit().unwrap();
+        let fd = t.event_fd().unwrap();
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        assert_eq!(nix::poll::poll(&mut fds, 5000u16).unwrap(), 1);
+        let mut out = Vec::new();
+        t.drain(&mut out).unwrap();
+        assert_eq!(t.in_flight(), 0);
+        let tags: Vec<u64> = out.iter().map(|c| c.tag).collect();
+        assert_eq!(tags, (0..8).collect::<Vec<_>>());
+        assert!(out.iter().all(|c| c.result.is_ok()));
+        let mut back = vec![0u8; 4096];
+        // SAFETY: as above.
+        unsafe { t.queue(io(9, Op::Read, 3 * 4096, &mut back)) };
+        t.submit().unwrap();
+        out.clear();
+        t.drain(&mut out).unwrap();
+        assert!(back.iter().all(|&b| b == 3));
+        out.clear();
+        t.reap(&mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_panicking_transfer_fails_then_every_later_one_without_hanging() {
+        let mut t = Threaded::new(disk(true)).unwrap();
+        let mut a = vec![1u8; 512];
+        let mut b = vec![2u8; 512];
+        let mut c = vec![3u8; 512];
+        // SAFETY: the buffers outlive the drain below.
+        unsafe {
+            t.queue(io(1, Op::Write, 0, &mut a));
+            t.queue(io(2, Op::Write, 4096, &mut b));
+            t.queue(io(3, Op::Write, 8192, &mut c));
+        }
+        t.submit().unwrap();
+        let mut out = Vec::new();
+        t.drain(&mut out).unwrap();
+        let results: Vec<_> = out.iter().map(|c| (c.tag, c.result)).collect();
+        assert_eq!(
+            results,
+            [(1, Ok(())), (2, Err(Errno::EIO)), (3, Err(Errno::EIO))]
+        );
+        assert_eq!(t.in_flight(), 0);
+    }
+}

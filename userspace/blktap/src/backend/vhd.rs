@@ -1,0 +1,128 @@
+//! `vhd:/path`: a VHD image (fixed, dynamic, or differencing with its chain of parents).
+//!
+//! The chain is opened from the leaf ([`crate::vhd::Chain`]); reads go down the chain for the
+//! sectors a layer lacks, writes go to the leaf and allocate its blocks in a crash-safe order
+//! (see [`crate::vhd::image`]). Transfers are plain `pread`/`pwrite` through a bounce buffer,
+//! on a worker thread ([`super::threaded`]). Flushes are `fdatasync` of the leaf, FUA writes
+//! are a write and a flush. Discard is done on a leaf without parent (fixed or dynamic), where
+//! a forgotten range reads as zeros and whole blocks are given back
+//! ([`crate::vhd::VhdImage::discard`]); a differencing leaf does not do it (its forgotten
+//! sectors would read as the parent's).
+
+use nix::errno::Errno;
+
+use super::immediate::SyncBackend;
+use super::{check_range, Features, ImageKind, Io};
+use crate::ring::Op;
+use crate::vhd::{Chain, VhdError};
+
+/// A VHD chain as a backend.
+#[derive(Debug)]
+pub struct VhdBackend {
+    chain: Chain,
+    readonly: bool,
+    size: u64,
+}
+
+impl VhdBackend {
+    /// Opens the chain whose leaf is `path`.
+    pub fn open(path: &std::path::Path, readonly: bool) -> Result<Self, VhdError> {
+        let chain = Chain::open(path, !readonly)?;
+        let size = chain.size();
+        Ok(Self {
+            chain,
+            readonly,
+            size,
+        })
+    }
+
+    /// The chain.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+}
+
+fn errno(e: &VhdError) -> Errno {
+    log::warn!("vhd: {e}");
+    match e {
+        VhdError::ReadOnly { .. } => Errno::EROFS,
+        VhdError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => Errno::ENOSPC,
+        _ => Errno::EIO,
+    }
+}
+
+impl SyncBackend for VhdBackend {
+    fn kind(&self) -> ImageKind {
+        ImageKind::Vhd
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    unsafe fn transfer(&mut self, io: &Io) -> Result<(), Errno> {
+        match io.op {
+            Op::Flush => return self.chain.flush().map_err(|e| errno(&e)),
+            Op::Read | Op::Write | Op::WriteFua | Op::Discard => {}
+        }
+        check_range(io, self.size)?;
+        if !io.offset.is_multiple_of(512) || !io.len().is_multiple_of(512) {
+            return Err(Errno::EINVAL);
+        }
+        if self.readonly && io.op != Op::Read {
+            return Err(Errno::EROFS);
+        }
+        if io.op == Op::Discard {
+            if !self.chain.can_discard() {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            return self
+                .chain
+                .discard(io.offset, io.discard_len)
+                .map_err(|e| errno(&e));
+        }
+        let len = usize::try_from(io.len()).map_err(|_| Errno::EINVAL)?;
+        let mut buf = vec![0u8; len];
+        if io.op == Op::Read {
+            self.chain
+                .read(io.offset, &mut buf)
+                .map_err(|e| errno(&e))?;
+            let mut pos = 0;
+            for v in &io.iov {
+                // SAFETY: the iovec is valid for writes of its length until the completion
+                // (the `queue` contract); `buf` is ours, so the two never overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(buf[pos..].as_ptr(), v.iov_base.cast(), v.iov_len)
+                };
+                pos += v.iov_len;
+            }
+            return Ok(());
+        }
+        let mut pos = 0;
+        for v in &io.iov {
+            // SAFETY: the iovec is valid for reads of its length (the `queue` contract); `buf`
+            // is ours.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base.cast::<u8>(),
+                    buf[pos..].as_mut_ptr(),
+                    v.iov_len,
+                )
+            };
+            pos += v.iov_len;
+        }
+        self.chain.write(io.offset, &buf).map_err(|e| errno(&e))?;
+        if io.op == Op::WriteFua {
+            self.chain.flush().map_err(|e| errno(&e))?;
+        }
+        Ok(())
+    }
+
+    fn features(&self) -> Features {
+        Features {
+            flush: true,
+            fua: true,
+            discard: self.chain.can_discard(),
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! A VHD and its parents, read as one disk.
+//!
+//! The chain is opened from the leaf by following each differencing image's parent locators:
+//! `W2RU` (relative), `MACX` and `W2KU` (absolute), then the parent's name from the header;
+//! relative paths are resolved against the directory of the child. A parent must be the one
+//! the child was made from (its UUID is the child's parent UUID) and of the same size; a child
+//! whose parent UUID is zero has a raw parent (a plain file or block device at least as large).
+//! Parents are opened read-only; only the leaf may be written.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::header::{PLAT_MACX, PLAT_W2KU, PLAT_W2RU};
+use super::image::VhdImage;
+use super::{uuid_string, VhdError, MAX_CHAIN};
+
+/// A raw image at the bottom of a chain.
+#[derive(Debug)]
+pub struct RawImage {
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl RawImage {
+    /// Opens the raw file or block device at `path`.
+    pub fn open(path: &Path, writable: bool) -> Result<Self, VhdError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| VhdError::io("cannot open", path, e))?;
+        let size = file_size(&file).map_err(|e| VhdError::io("cannot size", path, e))?;
+        Ok(Self {
+            path: path.into(),
+            file,
+            size,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads at `offset`; bytes past the end read as zeros.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VhdError> {
+        let avail = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[avail..].fill(0);
+        self.file
+            .read_exact_at(&mut buf[..avail], offset)
+            .map_err(|e| VhdError::io("cannot read", &self.path, e))
+    }
+
+    /// Writes at `offset`.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), VhdError> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| VhdError::io("cannot write", &self.path, e))
+    }
+
+    /// `fdatasync`.
+    pub fn flush(&self) -> Result<(), VhdError> {
+        self.file
+            .sync_data()
+            .map_err(|e| VhdError::io("cannot sync", &self.path, e))
+    }
+}
+
+/// The size of a regular file or block device.
+fn file_size(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+}
+
+/// One image of a chain.
+#[derive(Debug)]
+pub enum Layer {
+    /// A VHD.
+    Vhd(Box<VhdImage>),
+    /// A raw parent.
+    Raw(RawImage),
+}
+
+impl Layer {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        match self {
+            Layer::Vhd(v) => v.path(),
+            Layer::Raw(r) => &r.path,
+        }
+    }
+}
+
+/// A leaf VHD and its parents, leaf first.
+#[derive(Debug)]
+pub struct Chain {
+    layers: Vec<Layer>,
+}
+
+/// Where the parent of differencing image `child` is: the paths its locators name, in order of
+/// preference (relative first), then its recorded name next to it.
+pub fn parent_candidates(child: &VhdImage) -> Vec<PathBuf> {
+    let dir = match child.path().parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut out = Vec::new();
+    let Some(header) = child.header() else {
+        return out;
+    };
+    for code in [PLAT_W2RU, PLAT_MACX, PLAT_W2KU] {
+        for l in header.locators.iter().filter(|l| l.code == code) {
+            let Some(text) = child.locator_data(l).and_then(|d| l.decode(&d)) else {
+                continue;
+            };
+            if text.is_empty() {
+                continue;
+            }
+            let p = Path::new(&text);
+            let p = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p.strip_prefix("./").unwrap_or(p))
+            };
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    let name = header.parent_name.trim();
+    if !name.is_empty() && !name.contains('/') {
+        let p = dir.join(name);
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The parent file of differencing image `child`.
+pub fn find_parent(child: &VhdImage) -> Result<PathBuf, VhdError> {
+    let tried = parent_candidates(child);
+    tried
+        .iter()
+        .find(|p| p.is_file() || p.exists())
+        .cloned()
+        .ok_or_else(|| VhdError::ParentMissing {
+            path: child.path().into(),
+            name: child
+                .header()
+                .map(|h| h.parent_name.clone())
+                .unwrap_or_default(),
+            tried,
+        })
+}
+
+fn identity(path: &Path) -> Result<(u64, u64), VhdError> {
+    let m = std::fs::metadata(path).map_err(|e| VhdError::io("cannot stat", path, e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+impl Chain {
+    /// Opens the VHD at `path` (the leaf, writable if asked) and its parents (read-only).
+    pub fn open(path: &Path, writable: bool) -> Result<Self, VhdError> {
+        let leaf = VhdImage::open(path, writable)?;
+        let mut seen = HashSet::new();
+        seen.insert(identity(path)?);
+        let mut layers = vec![Layer::Vhd(Box::new(leaf))];
+        while let Some(Layer::Vhd(child)) = layers.last() {
+            if !child.has_parent() {
+                break;
+            }
+            let parent_path = find_parent(child)?;
+            if layers.len() >= MAX_CHAIN {
+                return Err(VhdError::BadChain {
+                    path: child.path().into(),
+                    detail: format!("is longer than {MAX_CHAIN} images"),
+                });
+            }
+            if !seen.insert(identity(&parent_path)?) {
+                return Err(VhdError::BadChain {
+                    path: child.path().into(),
+                    detail: format!("loops back to {}", parent_path.display()),
+                });
+            }
+            let expected = child.header().map_or([0; 16], |h| h.parent_uuid);
+            let size = child.size();
+            let mismatch = |detail: String| VhdError::ParentMismatch {
+                path: child.path().into(),
+                parent: parent_path.clone(),
+                detail,
+            };
+            let layer = if expected == [0; 16] {
+                let raw = RawImage::open(&parent_path, false)?;
+                if raw.size() < size {
+                    return Err(mismatch(format!(
+                        "raw parent of {} bytes is smaller than the child's {size}",
+                        raw.size()
+                    )));
+                }
+                Layer::Raw(raw)
+            } else {
+                let parent = VhdImage::open(&parent_path, false)?;
+                if parent.footer().uuid != expected {
+                    return Err(mismatch(format!(
+                        "UUID {} is not the child's parent UUID {}",
+                        uuid_string(&parent.footer().uuid),
+                        uuid_string(&expected)
+                    )));
+                }
+                if parent.size() != size {
+                    return Err(mismatch(format!(
+                        "size {} differs from the child's {size}",
+                        parent.size()
+                    )));
+                }
+                Layer::Vhd(Box::new(parent))
+            };
+            layers.push(layer);
+        }
+        Ok(Self { layers })
+    }
+
+    /// The images, leaf first.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The leaf.
+    pub fn leaf(&mut self) -> &mut VhdImage {
+        match &mut self.layers[0] {
+            Layer::Vhd(v) => v,
+            Layer::Raw(_) => unreachable!("a chain's leaf is always a VHD"),
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        match &self.layers[0] {
+            Layer::Vhd(v) => v.size(),
+            Layer::Raw(r) => r.size(),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the disk (whole sectors).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), VhdError> {
+        read_layers(&mut self.layers, offset, buf)
+    }
+
+    /// Writes `data` at `offset` of the disk (whole sectors), into the leaf.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), VhdError> {
+        self.leaf().write(offset, data)
+    }
+
+    /// Whether the disk can forget ranges (a leaf without parent).
+    pub fn can_discard(&self) -> bool {
+        match &self.layers[..] {
+            [Layer::Vhd(v)] => v.can_discard(),
+            _ => false,
+        }
+    }
+
+    /// Forgets `[offset, offset + len)` of the leaf: it reads back as zeros
+    /// ([`VhdImage::discard`]).
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), VhdError> {
+        self.leaf().discard(offset, len)
+    }
+
+    /// Makes the leaf's writes durable.
+    pub fn flush(&mut self) -> Result<(), VhdError> {
+        self.leaf().flush()
+    }
+}
+
+fn read_layers(layers: &mut [Layer], offset: u64, buf: &mut [u8]) -> Result<(), VhdError> {
+    let Some((first, rest)) = layers.split_first_mut() else {
+        buf.fill(0);
+        return Ok(());
+    };
+    match first {
+        Layer::Raw(r) => r.read(offset, buf),
+        Layer::Vhd(image) => {
+            let runs = image.map(offset, buf.len() as u64)?;
+            let mut pos = 0usize;
+            for (n, at) in runs {
+                let part = &mut buf[pos..pos + n as usize];
+                match at {
+                    Some(at) => image.read_file(at, part)?,
+                    None => read_layers(rest, offset + pos as u64, part)?,
+                }
+                pos += n as usize;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,1039 @@
+//! Tests of the VHD format code: round trips, qemu-img as an independent reference, chains,
+//! coalescing, malformed images and random corruption.
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::check::check;
+use super::create::{coalesce, create_dynamic, create_fixed, snapshot};
+use super::{Chain, VhdError, VhdImage};
+use crate::backend::{self, Backend, ImageSpec, Io};
+use crate::ring::Op;
+use crate::rng::Rng;
+
+/// A scratch directory, removed when the test is done with it.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("blktap-vhd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+fn pattern(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for c in v.chunks_mut(8) {
+        let r = rng.next_u64().to_le_bytes();
+        c.copy_from_slice(&r[..c.len()]);
+    }
+    v
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut chain = Chain::open(path, false).unwrap();
+    let mut buf = vec![0u8; chain.size() as usize];
+    chain.read(0, &mut buf).unwrap();
+    buf
+}
+
+fn qemu_img() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("qemu-img is not installed: skipped (scripts/setup installs qemu-utils)");
+    }
+    ok
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn to_raw(vhd: &Path, raw: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(raw);
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "vpc", "-O", "raw"])
+        .arg(vhd)
+        .arg(raw));
+    std::fs::read(raw).unwrap()
+}
+
+#[test]
+fn dynamic_images_read_back_what_was_written() {
+    let dir = scratch("dyn");
+    let path = dir.join("d.vhd");
+    create_dynamic(&path, 10 << 20, None).unwrap();
+    assert!(read_all(&path).iter().all(|&b| b == 0));
+    let mut rng = Rng::new(1);
+    let mut model = vec![0u8; 10 << 20];
+    {
+        let mut chain = Chain::open(&path, true).unwrap();
+        // Across a block boundary, at the start, and at the very end.
+        for (off, len) in [
+            (2 * 1024 * 1024 - 4096, 8192),
+            (0, 512),
+            ((10 << 20) - 1024, 1024),
+        ] {
+            let data = pattern(&mut rng, len);
+            chain.write(off as u64, &data).unwrap();
+            model[off..off + len].copy_from_slice(&data);
+        }
+        chain.flush().unwrap();
+        let mut buf = vec![0u8; model.len()];
+        chain.read(0, &mut buf).unwrap();
+        assert!(buf == model, "read back through the open chain");
+    }
+    assert!(read_all(&path) == model, "read back after reopening");
+    assert!(check(&path).is_empty(), "{:?}", check(&path));
+    let image = VhdImage::open(&path, false).unwrap();
+    let allocated = image
+        .bat()
+        .iter()
+        .filter(|&&e| e != super::UNALLOCATED)
+        .count();
+    assert_eq!(allocated, 3, "blocks 0, 1 and 4 allocated");
+    let mut chain = Chain::open(&path, false).unwrap();
+    assert!(matches!(
+        chain.write(0, &[0; 512]),
+        Err(VhdError::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        chain.read(10 << 20, &mut [0; 512]),
+        Err(VhdError::OutOfRange { .. })
+    ));
+    assert!(chain.read(100, &mut [0; 512]).is_err(), "unaligned");
+}
+
+#[test]
+fn fixed_images_read_back_what_was_written() {
+    let dir = scratch("fixed");
+    let path = dir.join("f.vhd");
+    create_fixed(&path, 3 << 20).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), (3 << 20) + 512);
+    let mut rng = Rng::new(2);
+    let data = pattern(&mut rng, 4096);
+    Chain::open(&path, true)
+        .unwrap()
+        .write(1 << 20, &data)
+        .unwrap();
+    let all = read_all(&path);
+    assert!(all[(1 << 20)..(1 << 20) + 4096] == data[..]);
+    assert!(all[..1 << 20].iter().all(|&b| b == 0));
+    assert!(check(&path).is_empty());
+}
+
+#[test]
+fn qemu_made_images_read_like_qemu_converts_them() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = scratch("qemu-read");
+    let mut rng = Rng::new(3);
+    for (sub, size_mb) in [
+        ("dynamic", 3u64),
+        ("dynamic", 17),
+        ("fixed", 5),
+        ("fixed", 9),
+    ] {
+        // A raw disk with scattered data, made a VHD by qemu-img.
+        let raw = dir.join("src.raw");
+        let size = size_mb << 20;
+        let mut model = vec![0u8; size as usize];
+        for _ in 0..6 {
+            let off = rng.below(size / 512 - 16) as usize * 512;
+            let data = pattern(&mut rng, 8192);
+            model[off..off + 8192].copy_from_slice(&data);
+        }
+        std::fs::write(&raw, &model).unwrap();
+        let vhd = dir.join(format!("{sub}-{size_mb}.vhd"));
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vpc", "-o"])
+            .arg(format!("subformat={sub}"))
+            .arg(&raw)
+            .arg(&vhd));
+        let reference = to_raw(&vhd, &dir.join("ref.raw"));
+        let ours = read_all(&vhd);
+        assert_eq!(ours.len(), reference.len(), "{sub} {size_mb}M: size");
+        assert!(ours == reference, "{sub} {size_mb}M: bytes");
+        assert!(check(&vhd).is_empty(), "{sub}: {:?}", check(&vhd));
+    }
+}
+
+/// Writes `data` at `offset` through the backend API (iovecs, queue, submit, drain).
+fn backend_io(b: &mut dyn Backend, op: Op, offset: u64, data: &mut [u8]) -> Result<(), i32> {
+    let (a, c) = data.split_at_mut(data.len() / 2);
+    let iov = vec![
+        libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: c.as_mut_ptr().cast(),
+            iov_len: c.len(),
+        },
+    ];
+    // SAFETY: `data` outlives the drain below, which hands out the completion.
+    unsafe {
+        b.queue(Io {
+            tag: 7,
+            op,
+            offset,
+            iov,
+            discard_len: 0,
+        })
+    };
+    b.submit().unwrap();
+    let mut out = Vec::new();
+    b.drain(&mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].tag, 7);
+    assert_eq!(b.in_flight(), 0);
+    out[0].result.map_err(|e| e as i32)
+}
+
+#[test]
+fn images_written_through_the_backend_convert_with_qemu_byte_for_byte() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = scratch("qemu-write");
+    let mut rng = Rng::new(4);
+    for kind in ["ours-dynamic", "ours-fixed", "qemu-dynamic", "qemu-fixed"] {
+        let path = dir.join(format!("{kind}.vhd"));
+        let size: u64 = match kind {
+            "ours-dynamic" => create_dynamic(&path, 12 << 20, None).unwrap().current_size,
+            "ours-fixed" => create_fixed(&path, 6 << 20).unwrap().current_size,
+            _ => {
+                let sub = kind.trim_start_matches("qemu-");
+                run(Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "vpc", "-o"])
+                    .arg(format!("subformat={sub}"))
+                    .arg(&path)
+                    .arg("8M"));
+                VhdImage::open(&path, false).unwrap().size()
+            }
+        };
+        let spec: ImageSpec = format!("vhd:{}", path.display()).parse().unwrap();
+        let mut model = vec![0u8; size as usize];
+        {
+            let mut b = backend::open(&spec, false).unwrap();
+            assert_eq!(b.size(), size);
+            assert!(b.features().flush && b.features().fua);
+            for i in 0..10 {
+                let len = 512 * (1 + rng.below(64) as usize) * 2;
+                let off = rng.below((size - len as u64) / 512) * 512;
+                let mut data = pattern(&mut rng, len);
+                let op = if i % 3 == 0 { Op::WriteFua } else { Op::Write };
+                backend_io(b.as_mut(), op, off, &mut data).unwrap();
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            backend_io(b.as_mut(), Op::Flush, 0, &mut []).unwrap();
+            let mut back = vec![0u8; size as usize];
+            backend_io(b.as_mut(), Op::Read, 0, &mut back).unwrap();
+            assert!(back == model, "{kind}: read back through the backend");
+            assert!(b.features().discard, "{kind}: no parent, discard works");
+        }
+        let converted = to_raw(&path, &dir.join("out.raw"));
+        assert!(converted == model, "{kind}: qemu-img reads what we wrote");
+        let info = run(Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "vpc"])
+            .arg(&path));
+        assert!(
+            info.contains(&format!("\"virtual-size\": {size}")),
+            "{kind}: {info}"
+        );
+    }
+}
+
+#[test]
+fn qemu_img_reads_images_we_create_with_their_size() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = scratch("qemu-info");
+    for size_mb in [1u64, 10, 100, 2048] {
+        let path = dir.join(format!("{size_mb}.vhd"));
+        create_dynamic(&path, size_mb << 20, None).unwrap();
+        let info = run(Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "vpc"])
+            .arg(&path));
+        assert!(
+            info.contains(&format!("\"virtual-size\": {}", size_mb << 20)),
+            "{size_mb}M: {info}"
+        );
+    }
+}
+
+/// A chain of `depth` snapshots over a dynamic base, data written at every level.
+fn build_chain(dir: &Path, depth: usize, rng: &mut Rng) -> (PathBuf, Vec<u8>) {
+    let size = 8u64 << 20;
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, size, None).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut leaf = base;
+    for level in 0..=depth {
+        if level > 0 {
+            // Children in subdirectories every few levels, to resolve relative paths.
+            let sub = dir.join(format!("d{}", level / 4));
+            std::fs::create_dir_all(&sub).unwrap();
+            let child = sub.join(format!("c{level}.vhd"));
+            snapshot(&child, &leaf, false).unwrap();
+            leaf = child;
+        }
+        let mut chain = Chain::open(&leaf, true).unwrap();
+        assert_eq!(chain.layers().len(), level + 1);
+        for _ in 0..3 {
+            let len = 512 * (1 + rng.below(16) as usize);
+            let off = rng.below((size - len as u64) / 512) * 512;
+            let data = pattern(rng, len);
+            chain.write(off, &data).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        chain.flush().unwrap();
+    }
+    (leaf, model)
+}
+
+#[test]
+fn chains_read_through_the_leaf_check_clean_and_coalesce() {
+    let mut rng = Rng::new(5);
+    for depth in [1, 2, 30] {
+        let dir = scratch(&format!("chain{depth}"));
+        let (leaf, model) = build_chain(&dir, depth, &mut rng);
+        assert!(read_all(&leaf) == model, "depth {depth}: bytes");
+        assert!(check(&leaf).is_empty(), "{:?}", check(&leaf));
+        let parent = Chain::open(&leaf, false).unwrap().layers()[1]
+            .path()
+            .to_path_buf();
+        let copied = coalesce(&leaf).unwrap();
+        assert!(copied > 0);
+        assert!(
+            read_all(&parent) == model,
+            "depth {depth}: coalesced parent"
+        );
+        assert!(
+            read_all(&leaf) == model,
+            "depth {depth}: leaf after coalesce"
+        );
+        assert!(check(&parent).is_empty());
+    }
+}
+
+#[test]
+fn raw_parents_serve_what_a_child_lacks() {
+    let dir = scratch("rawparent");
+    let mut rng = Rng::new(6);
+    let raw = dir.join("base.raw");
+    let mut model = pattern(&mut rng, 4 << 20);
+    std::fs::write(&raw, &model).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &raw, true).unwrap();
+    assert!(read_all(&child) == model);
+    let data = pattern(&mut rng, 4096);
+    Chain::open(&child, true)
+        .unwrap()
+        .write(512 * 3, &data)
+        .unwrap();
+    model[1536..1536 + 4096].copy_from_slice(&data);
+    assert!(read_all(&child) == model);
+    assert!(
+        std::fs::read(&raw).unwrap() != model,
+        "the raw parent is untouched"
+    );
+    coalesce(&child).unwrap();
+    assert!(
+        std::fs::read(&raw).unwrap() == model,
+        "coalesced into the raw file"
+    );
+}
+
+fn corrupt(path: &Path, at: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+/// Rewrites the BAT entry of `block` (fixing nothing else).
+fn set_bat(path: &Path, block: u32, sector: u32) {
+    let image = VhdImage::open(path, false).unwrap();
+    let at = image.header().unwrap().table_offset + u64::from(block) * 4;
+    corrupt(path, at, &sector.to_be_bytes());
+}
+
+#[test]
+fn malformed_images_are_refused_with_a_clear_error() {
+    let dir = scratch("malformed");
+    let fresh = |name: &str| {
+        let p = dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        create_dynamic(&p, 8 << 20, None).unwrap();
+        Chain::open(&p, true).unwrap().write(0, &[1; 4096]).unwrap();
+        p
+    };
+    let open = |p: &Path| Chain::open(p, false).unwrap_err();
+
+    let p = fresh("checksum.vhd");
+    let len = std::fs::metadata(&p).unwrap().len();
+    corrupt(&p, len - 512 + 40, &[0xAB]);
+    assert!(matches!(open(&p), VhdError::BadChecksum { .. }));
+    let problems = check(&p);
+    assert!(problems[0].contains("checksum"), "{problems:?}");
+    assert!(problems[1].contains("footer copy"), "{problems:?}");
+
+    // A header claiming blocks of 512 bytes for a huge disk.
+    let p = fresh("huge.vhd");
+    let mut image = std::fs::read(&p).unwrap();
+    let mut f = VhdImage::open(&p, false).unwrap().footer().clone();
+    f.current_size = 1 << 40;
+    let mut h = VhdImage::open(&p, false).unwrap().header().unwrap().clone();
+    h.block_size = 512;
+    let n = image.len();
+    image[n - 512..].copy_from_slice(&f.to_bytes());
+    image[512..1536].copy_from_slice(&h.to_bytes());
+    std::fs::write(&p, &image).unwrap();
+    let e = open(&p);
+    assert!(e.to_string().contains("blocks, more than"), "{e}");
+
+    let p = fresh("header.vhd");
+    corrupt(&p, 512 + 30, &[0xAB]);
+    assert!(matches!(
+        open(&p),
+        VhdError::BadChecksum {
+            what: "dynamic header",
+            ..
+        }
+    ));
+
+    let p = fresh("past-end.vhd");
+    set_bat(&p, 1, 0x00F0_0000);
+    let e = open(&p);
+    assert!(matches!(e, VhdError::BadBat { block: 1, .. }), "{e}");
+    assert!(e.to_string().contains("past the end"));
+    assert!(!check(&p).is_empty());
+
+    let p = fresh("into-metadata.vhd");
+    set_bat(&p, 2, 1);
+    assert!(open(&p).to_string().contains("metadata"));
+
+    let p = fresh("overlap.vhd");
+    Chain::open(&p, true)
+        .unwrap()
+        .write(2 << 20, &[2; 512])
+        .unwrap();
+    let first = VhdImage::open(&p, false).unwrap().bat()[0];
+    set_bat(&p, 3, first + 8);
+    assert!(open(&p).to_string().contains("overlaps another block"));
+
+    let p = fresh("truncated.vhd");
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(1000).unwrap();
+    assert!(matches!(
+        open(&p),
+        VhdError::BadCookie { .. } | VhdError::Truncated { .. }
+    ));
+    f.set_len(100).unwrap();
+    assert!(matches!(open(&p), VhdError::Truncated { .. }));
+    let data = std::fs::read(fresh("t2.vhd")).unwrap();
+    // The footer kept but the BAT and blocks cut away.
+    let p = dir.join("t3.vhd");
+    let mut short = data[..1024].to_vec();
+    short.extend_from_slice(&data[data.len() - 512..]);
+    std::fs::write(&p, &short).unwrap();
+    assert!(
+        matches!(open(&p), VhdError::Truncated { .. }),
+        "{}",
+        open(&p)
+    );
+}
+
+#[test]
+fn broken_chains_are_refused() {
+    let dir = scratch("badchain");
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &base, false).unwrap();
+    assert_eq!(Chain::open(&child, false).unwrap().layers().len(), 2);
+
+    // A different parent in its place: the UUID does not match.
+    let saved = std::fs::read(&base).unwrap();
+    std::fs::remove_file(&base).unwrap();
+    let e = Chain::open(&child, false).unwrap_err();
+    assert!(matches!(e, VhdError::ParentMissing { .. }), "{e}");
+    assert_eq!(e.errno(), libc::ENOENT);
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let e = Chain::open(&child, false).unwrap_err();
+    assert!(matches!(e, VhdError::ParentMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("UUID"));
+    assert!(!check(&child).is_empty());
+
+    // A parent of another size with the right UUID.
+    let mut other = VhdImage::open(&base, false).unwrap().footer().clone();
+    std::fs::write(&base, &saved).unwrap();
+    let good = VhdImage::open(&base, false).unwrap().footer().clone();
+    other.uuid = good.uuid;
+    other.current_size = 2 << 20;
+    let len = std::fs::metadata(&base).unwrap().len();
+    corrupt(&base, len - 512, &other.to_bytes());
+    let e = Chain::open(&child, false).unwrap_err();
+    assert!(e.to_string().contains("size"), "{e}");
+    std::fs::write(&base, &saved).unwrap();
+
+    // A loop: the base made a differencing child of the child.
+    let a = dir.join("a.vhd");
+    let b = dir.join("b.vhd");
+    snapshot(&a, &base, false).unwrap();
+    snapshot(&b, &a, false).unwrap();
+    // Overwrite a with a copy of b's header naming b as parent: a -> b -> a.
+    let tmp = dir.join("tmp.vhd");
+    snapshot(&tmp, &b, false).unwrap();
+    std::fs::rename(&tmp, &a).unwrap();
+    let e = Chain::open(&b, false).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VhdError::BadChain { .. } | VhdError::ParentMismatch { .. }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_chain_that_loops_is_refused() {
+    // Two children naming each other, with matching UUIDs: only the loop check stops the walk.
+    let dir = scratch("loop");
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let a = dir.join("a.vhd");
+    snapshot(&a, &base, false).unwrap();
+    let b = dir.join("b.vhd");
+    snapshot(&b, &a, false).unwrap();
+    // Make a's parent b: rewrite a's header with b's UUID and locators naming b.vhd.
+    let tmp = dir.join("tmp.vhd");
+    snapshot(&tmp, &b, false).unwrap();
+    let a_footer = VhdImage::open(&a, false).unwrap().footer().clone();
+    let mut bytes = std::fs::read(&tmp).unwrap();
+    let fb = a_footer.to_bytes();
+    let n = bytes.len();
+    bytes[..512].copy_from_slice(&fb);
+    bytes[n - 512..].copy_from_slice(&fb);
+    std::fs::write(&a, &bytes).unwrap();
+    let e = Chain::open(&b, false).unwrap_err();
+    assert!(matches!(e, VhdError::BadChain { .. }), "{e}");
+    assert!(e.to_string().contains("loops"), "{e}");
+}
+
+#[test]
+fn random_corruption_never_panics() {
+    let dir = scratch("fuzz");
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &base, false).unwrap();
+    Chain::open(&child, true)
+        .unwrap()
+        .write(4096, &[9; 8192])
+        .unwrap();
+    let pristine = std::fs::read(&child).unwrap();
+    let len = pristine.len() as u64;
+    let mut rng = Rng::new(7);
+    let mut refused = 0;
+    for round in 0..400 {
+        // Flip bytes in the metadata (first 8 KiB), a block's bitmap, or the footer.
+        let mut changes = Vec::new();
+        for _ in 0..1 + rng.below(4) {
+            let at = match rng.below(3) {
+                0 => rng.below(8192),
+                1 => rng.below(len),
+                _ => len - 1 - rng.below(512),
+            };
+            changes.push((at, rng.next_u64() as u8));
+        }
+        for &(at, v) in &changes {
+            corrupt(&child, at, &[v]);
+        }
+        // The checksums catch most flips: also fix them up now and then, so the BAT, the
+        // offsets and the locators are exercised.
+        if round % 2 == 0 {
+            fix_checksums(&child);
+        }
+        match Chain::open(&child, true) {
+            Err(_) => refused += 1,
+            Ok(mut chain) => {
+                let size = chain.size();
+                let mut buf = vec![0u8; size.min(8 << 20) as usize];
+                let _ = chain.read(0, &mut buf);
+                let _ = chain.write(0, &[1; 1024]);
+                let _ = chain.write(size.saturating_sub(512), &[1; 512]);
+            }
+        }
+        let _ = check(&child);
+        std::fs::write(&child, &pristine).unwrap();
+    }
+    assert!(refused > 50, "only {refused} corrupt images refused");
+}
+
+/// Recomputes the footer and header checksums of `path` in place (after corruption).
+fn fix_checksums(path: &Path) {
+    let mut b = std::fs::read(path).unwrap();
+    let n = b.len();
+    if n < 1536 {
+        return;
+    }
+    for range in [0..512, n - 512..n] {
+        let f = &mut b[range];
+        f[64..68].fill(0);
+        let sum = super::checksum(f);
+        f[64..68].copy_from_slice(&sum.to_be_bytes());
+    }
+    let h = &mut b[512..1536];
+    h[36..40].fill(0);
+    let sum = super::checksum(h);
+    h[36..40].copy_from_slice(&sum.to_be_bytes());
+    std::fs::write(path, &b).unwrap();
+}
+
+/// The writer of [`kill_9_during_allocating_writes_leaves_a_consistent_image`]: the data of
+/// write `i` (seeded by `seed`).
+fn crash_data(seed: u64, i: u64) -> (u64, Vec<u8>) {
+    let mut rng = Rng::new(seed ^ (i + 1).wrapping_mul(0x9e37_79b9));
+    // Distinct ranges, 1031 sectors apart: about four per 2 MiB block, the first allocating it.
+    (i * 1031 * 512, {
+        let len = 4096 + 512 * rng.below(8) as usize;
+        pattern(&mut rng, len)
+    })
+}
+
+const CRASH_ENV: &str = "BLKTAP_VHD_CRASH_WRITER";
+const CRASH_WRITES: u64 = 120;
+
+#[test]
+#[ignore = "the writer process of kill_9_during_allocating_writes_leaves_a_consistent_image"]
+fn crash_writer_process() {
+    use std::io::Write;
+    let Ok(arg) = std::env::var(CRASH_ENV) else {
+        return;
+    };
+    let (seed, path) = arg.split_once(':').unwrap();
+    let seed: u64 = seed.parse().unwrap();
+    let mut chain = Chain::open(Path::new(path), true).unwrap();
+    let mut out = std::io::stdout();
+    for i in 0..CRASH_WRITES {
+        let (off, data) = crash_data(seed, i);
+        chain.write(off, &data).unwrap();
+        writeln!(out, "ack {i}").unwrap();
+        out.flush().unwrap();
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn kill_9_during_allocating_writes_leaves_a_consistent_image() {
+    use std::io::Read;
+    let dir = scratch("crash");
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = Rng::new(8);
+    let mut killed_midway = 0;
+    for round in 0..40u64 {
+        // Even rounds: a differencing leaf over a sparse raw parent with 0x5A where the check
+        // below looks; odd rounds: a dynamic disk on its own.
+        let base = dir.join("base.raw");
+        let leaf = dir.join("leaf.vhd");
+        let _ = std::fs::remove_file(&base);
+        let _ = std::fs::remove_file(&leaf);
+        let expected_gap = if round % 2 == 0 {
+            let raw = std::fs::File::create(&base).unwrap();
+            raw.set_len(64 << 20).unwrap();
+            for i in 0..CRASH_WRITES {
+                raw.write_all_at(&[0x5A; 512], i * 1031 * 512 + 1030 * 512)
+                    .unwrap();
+            }
+            snapshot(&leaf, &base, true).unwrap();
+            0x5A
+        } else {
+            create_dynamic(&leaf, 64 << 20, None).unwrap();
+            0
+        };
+        let seed = rng.next_u64();
+        let mut child = Command::new(&exe)
+            .args([
+                "vhd::image_tests::crash_writer_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_ENV, format!("{seed}:{}", leaf.display()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5 + rng.below(80)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut text = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        let acked: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("ack ")?.trim().parse().ok())
+            .collect();
+        if (acked.len() as u64) < CRASH_WRITES {
+            killed_midway += 1;
+        }
+        let problems = check(&leaf);
+        assert!(problems.is_empty(), "round {round}: {problems:?}");
+        let mut chain = Chain::open(&leaf, false).unwrap();
+        for &i in &acked {
+            let (off, data) = crash_data(seed, i);
+            let mut back = vec![0u8; data.len()];
+            chain.read(off, &mut back).unwrap();
+            assert!(back == data, "round {round}: acknowledged write {i} lost");
+        }
+        // What was not written still reads as the parent's (or as zeros without one).
+        let mut gap = vec![0u8; 512];
+        for i in 0..CRASH_WRITES {
+            chain.read(i * 1031 * 512 + 1030 * 512, &mut gap).unwrap();
+            assert!(gap.iter().all(|&b| b == expected_gap), "round {round}");
+        }
+    }
+    assert!(
+        killed_midway >= 10,
+        "only {killed_midway} rounds killed mid-way"
+    );
+    drop(dir);
+}
+
+#[test]
+fn repair_rebuilds_a_lost_trailing_footer_from_its_copy() {
+    let dir = scratch("repair");
+    let p = dir.join("r.vhd");
+    create_dynamic(&p, 8 << 20, None).unwrap();
+    let mut rng = Rng::new(9);
+    let data = pattern(&mut rng, 8192);
+    Chain::open(&p, true)
+        .unwrap()
+        .write(4 << 20, &data)
+        .unwrap();
+    assert_eq!(super::repair::repair(&p).unwrap(), None);
+    let len = std::fs::metadata(&p).unwrap().len();
+
+    // The footer zeroed (a torn write), then the file cut inside the footer.
+    corrupt(&p, len - 512, &[0; 512]);
+    assert!(Chain::open(&p, false).is_err());
+    let done = super::repair::repair(&p).unwrap().unwrap();
+    assert!(done.contains("rebuilt"), "{done}");
+    assert!(check(&p).is_empty(), "{:?}", check(&p));
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), len);
+    assert!(read_all(&p)[4 << 20..(4 << 20) + 8192] == data[..]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    super::repair::repair(&p).unwrap().unwrap();
+    assert!(check(&p).is_empty());
+    assert!(read_all(&p)[4 << 20..(4 << 20) + 8192] == data[..]);
+
+    // A damaged copy is rewritten from the footer.
+    corrupt(&p, 10, &[0xFF]);
+    assert!(!check(&p).is_empty());
+    let done = super::repair::repair(&p).unwrap().unwrap();
+    assert!(done.contains("copy"), "{done}");
+    assert!(check(&p).is_empty());
+
+    // A block cut off: its data is gone, repair says so and leaves the file.
+    let cut = len - 512 - 4096;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let e = super::repair::repair(&p).unwrap_err();
+    assert!(e.to_string().contains("data is lost"), "{e}");
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), cut);
+}
+
+/// A discard through the backend API.
+fn backend_discard(b: &mut dyn Backend, offset: u64, len: u64) -> Result<(), i32> {
+    // SAFETY: a discard has no buffers.
+    unsafe {
+        b.queue(Io {
+            tag: 9,
+            op: Op::Discard,
+            offset,
+            iov: Vec::new(),
+            discard_len: len,
+        })
+    };
+    b.submit().unwrap();
+    let mut out = Vec::new();
+    b.drain(&mut out).unwrap();
+    out[0].result.map_err(|e| e as i32)
+}
+
+#[test]
+fn discard_zeroes_and_frees_whole_blocks_of_a_leaf_without_parent() {
+    let dir = scratch("discard");
+    let mut rng = Rng::new(10);
+    for kind in ["dynamic", "fixed"] {
+        let p = dir.join(format!("{kind}.vhd"));
+        let size = 12u64 << 20;
+        if kind == "dynamic" {
+            create_dynamic(&p, size, None).unwrap();
+        } else {
+            create_fixed(&p, size).unwrap();
+        }
+        let mut model = pattern(&mut rng, size as usize);
+        let spec: ImageSpec = format!("vhd:{}", p.display()).parse().unwrap();
+        let mut b = backend::open(&spec, false).unwrap();
+        assert!(b.features().discard);
+        backend_io(b.as_mut(), Op::Write, 0, &mut model.clone()).unwrap();
+        backend_io(b.as_mut(), Op::Flush, 0, &mut []).unwrap();
+        let used = std::fs::metadata(&p).unwrap().blocks() * 512;
+        // Blocks 1 and 2 whole, and parts of blocks 0 and 3.
+        let (off, len) = ((2 << 20) - 4096, (4 << 20) + 8192);
+        backend_discard(b.as_mut(), off, len).unwrap();
+        model[off as usize..(off + len) as usize].fill(0);
+        let mut back = vec![0u8; size as usize];
+        backend_io(b.as_mut(), Op::Read, 0, &mut back).unwrap();
+        assert!(
+            back == model,
+            "{kind}: reads zeros where discarded, the rest kept"
+        );
+        assert_eq!(
+            backend_discard(b.as_mut(), size - 512, 1024),
+            Err(libc::EIO)
+        );
+        drop(b);
+        assert!(read_all(&p) == model, "{kind}: after reopening");
+        assert!(check(&p).is_empty(), "{kind}: {:?}", check(&p));
+        let freed = used.saturating_sub(std::fs::metadata(&p).unwrap().blocks() * 512);
+        if kind == "dynamic" {
+            let image = VhdImage::open(&p, false).unwrap();
+            assert_eq!(image.bat()[1], super::UNALLOCATED);
+            assert_eq!(image.bat()[2], super::UNALLOCATED);
+            assert_ne!(image.bat()[0], super::UNALLOCATED);
+        }
+        // Where the file system has holes, the two whole blocks' space is given back (but the
+        // file system's pages the extents only partly cover).
+        eprintln!("{kind}: {freed} bytes freed");
+        if has_holes(&dir) {
+            assert!(
+                freed >= (4 << 20) - 4 * 4096,
+                "{kind}: only {freed} bytes freed"
+            );
+        }
+        if qemu_img() {
+            assert!(
+                to_raw(&p, &dir.join("d.raw")) == model,
+                "{kind}: qemu-img agrees"
+            );
+        }
+    }
+
+    // A differencing leaf does not discard.
+    let base = dir.join("dynamic.vhd");
+    let leaf = dir.join("leaf.vhd");
+    snapshot(&leaf, &base, false).unwrap();
+    let spec: ImageSpec = format!("vhd:{}", leaf.display()).parse().unwrap();
+    let mut b = backend::open(&spec, false).unwrap();
+    assert!(!b.features().discard);
+    assert_eq!(backend_discard(b.as_mut(), 0, 4096), Err(libc::EOPNOTSUPP));
+}
+
+/// Whether the file system of `dir` punches holes.
+fn has_holes(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let p = dir.join("holes");
+    let f = std::fs::File::create(&p).unwrap();
+    f.write_all_at(&[1; 65536], 0).unwrap();
+    f.sync_all().unwrap();
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on our own file.
+    unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, 65536) == 0 }
+}
+
+/// A dynamic image laid out as XenServer's tools make them: creator `tap` 1.3, and a batmap
+/// (header and one sector of map) after the BAT.
+fn image_with_batmap(path: &Path, size: u64) {
+    use super::footer::{DiskType, Footer};
+    use super::header::Header;
+    let entries = size.div_ceil(2 << 20) as u32;
+    assert!(entries <= 128);
+    let mut footer = Footer::new(DiskType::Dynamic, size, 512);
+    footer.creator_version = 0x0001_0003;
+    let header = Header::new(1536, entries, 2 << 20);
+    let mut b = vec![0u8; 3072];
+    b[..512].copy_from_slice(&footer.to_bytes());
+    b[512..1536].copy_from_slice(&header.to_bytes());
+    b[1536..2048].fill(0xff);
+    b[2048..2056].copy_from_slice(b"tdbatmap");
+    b[2056..2064].copy_from_slice(&2560u64.to_be_bytes());
+    b[2064..2068].copy_from_slice(&1u32.to_be_bytes());
+    b[2068..2072].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    b[2072..2076].copy_from_slice(&super::checksum(&[0u8; 512]).to_be_bytes());
+    b.extend_from_slice(&footer.to_bytes());
+    std::fs::write(path, &b).unwrap();
+}
+
+#[test]
+fn a_batmap_is_kept_out_of_the_blocks_way_and_checked() {
+    let dir = scratch("batmap");
+    let p = dir.join("b.vhd");
+    image_with_batmap(&p, 8 << 20);
+    let image = VhdImage::open(&p, false).unwrap();
+    let batmap = image.batmap().unwrap();
+    assert_eq!(
+        (batmap.offset, batmap.bytes, batmap.problem.as_deref()),
+        (2560, 512, None)
+    );
+    drop(image);
+    let mut rng = Rng::new(12);
+    let data = pattern(&mut rng, 8192);
+    Chain::open(&p, true)
+        .unwrap()
+        .write(2 << 20, &data)
+        .unwrap();
+    assert!(read_all(&p)[2 << 20..(2 << 20) + 8192] == data[..]);
+    assert!(check(&p).is_empty(), "{:?}", check(&p));
+    let image = VhdImage::open(&p, false).unwrap();
+    assert!(
+        u64::from(image.bat()[1]) * 512 >= 3072,
+        "the block is after the batmap"
+    );
+    assert!(
+        !image.can_discard(),
+        "a discard would leave the batmap's bit stale"
+    );
+    // The map is never changed: its checksum still holds.
+    assert_eq!(std::fs::read(&p).unwrap()[2560..3072], [0u8; 512]);
+
+    // A corrupt map is reported by check, and does not stop the image from opening.
+    corrupt(&p, 2600, &[1]);
+    let problems = check(&p);
+    assert!(
+        problems.len() == 1 && problems[0].contains("batmap: checksum"),
+        "{problems:?}"
+    );
+    assert!(Chain::open(&p, false).is_ok());
+    corrupt(&p, 2600, &[0]);
+    // A BAT entry into the batmap is refused.
+    set_bat(&p, 2, 5);
+    let e = Chain::open(&p, false).unwrap_err();
+    assert!(e.to_string().contains("metadata"), "{e}");
+}
+
+#[test]
+fn the_on_disk_layout_follows_the_specification() {
+    // Pinned by hand, since qemu-img (which writes full bitmaps) cannot tell: sector bitmaps
+    // are most significant bit first, BAT entries big-endian sector numbers, a block starts
+    // with its bitmap (one sector for 2 MiB) and the footer follows the last block.
+    let dir = scratch("layout");
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, 4 << 20, None).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &base, false).unwrap();
+    let before = std::fs::metadata(&child).unwrap().len();
+    let mut chain = Chain::open(&child, true).unwrap();
+    chain.write(0, &[0xA1; 512]).unwrap();
+    chain.write(9 * 512, &[0xB2; 512]).unwrap();
+    drop(chain);
+    let bytes = std::fs::read(&child).unwrap();
+    assert_eq!(bytes.len() as u64, before + 512 + (2 << 20));
+    let table = VhdImage::open(&child, false)
+        .unwrap()
+        .header()
+        .unwrap()
+        .table_offset as usize;
+    let entry = u32::from_be_bytes(bytes[table..table + 4].try_into().unwrap());
+    assert_eq!(
+        u64::from(entry) * 512,
+        before - 512,
+        "the block went where the footer was"
+    );
+    assert_eq!(&bytes[table + 4..table + 8], &[0xff; 4]);
+    let block = entry as usize * 512;
+    assert_eq!(bytes[block..block + 3], [0x80, 0x40, 0x00]);
+    assert!(bytes[block + 512..block + 1024].iter().all(|&b| b == 0xA1));
+    assert!(bytes[block + 512 + 9 * 512..block + 1024 + 9 * 512]
+        .iter()
+        .all(|&b| b == 0xB2));
+    assert_eq!(&bytes[bytes.len() - 512..][..8], b"conectix");
+    // A dynamic disk without parent marks its whole new block present.
+    let mut chain = Chain::open(&base, true).unwrap();
+    chain.write(512, &[1; 512]).unwrap();
+    drop(chain);
+    let image = VhdImage::open(&base, false).unwrap();
+    let bytes = std::fs::read(&base).unwrap();
+    let block = image.bat()[0] as usize * 512;
+    assert!(bytes[block..block + 512].iter().all(|&b| b == 0xff));
+}
+
+#[test]
+fn overlapping_random_writes_in_a_chain_match_a_model() {
+    // Many writes, overlapping each other and block boundaries, in a leaf over a parent with
+    // data: every read of the whole disk matches the model, before and after reopening.
+    let dir = scratch("model");
+    let base = dir.join("base.vhd");
+    let size = 6u64 << 20;
+    create_dynamic(&base, size, None).unwrap();
+    let mut rng = Rng::new(13);
+    let mut model = vec![0u8; size as usize];
+    let write = |path: &Path, rng: &mut Rng, model: &mut [u8], n: usize| {
+        let mut chain = Chain::open(path, true).unwrap();
+        for _ in 0..n {
+            let len = 512 * (1 + rng.below(40) as usize);
+            let off = rng.below((size - len as u64) / 512 + 1) * 512;
+            let data = pattern(rng, len);
+            chain.write(off, &data).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        let mut back = vec![0u8; size as usize];
+        chain.read(0, &mut back).unwrap();
+        assert!(back == model);
+    };
+    write(&base, &mut rng, &mut model, 40);
+    let leaf = dir.join("leaf.vhd");
+    snapshot(&leaf, &base, false).unwrap();
+    // A write, then one overlapping its end within a block: both sets of sectors are the leaf's.
+    let mut chain = Chain::open(&leaf, true).unwrap();
+    chain.write(0, &[7; 2048]).unwrap();
+    chain.write(1024, &[8; 4096]).unwrap();
+    model[..1024].fill(7);
+    model[1024..5120].fill(8);
+    drop(chain);
+    write(&leaf, &mut rng, &mut model, 300);
+    assert!(read_all(&leaf) == model, "after reopening");
+    assert!(check(&leaf).is_empty());
+}

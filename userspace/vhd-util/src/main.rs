@@ -1,0 +1,225 @@
+//! `vhd-util`: the VHD tool of Xen's storage manager, with the original's commands and flags
+//! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `repair`, `set`.
+//!
+//! Errors go to stderr and the exit status is the errno (as the original tools).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use blktap::vhd::chain::{find_parent, Chain};
+use blktap::vhd::check::check;
+use blktap::vhd::create::{coalesce, create_dynamic, create_fixed, snapshot};
+use blktap::vhd::repair::repair;
+use blktap::vhd::{VhdError, VhdImage};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "vhd-util", about = "Create and inspect VHD images", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create an empty VHD (dynamic; fixed with -r).
+    Create {
+        /// The new image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// Virtual size in MiB.
+        #[arg(short = 's')]
+        size_mb: u64,
+        /// Make a fixed (fully allocated) VHD.
+        #[arg(short = 'r')]
+        fixed: bool,
+        /// Room in the BAT for growing to this many MiB (dynamic disks).
+        #[arg(short = 'S')]
+        max_mb: Option<u64>,
+    },
+    /// Create an empty differencing VHD over a parent.
+    Snapshot {
+        /// The new child.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// The parent (a VHD; a raw file or device with -m).
+        #[arg(short = 'p')]
+        parent: PathBuf,
+        /// The parent is raw.
+        #[arg(short = 'm')]
+        raw_parent: bool,
+    },
+    /// Print facts about an image.
+    Query {
+        /// The image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// Virtual size in MiB.
+        #[arg(short = 'v')]
+        virtual_size: bool,
+        /// Physical size in bytes.
+        #[arg(short = 's')]
+        physical_size: bool,
+        /// The parent's path.
+        #[arg(short = 'p')]
+        parent: bool,
+        /// The hidden field.
+        #[arg(short = 'f')]
+        fields: bool,
+        /// The depth of the chain (1 for an image without parent).
+        #[arg(short = 'd')]
+        depth: bool,
+    },
+    /// Check an image and its chain, saying what is wrong.
+    Check {
+        /// The image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+    },
+    /// Write a differencing image's data into its parent.
+    Coalesce {
+        /// The child.
+        #[arg(short = 'n')]
+        name: PathBuf,
+    },
+    /// Rebuild a lost or damaged footer from its copy (or the copy from the footer).
+    Repair {
+        /// The image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+    },
+    /// Set a field of the footer.
+    Set {
+        /// The image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// The field (`hidden`).
+        #[arg(short = 'f')]
+        field: String,
+        /// The value.
+        #[arg(short = 'v')]
+        value: u8,
+    },
+}
+
+/// A failure: the message and the errno to exit with.
+struct Failure(String, i32);
+
+impl From<VhdError> for Failure {
+    fn from(e: VhdError) -> Self {
+        let errno = e.errno();
+        Failure(e.to_string(), errno)
+    }
+}
+
+fn mb(name: &Path, size_mb: u64) -> Result<u64, Failure> {
+    size_mb
+        .checked_mul(1 << 20)
+        .filter(|&s| s > 0)
+        .ok_or_else(|| {
+            Failure(
+                format!("{}: invalid size {size_mb} MiB", name.display()),
+                libc::EINVAL,
+            )
+        })
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Create {
+            name,
+            size_mb,
+            fixed,
+            max_mb,
+        } => {
+            let size = mb(&name, size_mb)?;
+            if fixed {
+                create_fixed(&name, size)?;
+            } else {
+                let max = max_mb.map(|m| mb(&name, m)).transpose()?;
+                create_dynamic(&name, size, max)?;
+            }
+        }
+        Command::Snapshot {
+            name,
+            parent,
+            raw_parent,
+        } => {
+            snapshot(&name, &parent, raw_parent)?;
+        }
+        Command::Query {
+            name,
+            virtual_size,
+            physical_size,
+            parent,
+            fields,
+            depth,
+        } => {
+            let image = VhdImage::open(&name, false)?;
+            if virtual_size {
+                println!("{}", image.size() >> 20);
+            }
+            if physical_size {
+                println!("{}", image.physical_size());
+            }
+            if parent {
+                if image.has_parent() {
+                    println!("{}", find_parent(&image)?.display());
+                } else {
+                    println!("{} has no parent", name.display());
+                }
+            }
+            if fields {
+                println!("hidden: {}", image.footer().hidden);
+            }
+            if depth {
+                let chain = Chain::open(&name, false)?;
+                println!("chain depth: {}", chain.layers().len());
+            }
+        }
+        Command::Check { name } => {
+            let problems = check(&name);
+            if problems.is_empty() {
+                println!("{} is valid", name.display());
+            } else {
+                println!("{} appears invalid:", name.display());
+                for p in &problems {
+                    println!("  {p}");
+                }
+                return Err(Failure(
+                    format!("{}: {} problem(s) found", name.display(), problems.len()),
+                    libc::EINVAL,
+                ));
+            }
+        }
+        Command::Coalesce { name } => {
+            coalesce(&name)?;
+        }
+        Command::Repair { name } => {
+            if let Some(done) = repair(&name)? {
+                println!("{}: {done}", name.display());
+            }
+        }
+        Command::Set { name, field, value } => {
+            if field != "hidden" {
+                return Err(Failure(
+                    format!("set: unknown field {field:?} (hidden)"),
+                    libc::EINVAL,
+                ));
+            }
+            VhdImage::open(&name, true)?.set_hidden(value)?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg, errno)) => {
+            eprintln!("vhd-util: {msg}");
+            ExitCode::from(u8::try_from(errno).unwrap_or(1).max(1))
+        }
+    }
+}

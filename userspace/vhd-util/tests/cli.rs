@@ -1,0 +1,247 @@
+//! vhd-util end to end: images made and inspected through the command line, data written
+//! through the library, qemu-img as an independent reader where installed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use blktap::rng::Rng;
+use blktap::vhd::Chain;
+
+/// A scratch directory, removed when the test is done with it.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("vhd-util-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+fn vhd_util(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vhd-util"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = vhd_util(args);
+    assert!(
+        out.status.success(),
+        "vhd-util {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn write_random(path: &Path, rng: &mut Rng, model: &mut [u8]) {
+    let mut chain = Chain::open(path, true).unwrap();
+    for _ in 0..4 {
+        let len = 512 * (1 + rng.below(32) as usize);
+        let off = rng.below((model.len() - len) as u64 / 512) as usize * 512;
+        let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        chain.write(off as u64, &data).unwrap();
+        model[off..off + len].copy_from_slice(&data);
+    }
+    chain.flush().unwrap();
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut chain = Chain::open(path, false).unwrap();
+    let mut buf = vec![0u8; chain.size() as usize];
+    chain.read(0, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn create_query_and_set() {
+    let dir = scratch("create");
+    let d = dir.join("d.vhd");
+    ok(&["create", "-n", s(&d), "-s", "20"]);
+    assert_eq!(ok(&["query", "-n", s(&d), "-v"]), "20\n");
+    let phys: u64 = ok(&["query", "-n", s(&d), "-s"]).trim().parse().unwrap();
+    assert_eq!(phys, std::fs::metadata(&d).unwrap().len());
+    assert_eq!(
+        ok(&["query", "-n", s(&d), "-p"]),
+        format!("{} has no parent\n", s(&d))
+    );
+    assert_eq!(ok(&["query", "-n", s(&d), "-f"]), "hidden: 0\n");
+    assert_eq!(ok(&["query", "-n", s(&d), "-d"]), "chain depth: 1\n");
+    ok(&["set", "-n", s(&d), "-f", "hidden", "-v", "1"]);
+    assert_eq!(ok(&["query", "-n", s(&d), "-f"]), "hidden: 1\n");
+    assert_eq!(ok(&["check", "-n", s(&d)]), format!("{} is valid\n", s(&d)));
+    let out = vhd_util(&["set", "-n", s(&d), "-f", "marker", "-v", "1"]);
+    assert_eq!(out.status.code(), Some(libc::EINVAL));
+
+    let f = dir.join("f.vhd");
+    ok(&["create", "-n", s(&f), "-s", "4", "-r"]);
+    assert_eq!(std::fs::metadata(&f).unwrap().len(), (4 << 20) + 512);
+    assert_eq!(ok(&["query", "-n", s(&f), "-v"]), "4\n");
+    // An existing file is not overwritten.
+    let out = vhd_util(&["create", "-n", s(&f), "-s", "4"]);
+    assert_eq!(out.status.code(), Some(libc::EEXIST));
+    let out = vhd_util(&["create", "-n", s(&dir.join("z.vhd")), "-s", "0"]);
+    assert_eq!(out.status.code(), Some(libc::EINVAL));
+
+    // -S leaves room in the BAT.
+    let g = dir.join("g.vhd");
+    ok(&["create", "-n", s(&g), "-s", "4", "-S", "64"]);
+    let image = blktap::vhd::VhdImage::open(&g, false).unwrap();
+    assert_eq!(image.header().unwrap().max_table_entries, 32);
+    assert_eq!(image.bat().len(), 2);
+}
+
+#[test]
+fn chains_built_by_snapshot_read_back_check_and_coalesce() {
+    let mut rng = Rng::new(11);
+    for depth in [1usize, 2, 30] {
+        let dir = scratch(&format!("chain{depth}"));
+        let base = dir.join("base.vhd");
+        ok(&["create", "-n", s(&base), "-s", "8"]);
+        let mut model = vec![0u8; 8 << 20];
+        write_random(&base, &mut rng, &mut model);
+        let mut leaf = base.clone();
+        let mut models = vec![model.clone()];
+        for level in 1..=depth {
+            let child = dir.join(format!("l{level}.vhd"));
+            ok(&["snapshot", "-n", s(&child), "-p", s(&leaf)]);
+            assert_eq!(
+                ok(&["query", "-n", s(&child), "-p"]).trim(),
+                s(&dir.join(format!("./{}", leaf.file_name().unwrap().to_str().unwrap())))
+                    .replace("/./", "/")
+            );
+            leaf = child;
+            write_random(&leaf, &mut rng, &mut model);
+            models.push(model.clone());
+        }
+        assert_eq!(
+            ok(&["query", "-n", s(&leaf), "-d"]),
+            format!("chain depth: {}\n", depth + 1)
+        );
+        assert!(read_all(&leaf) == model, "depth {depth}: leaf");
+        // Every level still reads as it was when its child was made.
+        let mid = dir.join(format!("l{}.vhd", depth - 1));
+        let mid = if depth == 1 { base.clone() } else { mid };
+        assert!(read_all(&mid) == models[depth - 1], "depth {depth}: parent");
+        assert_eq!(
+            ok(&["check", "-n", s(&leaf)]),
+            format!("{} is valid\n", s(&leaf))
+        );
+        ok(&["coalesce", "-n", s(&leaf)]);
+        assert!(
+            read_all(&mid) == model,
+            "depth {depth}: parent after coalesce"
+        );
+        assert!(
+            read_all(&leaf) == model,
+            "depth {depth}: leaf after coalesce"
+        );
+        ok(&["check", "-n", s(&mid)]);
+    }
+}
+
+#[test]
+fn a_chain_can_be_moved_as_a_whole() {
+    // Relative locators: the chain opens from a new directory.
+    let dir = scratch("move");
+    let base = dir.join("a/base.vhd");
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    std::fs::create_dir_all(dir.join("b")).unwrap();
+    ok(&["create", "-n", s(&base), "-s", "4"]);
+    let leaf = dir.join("b/leaf.vhd");
+    ok(&["snapshot", "-n", s(&leaf), "-p", s(&base)]);
+    let moved = scratch("moved");
+    std::fs::rename(dir.join("a"), moved.join("a")).unwrap();
+    std::fs::rename(dir.join("b"), moved.join("b")).unwrap();
+    let leaf = moved.join("b/leaf.vhd");
+    assert_eq!(ok(&["query", "-n", s(&leaf), "-d"]), "chain depth: 2\n");
+    assert_eq!(
+        ok(&["query", "-n", s(&leaf), "-p"]).trim(),
+        s(&moved.join("b/../a/base.vhd"))
+    );
+}
+
+#[test]
+fn check_says_what_is_wrong() {
+    let dir = scratch("check");
+    let base = dir.join("base.vhd");
+    ok(&["create", "-n", s(&base), "-s", "4"]);
+    let leaf = dir.join("leaf.vhd");
+    ok(&["snapshot", "-n", s(&leaf), "-p", s(&base)]);
+    std::fs::remove_file(&base).unwrap();
+    let out = vhd_util(&["check", "-n", s(&leaf)]);
+    assert_eq!(out.status.code(), Some(libc::EINVAL));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("appears invalid"), "{text}");
+    assert!(text.contains("not found"), "{text}");
+    let out = vhd_util(&["query", "-n", s(&leaf), "-d"]);
+    assert_eq!(out.status.code(), Some(libc::ENOENT));
+
+    // A lost footer: check says so, repair rebuilds it from the copy.
+    let lost = dir.join("lost.vhd");
+    ok(&["create", "-n", s(&lost), "-s", "4"]);
+    let len = std::fs::metadata(&lost).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lost)
+        .unwrap()
+        .set_len(len - 512)
+        .unwrap();
+    let out = vhd_util(&["check", "-n", s(&lost)]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("repairable"));
+    assert!(ok(&["repair", "-n", s(&lost)]).contains("rebuilt the footer"));
+    ok(&["check", "-n", s(&lost)]);
+    assert_eq!(ok(&["repair", "-n", s(&lost)]), "");
+
+    let junk = dir.join("junk.vhd");
+    std::fs::write(&junk, vec![7u8; 4096]).unwrap();
+    let out = vhd_util(&["check", "-n", s(&junk)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bad cookie"));
+}
+
+#[test]
+fn qemu_img_accepts_what_vhd_util_makes() {
+    let have = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("qemu-img is not installed: skipped");
+        return;
+    }
+    let dir = scratch("qemu");
+    for (name, extra) in [("d.vhd", None), ("f.vhd", Some("-r"))] {
+        let p = dir.join(name);
+        let mut args = vec!["create", "-n", s(&p), "-s", "30"];
+        args.extend(extra);
+        ok(&args);
+        let out = Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "vpc", s(&p)])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let info = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            info.contains(&format!("\"virtual-size\": {}", 30u64 << 20)),
+            "{info}"
+        );
+    }
+}
