@@ -7,6 +7,7 @@
 //!   ring device with its ioctls;
 //! - [`backend`]: image backends (`aio:`, `ram:`, `null:`);
 //! - [`server`]: serving a ring from a backend;
+//! - [`nbd`]: the NBD protocol: an export server, and the client behind `nbd:` images;
 //! - [`tap`]: a tap's life in tapdisk (open, pause, unpause, recover, close);
 //! - [`ctl`]: the tapdisk control protocol (JSON lines over unix sockets);
 //! - [`mapping`]: owned memory mappings;
@@ -17,6 +18,7 @@ pub mod control;
 pub mod ctl;
 pub mod error;
 pub mod mapping;
+pub mod nbd;
 pub mod ring;
 pub mod rng;
 pub mod server;
