@@ -3,7 +3,9 @@
 //! - `aio:/path`: a raw file or block device through io_uring ([`aio`]);
 //! - `ram:SIZE`: an in-memory disk ([`ram`]);
 //! - `null:SIZE`: reads return zeros, writes are dropped ([`null`]);
-//! - `stall:MS[:SIZE]`: like `null:`, every answer `MS` milliseconds late ([`stall`]).
+//! - `stall:MS[:SIZE]`: like `null:`, every answer `MS` milliseconds late ([`stall`]);
+//! - `nbd:URI`: an export on an NBD server, `URI` being `nbd://host[:port]/export` or
+//!   `nbd+unix:///export?socket=PATH` ([`nbd`]).
 //!
 //! A backend takes I/Os whose buffers are raw `iovec`s (into the ring's data pages), and reports
 //! their completions later, so the event loop never blocks on I/O.
@@ -19,6 +21,7 @@ use crate::{Error, Result};
 
 pub mod aio;
 pub mod immediate;
+pub mod nbd;
 pub mod null;
 pub mod ram;
 pub mod stall;
@@ -152,6 +155,8 @@ pub enum ImageKind {
     Null,
     /// Zeros, writes dropped, every answer late.
     Stall,
+    /// An export on an NBD server.
+    Nbd,
 }
 
 impl ImageKind {
@@ -162,12 +167,13 @@ impl ImageKind {
             ImageKind::Ram => "ram",
             ImageKind::Null => "null",
             ImageKind::Stall => "stall",
+            ImageKind::Nbd => "nbd",
         }
     }
 }
 
 /// An image as tap-ctl names it: `type:path` (for `ram` and `null`, `type:SIZE`; for `stall`,
-/// `stall:MS[:SIZE]`).
+/// `stall:MS[:SIZE]`; for `nbd`, `nbd:URI`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSpec {
     /// The type.
@@ -188,9 +194,10 @@ impl FromStr for ImageSpec {
             "ram" => ImageKind::Ram,
             "null" => ImageKind::Null,
             "stall" => ImageKind::Stall,
+            "nbd" => ImageKind::Nbd,
             _ => {
                 return Err(Error::invalid(format!(
-                    "image {s:?}: unknown type {kind:?} (aio, ram, null, stall)"
+                    "image {s:?}: unknown type {kind:?} (aio, ram, null, stall, nbd)"
                 )))
             }
         };
@@ -204,6 +211,10 @@ impl FromStr for ImageSpec {
             }
             ImageKind::Stall => {
                 stall::parse_args(arg)?;
+            }
+            ImageKind::Nbd => {
+                arg.parse::<crate::nbd::client::NbdUri>()
+                    .map_err(|e| Error::invalid(format!("image {s:?}: {e}")))?;
             }
         }
         Ok(Self {
@@ -270,6 +281,7 @@ pub fn open_with(spec: &ImageSpec, readonly: bool, direct: bool) -> Result<Box<d
             let (delay, size) = stall::parse_args(&spec.arg)?;
             Box::new(stall::StallBackend::new(delay, size)?)
         }
+        ImageKind::Nbd => Box::new(nbd::NbdBackend::open(&spec.arg, readonly)?),
     })
 }
 
@@ -302,6 +314,13 @@ mod tests {
         assert_eq!((s.kind, s.arg.as_str()), (ImageKind::Stall, "4000"));
         assert_eq!(s.to_string(), "stall:4000");
         assert!("stall:10:1M".parse::<ImageSpec>().is_ok());
+        let s: ImageSpec = "nbd:nbd+unix:///vol?socket=/run/s".parse().unwrap();
+        assert_eq!(
+            (s.kind, s.arg.as_str()),
+            (ImageKind::Nbd, "nbd+unix:///vol?socket=/run/s")
+        );
+        assert_eq!(s.to_string(), "nbd:nbd+unix:///vol?socket=/run/s");
+        assert!("nbd:nbd://host:10809/disk".parse::<ImageSpec>().is_ok());
         for bad in [
             "",
             "aio",
@@ -313,6 +332,10 @@ mod tests {
             "stall:x",
             "stall:10:12",
             "stall:10:1M:3",
+            "nbd:",
+            "nbd:/tmp/sock",
+            "nbd:nbd+unix:///vol",
+            "nbd:nbds://host/vol",
         ] {
             let e = bad.parse::<ImageSpec>().unwrap_err();
             assert_eq!(e.errno(), 22, "{bad}");

@@ -12,5 +12,6 @@
 //! - [`server`]: an [`Export`](server::Export) served to several clients at once;
 //! - [`client`]: a synchronous connection (handshake, pipelined requests) and the URIs it takes.
 
+pub mod client;
 pub mod proto;
 pub mod server;
