@@ -423,3 +423,29 @@ fn hostile_clients_get_clear_errors_and_the_server_lives() {
     request(&mut s, cmd::DISC, 0, 0, 0);
     assert!(closed(&mut s));
 }
+
+#[test]
+fn connections_past_the_limit_are_closed_and_the_others_served() {
+    let fx = Fixture::new(false);
+    let held: Vec<(UnixStream, u16)> = (0..blktap::nbd::server::MAX_CONNECTIONS)
+        .map(|_| transmitting(fx.server.path()))
+        .collect();
+    assert_eq!(
+        fx.server.connections(),
+        blktap::nbd::server::MAX_CONNECTIONS
+    );
+    let mut extra = UnixStream::connect(fx.server.path()).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(closed(&mut extra));
+    drop(held);
+    let t = std::time::Instant::now();
+    while fx.server.connections() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut s, _) = transmitting(fx.server.path());
+    request(&mut s, cmd::FLUSH, 0, 0, 0);
+    assert_eq!(simple_error(&mut s), 0);
+}

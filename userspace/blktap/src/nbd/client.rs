@@ -441,7 +441,7 @@ pub fn read_reply(
         offset >= sent.offset
             && offset
                 .checked_add(len)
-                .is_some_and(|end| end <= sent.offset + u64::from(sent.length))
+                .is_some_and(|end| end <= sent.offset.saturating_add(u64::from(sent.length)))
     };
     match header {
         ReplyHeader::Simple { error, .. } => {

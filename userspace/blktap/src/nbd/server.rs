@@ -6,7 +6,7 @@
 //! `NBD_REP_ERR_UNSUP`. In transmission: `READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM`,
 //! `WRITE_ZEROES` and `BLOCK_STATUS`, with `FUA` on writes, trims and write-zeroes.
 //!
-//! Each connection is served by its own thread, one request at a time, in the order the client
+//! Each connection is served by its own thread (at most [`MAX_CONNECTIONS`] at once), one request at a time, in the order the client
 //! sent them (so a reply is never reordered before an earlier one on the same connection). The
 //! [`Export`] is shared by every connection: it must be safe to call from several threads, and a
 //! flush on one connection must cover writes completed on every other (`CAN_MULTI_CONN` is
@@ -45,6 +45,9 @@ const ALLOCATION_ID: u32 = 1;
 const MAX_EXTENTS: usize = 1024;
 /// Preferred block size announced.
 const PREFERRED_BLOCK: u32 = 4096;
+/// Most connections served at once (each may hold a request of up to `MAX_PAYLOAD` bytes);
+/// more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// One extent of a `base:allocation` answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,6 +339,14 @@ fn accept_loop(
         let Ok(shut) = stream.try_clone() else {
             continue;
         };
+        {
+            let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.retain(|(_, t)| !t.is_finished());
+            if conns.len() >= MAX_CONNECTIONS {
+                log::warn!("nbd: {MAX_CONNECTIONS} connections already: refusing one");
+                continue;
+            }
+        }
         let (export, config) = (export.clone(), config.clone());
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
@@ -350,7 +361,6 @@ fn accept_loop(
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             });
         let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|(_, t)| !t.is_finished());
         match spawned {
             Ok(t) => conns.push((shut, t)),
             Err(e) => log::warn!("nbd: cannot start a connection thread: {e}"),
