@@ -251,6 +251,36 @@ fn against_nbdkit_memory() {
 }
 
 #[test]
+fn against_nbdkit_on_loopback_tcp() {
+    if !have("nbdkit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    // A free port: the kernel picks one, and nbdkit takes it after it is let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _srv = spawn(
+        Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .arg("-P")
+            .arg(&pidfile)
+            .args(["-e", "vol", "memory", "64M"]),
+        &dir.path().join("unused"),
+        &pidfile,
+    );
+    let u = format!("nbd://127.0.0.1:{port}/vol");
+    let mut b = NbdBackend::open_with(&u, false, quick()).unwrap();
+    assert_eq!(b.size(), 64 * MIB);
+    exercise(&mut b, 7 * MIB);
+    assert_eq!(b.uri().to_string(), u);
+}
+
+#[test]
 fn flush_fua_and_discard_reach_the_server() {
     if !have("nbdkit") {
         return;
