@@ -449,3 +449,68 @@ fn connections_past_the_limit_are_closed_and_the_others_served() {
     request(&mut s, cmd::FLUSH, 0, 0, 0);
     assert_eq!(simple_error(&mut s), 0);
 }
+
+/// Random bytes after a valid start, from many seeds: a mutated handshake or request stream
+/// (valid headers with random fields, or plain garbage) never takes the server down.
+#[test]
+fn random_client_bytes_never_take_the_server_down() {
+    use blktap::rng::Rng;
+    let fx = Fixture::new(false);
+    let path = fx.server.path();
+    for seed in 0..300u64 {
+        let mut rng = Rng::new(seed);
+        let mut s = if rng.chance(1, 2) {
+            hello(path)
+        } else {
+            transmitting(path).0
+        };
+        let mut junk = Vec::new();
+        for _ in 0..rng.below(8) + 1 {
+            match rng.below(4) {
+                // An option with random code and a small random payload.
+                0 => {
+                    let len = rng.below(64) as usize;
+                    let mut data = vec![0u8; len];
+                    rng.fill(&mut data);
+                    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+                    b.extend_from_slice(&(rng.below(12) as u32).to_be_bytes());
+                    b.extend_from_slice(&(len as u32).to_be_bytes());
+                    b.extend_from_slice(&data);
+                    junk.extend_from_slice(&b);
+                }
+                // A request with random type, flags, offset and length (no payload).
+                1 => {
+                    let (any_offset, any_length) = (rng.next_u64(), rng.next_u64() as u32);
+                    let req = Request {
+                        flags: rng.below(64) as u16,
+                        typ: rng.pick(&[0u16, 2, 3, 4, 6, 7, 8, 99]),
+                        cookie: rng.next_u64(),
+                        offset: rng.pick(&[0, SIZE - 512, SIZE, u64::MAX, any_offset]),
+                        length: rng.pick(&[0, 512, 1 << 20, u32::MAX, any_length]),
+                    };
+                    junk.extend_from_slice(&req.encode());
+                }
+                // Garbage.
+                _ => {
+                    let mut b = vec![0u8; rng.below(100) as usize];
+                    rng.fill(&mut b);
+                    junk.extend_from_slice(&b);
+                }
+            }
+        }
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        // Read whatever comes back until the server closes: it must close, not hang.
+        let mut sink = Vec::new();
+        let r = s.read_to_end(&mut sink);
+        assert!(
+            r.is_ok(),
+            "seed {seed}: the server did not close the connection: {r:?}"
+        );
+    }
+    // Still serving.
+    let (mut s, _) = transmitting(path);
+    request(&mut s, cmd::READ, 0, 0, 512);
+    assert_eq!(simple_error(&mut s), 0);
+}
