@@ -90,6 +90,11 @@ pub trait Export: Send + Sync {
     fn trim(&self, offset: u64, len: u32, fua: bool) -> io::Result<()>;
     /// Zeros `[offset, offset + len)`, punching a hole if `may_punch`.
     fn write_zeroes(&self, offset: u64, len: u32, may_punch: bool, fua: bool) -> io::Result<()>;
+    /// The smallest block (offsets and lengths should be multiples of it), announced in
+    /// `NBD_INFO_BLOCK_SIZE`: a power of two, at most 4096.
+    fn min_block_size(&self) -> u32 {
+        1
+    }
     /// The allocation of `[offset, offset + len)` from its start, in order (at least one extent,
     /// lengths adding up to at most `len`).
     fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>>;
@@ -557,7 +562,7 @@ fn handle_option(
                 write_opt_reply(w, option, rep::INFO, &b)?;
             }
             let mut b = info::BLOCK_SIZE.to_be_bytes().to_vec();
-            for v in [1, PREFERRED_BLOCK, MAX_PAYLOAD] {
+            for v in [export.min_block_size(), PREFERRED_BLOCK, MAX_PAYLOAD] {
                 b.extend_from_slice(&u32::to_be_bytes(v));
             }
             write_opt_reply(w, option, rep::INFO, &b)?;
