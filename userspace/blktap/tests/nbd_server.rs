@@ -58,6 +58,7 @@ impl Fixture {
             name: "disk".into(),
             description: "a test disk".into(),
             readonly,
+            any_name: false,
         };
         let server = Server::serve(&dir.path().join("nbd.sock"), export, config).unwrap();
         Fixture { server, image, dir }

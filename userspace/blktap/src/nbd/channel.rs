@@ -10,8 +10,10 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -23,6 +25,9 @@ use crate::ring::Op;
 use crate::server::ExternalIo;
 use crate::{Error, Result};
 
+/// How often a caller waiting for an answer looks whether the queue was closed.
+pub const CLOSED_POLL: Duration = Duration::from_millis(100);
+
 /// The unit of the image's I/O.
 const SECTOR: u64 = 512;
 
@@ -31,6 +36,7 @@ const ZERO_PIECE: usize = 1 << 20;
 
 /// The NBD side: an [`Export`] for [`super::server::Server::serve`].
 pub struct ChannelExport {
+    closed: Arc<AtomicBool>,
     tx: Mutex<Sender<ExternalIo>>,
     wake: Arc<EventFd>,
     size: u64,
@@ -39,6 +45,7 @@ pub struct ChannelExport {
 
 /// The event loop's side: poll [`ExportQueue::fd`], then [`ExportQueue::take`].
 pub struct ExportQueue {
+    closed: Arc<AtomicBool>,
     rx: Receiver<ExternalIo>,
     wake: Arc<EventFd>,
 }
@@ -49,14 +56,16 @@ pub fn channel(size: u64, features: Features) -> Result<(ChannelExport, ExportQu
         .map_err(|e| Error::os("create an eventfd", e))?;
     let wake = Arc::new(wake);
     let (tx, rx) = mpsc::channel();
+    let closed = Arc::new(AtomicBool::new(false));
     Ok((
         ChannelExport {
+            closed: closed.clone(),
             tx: Mutex::new(tx),
             wake: wake.clone(),
             size,
             features,
         },
-        ExportQueue { rx, wake },
+        ExportQueue { closed, rx, wake },
     ))
 }
 
@@ -71,6 +80,20 @@ impl ExportQueue {
         // Clear first: a request sent after this read wakes the loop again.
         let _ = self.wake.read();
         self.rx.try_iter().collect()
+    }
+
+    /// Stops taking requests: every request waiting (and any sent later) fails with
+    /// `ESHUTDOWN`, and callers waiting for an answer that will not come give up within
+    /// [`CLOSED_POLL`]. (Requests already handed to a ring server are answered by it.)
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        drop(self.take());
+    }
+}
+
+impl Drop for ExportQueue {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -106,15 +129,21 @@ impl ChannelExport {
                 let _ = done_tx.send(r);
             }),
         };
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(to_io(Errno::ESHUTDOWN));
+        }
         {
             let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
             tx.send(io).map_err(|_| to_io(Errno::ESHUTDOWN))?;
         }
         self.wake.write(1).map_err(to_io)?;
-        // The loop dropping the request unanswered (the tap closed) is an error too.
-        match done_rx.recv() {
-            Ok(r) => r.map_err(to_io),
-            Err(_) => Err(to_io(Errno::ESHUTDOWN)),
+        // The loop dropping the request unanswered, or closing the queue, is an error too.
+        loop {
+            match done_rx.recv_timeout(CLOSED_POLL) {
+                Ok(r) => return r.map_err(to_io),
+                Err(RecvTimeoutError::Timeout) if !self.closed.load(Ordering::SeqCst) => {}
+                Err(_) => return Err(to_io(Errno::ESHUTDOWN)),
+            }
         }
     }
 }

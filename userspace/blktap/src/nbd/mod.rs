@@ -12,9 +12,11 @@
 //! - [`server`]: an [`Export`](server::Export) served to several clients at once;
 //! - [`channel`]: an export whose I/O an event loop does, on a tap's ring server (the tap's
 //!   image stack, shared with the tapdev);
+//! - [`tap`]: a tap's export (`nbd<pid>.<minor>`), pumped by the loop that serves the tap;
 //! - [`client`]: a synchronous connection (handshake, pipelined requests) and the URIs it takes.
 
 pub mod channel;
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod tap;

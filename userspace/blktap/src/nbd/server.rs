@@ -244,6 +244,8 @@ pub struct ServerConfig {
     pub description: String,
     /// Refuse writes, trims and write-zeroes.
     pub readonly: bool,
+    /// Serve the export whatever name a client asks for (one export per socket).
+    pub any_name: bool,
 }
 
 /// A running server. Dropping it stops accepting, closes every connection, waits for their
@@ -449,7 +451,7 @@ fn error_reply(w: &mut impl Write, option: u32, code: u32, msg: &str) -> io::Res
 }
 
 fn name_matches(name: &str, config: &ServerConfig) -> bool {
-    name.is_empty() || name == config.name
+    config.any_name || name.is_empty() || name == config.name
 }
 
 fn transmission_flags(export: &dyn Export, config: &ServerConfig) -> u16 {
