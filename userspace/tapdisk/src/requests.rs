@@ -141,6 +141,7 @@ impl Daemon {
             ""
         };
         log!("tap {minor}: opened {}{ro}{how}", args.params);
+        self.start_export(minor);
         Ok(CtlResponse::ok())
     }
 
