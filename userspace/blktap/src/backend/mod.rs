@@ -142,6 +142,55 @@ pub trait Backend {
     fn allocated_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// The allocation of `[offset, offset + len)`, from `offset` on, in order (lengths adding up
+    /// to at most `len`), when the backend can say; a hole reads as zeros.
+    fn block_status(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        let _ = (offset, len);
+        None
+    }
+}
+
+/// One extent of an allocation map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Its length in bytes (non-zero).
+    pub length: u64,
+    /// Not allocated: reads as zeros.
+    pub hole: bool,
+}
+
+/// Most extents [`seek_extents`] returns at once.
+pub const MAX_EXTENTS: usize = 1024;
+
+/// The allocation of `[offset, offset + len)` of a file, from `SEEK_DATA`/`SEEK_HOLE` (at most
+/// [`MAX_EXTENTS`] extents); none if its file system cannot say.
+pub fn seek_extents(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Option<Vec<Extent>> {
+    use nix::unistd::{lseek, Whence};
+    let end = offset.checked_add(len)?;
+    let mut pos = offset;
+    let mut out = Vec::new();
+    while pos < end && out.len() < MAX_EXTENTS {
+        let at = i64::try_from(pos).ok()?;
+        let (next, hole) = match lseek(fd, at, Whence::SeekData) {
+            // No data from here to the end of the file.
+            Err(Errno::ENXIO) => (end, true),
+            Err(_) => return None,
+            Ok(data) if data as u64 > pos => (data as u64, true),
+            Ok(_) => match lseek(fd, at, Whence::SeekHole) {
+                Ok(h) => (h as u64, false),
+                Err(Errno::ENXIO) => (end, false),
+                Err(_) => return None,
+            },
+        };
+        let next = next.clamp(pos + 1, end);
+        out.push(Extent {
+            length: next - pos,
+            hole,
+        });
+        pos = next;
+    }
+    Some(out)
 }
 
 /// The image types.
@@ -383,6 +432,51 @@ mod tests {
         assert!(!discard(0, 4096).is_empty());
         assert!(discard(0, 0).is_empty());
         assert!(!io(0, 512).is_empty());
+    }
+
+    #[test]
+    fn seek_extents_finds_the_holes_of_a_sparse_file() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        let f = tempfile_in_tmp();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[1u8; 8192], 64 << 10).unwrap();
+        let ext = seek_extents(f.as_fd(), 0, 1 << 20).unwrap();
+        let hole = |length| Extent { length, hole: true };
+        assert_eq!(
+            ext,
+            [
+                hole(64 << 10),
+                Extent {
+                    length: 8192,
+                    hole: false
+                },
+                hole((1 << 20) - (64 << 10) - 8192)
+            ]
+        );
+        // From the middle of the data, for a short range.
+        let ext = seek_extents(f.as_fd(), (64 << 10) + 512, 1024).unwrap();
+        assert_eq!(
+            ext,
+            [Extent {
+                length: 1024,
+                hole: false
+            }]
+        );
+        assert!(seek_extents(f.as_fd(), u64::MAX, 2).is_none());
+    }
+
+    fn tempfile_in_tmp() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("seek-extents-{}", std::process::id()));
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! a flush from either side covers the writes completed on both, and a paused tap (no server, or
 //! a server draining) simply leaves the requests waiting in the channel until it goes on.
 //!
-//! Allocation status is not asked of the backend yet: every range is reported as data.
+//! Allocation status (`base:allocation`) is asked of the tap's backend the same way
+//! ([`ExportRequest::Status`]): holes of a sparse `aio:` file or of a `ram:` disk; all data where
+//! the backend cannot say.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -18,12 +20,43 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::server::{Export, ExportFeatures, Extent};
+use super::server::{to_nbd_extents, Export, ExportFeatures, Extent};
+use crate::backend::Extent as BackendExtent;
 use crate::backend::Features;
 use crate::mapping::AlignedBuf;
 use crate::ring::Op;
 use crate::server::ExternalIo;
 use crate::{Error, Result};
+
+/// What an NBD connection asks of the loop.
+pub enum ExportRequest {
+    /// An I/O on the image.
+    Io(ExternalIo),
+    /// The allocation of a range.
+    Status(StatusQuery),
+}
+
+/// Where a block status answer goes (none: the backend cannot say).
+pub type StatusReply = Box<dyn FnOnce(Option<Vec<BackendExtent>>) + Send>;
+
+/// A block status request: the allocation of `[offset, offset + length)`.
+pub struct StatusQuery {
+    /// Byte offset on the image.
+    pub offset: u64,
+    /// Byte length.
+    pub length: u32,
+    /// Called once with the answer.
+    pub reply: StatusReply,
+}
+
+impl std::fmt::Debug for ExportRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExportRequest::Io(io) => io.fmt(f),
+            ExportRequest::Status(q) => write!(f, "Status({}, {})", q.offset, q.length),
+        }
+    }
+}
 
 /// How often a caller waiting for an answer looks whether the queue was closed.
 pub const CLOSED_POLL: Duration = Duration::from_millis(100);
@@ -37,7 +70,7 @@ const ZERO_PIECE: usize = 1 << 20;
 /// The NBD side: an [`Export`] for [`super::server::Server::serve`].
 pub struct ChannelExport {
     closed: Arc<AtomicBool>,
-    tx: Mutex<Sender<ExternalIo>>,
+    tx: Mutex<Sender<ExportRequest>>,
     wake: Arc<EventFd>,
     size: u64,
     features: Features,
@@ -46,7 +79,7 @@ pub struct ChannelExport {
 /// The event loop's side: poll [`ExportQueue::fd`], then [`ExportQueue::take`].
 pub struct ExportQueue {
     closed: Arc<AtomicBool>,
-    rx: Receiver<ExternalIo>,
+    rx: Receiver<ExportRequest>,
     wake: Arc<EventFd>,
 }
 
@@ -76,7 +109,7 @@ impl ExportQueue {
     }
 
     /// The requests waiting now.
-    pub fn take(&self) -> Vec<ExternalIo> {
+    pub fn take(&self) -> Vec<ExportRequest> {
         // Clear first: a request sent after this read wakes the loop again.
         let _ = self.wake.read();
         self.rx.try_iter().collect()
@@ -102,6 +135,26 @@ fn to_io(e: Errno) -> io::Error {
 }
 
 impl ChannelExport {
+    /// Sends a request to the loop and waits for the answer `rx` receives.
+    fn ask<T>(&self, req: ExportRequest, rx: Receiver<T>) -> io::Result<T> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(to_io(Errno::ESHUTDOWN));
+        }
+        {
+            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            tx.send(req).map_err(|_| to_io(Errno::ESHUTDOWN))?;
+        }
+        self.wake.write(1).map_err(to_io)?;
+        // The loop dropping the request unanswered, or closing the queue, is an error too.
+        loop {
+            match rx.recv_timeout(CLOSED_POLL) {
+                Ok(r) => return Ok(r),
+                Err(RecvTimeoutError::Timeout) if !self.closed.load(Ordering::SeqCst) => {}
+                Err(_) => return Err(to_io(Errno::ESHUTDOWN)),
+            }
+        }
+    }
+
     /// Sends one I/O to the loop and waits for its result.
     fn call(
         &self,
@@ -129,22 +182,7 @@ impl ChannelExport {
                 let _ = done_tx.send(r);
             }),
         };
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(to_io(Errno::ESHUTDOWN));
-        }
-        {
-            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-            tx.send(io).map_err(|_| to_io(Errno::ESHUTDOWN))?;
-        }
-        self.wake.write(1).map_err(to_io)?;
-        // The loop dropping the request unanswered, or closing the queue, is an error too.
-        loop {
-            match done_rx.recv_timeout(CLOSED_POLL) {
-                Ok(r) => return r.map_err(to_io),
-                Err(RecvTimeoutError::Timeout) if !self.closed.load(Ordering::SeqCst) => {}
-                Err(_) => return Err(to_io(Errno::ESHUTDOWN)),
-            }
-        }
+        self.ask(ExportRequest::Io(io), done_rx)?.map_err(to_io)
     }
 }
 
@@ -219,11 +257,17 @@ impl Export for ChannelExport {
         SECTOR as u32
     }
 
-    fn block_status(&self, _offset: u64, len: u32) -> io::Result<Vec<Extent>> {
-        Ok(vec![Extent {
+    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
+        let (tx, rx) = mpsc::channel();
+        let query = StatusQuery {
+            offset,
             length: len,
-            flags: 0,
-        }])
+            reply: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        };
+        let map = self.ask(ExportRequest::Status(query), rx)?;
+        Ok(to_nbd_extents(map, len))
     }
 }
 
@@ -251,7 +295,10 @@ mod tests {
                     nix::poll::PollFlags::POLLIN,
                 )];
                 nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).unwrap();
-                for mut io in queue.take() {
+                for req in queue.take() {
+                    let ExportRequest::Io(mut io) = req else {
+                        panic!("not an I/O: {req:?}");
+                    };
                     assert_eq!((io.op, io.offset), (Op::Read, 4096));
                     io.buf.as_mut_slice().fill(0x5a);
                     (io.reply)(Ok(io.buf));

@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::unistd::{lseek, Whence};
 
@@ -41,8 +40,6 @@ use super::proto::{
 
 /// The metadata context id of `base:allocation` on our connections.
 const ALLOCATION_ID: u32 = 1;
-/// Most block status descriptors in one reply.
-const MAX_EXTENTS: usize = 1024;
 /// Preferred block size announced.
 const PREFERRED_BLOCK: u32 = 4096;
 /// Most connections served at once (each may hold a request of up to `MAX_PAYLOAD` bytes);
@@ -207,32 +204,36 @@ impl Export for FileExport {
     }
 
     fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
-        let end = offset + u64::from(len);
-        let mut pos = offset;
-        let mut out = Vec::new();
-        while pos < end && out.len() < MAX_EXTENTS {
-            let (next, flags) = match lseek(self.file.as_fd(), pos as i64, Whence::SeekData) {
-                // No data from here to the end of the file.
-                Err(Errno::ENXIO) => (end, alloc::HOLE | alloc::ZERO),
-                // No SEEK_DATA here (a block device, an old file system): all data.
-                Err(Errno::EINVAL) => (end, 0),
-                Err(e) => return Err(e.into()),
-                Ok(data) if data as u64 > pos => (data as u64, alloc::HOLE | alloc::ZERO),
-                Ok(_) => match lseek(self.file.as_fd(), pos as i64, Whence::SeekHole) {
-                    Ok(hole) => (hole as u64, 0),
-                    Err(Errno::ENXIO) => (end, 0),
-                    Err(e) => return Err(e.into()),
-                },
-            };
-            let next = next.min(end).max(pos + 1);
-            out.push(Extent {
-                length: (next - pos) as u32,
-                flags,
-            });
-            pos = next;
-        }
-        Ok(out)
+        Ok(to_nbd_extents(
+            crate::backend::seek_extents(self.file.as_fd(), offset, u64::from(len)),
+            len,
+        ))
     }
+}
+
+/// A backend's allocation map as `base:allocation` extents (all data if it cannot say).
+pub fn to_nbd_extents(map: Option<Vec<crate::backend::Extent>>, len: u32) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    let mut total = 0u64;
+    for e in map.unwrap_or_default() {
+        // Each is inside the u32 range asked for; never past it.
+        let length = e.length.min(u64::from(len) - total) as u32;
+        if length == 0 {
+            break;
+        }
+        total += u64::from(length);
+        out.push(Extent {
+            length,
+            flags: if e.hole { alloc::HOLE | alloc::ZERO } else { 0 },
+        });
+    }
+    if out.is_empty() {
+        out.push(Extent {
+            length: len,
+            flags: 0,
+        });
+    }
+    out
 }
 
 /// How an export is offered.

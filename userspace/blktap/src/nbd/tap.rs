@@ -27,10 +27,10 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 
-use super::channel::{channel, ExportQueue};
+use super::channel::{channel, ExportQueue, ExportRequest};
 use super::server::{Server, ServerConfig};
+use crate::ctl::TapState;
 use crate::ring::{RingDevice, SECTOR_SIZE};
-use crate::server::ExternalIo;
 use crate::tap::TapCore;
 use crate::{Error, Result};
 
@@ -41,7 +41,7 @@ pub fn socket_path(dir: &Path, pid: u32, minor: u32) -> PathBuf {
 
 /// A tap's export: its NBD server, and the requests waiting for the tap.
 pub struct TapExport {
-    held: VecDeque<ExternalIo>,
+    held: VecDeque<ExportRequest>,
     queue: ExportQueue,
     server: Server,
 }
@@ -102,10 +102,24 @@ impl TapExport {
     /// Takes the waiting NBD requests and hands them, in order, to the tap while it is open.
     pub fn pump<D: RingDevice>(&mut self, tap: &mut TapCore<D>) {
         self.held.extend(self.queue.take());
-        while let Some(io) = self.held.pop_front() {
-            if let Err(io) = tap.queue_external(io) {
-                self.held.push_front(io);
-                break;
+        while let Some(req) = self.held.pop_front() {
+            match req {
+                ExportRequest::Io(io) => {
+                    if let Err(io) = tap.queue_external(io) {
+                        self.held.push_front(ExportRequest::Io(io));
+                        break;
+                    }
+                }
+                ExportRequest::Status(q) if tap.state() == TapState::Open => {
+                    let map = tap
+                        .server()
+                        .and_then(|s| s.block_status(q.offset, u64::from(q.length)));
+                    (q.reply)(map);
+                }
+                req => {
+                    self.held.push_front(req);
+                    break;
+                }
             }
         }
     }
@@ -130,7 +144,6 @@ mod tests {
     use crate::backend::nbd::{NbdBackend, Options};
     use crate::backend::ram::RamBackend;
     use crate::backend::{Backend, Completion, Io};
-    use crate::ctl::TapState;
     use crate::ring::Op;
     use crate::server::sim::{SimDevice, SimKernel};
     use crate::tap::{OpenArgs, TapOptions};
@@ -222,6 +235,41 @@ mod tests {
                 result: Ok(())
             }]
         );
+        // The map comes from the tap's image (the memfd of the ram disk knows its holes).
+        if let Ok(mut child) = std::process::Command::new("nbdinfo")
+            .args(["--map", &uri])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+        {
+            let until = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < until, "nbdinfo never finished");
+                let mut fds = [nix::poll::PollFd::new(
+                    export.fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u16)).unwrap();
+                export.pump(&mut tap);
+            }
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success());
+            let text = String::from_utf8_lossy(&out.stdout);
+            let map: Vec<Vec<&str>> = text
+                .lines()
+                .map(|l| l.split_whitespace().collect())
+                .collect();
+            let want = [
+                ["0", "8192", "3"],
+                ["8192", "4096", "0"],
+                ["12288", "1036288", "3"],
+            ];
+            assert_eq!(map.len(), 3, "{text}");
+            for (got, want) in map.iter().zip(want) {
+                assert_eq!(&got[..3], &want[..], "{text}");
+            }
+        } else {
+            eprintln!("SKIP: nbdinfo is not installed (scripts/setup installs it)");
+        }
         let mut k = k;
         k.fill(0, 0, |_| 0);
         k.push(blktap_abi::OP_READ, 0, 16, &[(0, 7)]);

@@ -570,6 +570,12 @@ impl<M: RingMemory> Server<M> {
         Ok(())
     }
 
+    /// The allocation of a range of the image, when the backend can say (see
+    /// [`Backend::block_status`]).
+    pub fn block_status(&self, offset: u64, len: u64) -> Option<Vec<crate::backend::Extent>> {
+        self.backend.block_status(offset, len)
+    }
+
     /// External I/Os handed to the backend and not answered yet.
     pub fn external_in_flight(&self) -> usize {
         self.external.len()

@@ -909,8 +909,13 @@ fn pump_until_exit(
             }
             nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u16)).unwrap();
         }
-        for io in queue.take() {
-            server.queue_external(io).unwrap();
+        for req in queue.take() {
+            match req {
+                crate::nbd::channel::ExportRequest::Io(io) => server.queue_external(io).unwrap(),
+                crate::nbd::channel::ExportRequest::Status(q) => {
+                    (q.reply)(server.block_status(q.offset, u64::from(q.length)))
+                }
+            }
         }
         server.serve_backend().unwrap();
         ring_rsps.extend(k.responses());
@@ -1010,7 +1015,7 @@ fn nbd_clients_and_the_ring_share_one_aio_image() {
     f.read_exact_at(&mut b[..45056], 0).unwrap();
     assert!(b[..45056].iter().all(|&x| x == 0xab));
 
-    // nbdinfo: the export's size and flags, and a map (all data: the backend does not say).
+    // nbdinfo: the export's size and flags, and its map: the holes of the sparse file.
     let child = Command::new("nbdinfo")
         .arg(&uri)
         .stdout(Stdio::piped())
@@ -1022,6 +1027,36 @@ fn nbd_clients_and_the_ring_share_one_aio_image() {
     assert!(out.contains(&format!("export-size: {}", 4 << 20)), "{out}");
     assert!(out.contains("block_size_minimum: 512"), "{out}");
     assert!(out.contains("can_flush: true"), "{out}");
+    let child = Command::new("nbdinfo")
+        .args(["--map", &uri])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, out) = pump_until_exit(&mut server, &queue, &mut k, child, &mut Vec::new());
+    assert!(ok, "{out}");
+    let map: Vec<(u64, u64, u32)> = out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    let mib = 1u64 << 20;
+    assert_eq!(
+        map,
+        [
+            (0, 45056, 0),
+            (45056, mib - 45056, 3),
+            (mib, 65536, 0),
+            (mib + 65536, 3 * mib - 65536, 3)
+        ],
+        "{out}"
+    );
     assert_eq!(server.external_in_flight(), 0);
     drop(nbd);
     drop(server);
