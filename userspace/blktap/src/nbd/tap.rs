@@ -110,7 +110,10 @@ impl TapExport {
                         break;
                     }
                 }
-                ExportRequest::Status(q) if tap.state() == TapState::Open => {
+                // A dead tap (its ring broke the protocol) still has its image: answer.
+                ExportRequest::Status(q)
+                    if matches!(tap.state(), TapState::Open | TapState::Dead) =>
+                {
                     let map = tap
                         .server()
                         .and_then(|s| s.block_status(q.offset, u64::from(q.length)));
