@@ -570,7 +570,7 @@ fn misbehaving_servers_mean_eio_not_a_crash() {
         deadline: Duration::from_secs(1),
         connect_timeout: Duration::from_millis(500),
     };
-    let cases: [(&str, Answer); 4] = [
+    let cases: [(&str, Answer); 5] = [
         ("unknown cookie", |s, req| {
             let h = ReplyHeader::Simple {
                 error: 0,
@@ -592,6 +592,15 @@ fn misbehaving_servers_mean_eio_not_a_crash() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }),
         ("stall", |_, _| {}),
+        ("oversized chunk", |s, req| {
+            let h = ReplyHeader::Chunk {
+                flags: proto::REPLY_FLAG_DONE,
+                typ: proto::chunk::OFFSET_DATA,
+                cookie: req.cookie,
+                length: u32::MAX,
+            };
+            let _ = s.write_all(&h.encode());
+        }),
     ];
     for (name, answer) in cases {
         let sock = dir.path().join(name.replace(' ', "-"));
