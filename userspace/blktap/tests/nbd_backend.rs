@@ -631,3 +631,76 @@ fn misbehaving_servers_mean_eio_not_a_crash() {
     let e = NbdBackend::open_with(&uri(&sock), false, opts).unwrap_err();
     assert!(e.to_string().contains("bad server greeting magic"), "{e}");
 }
+
+/// A server without NBD_OPT_GO (nor structured replies): the client falls back to
+/// NBD_OPT_EXPORT_NAME, and simple replies carry the data.
+#[test]
+fn servers_without_opt_go_are_reached_with_export_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("old");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let served = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hello = proto::NBDMAGIC.to_be_bytes().to_vec();
+        hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        // Fixed newstyle, but zeroes after NBD_OPT_EXPORT_NAME.
+        hello.extend_from_slice(&proto::FLAG_FIXED_NEWSTYLE.to_be_bytes());
+        s.write_all(&hello).unwrap();
+        assert_eq!(
+            proto::read_u32(&mut s).unwrap(),
+            proto::FLAG_C_FIXED_NEWSTYLE
+        );
+        let name = loop {
+            assert_eq!(proto::read_u64(&mut s).unwrap(), proto::IHAVEOPT);
+            let option = proto::read_u32(&mut s).unwrap();
+            let len = proto::read_u32(&mut s).unwrap();
+            let data = proto::read_payload(&mut s, "opt", len, 4096).unwrap();
+            if option == proto::opt::EXPORT_NAME {
+                let mut b = (8 * MIB).to_be_bytes().to_vec();
+                b.extend_from_slice(&(tflag::HAS_FLAGS | tflag::SEND_FLUSH).to_be_bytes());
+                b.extend_from_slice(&[0u8; 124]);
+                s.write_all(&b).unwrap();
+                break String::from_utf8(data).unwrap();
+            }
+            write_opt_reply(&mut s, option, rep::ERR_UNSUP, &[]).unwrap();
+        };
+        // Reads: 0x77 bytes; then the client goes away.
+        let mut h = [0u8; Request::SIZE];
+        let mut reads = 0;
+        while s.read_exact(&mut h).is_ok() {
+            let req = Request::decode(&h).unwrap();
+            let mut b = ReplyHeader::Simple {
+                error: 0,
+                cookie: req.cookie,
+            }
+            .encode();
+            if req.typ == proto::cmd::READ {
+                b.extend_from_slice(&vec![0x77; req.length as usize]);
+                reads += 1;
+            }
+            s.write_all(&b).unwrap();
+        }
+        (name, reads)
+    });
+    let u = format!("nbd+unix:///legacy?socket={}", sock.display());
+    let mut b = NbdBackend::open_with(&u, false, quick()).unwrap();
+    assert_eq!(b.size(), 8 * MIB);
+    let f = b.features();
+    assert!(f.flush && !f.fua && !f.discard, "{f:?}");
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: the buffer outlives run.
+    let r = unsafe {
+        run(
+            &mut b,
+            vec![
+                io(Op::Read, 4096, vec![iov(&mut buf)], 0),
+                io(Op::Flush, 0, vec![], 0),
+                io(Op::Discard, 0, vec![], 4096),
+            ],
+        )
+    };
+    assert_eq!(r, [Ok(()), Ok(()), Err(Errno::EOPNOTSUPP)]);
+    assert!(buf.iter().all(|&x| x == 0x77));
+    drop(b);
+    assert_eq!(served.join().unwrap(), ("legacy".to_string(), 1));
+}
