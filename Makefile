@@ -95,7 +95,8 @@ test-kcsan:
 demo:
 	@scripts/demo
 
-# BENCH_ARGS: e.g. --profile, --runs 5, --smoke (see scripts/bench --help)
+# BENCH_ARGS: e.g. --profile, --rounds 10, --devices ublk-null,tapdev-null,null_blk, --smoke
+# (see scripts/bench --help)
 bench:
 	@scripts/bench $(BENCH_ARGS)
 

@@ -451,9 +451,10 @@ impl RingState {
         }
     }
 
-    /// Whether requests wait for a slot that may now be free.
+    /// Whether requests wait for a slot (whether they may have one now, paused or not, is
+    /// [`Self::next_parked`]'s to say: the one place that decides).
     pub(crate) fn has_waiting(&self) -> bool {
-        !self.parked.is_empty() && !self.paused
+        !self.parked.is_empty()
     }
 
     /// Puts the request filled into reserved `slot` on the ring (or keeps it while the tap

@@ -1,14 +1,24 @@
 #!/usr/bin/env python3
-"""The benchmark's guest side: sets up each block device in turn, runs the fio jobs on it, tears
-it down, measures the memory a tap costs, and optionally profiles tapdev vs ublk.
+"""The benchmark's guest side: sets up every block device at once, runs the fio jobs on them
+alternated round by round (ABBA), tears them down, measures the memory a tap costs, and
+optionally profiles tapdev vs ublk.
 
-    tests/vm/bench.py run [--smoke] [--runs N] [--runtime S] [--ramp S] [--taps N] [--profile]
+    tests/vm/bench.py run [--smoke] [--rounds N] [--runtime S] [--ramp S] [--taps N] [--profile]
+                          [--devices D,...]
     tests/vm/bench.py check FILE      (the smoke test: every device produced numbers)
+    tests/vm/bench.py plan [--rounds N] [--smoke]   (print the order of the runs, nothing else)
 
 Runs as root inside the test VM (tests/vm/run.py), where the host's root is the guest's root:
 fio, strace, perf and rublk are the host's binaries. Every result is one console line
 `BENCH-RESULT <json>`; scripts/bench parses them out of the console log (the guest's file
 systems are read-only or tmpfs, so the console is the way out).
+
+Method (Documentation/benchmarks.rst): each round runs every job on every device, one fio
+process per run, the devices forwards in even rounds and backwards in odd ones, so any two
+devices run A B B A A B ...; a round gives one pair per two devices and job. fio is pinned to
+vCPU 0 and the servers (tapdisk, rublk) to vCPU 1 (taskset). Around each run a calibration loop
+is timed on each vCPU and the guest's steal time read: scripts/bench flags the runs the host
+disturbed.
 """
 
 import argparse
@@ -30,15 +40,28 @@ TAPCTL = str(RELEASE / "tap-ctl")
 CLASS = Path("/sys/class/blktap2")
 MARK = "BENCH-RESULT "
 
-# The fio jobs: name -> (rw, block size, queue depth).
+# The fio jobs: name -> rw, block size, queue depth (per fio job), and optionally numjobs (fio
+# processes on the device, reported together) and rwmixread (% reads of a mixed job).
 JOBS = {
-    "randread-4k-qd1": ("randread", "4k", 1),
-    "randread-4k-qd32": ("randread", "4k", 32),
-    "randwrite-4k-qd32": ("randwrite", "4k", 32),
-    "seqread-44k-qd32": ("read", "44k", 32),
-    "seqwrite-44k-qd32": ("write", "44k", 32),
+    "randread-4k-qd1": {"rw": "randread", "bs": "4k", "qd": 1},
+    "randread-4k-qd32": {"rw": "randread", "bs": "4k", "qd": 32},
+    "randwrite-4k-qd32": {"rw": "randwrite", "bs": "4k", "qd": 32},
+    "seqread-44k-qd32": {"rw": "read", "bs": "44k", "qd": 32},
+    "seqwrite-44k-qd32": {"rw": "write", "bs": "44k", "qd": 32},
+    "seqread-1m-qd8": {"rw": "read", "bs": "1m", "qd": 8},
+    "seqwrite-1m-qd8": {"rw": "write", "bs": "1m", "qd": 8},
+    "randrw70-4k-qd16x2": {"rw": "randrw", "bs": "4k", "qd": 16, "numjobs": 2, "rwmixread": 70},
 }
 SMOKE_JOBS = ["randread-4k-qd32", "seqwrite-44k-qd32"]
+# Rounds of the full run: 8 pairs per two devices and job (the issue asks for at least 6, and
+# the report needs 6 undisturbed ones for a verdict: 2 may be lost to the contention gauge).
+ROUNDS = 8
+# Where fio and the servers run (2 vCPUs): apart, always the same. None with one vCPU.
+FIO_CPU = 0
+SERVER_CPU = 1
+# How long the calibration loop should take on an idle vCPU (seconds); its iteration count is
+# fixed at the start of the boot.
+CALIBRATION_S = 0.05
 # Every device is used over the same 256 MiB (the ram: tap holds it in tapdisk's memory).
 SPAN = "256M"
 DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram"]
@@ -179,6 +202,27 @@ class Ublk:
         return pids_with_open("/dev/ublkc0")
 
 
+def pin_servers(pids, cpu):
+    """Pins every thread of the server processes to `cpu` (taskset -a). The CPUs each thread
+    may run on afterwards, as the kernel says (Cpus_allowed_list), by thread id; a failure to
+    pin is noted there too (the run goes on: its record shows the placement it had)."""
+    placed = {}
+    for pid in pids:
+        if cpu is not None:
+            p = subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+            if p.returncode != 0:
+                placed[f"error {pid}"] = p.stdout.strip()[-200:]
+                note(f"pinning {pid} to vCPU {cpu} failed: {p.stdout.strip()[-200:]}")
+        for st in glob.glob(f"/proc/{pid}/task/*/status"):
+            try:
+                m = re.search(r"^Cpus_allowed_list:\s+(\S+)", Path(st).read_text(), re.M)
+            except OSError:
+                continue
+            placed[st.split("/")[4]] = m.group(1) if m else "?"
+    return placed
+
+
 class Tapdev:
     def __init__(self, image):
         self.image = image
@@ -244,22 +288,44 @@ def pids_with_open(node):
 # ---------------------------------------------------------------------------------------------
 # fio
 
+def fio_job_args(job):
+    """fio's options for one of JOBS, as one stonewalled job section."""
+    spec = JOBS[job]
+    args = [f"--name={job}", f"--rw={spec['rw']}", f"--bs={spec['bs']}", f"--iodepth={spec['qd']}"]
+    if spec.get("numjobs", 1) > 1:
+        args += [f"--numjobs={spec['numjobs']}", "--group_reporting"]
+    if "rwmixread" in spec:
+        args.append(f"--rwmixread={spec['rwmixread']}")
+    return args + ["--stonewall"]
+
+
 def fio(dev, jobs, runtime, ramp, out="/tmp/fio.json"):
-    """Runs `jobs` one after the other (stonewall) in one fio process: fio's start-up is slow
-    under TCG. Their results, by job name."""
-    cmd = ["fio", f"--filename={dev}", "--ioengine=io_uring", "--direct=1", f"--size={SPAN}",
-           "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}", "--norandommap",
-           "--randrepeat=0", "--lat_percentiles=1", "--output-format=json", f"--output={out}"]
+    """Runs `jobs` one after the other (stonewall) in one fio process, pinned to FIO_CPU when
+    set (run() sets it). Their results, by job name."""
+    cmd = ["taskset", "-c", str(FIO_CPU)] if FIO_CPU is not None else []
+    cmd += ["fio", f"--filename={dev}", "--ioengine=io_uring", "--direct=1", f"--size={SPAN}",
+            "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}", "--norandommap",
+            "--randrepeat=0", "--lat_percentiles=1", "--output-format=json", f"--output={out}"]
     for job in jobs:
-        rw, bs, qd = JOBS[job]
-        cmd += [f"--name={job}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--stonewall"]
+        cmd += fio_job_args(job)
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"fio {jobs} on {dev} exited {p.returncode}: {p.stdout.strip()[-500:]}")
     return parse_fio(Path(out).read_text())
 
 
+def sides(rw):
+    """The sides of fio's JSON a job's numbers come from: reads, writes, or both (mixed)."""
+    if rw in ("read", "randread"):
+        return ["read"]
+    if rw in ("write", "randwrite"):
+        return ["write"]
+    return ["read", "write"]
+
+
 def parse_fio(text):
+    """fio's JSON output, by job name: IOPS, KiB/s and I/Os summed over the job's sides (both for
+    a mixed job), the mean latency weighted by each side's I/Os, the larger p99 of the two."""
     # fio may print notes before the JSON.
     data = json.loads(text[text.index("{"):])
     results = {}
@@ -267,20 +333,68 @@ def parse_fio(text):
         name = j["jobname"]
         if j.get("error"):
             raise RuntimeError(f"fio job {name}: error {j['error']}")
-        side = j["write" if "write" in JOBS[name][0] else "read"]
-        lat = side["lat_ns"]
-        pct = lat.get("percentile", {})
+        parts = [j[side] for side in sides(JOBS[name]["rw"])]
+        ios = sum(p["total_ios"] for p in parts)
+        mean_ns = sum(p["lat_ns"]["mean"] * p["total_ios"] for p in parts) / ios if ios else 0.0
+        p99_ns = max(p["lat_ns"].get("percentile", {}).get("99.000000", 0) for p in parts)
         results[name] = {
-            "iops": side["iops"],
-            "bw_kib": side["bw"],
-            "ios": side["total_ios"],
-            "lat_mean_us": lat["mean"] / 1000,
-            "lat_p99_us": pct.get("99.000000", 0) / 1000,
+            "iops": sum(p["iops"] for p in parts),
+            "bw_kib": sum(p["bw"] for p in parts),
+            "ios": ios,
+            "lat_mean_us": mean_ns / 1000,
+            "lat_p99_us": p99_ns / 1000,
             "usr_cpu": j["usr_cpu"],
             "sys_cpu": j["sys_cpu"],
             "ctx": j["ctx"],
         }
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The contention gauge: a fixed CPU-bound loop timed on each vCPU, and the guest's steal time.
+# A host that takes the vCPUs' time away makes the loop slower than in the rest of the boot
+# (with a clock that follows the host's: see Documentation/benchmarks.rst), and a hypervisor
+# with a steal clock (KVM) says so directly.
+
+def spin(loops):
+    """The calibration loop: pure interpreter work, no memory or system calls."""
+    x = 0
+    for i in range(loops):
+        x += i
+    return x
+
+
+def calibration_loops(target_s=CALIBRATION_S):
+    """The iteration count for which spin() takes about target_s on this vCPU (doubling from a
+    small count; the clock may tick in 4 ms steps)."""
+    loops = 10_000
+    while loops < 1 << 28:
+        t = time.monotonic()
+        spin(loops)
+        if time.monotonic() - t >= target_s:
+            break
+        loops *= 2
+    return loops
+
+
+def calibrate(loops):
+    """spin(loops) timed on each vCPU in turn, in ms (vCPU order; None for one this process
+    cannot run on); this process's CPU affinity is put back afterwards."""
+    mask = os.sched_getaffinity(0)
+    times = []
+    try:
+        for cpu in range(os.cpu_count()):
+            try:
+                os.sched_setaffinity(0, {cpu})
+            except OSError:  # offline, or outside this cgroup's cpuset
+                times.append(None)
+                continue
+            t = time.monotonic()
+            spin(loops)
+            times.append(round((time.monotonic() - t) * 1000, 3))
+    finally:
+        os.sched_setaffinity(0, mask)
+    return times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +529,7 @@ def profile_device(devname, runtime):
     try:
         no_scheduler(path)
         pids = d.server_pids()
+        pin_servers(pids, SERVER_CPU)
         hz = os.sysconf("SC_CLK_TCK")
         for job in ("randread-4k-qd1", "randread-4k-qd32"):
             rec = {"device": devname, "job": job, "server_pids": pids}
@@ -498,39 +613,104 @@ def perf_profile(path, job, runtime):
 
 # ---------------------------------------------------------------------------------------------
 
+def plan(devices, jobs, rounds):
+    """The runs, in the order they are made, as (round, job, device): round by round, each job
+    in turn, the devices forwards in even rounds and backwards in odd ones. Any two devices A, B
+    of a job then run A B, B A, A B, ... (ABBA): a drift over the boot (warming, a host getting
+    busier) falls on both sides of the pairs alike, and round r gives each two devices pair r."""
+    order = []
+    for rnd in range(rounds):
+        devs = list(devices) if rnd % 2 == 0 else list(reversed(devices))
+        for job in jobs:
+            order += [(rnd, job, dev) for dev in devs]
+    return order
+
+
+def set_pinning(nproc):
+    """fio on FIO_CPU and the servers on SERVER_CPU with two vCPUs or more; nothing pinned with
+    one. What is used, for the meta record."""
+    global FIO_CPU, SERVER_CPU
+    if nproc < 2:
+        FIO_CPU = SERVER_CPU = None
+    return {"fio": FIO_CPU, "servers": SERVER_CPU}
+
+
+def set_up_devices(names):
+    """Every device named set up at once, its scheduler set to none and its server pinned.
+    Those ready, in the order given, as name -> (device, path); the number that failed (a
+    skipped optional device is not a failure)."""
+    ready, failed = {}, 0
+    for name in names:
+        d = make_device(name)
+        try:
+            note(f"{name}: setting up")
+            path, info = d.setup()
+            info["scheduler"] = no_scheduler(path)
+            info["server_cpus"] = pin_servers(d.server_pids(), SERVER_CPU)
+            emit("device", device=name, path=path, **info)
+            ready[name] = (d, path)
+        except Skip as e:
+            emit("device", device=name, skipped=str(e))
+            note(f"{name}: skipped: {e}")
+            d.teardown()
+        except Exception as e:  # noqa: BLE001 - reported, and the run fails
+            emit("device", device=name, error=str(e))
+            note(f"{name}: FAILED: {e}")
+            failed += 1
+            d.teardown()
+    return ready, failed
+
+
+def measure(name, path, job, rnd, runtime, ramp, loops, before):
+    """One fio run of `job` on a device, between two readings of the gauge, as a `run` record
+    (with `error` instead of numbers if fio failed). The calibration after the run, which is
+    the next run's before. Whether fio failed."""
+    emit("start", device=name, job=job, round=rnd)
+    t0 = cpu_ticks()
+    try:
+        res, err = fio(path, [job], runtime, ramp)[job], None
+    except Exception as e:  # noqa: BLE001 - reported in the record
+        res, err = None, str(e)
+    t1 = cpu_ticks()
+    after = calibrate(loops)
+    gauge = {"before_ms": before, "after_ms": after, "steal_ticks": t1["steal"] - t0["steal"],
+             "ticks": sum(t1.values()) - sum(t0.values())}
+    if err is None:
+        emit("run", device=name, job=job, run=rnd, round=rnd, gauge=gauge, **res)
+        note(f"{name} {job} round {rnd}: {res['iops']:.0f} IOPS, {res['lat_mean_us']:.1f} us mean, "
+             f"calibration {after} ms")
+    else:
+        emit("run", device=name, job=job, run=rnd, round=rnd, gauge=gauge, error=err)
+        note(f"{name} {job} round {rnd}: FAILED: {err}")
+    return after, err is not None
+
+
 def run(args):
     jobs = SMOKE_JOBS if args.smoke else list(JOBS)
-    runs = 1 if args.smoke else args.runs
+    rounds = args.rounds or (1 if args.smoke else ROUNDS)
     runtime = args.runtime if args.runtime else (1 if args.smoke else 5)
     ramp = args.ramp if args.ramp is not None else (0 if args.smoke else 1)
+    devices = args.devices.split(",") if args.devices else DEVICES
+    unknown = [d for d in devices if d not in DEVICES]
+    if unknown:
+        raise SystemExit(f"unknown devices {unknown}: choose among {DEVICES}")
+    pinning = set_pinning(os.cpu_count())
+    loops = calibration_loops()
     emit("meta", kernel=os.uname().release, nproc=os.cpu_count(),
-         mem_kib=meminfo()["MemTotal"], fio=sh(["fio", "--version"]), jobs=jobs, runs=runs,
-         runtime=runtime, ramp=ramp, span=SPAN, smoke=args.smoke,
-         job_specs={j: JOBS[j] for j in jobs})
+         mem_kib=meminfo()["MemTotal"], fio=sh(["fio", "--version"]), jobs=jobs, runs=rounds,
+         rounds=rounds, order="abba", devices=devices, runtime=runtime, ramp=ramp, span=SPAN,
+         smoke=args.smoke, job_specs={j: JOBS[j] for j in jobs}, pinning=pinning,
+         gauge={"loops": loops, "clocksource": clocksource()})
     failed = 0
     if not args.no_devices:
-        for name in DEVICES:
-            d = make_device(name)
-            try:
-                note(f"{name}: setting up")
-                path, info = d.setup()
-                info["scheduler"] = no_scheduler(path)
-                emit("device", device=name, path=path, **info)
-                for r in range(runs):
-                    results = fio(path, jobs, runtime, ramp)
-                    for job in jobs:
-                        res = results[job]
-                        emit("run", device=name, job=job, run=r, **res)
-                        note(f"{name} {job} run {r}: {res['iops']:.0f} IOPS, "
-                             f"{res['lat_mean_us']:.1f} us mean")
-            except Skip as e:
-                emit("device", device=name, skipped=str(e))
-                note(f"{name}: skipped: {e}")
-            except Exception as e:  # noqa: BLE001 - reported, and the run fails
-                emit("device", device=name, error=str(e))
-                note(f"{name}: FAILED: {e}")
-                failed += 1
-            finally:
+        ready, failed = set_up_devices(devices)
+        try:
+            before = calibrate(loops)
+            for rnd, job, name in plan(list(ready), jobs, rounds):
+                before, bad = measure(name, ready[name][1], job, rnd, runtime, ramp, loops, before)
+                failed += bad
+        finally:
+            for d, _ in reversed(list(ready.values())):
                 d.teardown()
     try:
         note(f"memory: {args.taps} taps")
@@ -551,6 +731,14 @@ def run(args):
     note("done")
     emit("done", failed=failed)
     return 1 if failed else 0
+
+
+def clocksource():
+    """The guest's current clocksource (jiffies-based ones tick in 4 ms steps)."""
+    try:
+        return Path("/sys/devices/system/clocksource/clocksource0/current_clocksource").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def read_results(text):
@@ -593,7 +781,11 @@ def check(path):
             if not rs:
                 problems.append(f"{dev} {job}: no result")
             for r in rs:
-                if not (r["iops"] > 0 and r["bw_kib"] > 0 and r["lat_mean_us"] > 0 and r["lat_p99_us"] > 0):
+                if "error" in r:
+                    problems.append(f"{dev} {job}: {r['error']}")
+                # Latencies may be 0: the guest clock may tick in 4 ms steps.
+                elif not (r["iops"] > 0 and r["bw_kib"] > 0 and r["lat_mean_us"] >= 0
+                          and r["lat_p99_us"] >= 0):
                     problems.append(f"{dev} {job}: empty numbers {r}")
     mem = [r for r in recs if r["kind"] == "memory"]
     if not mem or "error" in mem[0] or mem[0]["per_tap_kib"]["memfree_drop"] <= 0:
@@ -612,17 +804,26 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--smoke", action="store_true", help="1 run, 1 s, two jobs")
-    r.add_argument("--runs", type=int, default=3)
+    r.add_argument("--rounds", "--runs", type=int, default=0,
+                   help=f"rounds: runs per device and job ({ROUNDS}; smoke 1)")
     r.add_argument("--runtime", type=int, default=0, help="seconds per fio job (5; smoke 1)")
     r.add_argument("--ramp", type=int, default=None, help="fio ramp_time (1; smoke 0)")
     r.add_argument("--taps", type=int, default=32, help="taps for the memory measurement")
     r.add_argument("--profile", action="store_true", help="also profile tapdev-null vs ublk-null")
     r.add_argument("--no-devices", action="store_true", help="skip the fio runs")
+    r.add_argument("--devices", help=f"comma-separated subset of {','.join(DEVICES)} (all)")
     c = sub.add_parser("check")
     c.add_argument("file")
+    pl = sub.add_parser("plan")
+    pl.add_argument("--rounds", type=int, default=ROUNDS)
+    pl.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.cmd == "check":
         return check(args.file)
+    if args.cmd == "plan":
+        for rnd, job, dev in plan(DEVICES, SMOKE_JOBS if args.smoke else list(JOBS), args.rounds):
+            print(rnd, job, dev)
+        return 0
     return run(args)
 
 

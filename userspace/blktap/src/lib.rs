@@ -9,8 +9,12 @@
 //! - [`server`]: serving a ring from a backend;
 //! - [`nbd`]: the NBD protocol: an export server, and the client behind `nbd:` images;
 //! - [`tap`]: a tap's life in tapdisk (open, pause, unpause, recover, close);
-//! - [`ctl`]: the tapdisk control protocol (JSON lines over unix sockets);
+//! - [`ctl`]: the tapdisk control protocols (JSON lines and the original binary messages over
+//!   unix sockets), and what tap-ctl does with them: starting and calling tapdisks, a tap's
+//!   create, recover and destroy with rollback;
 //! - [`mapping`]: owned memory mappings;
+//! - `testkit` (the `testkit` feature, and this crate's tests): test doubles, a ring where the
+//!   test plays the kernel and a simulated kernel;
 //! - [`Error`]: one error type, with the errno a caller can act on.
 
 pub mod backend;
@@ -24,5 +28,7 @@ pub mod rng;
 pub mod server;
 pub mod sysfs;
 pub mod tap;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 pub use error::{Error, Result};

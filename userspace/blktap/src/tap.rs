@@ -717,7 +717,7 @@ mod tests {
     use crate::backend::immediate::Synchronous;
     use crate::backend::ram::RamBackend;
     use crate::backend::{Completion, ImageKind, Io};
-    use crate::server::sim::{SimDevice, SimKernel};
+    use crate::testkit::{SimDevice, SimKernel};
 
     const R: u8 = abi::OP_READ;
     const W: u8 = abi::OP_WRITE;

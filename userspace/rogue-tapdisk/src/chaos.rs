@@ -346,7 +346,7 @@ impl<M: RingMemory> Chaos<M> {
 mod tests {
     use std::rc::Rc;
 
-    use blktap::ring::AnonRing;
+    use blktap::testkit::AnonRing;
 
     use super::*;
 

@@ -286,7 +286,7 @@ impl<M: RingMemory> Rogue<M> {
 mod tests {
     use std::rc::Rc;
 
-    use blktap::ring::AnonRing;
+    use blktap::testkit::AnonRing;
 
     use super::*;
 

@@ -5,10 +5,8 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 use blktap::ctl::binary::ListEntry;
-use blktap::ctl::find_tapdisks;
+use blktap::ctl::{find_tapdisks, tapdisk};
 use blktap::{sysfs, Error};
-
-use crate::tapdisk;
 
 /// One row of `tap-ctl list`.
 #[derive(Debug, Clone, PartialEq, Eq)]

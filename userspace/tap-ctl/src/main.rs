@@ -10,18 +10,19 @@
 //! anywhere turns on debug output; the exit status is the errno of what failed, with a message
 //! on stderr naming it; a usage error is `EINVAL` (22).
 
-mod lifecycle;
 mod list;
-mod tapdisk;
+mod logger;
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use blktap::control::{parse_proc_misc, Control};
 use blktap::ctl::binary::{flag, kind};
+use blktap::ctl::lifecycle::{self, CreateArgs};
+use blktap::ctl::tapdisk::{self, OpenRequest};
 use blktap::ctl::CTL_DIR;
 use blktap::sysfs::{self, DeviceKind};
 use blktap::Error;
@@ -29,15 +30,18 @@ use blktap_abi as abi;
 use clap::{Parser, Subcommand};
 use nix::errno::Errno;
 
-use crate::lifecycle::CreateArgs;
 use crate::list::Filter;
-use crate::tapdisk::OpenRequest;
 
 /// What the original printed, on stdout, when the module is missing; the storage manager
 /// matches this line.
 const NOT_INSTALLED: &str = "blktap kernel module not installed";
 /// The original's exit status then: -ENOSYS as a byte.
 const NOT_INSTALLED_STATUS: u8 = 218;
+
+/// Where `make install` puts tapdisk, and where an installed tap-ctl runs it from (the original
+/// tap-ctl's `TAPDISK_EXECDIR`): `$(LIBEXECDIR)` of the top-level Makefile, `$(PREFIX)/libexec`,
+/// fixed when tap-ctl is built (`build.rs`).
+const TAPDISK_EXECDIR: &str = env!("TAPDISK_EXECDIR");
 
 /// `tap-ctl --version`: the version and where the installed tapdisk is looked for (`make install`
 /// checks it against its `$(LIBEXECDIR)`).
@@ -355,6 +359,8 @@ fn secs(s: Option<u64>) -> Option<Duration> {
 
 fn run(cli: Cli) -> Result<(), Error> {
     let ctl_dir = cli.ctl_dir.as_path();
+    let tapdisk = tapdisk::tapdisk_binary(Path::new(TAPDISK_EXECDIR));
+    let tapdisk = tapdisk.as_path();
     match cli.command {
         Command::List {
             minor,
@@ -393,6 +399,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let node = lifecycle::create(
                 ctl_dir,
                 &CreateArgs {
+                    tapdisk,
                     open: open.request(None),
                     devname: devname.as_deref(),
                     name: name.as_deref(),
@@ -422,6 +429,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let node = lifecycle::recover(
                 ctl_dir,
                 &CreateArgs {
+                    tapdisk,
                     open: open.request(None),
                     devname: None,
                     name: None,
@@ -451,6 +459,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 return Err(unsupported("placing the tapdisk in a cgroup slice (-c)"));
             }
             let opts = tapdisk::SpawnOptions {
+                tapdisk,
                 log: log.as_deref(),
                 deadline,
                 no_extensions,
@@ -589,7 +598,7 @@ fn command_of(args: &[OsString]) -> Option<&str> {
 
 fn main() -> ExitCode {
     let (args, debug) = strip_debug(std::env::args_os().collect());
-    tapdisk::set_debug(debug);
+    logger::init(debug);
     if command_of(&args).is_some() && !module_loaded() {
         println!("{NOT_INSTALLED}");
         eprintln!("tap-ctl: {}", Error::NotLoaded);
@@ -643,7 +652,13 @@ mod tests {
     #[test]
     fn the_version_names_the_installed_tapdisk() {
         assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
-        assert!(VERSION.ends_with(&format!("(tapdisk: {}/tapdisk)", tapdisk::TAPDISK_EXECDIR)));
+        assert!(VERSION.ends_with(&format!("(tapdisk: {TAPDISK_EXECDIR}/tapdisk)")));
+    }
+
+    #[test]
+    fn the_installed_tapdisk_is_under_an_absolute_execdir() {
+        assert!(TAPDISK_EXECDIR.starts_with('/'), "{TAPDISK_EXECDIR}");
+        assert!(!TAPDISK_EXECDIR.ends_with('/') || TAPDISK_EXECDIR == "/");
     }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {

@@ -17,9 +17,8 @@ use blktap::tap::OpenArgs;
 use blktap::{Error, Result};
 use nix::errno::Errno;
 
-use crate::daemon::Daemon;
 use crate::logging::log;
-use crate::requests::Handled;
+use crate::requests::{Handled, Requests, TapHost};
 use crate::tap::Tap;
 
 /// The outcome of a binary request.
@@ -91,9 +90,11 @@ fn check_flags(flags: u32, what: &str) -> Result<()> {
     Ok(())
 }
 
-impl Daemon {
+/// The binary requests, carried out on any [`TapHost`] (as the JSON ones are, through
+/// [`Requests`]).
+pub trait BinaryRequests: Requests {
     /// Answers one binary request (or defers the answer).
-    pub fn handle_binary(&mut self, msg: &Message, trailer: &[u8]) -> Answer {
+    fn handle_binary(&mut self, msg: &Message, trailer: &[u8]) -> Answer {
         let cookie = msg.cookie();
         match self.binary_request(msg, trailer) {
             Ok(answer) => answer,
@@ -157,7 +158,7 @@ impl Daemon {
             kind::LIST => now_list(self.list_entries(), cookie),
             kind::LIST_MINORS => {
                 let mut m = Message::new(kind::LIST_MINORS_RSP, cookie);
-                let minors: Vec<u32> = self.taps.keys().copied().take(MAX_MINORS).collect();
+                let minors: Vec<u32> = self.taps().keys().copied().take(MAX_MINORS).collect();
                 m.set_i32(offset::MINORS_COUNT, minors.len() as i32);
                 for (i, minor) in minors.iter().enumerate() {
                     m.set_i32(offset::MINORS_LIST + 4 * i, *minor as i32);
@@ -167,7 +168,7 @@ impl Daemon {
             kind::STATS => {
                 let json = if cookie == ALL_MINORS {
                     let all: Vec<_> = self
-                        .taps
+                        .taps()
                         .values()
                         .map(|t| xenstats::tap_stats(&t.stats()))
                         .collect();
@@ -218,7 +219,7 @@ impl Daemon {
     }
 
     fn existing_tap(&self, minor: u32) -> Result<&Tap> {
-        self.taps.get(&minor).ok_or_else(|| {
+        self.taps().get(&minor).ok_or_else(|| {
             Error::os(
                 format!(
                     "tap {minor} is not attached to tapdisk {}",
@@ -235,7 +236,7 @@ impl Daemon {
         if params.path.is_empty() {
             return Err(Error::os("open: no image given", Errno::EINVAL));
         }
-        let Some(tap) = self.taps.get(&minor) else {
+        let Some(tap) = self.taps().get(&minor) else {
             return Err(Error::os(
                 format!("open: tap {minor} is not attached"),
                 Errno::EINVAL,
@@ -266,8 +267,8 @@ impl Daemon {
 
     /// The taps as LIST answers them, counting down to 1.
     fn list_entries(&self) -> Vec<ListEntry> {
-        let n = self.taps.len() as i32;
-        self.taps
+        let n = self.taps().len() as i32;
+        self.taps()
             .values()
             .enumerate()
             .map(|(i, tap)| {
@@ -282,6 +283,8 @@ impl Daemon {
             .collect()
     }
 }
+
+impl<H: TapHost + ?Sized> BinaryRequests for H {}
 
 /// A tap's state as LIST reports it.
 fn state_bits(state: TapState) -> u32 {

@@ -26,9 +26,10 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use crate::binary::{pause_answer, Answer, BinaryRequests};
 use crate::conn::{Conn, Input, Proto, Request};
 use crate::logging::{self, log};
-use crate::requests::{not_attached, Handled};
+use crate::requests::{not_attached, Handled, Requests, TapHost};
 use crate::tap::{Tap, TapEvent};
 
 /// What an epoll event is about.
@@ -91,7 +92,7 @@ pub struct Daemon {
     socket: PathBuf,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
-    pub(crate) taps: BTreeMap<u32, Tap>,
+    taps: BTreeMap<u32, Tap>,
     tap_options: TapOptions,
     /// Connections waiting for a pause to finish: (connection, tap).
     waiters: Vec<(u64, u32)>,
@@ -156,11 +157,6 @@ impl Daemon {
     /// The control socket's path.
     pub fn socket(&self) -> &Path {
         &self.socket
-    }
-
-    /// How taps are served.
-    pub fn tap_options(&self) -> TapOptions {
-        self.tap_options
     }
 
     /// How long epoll may wait: until the first retry of any tap is due, or a connection's
@@ -256,7 +252,7 @@ impl Daemon {
 
     /// Serves the open tap's image over NBD on `nbd<pid>.<minor>` beside the control socket, as
     /// the original tapdisk does. A tap whose export cannot start is still served (logged).
-    pub(crate) fn start_export(&mut self, minor: u32) {
+    fn serve_export(&mut self, minor: u32) {
         let Some(tap) = self.taps.get(&minor) else {
             return;
         };
@@ -303,42 +299,8 @@ impl Daemon {
         }
     }
 
-    /// Polls the tap's ring fd, and its backend's fd if it has one.
-    pub(crate) fn watch_tap(&mut self, minor: u32) -> nix::Result<()> {
-        let Some(tap) = self.taps.get(&minor) else {
-            return Ok(());
-        };
-        // Edge-triggered: every wake-up of the ring's poll queue (new requests, a message) is
-        // an event, and each event takes everything there is; whether the kernel keeps
-        // reporting POLLIN while requests are outstanding does not matter.
-        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
-        self.watch(tap.ring().fd(), Token::Ring(minor), flags)?;
-        self.sync_backend_watch(minor)
-    }
-
-    /// Polls the backend's fd of the tap's current image, if it has one and it is new (opening,
-    /// pausing and unpausing change the image; a closed backend's fd left epoll as it closed).
-    pub(crate) fn sync_backend_watch(&mut self, minor: u32) -> nix::Result<()> {
-        let Some(tap) = self.taps.get(&minor) else {
-            self.backend_watch.remove(&minor);
-            return Ok(());
-        };
-        let generation = tap.generation();
-        if self.backend_watch.get(&minor) == Some(&generation) {
-            return Ok(());
-        }
-        if let Some(fd) = tap.backend_fd() {
-            match self.watch(fd, Token::Backend(minor), EpollFlags::EPOLLIN) {
-                Ok(()) | Err(Errno::EEXIST) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.backend_watch.insert(minor, generation);
-        Ok(())
-    }
-
     /// Stops polling every fd of the tap.
-    pub(crate) fn unwatch_tap(&mut self, minor: u32) {
+    fn unwatch_tap(&mut self, minor: u32) {
         if let Some(tap) = self.taps.get(&minor) {
             self.unwatch(tap.ring().fd());
             if let Some(fd) = tap.backend_fd() {
@@ -346,43 +308,6 @@ impl Daemon {
             }
         }
         self.backend_watch.remove(&minor);
-    }
-
-    /// After anything happened to a tap: polls its new backend, moves a pause on, and answers
-    /// the connections waiting for that pause.
-    pub(crate) fn after_tap_event(&mut self, minor: u32) {
-        self.sync_export(minor);
-        if let Err(e) = self.sync_backend_watch(minor) {
-            log!("tap {minor}: cannot poll its image: {e}");
-        }
-        let Some(tap) = self.taps.get_mut(&minor) else {
-            return self.answer_waiters(minor, CtlResponse::failed(&not_attached(minor)));
-        };
-        let outcome = tap.advance();
-        let pausing = tap.state() == blktap::ctl::TapState::Pausing;
-        // A pause may have ended in a resume: the NBD requests held meanwhile go on.
-        self.sync_export(minor);
-        if let Err(e) = self.sync_backend_watch(minor) {
-            log!("tap {minor}: cannot poll its image: {e}");
-        }
-        match outcome {
-            Some(Ok(())) => {
-                log!("tap {minor}: paused");
-                self.answer_waiters(minor, CtlResponse::ok());
-            }
-            Some(Err(e)) => {
-                log!("tap {minor}: {e}");
-                self.answer_waiters(minor, CtlResponse::failed(&e));
-            }
-            None if !pausing => {
-                let e = Error::os(
-                    format!("tap {minor} stopped pausing before it was paused"),
-                    Errno::EIO,
-                );
-                self.answer_waiters(minor, CtlResponse::failed(&e));
-            }
-            None => {}
-        }
     }
 
     /// Answers every connection waiting for tap `minor` to pause, and goes on with their
@@ -397,7 +322,7 @@ impl Daemon {
                 conn.touch();
                 match conn.proto() {
                     Proto::Binary => {
-                        let answer = crate::binary::pause_answer(minor, &response);
+                        let answer = pause_answer(minor, &response);
                         conn.queue(answer.as_bytes());
                     }
                     _ => conn.queue(response.to_line().as_bytes()),
@@ -406,21 +331,6 @@ impl Daemon {
                 self.rearm(id, conn);
             }
         }
-    }
-
-    /// Records that a tap was attached (for `exit_when_idle`).
-    pub(crate) fn note_attached(&mut self) {
-        self.had_taps = true;
-    }
-
-    /// Forgets tap `minor` after shutting it down.
-    pub(crate) fn remove_tap(&mut self, minor: u32) {
-        self.unwatch_tap(minor);
-        if let Some(tap) = self.taps.remove(&minor) {
-            drop(tap.shut_down());
-        }
-        self.after_tap_event(minor);
-        self.check_idle();
     }
 
     /// With `exit_when_idle`, decides to exit once the last tap is gone, and removes the socket
@@ -510,8 +420,8 @@ impl Daemon {
                     conn.queue(CtlResponse::failed(&e).to_line().as_bytes());
                 }
                 Request::Binary(msg, trailer) => match self.handle_binary(&msg, &trailer) {
-                    crate::binary::Answer::Now(bytes) => conn.queue(&bytes),
-                    crate::binary::Answer::Later(minor) => {
+                    Answer::Now(bytes) => conn.queue(&bytes),
+                    Answer::Later(minor) => {
                         conn.waiting = true;
                         self.waiters.push((id, minor));
                     }
@@ -627,6 +537,110 @@ impl Daemon {
             conn.flush_blocking();
         }
         self.conns.clear();
+    }
+}
+
+impl TapHost for Daemon {
+    fn taps(&self) -> &BTreeMap<u32, Tap> {
+        &self.taps
+    }
+
+    fn taps_mut(&mut self) -> &mut BTreeMap<u32, Tap> {
+        &mut self.taps
+    }
+
+    fn tap_options(&self) -> TapOptions {
+        self.tap_options
+    }
+
+    /// Polls the tap's ring fd, and its backend's fd if it has one.
+    fn watch_tap(&mut self, minor: u32) -> nix::Result<()> {
+        let Some(tap) = self.taps.get(&minor) else {
+            return Ok(());
+        };
+        // Edge-triggered: every wake-up of the ring's poll queue (new requests, a message) is
+        // an event, and each event takes everything there is; whether the kernel keeps
+        // reporting POLLIN while requests are outstanding does not matter.
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        self.watch(tap.ring().fd(), Token::Ring(minor), flags)?;
+        self.sync_backend_watch(minor)
+    }
+
+    /// Polls the backend's fd of the tap's current image, if it has one and it is new (opening,
+    /// pausing and unpausing change the image; a closed backend's fd left epoll as it closed).
+    fn sync_backend_watch(&mut self, minor: u32) -> nix::Result<()> {
+        let Some(tap) = self.taps.get(&minor) else {
+            self.backend_watch.remove(&minor);
+            return Ok(());
+        };
+        let generation = tap.generation();
+        if self.backend_watch.get(&minor) == Some(&generation) {
+            return Ok(());
+        }
+        if let Some(fd) = tap.backend_fd() {
+            match self.watch(fd, Token::Backend(minor), EpollFlags::EPOLLIN) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.backend_watch.insert(minor, generation);
+        Ok(())
+    }
+
+    /// After anything happened to a tap: moves its NBD export on, polls its new backend, moves
+    /// a pause on, and answers the connections waiting for that pause.
+    fn after_tap_event(&mut self, minor: u32) {
+        self.sync_export(minor);
+        if let Err(e) = self.sync_backend_watch(minor) {
+            log!("tap {minor}: cannot poll its image: {e}");
+        }
+        let Some(tap) = self.taps.get_mut(&minor) else {
+            return self.answer_waiters(minor, CtlResponse::failed(&not_attached(minor)));
+        };
+        let outcome = tap.advance();
+        let pausing = tap.state() == blktap::ctl::TapState::Pausing;
+        // A pause may have ended in a resume: the NBD requests held meanwhile go on.
+        self.sync_export(minor);
+        if let Err(e) = self.sync_backend_watch(minor) {
+            log!("tap {minor}: cannot poll its image: {e}");
+        }
+        match outcome {
+            Some(Ok(())) => {
+                log!("tap {minor}: paused");
+                self.answer_waiters(minor, CtlResponse::ok());
+            }
+            Some(Err(e)) => {
+                log!("tap {minor}: {e}");
+                self.answer_waiters(minor, CtlResponse::failed(&e));
+            }
+            None if !pausing => {
+                let e = Error::os(
+                    format!("tap {minor} stopped pausing before it was paused"),
+                    Errno::EIO,
+                );
+                self.answer_waiters(minor, CtlResponse::failed(&e));
+            }
+            None => {}
+        }
+    }
+
+    fn start_export(&mut self, minor: u32) {
+        self.serve_export(minor);
+    }
+
+    /// Records that a tap was attached (for `exit_when_idle`).
+    fn note_attached(&mut self) {
+        self.had_taps = true;
+    }
+
+    /// Forgets tap `minor` after shutting it down.
+    fn remove_tap(&mut self, minor: u32) {
+        self.unwatch_tap(minor);
+        if let Some(tap) = self.taps.remove(&minor) {
+            drop(tap.shut_down());
+        }
+        self.after_tap_event(minor);
+        self.check_idle();
     }
 }
 

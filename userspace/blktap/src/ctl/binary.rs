@@ -535,17 +535,7 @@ impl Call {
     /// Connects to tapdisk `pid`'s socket in `dir`; every read and write waits at most
     /// `timeout`.
     pub fn connect(dir: &Path, pid: i32, timeout: Duration) -> Result<Self> {
-        let path = super::socket_path(dir, pid);
-        let stream = UnixStream::connect(&path).map_err(|e| {
-            let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
-            Error::os(
-                format!("no tapdisk {pid} listening at {}", path.display()),
-                errno,
-            )
-        })?;
-        let sys = |e: std::io::Error| Error::io("cannot set up", &path, e);
-        stream.set_read_timeout(Some(timeout)).map_err(sys)?;
-        stream.set_write_timeout(Some(timeout)).map_err(sys)?;
+        let stream = super::client::connect(dir, pid, timeout)?;
         Ok(Self { pid, stream })
     }
 

@@ -42,6 +42,23 @@ pub fn find_tapdisks(dir: &Path) -> Vec<i32> {
     pids
 }
 
+/// Connects to tapdisk `pid`'s socket in `dir`, for either protocol; every read and write on
+/// the stream waits at most `timeout`.
+pub(crate) fn connect(dir: &Path, pid: i32, timeout: Duration) -> Result<UnixStream> {
+    let path = socket_path(dir, pid);
+    let stream = UnixStream::connect(&path).map_err(|e| {
+        let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        Error::os(
+            format!("no tapdisk {pid} listening at {}", path.display()),
+            errno,
+        )
+    })?;
+    let sys = |e: std::io::Error| Error::io("cannot set up", &path, e);
+    stream.set_read_timeout(Some(timeout)).map_err(sys)?;
+    stream.set_write_timeout(Some(timeout)).map_err(sys)?;
+    Ok(stream)
+}
+
 /// A connection to one tapdisk.
 #[derive(Debug)]
 pub struct Client {
@@ -58,18 +75,10 @@ impl Client {
 
     /// Connects to tapdisk `pid`, waiting at most `timeout` for each answer.
     pub fn connect_with_timeout(dir: &Path, pid: i32, timeout: Duration) -> Result<Self> {
-        let path = socket_path(dir, pid);
-        let stream = UnixStream::connect(&path).map_err(|e| {
-            let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
-            Error::os(
-                format!("no tapdisk {pid} listening at {}", path.display()),
-                errno,
-            )
-        })?;
-        let sys = |e: std::io::Error| Error::io("cannot set up", &path, e);
-        stream.set_read_timeout(Some(timeout)).map_err(sys)?;
-        stream.set_write_timeout(Some(timeout)).map_err(sys)?;
-        let writer = stream.try_clone().map_err(sys)?;
+        let stream = connect(dir, pid, timeout)?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| Error::io("cannot set up", socket_path(dir, pid), e))?;
         Ok(Self {
             pid,
             reader: BufReader::new(stream),

@@ -7,11 +7,16 @@
 //! - [`proto`]: the JSON messages ([`CtlRequest`], [`CtlResponse`]);
 //! - [`client`]: finding tapdisks and calling them ([`Client`]);
 //! - [`binary`]: the binary messages and a client for them ([`binary::Call`]);
-//! - [`xenstats`]: `stats` in the original tapdisk's JSON schema.
+//! - [`xenstats`]: `stats` in the original tapdisk's JSON schema;
+//! - [`tapdisk`]: starting tapdisks and calling them as `tap-ctl` does, over either protocol;
+//! - [`lifecycle`]: a tap's whole life in one call each (`tap-ctl create`, `recover`,
+//!   `destroy`, `allocate`), undoing what was done when a step fails.
 
 pub mod binary;
 pub mod client;
+pub mod lifecycle;
 pub mod proto;
+pub mod tapdisk;
 pub mod xenstats;
 
 pub use client::{find_tapdisks, socket_path, Client};

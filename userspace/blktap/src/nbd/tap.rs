@@ -148,8 +148,8 @@ mod tests {
     use crate::backend::ram::RamBackend;
     use crate::backend::{Backend, Completion, Io};
     use crate::ring::Op;
-    use crate::server::sim::{SimDevice, SimKernel};
     use crate::tap::{OpenArgs, TapOptions};
+    use crate::testkit::sim::{SimDevice, SimKernel};
 
     type Tap = TapCore<Rc<SimDevice>>;
 

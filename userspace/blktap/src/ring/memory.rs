@@ -4,7 +4,6 @@
 //! out Rust references into it: indices are atomics, entries are copied in and out with volatile
 //! accesses, and data pages are raw pointers for I/O.
 
-use std::cell::Cell;
 use std::marker::PhantomData;
 use std::mem::{offset_of, size_of};
 use std::ptr::NonNull;
@@ -13,8 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use blktap_abi::{self as abi, blktap_request, blktap_response, blktap_ring_entry, blktap_sring};
 
-use crate::mapping::Mapping;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Page size the ring layout is defined with.
 pub const PAGE_SIZE: usize = 4096;
@@ -200,47 +198,10 @@ impl<'a> SharedRing<'a> {
     }
 }
 
-/// Ring memory in an anonymous mapping, for simulations and tests: the caller plays the kernel.
-///
-/// [`RingMemory::kick`] only counts the calls ([`AnonRing::kicks`]).
-#[derive(Debug)]
-pub struct AnonRing {
-    map: Mapping,
-    kicks: Cell<u64>,
-}
-
-impl AnonRing {
-    /// A zeroed ring mapping.
-    pub fn new() -> Result<Self> {
-        let map = Mapping::anonymous(MAP_SIZE).map_err(|e| Error::os("map ring memory", e))?;
-        Ok(Self {
-            map,
-            kicks: Cell::new(0),
-        })
-    }
-
-    /// How many times responses were signalled.
-    pub fn kicks(&self) -> u64 {
-        self.kicks.get()
-    }
-}
-
-// SAFETY: the mapping is MAP_SIZE bytes, page-aligned (mmap), lives as long as `self`, and is
-// only reached through raw pointers.
-unsafe impl RingMemory for AnonRing {
-    fn base(&self) -> NonNull<u8> {
-        self.map.as_ptr()
-    }
-
-    fn kick(&self) -> Result<()> {
-        self.kicks.set(self.kicks.get() + 1);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::AnonRing;
 
     #[test]
     fn indices_and_entries_land_at_the_abi_offsets() {
@@ -262,8 +223,9 @@ mod tests {
             status: -1,
             ..Default::default()
         };
-        ring.write_response(33, &rsp); // slot 1
-                                       // SAFETY: entry 1 starts at 64 + 112; the fields at their ABI offsets.
+        // Slot 1.
+        ring.write_response(33, &rsp);
+        // SAFETY: entry 1 starts at 64 + 112; the fields at their ABI offsets, inside the ring page.
         unsafe {
             let e = base.add(64 + 112);
             assert_eq!(e.cast::<u64>().read(), 5);
@@ -282,11 +244,9 @@ mod tests {
         bytes[ENTRY_SIZE - 1] = 0xee;
         ring.write_entry_bytes(34, &bytes); // slot 2
         assert_eq!(ring.read_response(2).id, 9);
-        // SAFETY: the last byte of entry 2, inside the ring page.
-        assert_eq!(
-            unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() },
-            0xee
-        );
+        // SAFETY: the last byte of entry 2, inside the ring page `mem` maps for the whole test.
+        let last = unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() };
+        assert_eq!(last, 0xee);
         ring.set_req_prod(3);
         ring.set_msg(RING_MESSAGE_CLOSE);
         ring.clear();
@@ -294,11 +254,9 @@ mod tests {
             (ring.req_prod(), ring.msg(), ring.read_response(2).id),
             (0, 0, 0)
         );
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() },
-            0
-        );
+        // SAFETY: as above: the last byte of entry 2, inside the mapped ring page.
+        let last = unsafe { mem.base().as_ptr().add(64 + 3 * 112 - 1).read() };
+        assert_eq!(last, 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! - [`device`]: the ring device of a tap, opened and mapped ([`Ring`]), and its ioctls.
 //!
 //! The protocol code is generic over [`RingMemory`], so it runs the same over a real ring and
-//! over [`AnonRing`], where a test plays the kernel.
+//! over memory where a test plays the kernel (`testkit::AnonRing`, with the `testkit` feature).
 
 pub mod device;
 pub mod memory;
@@ -16,7 +16,7 @@ pub mod request;
 
 pub use device::{DiskParams, Ring, RingDevice, EXTENSION_FLAGS};
 pub use memory::{
-    AnonRing, RingMemory, SharedRing, ENTRY_SIZE, MAP_SIZE, PAGE_SIZE, RING_MESSAGE_CLOSE,
+    RingMemory, SharedRing, ENTRY_SIZE, MAP_SIZE, PAGE_SIZE, RING_MESSAGE_CLOSE,
     RING_MESSAGE_PAUSE, RING_MESSAGE_RESUME,
 };
 pub use protocol::{BackRing, NoRequest, RingCorrupt};

@@ -145,7 +145,7 @@ mod tests {
     use std::rc::Rc;
 
     use super::*;
-    use crate::ring::memory::AnonRing;
+    use crate::testkit::AnonRing;
 
     fn request(id: u64) -> blktap_request {
         blktap_request {

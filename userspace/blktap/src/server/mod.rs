@@ -31,8 +31,6 @@ use crate::ring::{
 use crate::{Error, Result};
 
 #[cfg(test)]
-pub(crate) mod sim;
-#[cfg(test)]
 mod tests;
 
 /// How long a request may take, retries included, unless told otherwise (the original

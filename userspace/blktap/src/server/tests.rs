@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use blktap_abi::{blktap_request, blktap_response};
 
-use super::sim::{SimDevice, SimKernel};
 use super::*;
 use crate::backend::aio::AioBackend;
 use crate::backend::immediate::Synchronous;
 use crate::backend::ram::RamBackend;
 use crate::backend::ImageKind;
 use crate::ring::SharedRing;
+use crate::testkit::{SimDevice, SimKernel};
 
 const R: u8 = abi::OP_READ;
 const W: u8 = abi::OP_WRITE;

@@ -1,4 +1,4 @@
-//! Starting tapdisks and talking to them.
+//! Starting tapdisks and talking to them, as `tap-ctl` does.
 //!
 //! Every command a tapdisk of either origin has goes over the original binary protocol
 //! (`blktap::ctl::binary`), so this tap-ctl drives an original tapdisk and this project's alike;
@@ -12,12 +12,11 @@ use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use blktap::ctl::binary::{self, flag, kind, kind_name, Call, ListEntry, Message, Params};
-use blktap::ctl::{find_tapdisks, Client, CtlRequest, CtlResponse, CTL_DIR};
-use blktap::{sysfs, Error, Result};
+use crate::ctl::binary::{self, flag, kind, kind_name, Call, ListEntry, Message, Params};
+use crate::ctl::{find_tapdisks, Client, CtlRequest, CtlResponse, CTL_DIR};
+use crate::{sysfs, Error, Result};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -34,25 +33,6 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// answered, which with failing I/O takes up to tapdisk's deadline.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(600);
 
-static DEBUG: AtomicBool = AtomicBool::new(false);
-
-/// Turns on `--debug` output (the messages exchanged, on stderr).
-pub fn set_debug(on: bool) {
-    DEBUG.store(on, Ordering::Relaxed);
-}
-
-/// Prints a debug line when `--debug` is on.
-pub fn debug(what: impl FnOnce() -> String) {
-    if DEBUG.load(Ordering::Relaxed) {
-        eprintln!("tap-ctl: {}", what());
-    }
-}
-
-/// Where `make install` puts tapdisk, and where an installed tap-ctl runs it from (the original
-/// tap-ctl's `TAPDISK_EXECDIR`): `$(LIBEXECDIR)` of the top-level Makefile, `$(PREFIX)/libexec`,
-/// fixed when tap-ctl is built (`build.rs`).
-pub const TAPDISK_EXECDIR: &str = env!("TAPDISK_EXECDIR");
-
 /// Where tap-ctl looks for tapdisk.
 #[derive(Debug, Clone, Copy)]
 pub struct Lookup<'a> {
@@ -60,7 +40,7 @@ pub struct Lookup<'a> {
     pub own_exe: Option<&'a Path>,
     /// `$TAPDISK`, else `$TAPDISK2` (the original's overrides).
     pub env: Option<&'a OsStr>,
-    /// The installed tapdisk's directory ([`TAPDISK_EXECDIR`]).
+    /// The installed tapdisk's directory (the original tap-ctl's `TAPDISK_EXECDIR`).
     pub execdir: &'a Path,
 }
 
@@ -97,14 +77,15 @@ fn tapdisk_env() -> Option<OsString> {
         .find(|t| !t.is_empty())
 }
 
-/// The tapdisk this tap-ctl runs (see [`Lookup::binary`]).
-pub fn tapdisk_binary() -> PathBuf {
+/// The tapdisk to run for this process, with the installed one in `execdir` (see
+/// [`Lookup::binary`]).
+pub fn tapdisk_binary(execdir: &Path) -> PathBuf {
     let exe = env::current_exe().ok();
     let env = tapdisk_env();
     Lookup {
         own_exe: exe.as_deref(),
         env: env.as_deref(),
-        execdir: Path::new(TAPDISK_EXECDIR),
+        execdir,
     }
     .binary()
 }
@@ -153,14 +134,28 @@ fn process_alive(pid: i32) -> bool {
 }
 
 /// How to run a new tapdisk.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct SpawnOptions<'a> {
+    /// The tapdisk to run (see [`tapdisk_binary`]).
+    pub tapdisk: &'a Path,
     /// Its log file (default: none given, so syslog).
     pub log: Option<&'a Path>,
     /// Its request deadline in seconds (`--deadline`; default: tapdisk's, 120).
     pub deadline: Option<u64>,
     /// Never ask the kernel for flush, FUA or discard (`--no-extensions`).
     pub no_extensions: bool,
+}
+
+impl Default for SpawnOptions<'_> {
+    /// `tapdisk` from `PATH`, with its defaults.
+    fn default() -> Self {
+        SpawnOptions {
+            tapdisk: Path::new("tapdisk"),
+            log: None,
+            deadline: None,
+            no_extensions: false,
+        }
+    }
 }
 
 impl SpawnOptions<'_> {
@@ -194,17 +189,17 @@ pub fn parse_spawn_output(out: &str, ctl_dir: &Path) -> Option<i32> {
     if path.parent()? != ctl_dir {
         return None;
     }
-    blktap::ctl::client::parse_socket_name(path.file_name()?.to_str()?)
+    super::client::parse_socket_name(path.file_name()?.to_str()?)
 }
 
 /// Starts a tapdisk the way the original tap-ctl did: runs it (with no arguments unless this
 /// tapdisk's own options are asked for), it daemonizes and prints its socket's path, from which
 /// the pid is taken.
 pub fn spawn(ctl_dir: &Path, opts: &SpawnOptions<'_>) -> Result<Spawned> {
-    let binary = tapdisk_binary();
+    let binary = opts.tapdisk;
     let args = opts.args(ctl_dir);
-    debug(|| format!("running {} {args:?}", binary.display()));
-    let mut cmd = Command::new(&binary);
+    log::debug!("running {} {args:?}", binary.display());
+    let mut cmd = Command::new(binary);
     cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -251,7 +246,7 @@ pub fn spawn(ctl_dir: &Path, opts: &SpawnOptions<'_>) -> Result<Spawned> {
     let status = wait_child(&mut child, START_TIMEOUT);
     let out = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
     let out = String::from_utf8_lossy(&out).into_owned();
-    debug(|| format!("tapdisk printed {out:?}, its parent exited {status:?}"));
+    log::debug!("tapdisk printed {out:?}, its parent exited {status:?}");
     if let Some(pid) = parse_spawn_output(&out, ctl_dir) {
         return Ok(Spawned { pid });
     }
@@ -305,18 +300,16 @@ pub fn request(
     trailer: &[u8],
     timeout: Duration,
 ) -> Result<Message> {
-    debug(|| {
-        format!(
-            "sending '{}' message (minor {}) to tapdisk {pid}",
-            kind_name(msg.kind()),
-            msg.cookie()
-        )
-    });
+    log::debug!(
+        "sending '{}' message (minor {}) to tapdisk {pid}",
+        kind_name(msg.kind()),
+        msg.cookie()
+    );
     let answer = Call::connect(ctl_dir, pid, timeout)?.request(msg, trailer);
-    debug(|| match &answer {
-        Ok(m) => format!("received '{}' message", kind_name(m.kind())),
-        Err(e) => format!("failed: {e}"),
-    });
+    match &answer {
+        Ok(m) => log::debug!("received '{}' message", kind_name(m.kind())),
+        Err(e) => log::debug!("failed: {e}"),
+    }
     answer
 }
 
@@ -445,7 +438,7 @@ pub fn close(
         // Both are answered CLOSE_RSP (FORCE_SHUTDOWN has no answer type of its own).
         let result =
             Call::connect(ctl_dir, pid, left.max(Duration::from_millis(100))).and_then(|mut c| {
-                debug(|| format!("sending '{}' message (minor {minor})", kind_name(t)));
+                log::debug!("sending '{}' message (minor {minor})", kind_name(t));
                 c.send(&msg, &[])?;
                 let answer = c.receive()?;
                 c.check(answer, kind::CLOSE_RSP).map(drop)
@@ -455,7 +448,7 @@ pub fn close(
                 if e.errno() == libc::EBUSY
                     && Instant::now() + Duration::from_secs(1) < deadline =>
             {
-                debug(|| format!("{e}; trying again in 1 s"));
+                log::debug!("{e}; trying again in 1 s");
                 std::thread::sleep(Duration::from_secs(1));
             }
             Err(e) if e.errno() == libc::EBUSY => {
@@ -471,20 +464,20 @@ pub fn close(
 
 /// LIST: the taps of tapdisk `pid`.
 pub fn list(ctl_dir: &Path, pid: i32) -> Result<Vec<ListEntry>> {
-    debug(|| format!("sending 'list' message to tapdisk {pid}"));
+    log::debug!("sending 'list' message to tapdisk {pid}");
     Call::connect(ctl_dir, pid, QUERY_TIMEOUT)?.list()
 }
 
 /// STATS of tap `minor`: the tapdisk's JSON.
 pub fn stats(ctl_dir: &Path, pid: i32, minor: u32) -> Result<String> {
-    debug(|| format!("sending 'stats' message (minor {minor}) to tapdisk {pid}"));
+    log::debug!("sending 'stats' message (minor {minor}) to tapdisk {pid}");
     Call::connect(ctl_dir, pid, QUERY_TIMEOUT)?.stats(cookie(minor)?)
 }
 
 /// A request in this project's JSON protocol (for its own extras). An original tapdisk does
 /// not speak it: that is reported as `EPROTONOSUPPORT`.
 pub fn json_call(ctl_dir: &Path, pid: i32, req: &CtlRequest) -> Result<CtlResponse> {
-    debug(|| format!("sending {} to tapdisk {pid}", req.to_line().trim()));
+    log::debug!("sending {} to tapdisk {pid}", req.to_line().trim());
     let result = Client::connect_with_timeout(ctl_dir, pid, DEFAULT_TIMEOUT)?.call(req);
     match result {
         Err(Error::Protocol(p)) => Err(Error::os(
@@ -529,6 +522,7 @@ mod tests {
             "none: as the original"
         );
         let opts = SpawnOptions {
+            tapdisk: Path::new("/t"),
             log: Some(Path::new("/l")),
             deadline: Some(30),
             no_extensions: true,
@@ -619,11 +613,5 @@ mod tests {
         assert_eq!(lookup(Some("/opt/td")), PathBuf::from("/opt/td"));
         assert_eq!(lookup(None), build.join("tapdisk"));
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn the_installed_tapdisk_is_under_an_absolute_execdir() {
-        assert!(TAPDISK_EXECDIR.starts_with('/'), "{TAPDISK_EXECDIR}");
-        assert!(!TAPDISK_EXECDIR.ends_with('/') || TAPDISK_EXECDIR == "/");
     }
 }

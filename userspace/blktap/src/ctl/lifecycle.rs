@@ -1,25 +1,30 @@
-//! `tap-ctl create` and `destroy`: a tap's whole life in one command each, and `allocate`.
+//! A tap's whole life in one call each, as `tap-ctl create`, `recover`, `destroy` and
+//! `allocate` do it.
 //!
 //! create = allocate (or take a given tap) + spawn + attach + open; on failure every step done
-//! so far is undone. destroy = close + detach + free; the tapdisk exits by itself once idle.
+//! so far is undone. recover = spawn + attach + open with recovery onto a tap that lost its
+//! tapdisk; on failure the new tapdisk is stopped. destroy = close + detach + free; the tapdisk
+//! exits by itself once idle.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use blktap::control::Control;
-use blktap::ctl::binary::{kind, state};
-use blktap::ctl::CtlRequest;
-use blktap::sysfs::{self, DeviceKind};
-use blktap::{Error, Result};
 use blktap_abi as abi;
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
-use crate::tapdisk::{self, find_server, OpenRequest, SpawnOptions, Spawned};
+use crate::control::Control;
+use crate::ctl::binary::{kind, state};
+use crate::ctl::tapdisk::{self, find_server, OpenRequest, SpawnOptions};
+use crate::ctl::CtlRequest;
+use crate::sysfs::{self, DeviceKind};
+use crate::{Error, Result};
 
 /// What `create` is asked for.
 #[derive(Debug, Clone)]
 pub struct CreateArgs<'a> {
+    /// The tapdisk to run (see [`tapdisk::tapdisk_binary`]).
+    pub tapdisk: &'a Path,
     /// What to open (the image, its flags, per-request timeout...).
     pub open: OpenRequest,
     /// The block node to make for the disk (`-d`), instead of the kernel's own.
@@ -41,6 +46,7 @@ pub struct CreateArgs<'a> {
 impl CreateArgs<'_> {
     fn spawn_options(&self) -> SpawnOptions<'_> {
         SpawnOptions {
+            tapdisk: self.tapdisk,
             log: self.log,
             deadline: self.deadline,
             no_extensions: self.no_extensions,
@@ -80,82 +86,94 @@ pub fn make_block_node(path: &Path, minor: u32) -> Result<()> {
     .map_err(|e| Error::io("cannot make node", path, e.into()))
 }
 
+/// Undo steps, run last-first when dropped, unless the sequence they guard [`Rollback::commit`]s.
+///
+/// Each step of a sequence that leaves something behind (a tap, a node, a tapdisk) pushes the
+/// step that takes it away; a failure (an early return, or a panic) then undoes everything done
+/// so far in reverse order, and success keeps it.
+#[derive(Default)]
+struct Rollback<'a> {
+    undo: Vec<Box<dyn FnOnce() + 'a>>,
+}
+
+impl<'a> Rollback<'a> {
+    /// Adds the step undoing what is about to be (or was just) done.
+    fn push(&mut self, undo: impl FnOnce() + 'a) {
+        self.undo.push(Box::new(undo));
+    }
+
+    /// The sequence succeeded: keep what it did.
+    fn commit(mut self) {
+        self.undo.clear();
+    }
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        while let Some(undo) = self.undo.pop() {
+            undo();
+        }
+    }
+}
+
 /// `tap-ctl allocate`: a new tap; its node is made at `devname` if given. Returns the node's
 /// path.
 pub fn allocate(devname: Option<&Path>, name: Option<&str>) -> Result<PathBuf> {
     let control = Control::open()?;
     let info = control.allocate()?;
-    let named = (|| {
-        if let Some(path) = devname {
-            make_block_node(path, info.minor)?;
-        }
-        if let Some(name) = name {
-            sysfs::find_tap(info.minor)?.set_attr("name", name)?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = named {
-        // Do not leave a tap behind that the caller was never told about.
+    let mut rollback = Rollback::default();
+    // Do not leave a tap behind that the caller was never told about.
+    rollback.push(|| {
         let _ = control.free(info.minor);
-        return Err(e);
+    });
+    if let Some(path) = devname {
+        make_block_node(path, info.minor)?;
     }
+    if let Some(name) = name {
+        sysfs::find_tap(info.minor)?.set_attr("name", name)?;
+    }
+    rollback.commit();
     Ok(devname.map_or_else(
         || PathBuf::from(abi::device_path(info.minor)),
         Path::to_path_buf,
     ))
 }
 
-/// `tap-ctl create`: returns the new disk's node.
+/// `tap-ctl create`: returns the new disk's node. On failure, what was done is undone in
+/// reverse: the tapdisk is stopped (which closes the ring), the node removed, and the tap freed
+/// if this call allocated it.
 pub fn create(ctl_dir: &Path, args: &CreateArgs<'_>) -> Result<PathBuf> {
     check_params(&args.open.params)?;
-    let (minor, control) = match args.minor {
+    let mut rollback = Rollback::default();
+    let minor = match args.minor {
         Some(minor) => {
             sysfs::find_tap(minor)?;
-            (minor, None)
+            minor
         }
         None => {
             let control = Control::open()?;
             let minor = control.allocate()?.minor;
-            (minor, Some(control))
+            rollback.push(move || {
+                if let Err(e) = control.free(minor) {
+                    log::warn!("undoing create: {e}");
+                }
+            });
+            minor
         }
     };
-    let mut spawned = None;
-    let result = set_up(ctl_dir, args, minor, &mut spawned);
-    if result.is_err() {
-        // Undo in reverse: stopping the tapdisk closes the ring; then the tap can be freed.
-        if let Some(s) = spawned {
-            s.stop();
-        }
-        if let Some(path) = args.devname {
-            let _ = fs::remove_file(path);
-        }
-        if let Some(control) = control {
-            if let Err(e) = control.free(minor) {
-                eprintln!("tap-ctl: undoing create: {e}");
-            }
-        }
-    }
-    result.map(|()| {
-        args.devname
-            .map_or_else(|| PathBuf::from(abi::device_path(minor)), Path::to_path_buf)
-    })
-}
-
-fn set_up(
-    ctl_dir: &Path,
-    args: &CreateArgs<'_>,
-    minor: u32,
-    spawned: &mut Option<Spawned>,
-) -> Result<()> {
     if let Some(path) = args.devname {
+        // Pushed first: a node half made (the old one removed) is removed too.
+        rollback.push(move || {
+            let _ = fs::remove_file(path);
+        });
         make_block_node(path, minor)?;
     }
     if let Some(name) = args.name {
         sysfs::find_tap(minor)?.set_attr("name", name)?;
     }
-    let pid = spawned
-        .insert(tapdisk::spawn(ctl_dir, &args.spawn_options())?)
-        .pid();
+    let spawned = tapdisk::spawn(ctl_dir, &args.spawn_options())?;
+    let pid = spawned.pid();
+    rollback.push(move || spawned.stop());
     tapdisk::simple(ctl_dir, pid, kind::ATTACH, minor, tapdisk::DEFAULT_TIMEOUT)?;
     if args.recovery {
         // This project's extra: only its JSON protocol carries it.
@@ -163,12 +181,15 @@ fn set_up(
     } else {
         tapdisk::open(ctl_dir, pid, minor, &args.open)?;
     }
-    Ok(())
+    rollback.commit();
+    Ok(args
+        .devname
+        .map_or_else(|| PathBuf::from(abi::device_path(minor)), Path::to_path_buf))
 }
 
 /// The JSON `open` for `req` (what it can say: read-only, no O_DIRECT, timeout).
 fn json_open(req: &OpenRequest, minor: u32, recovery: bool, recover: bool) -> CtlRequest {
-    use blktap::ctl::binary::flag;
+    use crate::ctl::binary::flag;
     CtlRequest::Open {
         minor,
         params: req.params.clone(),
@@ -189,14 +210,11 @@ pub fn recover(ctl_dir: &Path, args: &CreateArgs<'_>, minor: u32) -> Result<Stri
     sysfs::find_tap(minor)?;
     let spawned = tapdisk::spawn(ctl_dir, &args.spawn_options())?;
     let pid = spawned.pid();
-    let result = tapdisk::simple(ctl_dir, pid, kind::ATTACH, minor, tapdisk::DEFAULT_TIMEOUT)
-        .and_then(|()| {
-            tapdisk::json_call(ctl_dir, pid, &json_open(&args.open, minor, false, true))
-        });
-    if let Err(e) = result {
-        spawned.stop();
-        return Err(e);
-    }
+    let mut rollback = Rollback::default();
+    rollback.push(move || spawned.stop());
+    tapdisk::simple(ctl_dir, pid, kind::ATTACH, minor, tapdisk::DEFAULT_TIMEOUT)?;
+    tapdisk::json_call(ctl_dir, pid, &json_open(&args.open, minor, false, true))?;
+    rollback.commit();
     Ok(abi::device_path(minor))
 }
 
@@ -244,8 +262,48 @@ mod tests {
     }
 
     #[test]
+    fn a_rollback_undoes_last_first_unless_committed() {
+        use std::cell::RefCell;
+        let done = RefCell::new(Vec::new());
+        {
+            let mut rollback = Rollback::default();
+            rollback.push(|| done.borrow_mut().push("free"));
+            rollback.push(|| done.borrow_mut().push("remove node"));
+            rollback.push(|| done.borrow_mut().push("stop tapdisk"));
+        }
+        assert_eq!(*done.borrow(), ["stop tapdisk", "remove node", "free"]);
+        done.borrow_mut().clear();
+        let mut rollback = Rollback::default();
+        rollback.push(|| done.borrow_mut().push("free"));
+        rollback.commit();
+        assert!(done.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_bad_image_fails_before_anything_is_done() {
+        // No tap, tapdisk or kernel is needed to say EINVAL: nothing is there to undo.
+        let args = CreateArgs {
+            tapdisk: Path::new("/nonexistent/tapdisk"),
+            open: OpenRequest {
+                params: "aio".into(),
+                ..Default::default()
+            },
+            devname: None,
+            name: None,
+            minor: None,
+            log: None,
+            recovery: false,
+            deadline: None,
+            no_extensions: false,
+        };
+        let dir = Path::new("/nonexistent");
+        assert_eq!(create(dir, &args).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(recover(dir, &args, 0).unwrap_err().errno(), libc::EINVAL);
+    }
+
+    #[test]
     fn json_opens_carry_what_json_can_say() {
-        use blktap::ctl::binary::flag;
+        use crate::ctl::binary::flag;
         let req = OpenRequest {
             params: "aio:/x".into(),
             flags: flag::RDONLY | flag::NO_O_DIRECT,

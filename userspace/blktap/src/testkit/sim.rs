@@ -14,9 +14,10 @@ use blktap_abi::{self as abi, blktap_request, blktap_request_discard, blktap_res
 use nix::errno::Errno;
 
 use crate::ring::{
-    AnonRing, DiskParams, RingDevice, RingMemory, SharedRing, EXTENSION_FLAGS, PAGE_SIZE,
-    RING_MESSAGE_PAUSE, RING_MESSAGE_RESUME,
+    DiskParams, RingDevice, RingMemory, SharedRing, EXTENSION_FLAGS, PAGE_SIZE, RING_MESSAGE_PAUSE,
+    RING_MESSAGE_RESUME,
 };
+use crate::testkit::AnonRing;
 use crate::{Error, Result};
 
 /// The kernel's view of a tap.
@@ -159,6 +160,12 @@ impl RingDevice for SimDevice {
 /// The kernel's side of a ring.
 pub struct SimKernel {
     pub mem: Rc<SimDevice>,
+}
+
+impl Default for SimKernel {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl SimKernel {

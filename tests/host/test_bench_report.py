@@ -1,0 +1,580 @@
+"""The benchmark's report step (scripts/bench): statistics, pairs, the contention gauge and the
+targets' verdicts, against edge values (zeros, NaN, missing runs, one pair, all equal) and
+synthetic data. No VM: the records are made up here as the guest (tests/vm/bench.py) prints
+them. A report that divides by zero, or writes NaN into results.json, fails here.
+"""
+
+import importlib.machinery
+import itertools
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import unittest
+import unittest.mock
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_bench():
+    """scripts/bench as a module (the file has no .py suffix), leaving no __pycache__ behind."""
+    sys.dont_write_bytecode = True
+    loader = importlib.machinery.SourceFileLoader("bench_report", str(REPO / "scripts/bench"))
+    spec = importlib.util.spec_from_loader("bench_report", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+B = load_bench()
+GUEST = B.guest
+JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqread-1m-qd8"]
+
+
+def run_rec(dev, job, rnd, iops=1000.0, lat=100.0, p99=200.0, gauge=None, **extra):
+    r = {"kind": "run", "device": dev, "job": job, "run": rnd, "round": rnd, "iops": iops,
+         "bw_kib": iops * 4, "ios": int(iops * 5) if B.finite(iops) else 0, "lat_mean_us": lat,
+         "lat_p99_us": p99, "usr_cpu": 1.0, "sys_cpu": 2.0, "ctx": 10,
+         "gauge": gauge or {"before_ms": [50.0, 50.0], "after_ms": [50.0, 50.0], "steal_ticks": 0,
+                            "ticks": 1000}}
+    r.update(extra)
+    return r
+
+
+def records(values, jobs=JOBS, rounds=8, extra=()):
+    """A boot's records: values(dev, job, rnd) -> dict of run fields (or None: no run), for the
+    devices in the guest's ABBA order, with start records before each run."""
+    devs = ["null_blk", "ublk-null", "tapdev-null"]
+    recs = [{"kind": "meta", "kernel": "7.3.4", "nproc": 2, "mem_kib": 2 << 20, "fio": "fio-3.33",
+             "jobs": jobs, "runs": rounds, "rounds": rounds, "order": "abba", "devices": devs,
+             "runtime": 5, "ramp": 1, "span": "256M", "smoke": False,
+             "job_specs": {j: GUEST.JOBS[j] for j in jobs}, "pinning": {"fio": 0, "servers": 1},
+             "gauge": {"loops": 1000, "clocksource": "hpet"}}]
+    recs += [{"kind": "device", "device": d, "path": f"/dev/{d}"} for d in devs]
+    for rnd, job, dev in GUEST.plan(devs, jobs, rounds):
+        fields = values(dev, job, rnd)
+        if fields is None:
+            continue
+        recs.append({"kind": "start", "device": dev, "job": job, "round": rnd})
+        recs.append(run_rec(dev, job, rnd, **fields))
+    recs += list(extra)
+    recs.append({"kind": "done", "failed": 0})
+    return recs
+
+
+def report(recs, host=None):
+    """aggregate() as the real step uses it (strict JSON round trip), with the Markdown."""
+    out = B.clean(B.aggregate(recs, {"accel": "tcg", "seconds": 1.0, "clocksource": "hpet"}, 0, host))
+    out = json.loads(json.dumps(out, allow_nan=False))
+    return out, B.markdown(out)
+
+
+def status(out, prefix):
+    return [t["status"] for t in out["targets"] if t["target"].startswith(prefix)]
+
+
+class Statistics(unittest.TestCase):
+    def test_ratio_edge_values(self):
+        self.assertEqual(B.ratio(3, 2), 1.5)
+        for a, b in [(1, 0), (0, 0), (1, 0.0), (None, 1), (1, None), (math.nan, 1), (1, math.nan),
+                     (math.inf, 1), (True, 1), ("1", 1)]:
+            self.assertIsNone(B.ratio(a, b), (a, b))
+        self.assertEqual(B.ratio(0, 5), 0.0)
+
+    def test_summarize_edge_values(self):
+        self.assertEqual(B.summarize([])["median"], None)
+        self.assertEqual(B.summarize([math.nan, None])["n"], 0)
+        s = B.summarize([0, 0, 0])
+        self.assertEqual((s["median"], s["spread_pct"]), (0, None))
+        s = B.summarize([2.0, math.nan, 4.0])
+        self.assertEqual((s["median"], s["min"], s["max"], s["n"], s["spread_pct"]), (3.0, 2.0, 4.0, 2, 100 / 3))
+        self.assertEqual(B.summarize([7])["median"], 7)
+
+    def test_bootstrap_edge_values(self):
+        self.assertEqual(B.bootstrap_median([]), (None, None, None))
+        self.assertEqual(B.bootstrap_median([math.nan, None]), (None, None, None))
+        self.assertEqual(B.bootstrap_median([1.3]), (1.3, None, None))
+        self.assertEqual(B.bootstrap_median([1.2] * 8), (1.2, 1.2, 1.2))
+
+    def test_bootstrap_two_values(self):
+        # Resampled medians of [a, b] are a, (a+b)/2 or b: the 95% interval is [a, b].
+        med, lo, hi = B.bootstrap_median([1.0, 2.0])
+        self.assertEqual((med, lo, hi), (1.5, 1.0, 2.0))
+
+    def test_bootstrap_is_seeded_and_brackets_the_median(self):
+        rng = random.Random(1)
+        vals = [1.2 * math.exp(rng.gauss(0, 0.05)) for _ in range(8)]
+        a, b = B.bootstrap_median(vals), B.bootstrap_median(list(vals))
+        self.assertEqual(a, b)
+        med, lo, hi = a
+        self.assertLessEqual(min(vals), lo)
+        self.assertLessEqual(lo, med)
+        self.assertLessEqual(med, hi)
+        self.assertLessEqual(hi, max(vals))
+        self.assertLess(lo, 1.2 * 1.06)
+        self.assertGreater(hi, 1.2 / 1.06)
+        self.assertNotEqual(B.bootstrap_median(vals, seed=B.SEED + 1, resamples=50), a)
+
+    def test_bootstrap_interval_narrows_with_pairs(self):
+        rng = random.Random(2)
+        few = [1.0 + rng.gauss(0, 0.1) for _ in range(6)]
+        many = [1.0 + rng.gauss(0, 0.1) for _ in range(60)]
+        w = lambda v: B.bootstrap_median(v)[2] - B.bootstrap_median(v)[1]  # noqa: E731
+        self.assertLess(w(many), w(few))
+
+    def test_percentile(self):
+        self.assertEqual(B.percentile([1, 2, 3, 4, 5], 0.5), 3)
+        self.assertEqual(B.percentile([1, 2], 0.25), 1.25)
+        self.assertEqual(B.percentile([7], 0.975), 7)
+
+
+class Classification(unittest.TestCase):
+    def est(self, med, lo, hi, pairs=8):
+        return {"median": med, "low": lo, "high": hi, "pairs": pairs}
+
+    def test_higher_is_better(self):
+        c = lambda *e, floor=1.0: B.classify(self.est(*e), 1.1, floor)[0]  # noqa: E731
+        self.assertEqual(c(1.2, 1.05, 1.3), "met")
+        self.assertEqual(c(1.1, 1.0, 1.3), "met")  # on the target and the floor exactly
+        self.assertEqual(c(1.2, 0.99, 1.3), "undetermined")  # low end under the floor
+        self.assertEqual(c(1.05, 1.01, 1.2), "undetermined")  # median under the target
+        self.assertEqual(c(0.9, 0.8, 1.09), "not met")
+        self.assertEqual(c(1.2, 1.05, 1.3, floor=None), "undetermined")  # floor = the target
+        self.assertEqual(c(1.2, 1.12, 1.3, floor=None), "met")
+
+    def test_lower_is_better(self):
+        c = lambda *e: B.classify(self.est(*e), 0.9, None, higher_is_better=False)[0]  # noqa: E731
+        self.assertEqual(c(0.8, 0.7, 0.88), "met")
+        self.assertEqual(c(0.8, 0.7, 0.95), "undetermined")
+        self.assertEqual(c(1.0, 0.95, 1.1), "not met")
+
+    def test_too_few_pairs_or_no_interval(self):
+        self.assertEqual(B.classify(self.est(2.0, 1.9, 2.1, pairs=5), 1.1, 1.0)[0], "undetermined")
+        self.assertEqual(B.classify(self.est(0.5, 0.4, 0.6, pairs=5), 1.1, 1.0)[0], "undetermined")
+        self.assertEqual(B.classify(self.est(2.0, None, None, pairs=1), 1.1, 1.0)[0], "undetermined")
+        self.assertEqual(B.classify(self.est(math.nan, 1.0, 2.0), 1.1, 1.0)[0], "undetermined")
+        self.assertEqual(B.classify(None, 1.1, 1.0), ("undetermined", "not measured"))
+        self.assertEqual(B.classify({}, 1.1, 1.0)[0], "undetermined")
+
+
+class Order(unittest.TestCase):
+    def test_any_two_devices_alternate_abba(self):
+        devs = GUEST.DEVICES
+        order = GUEST.plan(devs, list(GUEST.JOBS), GUEST.ROUNDS)
+        self.assertEqual(len(order), len(devs) * len(GUEST.JOBS) * GUEST.ROUNDS)
+        self.assertGreaterEqual(GUEST.ROUNDS, 6)
+        for job in GUEST.JOBS:
+            for a, b in itertools.combinations(devs, 2):
+                seq = "".join("a" if d == a else "b" for _, j, d in order if j == job and d in (a, b))
+                self.assertEqual(seq, "abba" * (GUEST.ROUNDS // 2), (job, a, b))
+
+    def test_jobs_of_issue_14(self):
+        j = GUEST.JOBS
+        self.assertEqual((j["seqread-1m-qd8"]["rw"], j["seqread-1m-qd8"]["bs"], j["seqread-1m-qd8"]["qd"]),
+                         ("read", "1m", 8))
+        self.assertEqual((j["seqwrite-1m-qd8"]["rw"], j["seqwrite-1m-qd8"]["qd"]), ("write", 8))
+        mixed = GUEST.fio_job_args("randrw70-4k-qd16x2")
+        for opt in ("--rw=randrw", "--rwmixread=70", "--iodepth=16", "--numjobs=2", "--group_reporting",
+                    "--bs=4k"):
+            self.assertIn(opt, mixed)
+
+    def test_parse_fio_sums_a_mixed_job(self):
+        side = lambda iops, ios, mean, p99: {"iops": iops, "bw": iops * 4, "total_ios": ios,  # noqa: E731
+                                             "lat_ns": {"mean": mean, "percentile": {"99.000000": p99}}}
+        fio = {"jobs": [{"jobname": "randrw70-4k-qd16x2", "error": 0, "usr_cpu": 1, "sys_cpu": 2, "ctx": 3,
+                         "read": side(700, 7000, 1000, 5000), "write": side(300, 3000, 2000, 9000)}]}
+        r = GUEST.parse_fio("note\n" + json.dumps(fio))["randrw70-4k-qd16x2"]
+        self.assertEqual((r["iops"], r["ios"], r["bw_kib"]), (1000, 10000, 4000))
+        self.assertAlmostEqual(r["lat_mean_us"], 1.3)
+        self.assertEqual(r["lat_p99_us"], 9.0)
+        idle = {"jobs": [{"jobname": "randread-4k-qd1", "error": 0, "usr_cpu": 0, "sys_cpu": 0, "ctx": 0,
+                          "read": side(0, 0, 0, 0), "write": side(0, 0, 0, 0)}]}
+        self.assertEqual(GUEST.parse_fio(json.dumps(idle))["randread-4k-qd1"]["lat_mean_us"], 0)
+
+
+def steady(tap=1.3, null=2.0, lat=0.7, noise=0.03, seed=3):
+    """Synthetic values: ublk 1000 IOPS, tapdev `tap` times that, null_blk `null` times
+    tapdev's, with a few % of noise per run; tapdev's latency `lat` times ublk's."""
+    rng = random.Random(seed)
+
+    def values(dev, job, rnd):
+        n = math.exp(rng.gauss(0, noise))
+        base = {"ublk-null": 1000.0, "tapdev-null": 1000.0 * tap, "null_blk": 1000.0 * tap * null}[dev]
+        lat_us = {"ublk-null": 500.0, "tapdev-null": 500.0 * lat, "null_blk": 50.0}[dev]
+        return {"iops": base * n, "lat": lat_us / n}
+    return values
+
+
+class Report(unittest.TestCase):
+    def test_zero_latencies_do_not_divide(self):
+        # The crash of issue 14: a p99 (and here a mean) of 0 from the 4 ms guest clock.
+        out, md = report(records(lambda d, j, r: {"lat": 0.0, "p99": 0.0}))
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd1"]["ublk-null"]
+        self.assertIsNone(est["lat_p99"]["median"])
+        self.assertEqual(est["lat_p99"]["undefined"], 8)
+        self.assertEqual(est["iops"]["median"], 1.0)
+        self.assertEqual(status(out, "tapdev-null randread-4k-qd1 mean latency"), ["undetermined"])
+        self.assertIn("undetermined", md)
+
+    def test_zero_iops(self):
+        out, md = report(records(lambda d, j, r: {"iops": 0.0}))
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]
+        self.assertEqual((est["median"], est["pairs"], est["undefined"]), (None, 0, 8))
+        iops = [t["status"] for t in out["targets"] if " IOPS " in t["target"]]
+        self.assertEqual(set(iops), {"undetermined"})
+        self.assertIn("| 0 ±-% |", md)
+
+    def test_nan(self):
+        def values(dev, job, rnd):
+            return {"iops": math.nan if (dev, rnd) == ("tapdev-null", 3) else 1000.0, "lat": math.nan}
+        out, md = report(records(values))
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]
+        self.assertEqual((est["iops"]["pairs"], est["iops"]["undefined"]), (7, 1))
+        self.assertEqual(est["iops"]["median"], 1.0)
+        self.assertIsNone(est["lat_mean"]["median"])
+        self.assertIsNone(out["results"]["tapdev-null"]["randread-4k-qd1"]["lat_mean_us"]["median"])
+        self.assertNotIn("nan", md.lower())
+
+    def test_missing_runs_devices_and_failures(self):
+        def values(dev, job, rnd):
+            if dev == "tapdev-null" and rnd in (0, 5):
+                return None  # no run in these rounds
+            if dev == "null_blk" and job == "seqread-1m-qd8":
+                return None  # never ran this job
+            if dev == "ublk-null" and rnd == 2:
+                return {"error": "fio exited 1"}
+            return {}
+        recs = records(values)
+        for r in recs:  # a failed run carries no numbers
+            if "error" in r:
+                for k in ("iops", "bw_kib", "lat_mean_us", "lat_p99_us"):
+                    r.pop(k)
+        out, md = report(recs)
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]
+        self.assertEqual((est["pairs"], est["missing"]), (5, 3))
+        self.assertEqual(status(out, "tapdev-null randread-4k-qd32 IOPS >= 1.1x"), ["undetermined"])
+        self.assertNotIn("seqread-1m-qd8", out["ratios"]["tapdev-null"].get("seqread-1m-qd8", {}).get("null_blk", {}))
+        self.assertEqual(out["results"]["ublk-null"]["randread-4k-qd1"]["failed"], 1)
+        self.assertEqual(out["gauge"]["failed"], len(JOBS))
+        self.assertIn("seqread-1m-qd8", md)
+
+    def test_reference_device_missing(self):
+        out, md = report(records(lambda d, j, r: None if d == "ublk-null" else {}))
+        self.assertNotIn("ublk-null", out["ratios"].get("tapdev-null", {}).get("randread-4k-qd1", {}))
+        rows = [t for t in out["targets"] if "ublk-null" in t["target"]]
+        self.assertTrue(rows)
+        self.assertTrue(all(t["status"] == "undetermined" for t in rows))
+        self.assertIn("not measured", md)
+
+    def test_no_runs_at_all(self):
+        recs = records(lambda d, j, r: None, extra=[{"kind": "memory", "error": "tap-ctl failed"}])
+        out, md = report(recs)
+        self.assertIn("not measured: tap-ctl failed", md)
+        self.assertEqual(out["results"], {})
+        self.assertEqual(out["gauge"]["runs"], 0)
+        self.assertTrue(all(t["status"] == "undetermined" for t in out["targets"]))
+
+    def test_incomplete_memory_and_profile_records(self):
+        extra = [{"kind": "memory", "taps": 2, "per_tap_kib": {"memfree_drop": 1.0}},
+                 {"kind": "profile", "device": "tapdev-null", "job": "randread-4k-qd1", "fio": {}}]
+        out, md = report(records(lambda d, j, r: {}, rounds=2, extra=extra))
+        self.assertIsNone(out["memory"]["cost_kib"])
+        self.assertIn("**Memory per tap**: the record is incomplete", md)
+        self.assertIn("**Profile**: the records are incomplete", md)
+        self.assertEqual([t for t in out["targets"] if t["group"] == "memory"], [])
+
+    def test_one_pair(self):
+        out, md = report(records(lambda d, j, r: {"iops": 2000.0 if d == "tapdev-null" else 1000.0}, rounds=1))
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]
+        self.assertEqual((est["median"], est["low"], est["high"], est["pairs"]), (2.0, None, None, 1))
+        self.assertEqual(set(status(out, "tapdev-null")), {"undetermined"})
+        self.assertIn("2.00x (n=1)", md)
+
+    def test_all_equal(self):
+        out, _ = report(records(lambda d, j, r: {}))
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]
+        self.assertEqual((est["median"], est["low"], est["high"], est["pairs"]), (1.0, 1.0, 1.0, 8))
+        # 1.0x against 1.1x with the whole interval below: settled, not met.
+        self.assertEqual(status(out, "tapdev-null randread-4k-qd32 IOPS >= 1.1x"), ["not met"])
+        self.assertEqual(status(out, "tapdev-null: every job"), ["not met"])
+        self.assertEqual(out["results"]["tapdev-null"]["randread-4k-qd1"]["iops"]["spread_pct"], 0)
+
+    def test_synthetic_met(self):
+        out, md = report(records(steady()))
+        self.assertEqual(set(status(out, f"tapdev-null {j} IOPS >= 1.1x") [0] for j in JOBS), {"met"})
+        self.assertEqual(status(out, "tapdev-null: every job"), ["met"])
+        self.assertEqual(status(out, "tapdev-null randread-4k-qd1 mean latency <= 0.9x"), ["met"])
+        self.assertEqual(status(out, "tapdev-null randread-4k-qd32 IOPS >= 0.6x null_blk"), ["not met"])
+        self.assertEqual(status(out, "tapdev-null seqread-1m-qd8 IOPS >= 1.0x"), ["met"])
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]
+        self.assertLess(est["low"], 1.3)
+        self.assertGreater(est["high"], 1.3)
+        self.assertEqual(out, report(records(steady()))[0])  # deterministic
+
+    def test_synthetic_not_met_and_undetermined(self):
+        out, _ = report(records(steady(tap=0.8, null=1.2, lat=1.3)))
+        self.assertEqual(status(out, "tapdev-null: every job"), ["not met"])
+        self.assertEqual(status(out, "tapdev-null randread-4k-qd1 mean latency"), ["not met"])
+        self.assertEqual(status(out, "tapdev-null randread-4k-qd32 IOPS >= 0.6x null_blk"), ["met"])
+        # So noisy that no interval settles 1.05x either way.
+        out, _ = report(records(steady(tap=1.05, noise=0.4, seed=5)))
+        self.assertEqual(status(out, "tapdev-null seqread-1m-qd8 IOPS >= 1.0x"), ["undetermined"])
+
+    def test_old_log_format(self):
+        # Records from before the ABBA order (issue 5): [rw, bs, qd] job specs, `run` only.
+        recs = records(lambda d, j, r: {}, jobs=["randread-4k-qd32"], rounds=3)
+        for r in recs:
+            r.pop("round", None)
+            r.pop("gauge", None)
+            if r["kind"] == "meta":
+                for k in ("rounds", "order", "pinning", "gauge", "devices"):
+                    r.pop(k, None)
+                r["job_specs"] = {"randread-4k-qd32": ["randread", "4k", 32]}
+        recs = [r for r in recs if r["kind"] != "start"]
+        out, md = report(recs)
+        self.assertEqual(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]["pairs"], 3)
+        self.assertIn("old log", md)
+        # Every target of the issue is listed, those whose job did not run as not measured.
+        one_mib = [t for t in out["targets"] if "1m-qd8" in t["target"]]
+        self.assertEqual([(t["status"], t["why"]) for t in one_mib], [("undetermined", "not measured")] * 2)
+
+
+class Gauge(unittest.TestCase):
+    def slow(self, dev, rnd):
+        def values(d, j, r):
+            if (d, r) == (dev, rnd):
+                return {"gauge": {"before_ms": [50.0, 50.0], "after_ms": [50.0, 80.0], "steal_ticks": 0,
+                                  "ticks": 1000}}
+            return {}
+        return values
+
+    def test_slow_calibration_excludes_the_pair(self):
+        out, md = report(records(self.slow("ublk-null", 4)))
+        g = out["gauge"]
+        self.assertEqual((g["flagged"], g["by_gauge"]["calibration"]), (len(JOBS), len(JOBS)))
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd1"]["ublk-null"]["iops"]
+        self.assertEqual((est["pairs"], est["excluded"]), (7, 1))
+        self.assertNotIn(4, est["rounds"])
+        self.assertEqual(out["results"]["ublk-null"]["randread-4k-qd1"]["excluded"], 1)
+        self.assertIn(f"{len(JOBS)} of {g['runs']} runs flagged", md)
+
+    def test_steal(self):
+        def values(d, j, r):
+            return {"gauge": {"before_ms": [50.0], "after_ms": [50.0], "steal_ticks": 100 if r == 1 else 0,
+                              "ticks": 1000}}
+        out, _ = report(records(values))
+        self.assertEqual(out["gauge"]["by_gauge"]["steal"], 3 * len(JOBS))
+
+    def test_gauge_without_readings_or_zero_clock(self):
+        def values(d, j, r):
+            return {"gauge": {"before_ms": [0.0, 0.0], "after_ms": [0.0, 4.0] if r == 2 else [0.0, 0.0],
+                              "steal_ticks": 0, "ticks": 0}} if d != "null_blk" else {"gauge": {}}
+        out, _ = report(records(values))
+        self.assertEqual(out["gauge"]["flagged"], 0)
+
+    def test_host_side(self):
+        recs = records(lambda d, j, r: {}, jobs=["randread-4k-qd32"], rounds=2)
+        # One mark per record, 10 s apart; a sample every 5 s; other processes busy (1.5
+        # cores) only around tapdev-null's run of round 1.
+        marks = [10.0 * i for i in range(len(recs))]
+        busy_at = {i for i, r in enumerate(recs) if r.get("device") == "tapdev-null" and r.get("round") == 1}
+        samples, busy, qemu = [], 0, 0
+        for k in range(2 * len(recs) + 1):
+            t = 5.0 * k
+            samples.append([t, busy, 10 * k, qemu, 42])
+            hot = any(marks[i] - 10 <= t < marks[i] for i in busy_at)
+            busy += 5 * 100 * (1.5 + 1.0 if hot else 1.0)  # QEMU's 1 core, others' 1.5 if hot
+            qemu += 5 * 100
+        out, md = report(recs, {"hz": 100, "qemu_nice": 0, "samples": samples, "marks": marks})
+        g = out["gauge"]
+        self.assertTrue(g["host_side"])
+        self.assertEqual((g["flagged"], g["by_gauge"]["host"]), (1, 1))
+        flagged = [r for rs in out["runs"]["tapdev-null"].values() for r in rs if r["disturbed"]]
+        self.assertEqual([r["round"] for r in flagged], [1])
+        self.assertAlmostEqual(flagged[0]["host"]["others_cores"], 1.5)
+        self.assertAlmostEqual(g["host_niced_cores_median"], 0.02)
+        self.assertIn("niced host processes (not counted) used 0.02 cores", md)
+        # Marks that do not match the records one for one: the host side says nothing.
+        out, _ = report(recs, {"hz": 100, "samples": samples, "marks": marks[:-1]})
+        self.assertEqual((out["gauge"]["host_side"], out["gauge"]["flagged"]), (False, 0))
+
+    def test_others_in_edge_values(self):
+        s = [[0.0, 0, 0, 0, 1], [1.0, 100, 50, 100, 1], [2.0, 200, 100, 200, 2]]
+        self.assertIsNone(B.others_in(s, -1.0, 1.0, 100, False))  # no sample before
+        self.assertIsNone(B.others_in(s, 0.0, 3.0, 100, False))  # none after
+        self.assertIsNone(B.others_in(s, 0.5, 1.5, 100, False))  # QEMU restarted in between
+        self.assertEqual(B.others_in(s, 0.0, 1.0, 100, False)["others_cores"], 0.0)
+        self.assertEqual(B.others_in(s, 0.0, 1.0, 100, True)["others_cores"], 0.5)
+        self.assertEqual(B.others_in(s, 0.0, 1.0, 100, False)["niced_cores"], 0.5)
+        self.assertIsNone(B.others_in(s, 0.0, 1.0, 100, True)["niced_cores"])
+        self.assertIsNone(B.others_in([[0.0, 0, 0, None, 1], [1.0, 0, 0, None, 1]], 0.0, 1.0, 100, False))
+
+
+class GuestRun(unittest.TestCase):
+    # tests/vm/bench.py's run() on the host: stand-in devices, fio and memory measurement, the
+    # real order, gauge, records and smoke check; then the report on its records.
+
+    def guest_run(self, fail=None, rounds=2):
+        lines = []
+        calls = []
+
+        class Dev:
+            def __init__(self, name):
+                self.name = name
+
+            def setup(self):
+                if self.name == "rnull":
+                    raise GUEST.Skip("not built (stand-in)")
+                return f"/dev/{self.name}", {"params": "stand-in"}
+
+            def teardown(self):
+                calls.append(("teardown", self.name))
+
+            def server_pids(self):
+                return []
+
+        def fio(path, jobs, runtime, ramp, out=None):
+            calls.append(("fio", path, jobs[0]))
+            if fail and fail(path, len(calls)):
+                raise RuntimeError("fio exited 1 (stand-in)")
+            return {jobs[0]: {"iops": 1000.0, "bw_kib": 4000, "ios": 5000, "lat_mean_us": 0.0,
+                              "lat_p99_us": 0.0, "usr_cpu": 1, "sys_cpu": 2, "ctx": 3}}
+
+        def emit(kind, **fields):
+            lines.append(GUEST.MARK + json.dumps({"kind": kind, **fields}))
+
+        stubs = {"make_device": Dev, "no_scheduler": lambda p: {"default": "none", "used": "none"},
+                 "fio": fio, "emit": emit, "note": lambda msg: None, "calibration_loops": lambda: 1000,
+                 "calibrate": lambda loops: [50.0] * os.cpu_count(),
+                 "measure_memory": lambda n: {"taps": n, "per_tap_kib": {"memfree_drop": 1.0}},
+                 "sh": lambda cmd, check=True, **kw: "fio-3.33", "FIO_CPU": 0, "SERVER_CPU": 1}
+        with unittest.mock.patch.multiple(GUEST, **stubs):
+            args = GUEST.argparse.Namespace(smoke=True, rounds=rounds, runtime=1, ramp=0, taps=2,
+                                            profile=False, no_devices=False, devices=None)
+            rc = GUEST.run(args)
+        return rc, lines, calls
+
+    def test_order_records_and_smoke_check(self):
+        rc, lines, calls = self.guest_run()
+        self.assertEqual(rc, 0)
+        fio = [(c[1].rsplit("/", 1)[1], c[2]) for c in calls if c[0] == "fio"]
+        devs = ["null_blk", "ublk-null", "tapdev-null", "tapdev-ram"]  # rnull skipped
+        expect = [(d, j) for j in GUEST.SMOKE_JOBS for d in devs] + \
+            [(d, j) for j in GUEST.SMOKE_JOBS for d in reversed(devs)]
+        self.assertEqual(fio, expect)
+        self.assertEqual([c[1] for c in calls if c[0] == "teardown"][-4:], list(reversed(devs)))
+        recs = GUEST.read_results("\n".join(lines))
+        kinds = [r["kind"] for r in recs if r["kind"] in ("start", "run")]
+        self.assertEqual(kinds, ["start", "run"] * len(expect))
+        runs = [r for r in recs if r["kind"] == "run"]
+        self.assertTrue(all(len(r["gauge"]["before_ms"]) == os.cpu_count() for r in runs))
+        with tempfile.NamedTemporaryFile("w", suffix=".log") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            with unittest.mock.patch("builtins.print"):
+                self.assertEqual(GUEST.check(f.name), 0)  # zero latencies are accepted
+        out, md = report(recs)
+        self.assertEqual(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]["pairs"], 2)
+        self.assertIsNone(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["lat_p99"]["median"])
+
+    def test_calibrate_times_every_vcpu_and_restores_the_affinity(self):
+        mask = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(mask)})
+        try:
+            times = GUEST.calibrate(1000)
+            self.assertEqual(os.sched_getaffinity(0), {min(mask)})
+        finally:
+            os.sched_setaffinity(0, mask)
+        self.assertEqual(len(times), os.cpu_count())
+        self.assertTrue(all(t is None or t >= 0 for t in times))
+
+    def test_a_failed_run_is_recorded_and_the_rest_goes_on(self):
+        rc, lines, calls = self.guest_run(fail=lambda path, n: path == "/dev/ublk-null" and n < 4)
+        self.assertEqual(rc, 1)
+        recs = GUEST.read_results("\n".join(lines))
+        errors = [r for r in recs if r["kind"] == "run" and "error" in r]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(recs[-1], {"kind": "done", "failed": 1})
+        self.assertEqual(len([r for r in recs if r["kind"] == "run"]), 16)
+        out, md = report(recs)
+        est = out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]
+        self.assertEqual((est["pairs"], est["missing"]), (1, 1))
+
+
+class HostSampler(unittest.TestCase):
+    # No docstring in test cases: scripts/test reads `name (...) ... ok` on one line.
+    def test_marks_samples_and_a_new_log(self):
+        # HostGauge times each BENCH-RESULT line as it shows up, starts over when the runner
+        # replaces the log (a second boot), and finds QEMU among the runner's children.
+        import subprocess
+        import time
+        with tempfile.TemporaryDirectory() as tmp:
+            fake = Path(tmp) / "qemu-system-fake"
+            shutil.copy("/bin/sleep", fake)
+            runner = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                                       f"subprocess.run([{str(fake)!r}, '30'])"])
+            try:
+                log = Path(tmp) / "console.log"
+                g = B.HostGauge(log, runner.pid)
+                g.sample()  # no log yet
+                self.assertEqual(g.marks, [])
+                log.write_text("boot\nBENCH-RESULT {}\nBENCH-RES")
+                g.sample()
+                self.assertEqual(len(g.marks), 1)
+                with open(log, "a") as f:
+                    f.write("ULT {}\nBENCH-RESULT {}\n")
+                g.sample()
+                self.assertEqual(len(g.marks), 3)
+                log.unlink()
+                log.write_text("BENCH-RESULT {}\n")
+                g.sample()
+                self.assertEqual(len(g.marks), 1)
+                for _ in range(50):  # the runner's child may take a moment to exec
+                    g.sample()
+                    if g.samples[-1][4]:
+                        break
+                    time.sleep(0.1)
+                t, busy, nice, qemu, pid = g.samples[-1]
+                self.assertEqual(B.comm(pid), "qemu-system-fak")  # comm keeps 15 characters
+                self.assertIsInstance(qemu, int)
+                self.assertGreaterEqual(busy, 0)
+                r = g.result()
+                self.assertEqual(set(r), {"hz", "qemu_nice", "samples", "marks"})
+            finally:
+                for p in B.children(runner.pid):
+                    subprocess.run(["kill", str(p)])
+                runner.wait(timeout=30)
+
+
+class Outputs(unittest.TestCase):
+    def test_files_are_written(self):
+        recs = records(lambda d, j, r: {"iops": 0.0 if d == "ublk-null" and r == 0 else 1000.0,
+                                        "p99": 0.0, "lat": math.nan if r == 1 else 10.0})
+        with tempfile.TemporaryDirectory() as tmp:
+            out = B.write_report(recs, {"accel": "tcg"}, 0, None, Path(tmp), png=False)
+            data = json.loads((Path(tmp) / "results.json").read_text(),
+                              parse_constant=lambda c: self.fail(f"{c} in results.json"))
+            self.assertEqual(data["targets"], out["targets"])
+            self.assertEqual((Path(tmp) / "results.md").read_text(), out["markdown"])
+
+    @unittest.skipUnless(shutil.which("/usr/bin/python3") or importlib.util.find_spec("matplotlib"),
+                         "no matplotlib (scripts/setup installs python3-matplotlib)")
+    def test_plot_with_edge_values(self):
+        if not importlib.util.find_spec("matplotlib"):
+            import subprocess
+            if subprocess.run(["/usr/bin/python3", "-c", "import matplotlib"]).returncode != 0:
+                self.skipTest("no matplotlib (scripts/setup installs python3-matplotlib)")
+        recs = records(lambda d, j, r: None if d == "null_blk" else {"iops": 0.0 if r == 0 else 1000.0 + r},
+                       rounds=2)
+        with tempfile.TemporaryDirectory() as tmp:
+            B.write_report(recs, {"accel": "tcg"}, 0, None, Path(tmp))
+            self.assertGreater((Path(tmp) / "results.png").stat().st_size, 1000)
+
+
+if __name__ == "__main__":
+    unittest.main()
