@@ -8,6 +8,7 @@
 //! - [`backend`]: image backends (`aio:`, `vhd:`, `ram:`, `null:`);
 //! - [`vhd`]: the VHD format: images, chains, creation and coalescing;
 //! - [`server`]: serving a ring from a backend;
+//! - [`nbd`]: the NBD protocol: an export server, and the client behind `nbd:` images;
 //! - [`tap`]: a tap's life in tapdisk (open, pause, unpause, recover, close);
 //! - [`ctl`]: the tapdisk control protocols (JSON lines and the original binary messages over
 //!   unix sockets), and what tap-ctl does with them: starting and calling tapdisks, a tap's
@@ -22,6 +23,7 @@ pub mod control;
 pub mod ctl;
 pub mod error;
 pub mod mapping;
+pub mod nbd;
 pub mod ring;
 pub mod rng;
 pub mod server;

@@ -27,7 +27,9 @@ use crate::ring::{
     DiskParams, RingDevice, SharedRing, RING_MESSAGE_CLOSE, RING_MESSAGE_PAUSE,
     RING_MESSAGE_RESUME, SECTOR_SIZE,
 };
-use crate::server::{disk_sectors, IoStats, RingFault, ServeError, Server, ServerOptions};
+use crate::server::{
+    disk_sectors, ExternalIo, IoStats, RingFault, ServeError, Server, ServerOptions,
+};
 use crate::{Error, Result};
 
 /// How a tap is served.
@@ -174,6 +176,22 @@ impl<D: RingDevice> TapCore<D> {
     /// Whether the tap has a disk (an image open, or paused).
     pub fn has_disk(&self) -> bool {
         !matches!(self.stage(), Stage::Attached(_))
+    }
+
+    /// Starts an I/O from outside the ring (an NBD client of the tap's export) on the tap's
+    /// image while it is open; hands it back while the tap has no image or is pausing or paused
+    /// (the caller holds it until the tap is open again). See [`Server::queue_external`].
+    pub fn queue_external(&mut self, io: ExternalIo) -> std::result::Result<(), ExternalIo> {
+        let minor = self.minor();
+        match self.stage.as_mut() {
+            Some(Stage::Open(s)) => {
+                if let Err(e) = s.queue_external(io) {
+                    log::warn!("tap {minor}: {e}");
+                }
+                Ok(())
+            }
+            _ => Err(io),
+        }
     }
 
     /// The backend's completion fd, when an image is open and has one.

@@ -1,5 +1,7 @@
 //! The event loop: one epoll over the control socket, the signals, each client connection, each
-//! ring fd and each backend's completion eventfd.
+//! ring fd, each backend's completion eventfd, and each tap's NBD export queue (the export's
+//! connections are served by threads of their own, whose I/O this loop does on the tap's image:
+//! see `blktap::nbd::tap`).
 //!
 //! Signals, as the original tapdisk: SIGHUP reopens the log, SIGUSR1 writes the state of every
 //! tap to it, SIGTERM and SIGINT shut down cleanly (every tap closed: its I/O answered, its disk
@@ -16,6 +18,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use blktap::ctl::{socket_path, CtlResponse};
+use blktap::nbd::tap::TapExport;
 use blktap::tap::TapOptions;
 use blktap::Error;
 use nix::errno::Errno;
@@ -37,6 +40,7 @@ enum Token {
     Conn(u64),
     Ring(u32),
     Backend(u32),
+    Export(u32),
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -50,6 +54,7 @@ impl Token {
             Token::Conn(id) => (3, id & ID_MASK),
             Token::Ring(minor) => (4, u64::from(minor)),
             Token::Backend(minor) => (5, u64::from(minor)),
+            Token::Export(minor) => (6, u64::from(minor)),
         };
         (kind << KIND_SHIFT) | id
     }
@@ -62,6 +67,7 @@ impl Token {
             3 => Token::Conn(id),
             4 => Token::Ring(u32::try_from(id).ok()?),
             5 => Token::Backend(u32::try_from(id).ok()?),
+            6 => Token::Export(u32::try_from(id).ok()?),
             _ => return None,
         })
     }
@@ -92,6 +98,8 @@ pub struct Daemon {
     waiters: Vec<(u64, u32)>,
     /// The generation of each tap's image whose backend fd is polled.
     backend_watch: HashMap<u32, u64>,
+    /// Each open tap's NBD export (`nbd<pid>.<minor>` beside the control socket).
+    exports: HashMap<u32, TapExport>,
     exit_when_idle: bool,
     had_taps: bool,
     quit: bool,
@@ -128,6 +136,7 @@ impl Daemon {
             tap_options: opts.tap,
             waiters: Vec::new(),
             backend_watch: HashMap::new(),
+            exports: HashMap::new(),
             exit_when_idle: opts.exit_when_idle,
             had_taps: false,
             quit: false,
@@ -237,6 +246,45 @@ impl Daemon {
             Token::Conn(id) => self.on_conn(id, events),
             Token::Ring(minor) => self.on_ring(minor, events),
             Token::Backend(minor) => self.on_backend(minor),
+            Token::Export(minor) => self.after_tap_event(minor),
+        }
+    }
+
+    /// Serves the open tap's image over NBD on `nbd<pid>.<minor>` beside the control socket, as
+    /// the original tapdisk does. A tap whose export cannot start is still served (logged).
+    fn serve_export(&mut self, minor: u32) {
+        let Some(tap) = self.taps.get(&minor) else {
+            return;
+        };
+        let dir = self.socket.parent().unwrap_or(Path::new("."));
+        let path = blktap::nbd::tap::socket_path(dir, std::process::id(), minor);
+        let export = match TapExport::start(&path, tap) {
+            Ok(x) => x,
+            Err(e) => return log!("tap {minor}: no NBD export: {e}"),
+        };
+        if let Err(e) = self.watch(export.fd(), Token::Export(minor), EpollFlags::EPOLLIN) {
+            return log!("tap {minor}: no NBD export: cannot poll its queue: {e}");
+        }
+        log!("tap {minor}: NBD export on {}", export.path().display());
+        self.exports.insert(minor, export);
+    }
+
+    /// The export follows its tap: the NBD requests waiting go to the tap while it is open;
+    /// once the tap has no disk (closed, shut down) the export is gone, its socket removed.
+    fn sync_export(&mut self, minor: u32) {
+        match self.taps.get_mut(&minor) {
+            Some(tap) if tap.has_disk() => {
+                if let Some(export) = self.exports.get_mut(&minor) {
+                    export.pump(tap);
+                }
+            }
+            _ => {
+                if let Some(export) = self.exports.remove(&minor) {
+                    self.unwatch(export.fd());
+                    drop(export);
+                    log!("tap {minor}: NBD export closed");
+                }
+            }
         }
     }
 
@@ -539,9 +587,10 @@ impl TapHost for Daemon {
         Ok(())
     }
 
-    /// After anything happened to a tap: polls its new backend, moves a pause on, and answers
-    /// the connections waiting for that pause.
+    /// After anything happened to a tap: moves its NBD export on, polls its new backend, moves
+    /// a pause on, and answers the connections waiting for that pause.
     fn after_tap_event(&mut self, minor: u32) {
+        self.sync_export(minor);
         if let Err(e) = self.sync_backend_watch(minor) {
             log!("tap {minor}: cannot poll its image: {e}");
         }
@@ -550,6 +599,8 @@ impl TapHost for Daemon {
         };
         let outcome = tap.advance();
         let pausing = tap.state() == blktap::ctl::TapState::Pausing;
+        // A pause may have ended in a resume: the NBD requests held meanwhile go on.
+        self.sync_export(minor);
         if let Err(e) = self.sync_backend_watch(minor) {
             log!("tap {minor}: cannot poll its image: {e}");
         }
@@ -571,6 +622,10 @@ impl TapHost for Daemon {
             }
             None => {}
         }
+    }
+
+    fn start_export(&mut self, minor: u32) {
+        self.serve_export(minor);
     }
 
     /// Records that a tap was attached (for `exit_when_idle`).

@@ -36,6 +36,9 @@ pub trait TapHost {
     /// the connections waiting for that pause.
     fn after_tap_event(&mut self, minor: u32);
 
+    /// Serves the newly opened tap over NBD (`nbd<pid>.<minor>`); it goes with the tap's disk.
+    fn start_export(&mut self, minor: u32);
+
     /// Records that a tap was attached (for exiting once idle).
     fn note_attached(&mut self);
 
@@ -178,6 +181,7 @@ pub trait Requests: TapHost {
             ""
         };
         log!("tap {minor}: opened {}{ro}{how}", args.params);
+        self.start_export(minor);
         Ok(CtlResponse::ok())
     }
 
@@ -267,6 +271,7 @@ mod tests {
         fn after_tap_event(&mut self, minor: u32) {
             self.events.push(minor);
         }
+        fn start_export(&mut self, _: u32) {}
         fn note_attached(&mut self) {}
         fn remove_tap(&mut self, minor: u32) {
             self.taps.remove(&minor);

@@ -428,6 +428,13 @@ impl Backend for AioBackend {
         let st = nix::sys::stat::fstat(&self.file).ok()?;
         Some(st.st_blocks as u64 * 512)
     }
+
+    fn block_status(&self, offset: u64, len: u64) -> Option<Vec<super::Extent>> {
+        if self.block_device {
+            return None;
+        }
+        super::seek_extents(self.file.as_fd(), offset, len)
+    }
 }
 
 impl Drop for AioBackend {

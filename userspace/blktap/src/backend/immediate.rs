@@ -5,7 +5,7 @@ use std::os::fd::BorrowedFd;
 
 use nix::errno::Errno;
 
-use super::{Backend, Completion, Features, ImageKind, Io};
+use super::{Backend, Completion, Extent, Features, ImageKind, Io};
 use crate::Result;
 
 /// An image whose transfers finish at once.
@@ -30,6 +30,12 @@ pub trait SyncBackend {
 
     /// Bytes of storage the image takes up, when known.
     fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// The allocation of a range, when known (see [`Backend::block_status`]).
+    fn block_status(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        let _ = (offset, len);
         None
     }
 }
@@ -96,5 +102,9 @@ impl<T: SyncBackend> Backend for Synchronous<T> {
 
     fn allocated_bytes(&self) -> Option<u64> {
         self.inner.allocated_bytes()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        self.inner.block_status(offset, len)
     }
 }

@@ -4,7 +4,9 @@
 //! - `vhd:/path`: a VHD image and its chain of parents, on a worker thread ([`vhd`]);
 //! - `ram:SIZE`: an in-memory disk ([`ram`]);
 //! - `null:SIZE`: reads return zeros, writes are dropped ([`null`]);
-//! - `stall:MS[:SIZE]`: like `null:`, every answer `MS` milliseconds late ([`stall`]).
+//! - `stall:MS[:SIZE]`: like `null:`, every answer `MS` milliseconds late ([`stall`]);
+//! - `nbd:URI`: an export on an NBD server, `URI` being `nbd://host[:port]/export` or
+//!   `nbd+unix:///export?socket=PATH` ([`nbd`]).
 //!
 //! A backend takes I/Os whose buffers are raw `iovec`s (into the ring's data pages), and reports
 //! their completions later, so the event loop never blocks on I/O.
@@ -20,6 +22,7 @@ use crate::{Error, Result};
 
 pub mod aio;
 pub mod immediate;
+pub mod nbd;
 pub mod null;
 pub mod ram;
 pub mod stall;
@@ -142,6 +145,55 @@ pub trait Backend {
     fn allocated_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// The allocation of `[offset, offset + len)`, from `offset` on, in order (lengths adding up
+    /// to at most `len`), when the backend can say; a hole reads as zeros.
+    fn block_status(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        let _ = (offset, len);
+        None
+    }
+}
+
+/// One extent of an allocation map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Its length in bytes (non-zero).
+    pub length: u64,
+    /// Not allocated: reads as zeros.
+    pub hole: bool,
+}
+
+/// Most extents [`seek_extents`] returns at once.
+pub const MAX_EXTENTS: usize = 1024;
+
+/// The allocation of `[offset, offset + len)` of a file, from `SEEK_DATA`/`SEEK_HOLE` (at most
+/// [`MAX_EXTENTS`] extents); none if its file system cannot say.
+pub fn seek_extents(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Option<Vec<Extent>> {
+    use nix::unistd::{lseek, Whence};
+    let end = offset.checked_add(len)?;
+    let mut pos = offset;
+    let mut out = Vec::new();
+    while pos < end && out.len() < MAX_EXTENTS {
+        let at = i64::try_from(pos).ok()?;
+        let (next, hole) = match lseek(fd, at, Whence::SeekData) {
+            // No data from here to the end of the file.
+            Err(Errno::ENXIO) => (end, true),
+            Err(_) => return None,
+            Ok(data) if data as u64 > pos => (data as u64, true),
+            Ok(_) => match lseek(fd, at, Whence::SeekHole) {
+                Ok(h) => (h as u64, false),
+                Err(Errno::ENXIO) => (end, false),
+                Err(_) => return None,
+            },
+        };
+        let next = next.clamp(pos + 1, end);
+        out.push(Extent {
+            length: next - pos,
+            hole,
+        });
+        pos = next;
+    }
+    Some(out)
 }
 
 /// The image types.
@@ -157,6 +209,8 @@ pub enum ImageKind {
     Stall,
     /// A VHD image and its parents.
     Vhd,
+    /// An export on an NBD server.
+    Nbd,
 }
 
 impl ImageKind {
@@ -168,12 +222,13 @@ impl ImageKind {
             ImageKind::Null => "null",
             ImageKind::Stall => "stall",
             ImageKind::Vhd => "vhd",
+            ImageKind::Nbd => "nbd",
         }
     }
 }
 
 /// An image as tap-ctl names it: `type:path` (for `ram` and `null`, `type:SIZE`; for `stall`,
-/// `stall:MS[:SIZE]`).
+/// `stall:MS[:SIZE]`; for `nbd`, `nbd:URI`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSpec {
     /// The type.
@@ -195,9 +250,10 @@ impl FromStr for ImageSpec {
             "null" => ImageKind::Null,
             "stall" => ImageKind::Stall,
             "vhd" => ImageKind::Vhd,
+            "nbd" => ImageKind::Nbd,
             _ => {
                 return Err(Error::invalid(format!(
-                    "image {s:?}: unknown type {kind:?} (aio, vhd, ram, null, stall)"
+                    "image {s:?}: unknown type {kind:?} (aio, vhd, ram, null, stall, nbd)"
                 )))
             }
         };
@@ -211,6 +267,10 @@ impl FromStr for ImageSpec {
             }
             ImageKind::Stall => {
                 stall::parse_args(arg)?;
+            }
+            ImageKind::Nbd => {
+                arg.parse::<crate::nbd::client::NbdUri>()
+                    .map_err(|e| Error::invalid(format!("image {s:?}: {e}")))?;
             }
         }
         Ok(Self {
@@ -281,6 +341,7 @@ pub fn open_with(spec: &ImageSpec, readonly: bool, direct: bool) -> Result<Box<d
             spec.arg.as_ref(),
             readonly,
         )?)?),
+        ImageKind::Nbd => Box::new(nbd::NbdBackend::open(&spec.arg, readonly)?),
     })
 }
 
@@ -316,6 +377,13 @@ mod tests {
         let s: ImageSpec = "vhd:/sr/leaf.vhd".parse().unwrap();
         assert_eq!((s.kind, s.arg.as_str()), (ImageKind::Vhd, "/sr/leaf.vhd"));
         assert_eq!(s.to_string(), "vhd:/sr/leaf.vhd");
+        let s: ImageSpec = "nbd:nbd+unix:///vol?socket=/run/s".parse().unwrap();
+        assert_eq!(
+            (s.kind, s.arg.as_str()),
+            (ImageKind::Nbd, "nbd+unix:///vol?socket=/run/s")
+        );
+        assert_eq!(s.to_string(), "nbd:nbd+unix:///vol?socket=/run/s");
+        assert!("nbd:nbd://host:10809/disk".parse::<ImageSpec>().is_ok());
         for bad in [
             "",
             "aio",
@@ -326,6 +394,10 @@ mod tests {
             "stall:x",
             "stall:10:12",
             "stall:10:1M:3",
+            "nbd:",
+            "nbd:/tmp/sock",
+            "nbd:nbd+unix:///vol",
+            "nbd:nbds://host/vol",
         ] {
             let e = bad.parse::<ImageSpec>().unwrap_err();
             assert_eq!(e.errno(), 22, "{bad}");
@@ -373,6 +445,51 @@ mod tests {
         assert!(!discard(0, 4096).is_empty());
         assert!(discard(0, 0).is_empty());
         assert!(!io(0, 512).is_empty());
+    }
+
+    #[test]
+    fn seek_extents_finds_the_holes_of_a_sparse_file() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        let f = tempfile_in_tmp();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[1u8; 8192], 64 << 10).unwrap();
+        let ext = seek_extents(f.as_fd(), 0, 1 << 20).unwrap();
+        let hole = |length| Extent { length, hole: true };
+        assert_eq!(
+            ext,
+            [
+                hole(64 << 10),
+                Extent {
+                    length: 8192,
+                    hole: false
+                },
+                hole((1 << 20) - (64 << 10) - 8192)
+            ]
+        );
+        // From the middle of the data, for a short range.
+        let ext = seek_extents(f.as_fd(), (64 << 10) + 512, 1024).unwrap();
+        assert_eq!(
+            ext,
+            [Extent {
+                length: 1024,
+                hole: false
+            }]
+        );
+        assert!(seek_extents(f.as_fd(), u64::MAX, 2).is_none());
+    }
+
+    fn tempfile_in_tmp() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("seek-extents-{}", std::process::id()));
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
     }
 
     #[test]

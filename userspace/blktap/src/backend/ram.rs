@@ -151,6 +151,11 @@ impl SyncBackend for RamBackend {
         Features::ALL
     }
 
+    fn block_status(&self, offset: u64, len: u64) -> Option<Vec<super::Extent>> {
+        // A memfd (tmpfs) knows its holes: pages never written, or given back by a discard.
+        super::seek_extents(self.memfd.as_ref()?.as_fd(), offset, len)
+    }
+
     fn allocated_bytes(&self) -> Option<u64> {
         if let Some(fd) = &self.memfd {
             let st = nix::sys::stat::fstat(fd).ok()?;

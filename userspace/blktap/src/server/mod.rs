@@ -23,6 +23,7 @@ use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Completion, Features, Io};
+use crate::mapping::AlignedBuf;
 use crate::ring::{
     validate, BackRing, Invalid, Op, Request, RingCorrupt, RingMemory, RING_MESSAGE_CLOSE,
     SECTOR_SIZE,
@@ -180,6 +181,42 @@ struct InFlight {
     retry_at: Option<Instant>,
 }
 
+/// The tags of external I/Os start here (ring requests are tagged by slot, below
+/// `RING_SIZE`).
+const EXTERNAL_TAG: u64 = 1 << 63;
+
+/// Where an external I/O's result goes: its buffer back (filled, for a read) or an errno.
+pub type ExternalReply = Box<dyn FnOnce(std::result::Result<AlignedBuf, Errno>) + Send>;
+
+/// An I/O from outside the ring on the same image (an NBD client of the tap's export): queued on
+/// the same backend as the ring's requests, so a flush from either side covers the writes
+/// completed on both.
+pub struct ExternalIo {
+    /// What to do (`Read` fills `buf`; `Write`/`WriteFua` write it; `Flush`; `Discard` of
+    /// `discard_len` bytes).
+    pub op: Op,
+    /// Byte offset on the image.
+    pub offset: u64,
+    /// The data (its length is the I/O's, for reads and writes; page-aligned, for `O_DIRECT`
+    /// backends).
+    pub buf: AlignedBuf,
+    /// For `Discard`, the length of the range.
+    pub discard_len: u64,
+    /// Called once with the result.
+    pub reply: ExternalReply,
+}
+
+impl std::fmt::Debug for ExternalIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalIo")
+            .field("op", &self.op)
+            .field("offset", &self.offset)
+            .field("len", &self.buf.len())
+            .field("discard_len", &self.discard_len)
+            .finish()
+    }
+}
+
 /// Serves the ring in memory `M` from an image backend.
 pub struct Server<M: RingMemory> {
     // Declared first so it is dropped first: a backend waits for its I/O into the ring's data
@@ -197,6 +234,10 @@ pub struct Server<M: RingMemory> {
     fault: Option<RingFault>,
     fetched: Vec<blktap_request>,
     completions: Vec<Completion>,
+    /// External I/Os handed to the backend, by tag; their buffers live here (an `AlignedBuf`'s
+    /// memory does not move when the map does) until their completion.
+    external: std::collections::HashMap<u64, ExternalIo>,
+    next_external: u64,
 }
 
 impl<M: RingMemory> Server<M> {
@@ -231,6 +272,8 @@ impl<M: RingMemory> Server<M> {
             fault: None,
             fetched: Vec::with_capacity(abi::RING_SIZE),
             completions: Vec::with_capacity(abi::RING_SIZE),
+            external: std::collections::HashMap::new(),
+            next_external: EXTERNAL_TAG,
         }
     }
 
@@ -466,6 +509,76 @@ impl<M: RingMemory> Server<M> {
         }
     }
 
+    /// Starts an I/O from outside the ring on the same backend (answered through `io.reply`, by
+    /// [`Server::serve_backend`] and the other calls that reap completions). It is checked as a
+    /// ring request would be: inside the disk, not a write on a read-only disk, an operation the
+    /// backend does. It is not tried again after a transient error: the caller (an NBD client)
+    /// may. While it is in flight the server is not [idle](Server::idle), so a pause waits for it.
+    pub fn queue_external(&mut self, io: ExternalIo) -> Result<(), ServeError> {
+        let len = match io.op {
+            Op::Discard => io.discard_len,
+            Op::Flush => 0,
+            _ => io.buf.len() as u64,
+        };
+        let refuse = if self.fault.is_some() {
+            Some(Errno::EIO)
+        } else if !self.features.supports(io.op) {
+            Some(Errno::EOPNOTSUPP)
+        } else if self.readonly && io.op.writes() {
+            Some(Errno::EROFS)
+        } else if io
+            .offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.capacity * SECTOR_SIZE)
+        {
+            Some(Errno::EINVAL)
+        } else {
+            None
+        };
+        if let Some(e) = refuse {
+            (io.reply)(Err(e));
+            return Ok(());
+        }
+        let tag = self.next_external;
+        self.next_external = self.next_external.wrapping_add(1) | EXTERNAL_TAG;
+        let mut io = io;
+        let iov = if io.op.has_data() {
+            vec![libc::iovec {
+                iov_base: io.buf.as_mut_ptr().cast(),
+                iov_len: io.buf.len(),
+            }]
+        } else {
+            Vec::new()
+        };
+        let backend_io = Io {
+            tag,
+            op: io.op,
+            offset: io.offset,
+            iov,
+            discard_len: if io.op == Op::Discard { len } else { 0 },
+        };
+        self.external.insert(tag, io);
+        // SAFETY: the buffer is the allocation of an AlignedBuf kept in `self.external` until the
+        // completion is handed out (or the backend, declared first, is dropped first); nothing
+        // reaches it meanwhile.
+        unsafe { self.backend.queue(backend_io) };
+        let submitted = self.backend.submit();
+        self.collect()?;
+        submitted?;
+        Ok(())
+    }
+
+    /// The allocation of a range of the image, when the backend can say (see
+    /// [`Backend::block_status`]).
+    pub fn block_status(&self, offset: u64, len: u64) -> Option<Vec<crate::backend::Extent>> {
+        self.backend.block_status(offset, len)
+    }
+
+    /// External I/Os handed to the backend and not answered yet.
+    pub fn external_in_flight(&self) -> usize {
+        self.external.len()
+    }
+
     /// Answers the I/O that has completed. Call when the backend's descriptor is readable.
     pub fn serve_backend(&mut self) -> Result<(), ServeError> {
         self.collect()
@@ -625,6 +738,13 @@ impl<M: RingMemory> Server<M> {
     }
 
     fn finish(&mut self, c: Completion) {
+        if c.tag >= EXTERNAL_TAG {
+            match self.external.remove(&c.tag) {
+                Some(io) => (io.reply)(c.result.map(|()| io.buf)),
+                None => log::warn!("{}: completion for unknown external I/O", self.image),
+            }
+            return;
+        }
         let slot = c.tag as usize;
         let Some(done) = self.in_flight.get_mut(slot).and_then(|f| f.as_mut()) else {
             log::warn!("{}: completion for idle slot {slot}", self.image);

@@ -890,3 +890,266 @@ fn a_stall_backend_answers_late_without_blocking() {
     assert_eq!(statuses(&rsps), [(0, R, 0), (1, FLUSH, 0)]);
     assert!(k.page(0, 0).iter().all(|&b| b == 0));
 }
+
+#[test]
+fn serves_an_nbd_image_from_our_own_nbd_server() {
+    use crate::nbd::server::{FileExport, Server as NbdServer, ServerConfig};
+    use std::os::unix::fs::FileExt;
+
+    let dir = std::env::temp_dir().join(format!("server-nbd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("disk.raw");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let export = Arc::new(FileExport::open(&path, false).unwrap());
+    let nbd = NbdServer::serve(&dir.join("nbd.sock"), export, ServerConfig::default()).unwrap();
+    let image = format!("nbd:nbd+unix:///?socket={}", nbd.path().display());
+    let mut k = SimKernel::new();
+    let backend = crate::backend::open(&image.parse().unwrap(), false).unwrap();
+    assert_eq!(backend.features(), crate::backend::Features::ALL);
+    let mut server = Server::new(Rc::clone(&k.mem), backend, image, false);
+
+    // 16 writes of 11 segments (every other one FUA), a flush, then a discard of request 1's
+    // range; all answered through the eventfd, none while serve_ring ran.
+    for slot in 0..16usize {
+        for j in 0..11 {
+            k.fill(slot, j, |i| pattern(slot, j, i));
+        }
+        let op = if slot % 2 == 0 { W } else { FUA };
+        k.push(op, slot as u64, slot as u64 * 88, &[(0, 7); 11]);
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = serve_until(&mut server, &mut k, 16);
+    assert!(rsps.iter().all(|r| r.status == 0), "{rsps:?}");
+    k.push(FLUSH, 16, 0, &[]);
+    k.push_raw(&SimKernel::discard(17, 88, 88));
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = serve_until(&mut server, &mut k, 2);
+    assert_eq!(statuses(&rsps), [(16, FLUSH, 0), (17, abi::OP_DISCARD, 0)]);
+
+    // The file has what the ring wrote (request 1's range now zeros).
+    let f = std::fs::File::open(&path).unwrap();
+    for slot in 0..16usize {
+        let mut got = vec![0u8; 11 * 4096];
+        f.read_exact_at(&mut got, slot as u64 * 88 * 512).unwrap();
+        for (j, page) in got.chunks(4096).enumerate() {
+            let want = |i: usize| if slot == 1 { 0 } else { pattern(slot, j, i) };
+            assert!(
+                page.iter().enumerate().all(|(i, &b)| b == want(i)),
+                "{slot}/{j}"
+            );
+        }
+    }
+    // And reads come back through the ring.
+    for slot in 0..16usize {
+        k.fill(slot, 0, |_| 0xff);
+        k.push(R, slot as u64, (15 - slot) as u64 * 88 + 8, &[(0, 7)]);
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = serve_until(&mut server, &mut k, 16);
+    assert!(rsps.iter().all(|r| r.status == 0 && r.operation == R));
+    for slot in 0..16usize {
+        let src = 15 - slot;
+        let page = k.page(slot, 0);
+        let want = |i: usize| if src == 1 { 0 } else { pattern(src, 1, i) };
+        assert!(
+            page.iter().enumerate().all(|(i, &b)| b == want(i)),
+            "{slot}"
+        );
+    }
+    drop(server);
+    drop(nbd);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Whether `tool` is installed (a test needing it says so and checks nothing otherwise).
+fn have(tool: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("SKIP: {tool} is not installed (scripts/setup installs it)");
+    }
+    found
+}
+
+/// Serves the ring's backend and the export's queue until `child` exits; its output.
+fn pump_until_exit(
+    server: &mut Server<Rc<SimDevice>>,
+    queue: &crate::nbd::channel::ExportQueue,
+    k: &mut SimKernel,
+    mut child: std::process::Child,
+    ring_rsps: &mut Vec<blktap_response>,
+) -> (bool, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "the NBD client never finished");
+        {
+            let mut fds = vec![nix::poll::PollFd::new(
+                queue.fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if let Some(fd) = server.backend_fd() {
+                fds.push(nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN));
+            }
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u16)).unwrap();
+        }
+        for req in queue.take() {
+            match req {
+                crate::nbd::channel::ExportRequest::Io(io) => server.queue_external(io).unwrap(),
+                crate::nbd::channel::ExportRequest::Status(q) => {
+                    (q.reply)(server.block_status(q.offset, u64::from(q.length)))
+                }
+            }
+        }
+        server.serve_backend().unwrap();
+        ring_rsps.extend(k.responses());
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return (status.success(), text);
+        }
+    }
+}
+
+#[test]
+fn nbd_clients_and_the_ring_share_one_aio_image() {
+    use crate::nbd::server::{Server as NbdServer, ServerConfig};
+    use std::os::unix::fs::FileExt;
+    use std::process::{Command, Stdio};
+
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("server-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("disk.raw");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let mut k = SimKernel::new();
+    let backend = Box::new(AioBackend::open(&path, false).unwrap());
+    let size = backend.size();
+    let features = backend.features();
+    let mut server = Server::new(Rc::clone(&k.mem), backend, "aio".into(), false);
+    let (export, queue) = crate::nbd::channel::channel(size, features).unwrap();
+    let nbd = NbdServer::serve(
+        &dir.join("nbd.sock"),
+        Arc::new(export),
+        ServerConfig::default(),
+    )
+    .unwrap();
+    let uri = format!("nbd+unix:///?socket={}", nbd.path().display());
+    let spawn = |args: &[&str]| {
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .args(args.iter().flat_map(|a| ["-c", a]))
+            .arg(&uri)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // The ring writes 0xab at sector 0 (44 KiB), and meanwhile an NBD client writes 0xcd at
+    // 1 MiB (64 KiB) and flushes: disjoint ranges, both in flight together.
+    for j in 0..11 {
+        k.fill(0, j, |_| 0xab);
+    }
+    k.push(W, 0, 0, &[(0, 7); 11]);
+    k.publish();
+    let child = spawn(&["write -P 0xcd 1M 64k", "flush"]);
+    server.serve_ring().unwrap();
+    let mut rsps = Vec::new();
+    let (ok, out) = pump_until_exit(&mut server, &queue, &mut k, child, &mut rsps);
+    assert!(ok && !out.contains("error"), "{out}");
+    rsps.extend(serve_until(&mut server, &mut k, 1 - rsps.len().min(1)));
+    assert_eq!(statuses(&rsps), [(0, W, 0)]);
+
+    // The ring reads what the NBD client wrote...
+    k.fill(1, 0, |_| 0);
+    k.push(R, 1, 2048, &[(0, 7)]);
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = serve_until(&mut server, &mut k, 1);
+    assert_eq!(statuses(&rsps), [(1, R, 0)]);
+    assert!(k.page(1, 0).iter().all(|&b| b == 0xcd));
+    // ...and the NBD client reads what the ring wrote (a wrong pattern is noticed).
+    let child = spawn(&["read -P 0xab 0 44k", "read -P 0xcd 1M 64k"]);
+    let (ok, out) = pump_until_exit(&mut server, &queue, &mut k, child, &mut Vec::new());
+    assert!(ok && !out.contains("Pattern verification failed"), "{out}");
+    let child = spawn(&["read -P 0xcd 0 4k"]);
+    let (_, out) = pump_until_exit(&mut server, &queue, &mut k, child, &mut Vec::new());
+    assert!(out.contains("Pattern verification failed"), "{out}");
+    // Unaligned requests are refused (the image may be O_DIRECT); qemu-io honours the 512-byte
+    // minimum block size by reading whole sectors around it.
+    let child = spawn(&["read -P 0xab 100 200"]);
+    let (ok, out) = pump_until_exit(&mut server, &queue, &mut k, child, &mut Vec::new());
+    assert!(ok && !out.contains("Pattern verification failed"), "{out}");
+
+    // The file has both.
+    let f = std::fs::File::open(&path).unwrap();
+    let mut b = vec![0u8; 65536];
+    f.read_exact_at(&mut b, 1 << 20).unwrap();
+    assert!(b.iter().all(|&x| x == 0xcd));
+    f.read_exact_at(&mut b[..45056], 0).unwrap();
+    assert!(b[..45056].iter().all(|&x| x == 0xab));
+
+    // nbdinfo: the export's size and flags, and its map: the holes of the sparse file.
+    let child = Command::new("nbdinfo")
+        .arg(&uri)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, out) = pump_until_exit(&mut server, &queue, &mut k, child, &mut Vec::new());
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("export-size: {}", 4 << 20)), "{out}");
+    assert!(out.contains("block_size_minimum: 512"), "{out}");
+    assert!(out.contains("can_flush: true"), "{out}");
+    let child = Command::new("nbdinfo")
+        .args(["--map", &uri])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, out) = pump_until_exit(&mut server, &queue, &mut k, child, &mut Vec::new());
+    assert!(ok, "{out}");
+    let map: Vec<(u64, u64, u32)> = out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    let mib = 1u64 << 20;
+    assert_eq!(
+        map,
+        [
+            (0, 45056, 0),
+            (45056, mib - 45056, 3),
+            (mib, 65536, 0),
+            (mib + 65536, 3 * mib - 65536, 3)
+        ],
+        "{out}"
+    );
+    assert_eq!(server.external_in_flight(), 0);
+    drop(nbd);
+    drop(server);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,881 @@
+//! An NBD server: one export on a unix socket, a thread per connection.
+//!
+//! The handshake is fixed newstyle (plain newstyle clients may still send `NBD_OPT_EXPORT_NAME`),
+//! with `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
+//! `LIST_META_CONTEXT` and `SET_META_CONTEXT` (`base:allocation`); every other option is answered
+//! `NBD_REP_ERR_UNSUP`. In transmission: `READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM`,
+//! `WRITE_ZEROES` and `BLOCK_STATUS`, with `FUA` on writes, trims and write-zeroes.
+//!
+//! Each connection is served by its own thread (at most [`MAX_CONNECTIONS`] at once), one request at a time, in the order the client
+//! sent them (so a reply is never reordered before an earlier one on the same connection). The
+//! [`Export`] is shared by every connection: it must be safe to call from several threads, and a
+//! flush on one connection must cover writes completed on every other (`CAN_MULTI_CONN` is
+//! announced only if [`ExportFeatures::multi_conn`] says so).
+//!
+//! Every byte from a client is treated as hostile: option payloads over
+//! [`MAX_OPTION_LEN`](super::proto::MAX_OPTION_LEN), requests over
+//! [`MAX_PAYLOAD`](super::proto::MAX_PAYLOAD) and ranges past the end of the export are refused
+//! with a clear error (a bad magic or an oversized write, after which the stream cannot be
+//! resynchronised, closes that connection only); the server and its other connections go on.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::unistd::{lseek, Whence};
+
+use super::proto::{
+    alloc, cflag, chunk, cmd, errno, info, opt, put_lstring, read_payload, read_u32, read_u64, rep,
+    tflag, write_opt_reply, Cursor, ProtoError, ReplyHeader, Request, BASE_ALLOCATION,
+    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+    MAX_OPTION_LEN, MAX_PAYLOAD, NBDMAGIC, REPLY_FLAG_DONE,
+};
+
+/// The metadata context id of `base:allocation` on our connections.
+const ALLOCATION_ID: u32 = 1;
+/// Preferred block size announced.
+const PREFERRED_BLOCK: u32 = 4096;
+/// Most connections served at once (each may hold a request of up to `MAX_PAYLOAD` bytes);
+/// more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// One extent of a `base:allocation` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes (non-zero).
+    pub length: u32,
+    /// [`alloc::HOLE`] and/or [`alloc::ZERO`], or 0 for allocated data.
+    pub flags: u32,
+}
+
+/// What an export does beyond reads and writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportFeatures {
+    /// `flush` makes completed writes durable.
+    pub flush: bool,
+    /// `write(.., fua: true)` is durable when it returns.
+    pub fua: bool,
+    /// `trim` frees a range.
+    pub trim: bool,
+    /// `write_zeroes` zeros a range without data.
+    pub write_zeroes: bool,
+    /// A flush on one connection covers writes completed on all of them.
+    pub multi_conn: bool,
+}
+
+/// The image an NBD server serves. Called from one thread per connection at once; every range
+/// has been checked against [`Export::size`] before the call.
+pub trait Export: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// The operations beyond reads and writes.
+    fn features(&self) -> ExportFeatures;
+    /// Fills `buf` from `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `buf` at `offset`, durably if `fua`.
+    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Frees `[offset, offset + len)`; its content is unspecified afterwards.
+    fn trim(&self, offset: u64, len: u32, fua: bool) -> io::Result<()>;
+    /// Zeros `[offset, offset + len)`, punching a hole if `may_punch`.
+    fn write_zeroes(&self, offset: u64, len: u32, may_punch: bool, fua: bool) -> io::Result<()>;
+    /// The smallest block (offsets and lengths should be multiples of it), announced in
+    /// `NBD_INFO_BLOCK_SIZE`: a power of two, at most 4096.
+    fn min_block_size(&self) -> u32 {
+        1
+    }
+    /// The allocation of `[offset, offset + len)` from its start, in order (at least one extent,
+    /// lengths adding up to at most `len`).
+    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>>;
+}
+
+/// A raw file (or block device) as an export: `pread`/`pwrite` on one descriptor shared by every
+/// connection, holes from `SEEK_DATA`/`SEEK_HOLE`, trims and write-zeroes by `fallocate`.
+#[derive(Debug)]
+pub struct FileExport {
+    file: File,
+    size: u64,
+}
+
+impl FileExport {
+    /// Opens `path`, read-write unless `readonly`.
+    pub fn open(path: &Path, readonly: bool) -> io::Result<Self> {
+        let file = File::options().read(true).write(!readonly).open(path)?;
+        let size = file.metadata()?.len();
+        let size = if size == 0 {
+            // A block device: its size is where SEEK_END lands.
+            lseek(file.as_fd(), 0, Whence::SeekEnd).map_err(io::Error::from)? as u64
+        } else {
+            size
+        };
+        Ok(Self { file, size })
+    }
+
+    fn punch(&self, offset: u64, len: u32, mode: FallocateFlags) -> io::Result<()> {
+        fallocate(
+            self.file.as_fd(),
+            mode | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            i64::from(len),
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn write_zero_bytes(&self, offset: u64, len: u32) -> io::Result<()> {
+        let zeros = vec![0u8; (len as usize).min(1 << 20)];
+        let mut done = 0u64;
+        while done < u64::from(len) {
+            let n = (u64::from(len) - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Export for FileExport {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn features(&self) -> ExportFeatures {
+        ExportFeatures {
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            // One descriptor: fdatasync covers writes from every connection.
+            multi_conn: true,
+        }
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn trim(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
+        match self.punch(offset, len, FallocateFlags::FALLOC_FL_PUNCH_HOLE) {
+            // A trim is advisory: a file system without holes keeps the data.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            r => r?,
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u32, may_punch: bool, fua: bool) -> io::Result<()> {
+        let mode = if may_punch {
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE
+        } else {
+            FallocateFlags::FALLOC_FL_ZERO_RANGE
+        };
+        match self.punch(offset, len, mode) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zero_bytes(offset, len)?
+            }
+            r => r?,
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
+        Ok(to_nbd_extents(
+            crate::backend::seek_extents(self.file.as_fd(), offset, u64::from(len)),
+            len,
+        ))
+    }
+}
+
+/// A backend's allocation map as `base:allocation` extents (all data if it cannot say).
+pub fn to_nbd_extents(map: Option<Vec<crate::backend::Extent>>, len: u32) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    let mut total = 0u64;
+    for e in map.unwrap_or_default() {
+        // Each is inside the u32 range asked for; never past it.
+        let length = e.length.min(u64::from(len) - total) as u32;
+        if length == 0 {
+            break;
+        }
+        total += u64::from(length);
+        out.push(Extent {
+            length,
+            flags: if e.hole { alloc::HOLE | alloc::ZERO } else { 0 },
+        });
+    }
+    if out.is_empty() {
+        out.push(Extent {
+            length: len,
+            flags: 0,
+        });
+    }
+    out
+}
+
+/// How an export is offered.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// The export's name (clients asking for `""` get it too).
+    pub name: String,
+    /// Its description, sent when asked for.
+    pub description: String,
+    /// Refuse writes, trims and write-zeroes.
+    pub readonly: bool,
+    /// Serve the export whatever name a client asks for (one export per socket).
+    pub any_name: bool,
+}
+
+/// A running server. Dropping it stops accepting, closes every connection, waits for their
+/// threads and removes the socket.
+#[derive(Debug)]
+pub struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    /// The listening socket (a clone of the accept loop's), shut down to wake the loop.
+    listener: UnixListener,
+    accept: Option<JoinHandle<()>>,
+    conns: Conns,
+}
+
+impl Server {
+    /// Serves `export` on a new unix socket at `path` (an existing socket there is replaced).
+    pub fn serve(path: &Path, export: Arc<dyn Export>, config: ServerConfig) -> io::Result<Server> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(path)?;
+        let wake = listener.try_clone()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Conns = Arc::default();
+        let config = Arc::new(config);
+        let accept = {
+            let (stop, conns) = (stop.clone(), conns.clone());
+            std::thread::Builder::new()
+                .name("nbd-accept".into())
+                .spawn(move || accept_loop(listener, export, config, stop, conns))?
+        };
+        Ok(Server {
+            path: path.into(),
+            stop,
+            listener: wake,
+            accept: Some(accept),
+            conns,
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Connections being served now.
+    pub fn connections(&self) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.iter().filter(|(_, t)| !t.is_finished()).count()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop: on Linux, shutting a listening socket down fails its accept.
+        // SAFETY: shutdown(2) on a socket we own; it does not close the descriptor.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let conns = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|e| e.into_inner()));
+        for (stream, _) in &conns {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        for (_, t) in conns {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The connections: a clone of each stream (to shut it down) and its thread.
+type Conns = Arc<Mutex<Vec<(UnixStream, JoinHandle<()>)>>>;
+
+fn accept_loop(
+    listener: UnixListener,
+    export: Arc<dyn Export>,
+    config: Arc<ServerConfig>,
+    stop: Arc<AtomicBool>,
+    conns: Conns,
+) {
+    for stream in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => {
+                log::warn!("nbd: accept: {e}");
+                // Out of descriptors, say: do not spin.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let Ok(shut) = stream.try_clone() else {
+            continue;
+        };
+        {
+            let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.retain(|(_, t)| !t.is_finished());
+            if conns.len() >= MAX_CONNECTIONS {
+                log::warn!("nbd: {MAX_CONNECTIONS} connections already: refusing one");
+                continue;
+            }
+        }
+        let (export, config) = (export.clone(), config.clone());
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || {
+                match serve_connection(&stream, export.as_ref(), &config) {
+                    Ok(()) => {}
+                    // The client went away.
+                    Err(ProtoError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+                    Err(e) => log::warn!("nbd: export {:?}: client dropped: {e}", config.name),
+                }
+                // The server's clone keeps the descriptor open: end the connection here.
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            });
+        let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+        match spawned {
+            Ok(t) => conns.push((shut, t)),
+            Err(e) => log::warn!("nbd: cannot start a connection thread: {e}"),
+        }
+    }
+}
+
+/// What the handshake settled.
+#[derive(Debug, Default)]
+struct Session {
+    structured: bool,
+    allocation: bool,
+}
+
+/// The outcome of one option.
+enum Next {
+    Option,
+    Transmission,
+    Close,
+}
+
+/// Serves one client until it disconnects or breaks the protocol.
+pub fn serve_connection(
+    stream: &UnixStream,
+    export: &dyn Export,
+    config: &ServerConfig,
+) -> Result<(), ProtoError> {
+    let mut r = stream;
+    let mut w = stream;
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    w.write_all(&hello)?;
+    let cflags = read_u32(&mut r)?;
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(ProtoError::violation(format!(
+            "unknown client flags {cflags:#x}"
+        )));
+    }
+    let fixed = cflags & FLAG_C_FIXED_NEWSTYLE != 0;
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let mut s = Session::default();
+    loop {
+        let magic = read_u64(&mut r)?;
+        if magic != IHAVEOPT {
+            return Err(ProtoError::BadMagic {
+                what: "option",
+                got: magic,
+            });
+        }
+        let option = read_u32(&mut r)?;
+        let len = read_u32(&mut r)?;
+        if !fixed && option != opt::EXPORT_NAME {
+            return Err(ProtoError::violation(format!(
+                "option {option} from a client that is not fixed newstyle"
+            )));
+        }
+        if len > MAX_OPTION_LEN {
+            // Nothing sane is this long; do not read it.
+            let _ = write_opt_reply(&mut w, option, rep::ERR_TOO_BIG, b"option too long");
+            return Err(ProtoError::TooLong {
+                what: "option",
+                len: len.into(),
+                max: MAX_OPTION_LEN.into(),
+            });
+        }
+        let data = read_payload(&mut r, "option", len, MAX_OPTION_LEN)?;
+        match handle_option(&mut w, option, &data, export, config, &mut s, no_zeroes)? {
+            Next::Option => {}
+            Next::Transmission => break,
+            Next::Close => return Ok(()),
+        }
+    }
+    transmission(stream, export, config, &s)
+}
+
+fn error_reply(w: &mut impl Write, option: u32, code: u32, msg: &str) -> io::Result<Next> {
+    write_opt_reply(w, option, code, msg.as_bytes())?;
+    Ok(Next::Option)
+}
+
+fn name_matches(name: &str, config: &ServerConfig) -> bool {
+    config.any_name || name.is_empty() || name == config.name
+}
+
+fn transmission_flags(export: &dyn Export, config: &ServerConfig) -> u16 {
+    let f = export.features();
+    let mut flags = tflag::HAS_FLAGS;
+    let set = |flags: &mut u16, on: bool, bit: u16| {
+        if on {
+            *flags |= bit;
+        }
+    };
+    set(&mut flags, config.readonly, tflag::READ_ONLY);
+    set(&mut flags, f.flush, tflag::SEND_FLUSH);
+    set(&mut flags, f.fua, tflag::SEND_FUA);
+    set(&mut flags, f.trim && !config.readonly, tflag::SEND_TRIM);
+    set(
+        &mut flags,
+        f.write_zeroes && !config.readonly,
+        tflag::SEND_WRITE_ZEROES,
+    );
+    set(&mut flags, true, tflag::SEND_DF);
+    set(&mut flags, f.multi_conn, tflag::CAN_MULTI_CONN);
+    flags
+}
+
+fn handle_option(
+    w: &mut impl Write,
+    option: u32,
+    data: &[u8],
+    export: &dyn Export,
+    config: &ServerConfig,
+    s: &mut Session,
+    no_zeroes: bool,
+) -> Result<Next, ProtoError> {
+    let mut c = Cursor::new(data, "option");
+    match option {
+        opt::EXPORT_NAME => {
+            let name = c.string(data.len())?;
+            if !name_matches(&name, config) {
+                return Err(ProtoError::violation(format!(
+                    "NBD_OPT_EXPORT_NAME: no export {name:?}"
+                )));
+            }
+            let mut b = Vec::with_capacity(10 + 124);
+            b.extend_from_slice(&export.size().to_be_bytes());
+            b.extend_from_slice(&transmission_flags(export, config).to_be_bytes());
+            if !no_zeroes {
+                b.extend_from_slice(&[0u8; 124]);
+            }
+            w.write_all(&b)?;
+            // Block status needs a context negotiated for this export and structured replies.
+            Ok(Next::Transmission)
+        }
+        opt::ABORT => {
+            // The client may already be gone: the acknowledgement is a courtesy.
+            let _ = write_opt_reply(w, option, rep::ACK, &[]);
+            Ok(Next::Close)
+        }
+        opt::LIST => {
+            if !data.is_empty() {
+                return Ok(error_reply(
+                    w,
+                    option,
+                    rep::ERR_INVALID,
+                    "NBD_OPT_LIST takes no data",
+                )?);
+            }
+            let mut b = Vec::new();
+            put_lstring(&mut b, &config.name);
+            b.extend_from_slice(config.description.as_bytes());
+            write_opt_reply(w, option, rep::SERVER, &b)?;
+            write_opt_reply(w, option, rep::ACK, &[])?;
+            Ok(Next::Option)
+        }
+        opt::INFO | opt::GO => {
+            let parsed = (|| {
+                let name = c.lstring()?;
+                let n = c.u16()?;
+                let mut wanted = Vec::with_capacity(usize::from(n));
+                for _ in 0..n {
+                    wanted.push(c.u16()?);
+                }
+                c.finish()?;
+                Ok::<_, ProtoError>((name, wanted))
+            })();
+            let (name, wanted) = match parsed {
+                Ok(p) => p,
+                Err(e) => return Ok(error_reply(w, option, rep::ERR_INVALID, &e.to_string())?),
+            };
+            if !name_matches(&name, config) {
+                return Ok(error_reply(
+                    w,
+                    option,
+                    rep::ERR_UNKNOWN,
+                    &format!("no export {name:?}"),
+                )?);
+            }
+            let mut b = vec![];
+            b.extend_from_slice(&info::EXPORT.to_be_bytes());
+            b.extend_from_slice(&export.size().to_be_bytes());
+            b.extend_from_slice(&transmission_flags(export, config).to_be_bytes());
+            write_opt_reply(w, option, rep::INFO, &b)?;
+            if wanted.contains(&info::NAME) {
+                let mut b = info::NAME.to_be_bytes().to_vec();
+                b.extend_from_slice(config.name.as_bytes());
+                write_opt_reply(w, option, rep::INFO, &b)?;
+            }
+            if wanted.contains(&info::DESCRIPTION) && !config.description.is_empty() {
+                let mut b = info::DESCRIPTION.to_be_bytes().to_vec();
+                b.extend_from_slice(config.description.as_bytes());
+                write_opt_reply(w, option, rep::INFO, &b)?;
+            }
+            let mut b = info::BLOCK_SIZE.to_be_bytes().to_vec();
+            for v in [export.min_block_size(), PREFERRED_BLOCK, MAX_PAYLOAD] {
+                b.extend_from_slice(&u32::to_be_bytes(v));
+            }
+            write_opt_reply(w, option, rep::INFO, &b)?;
+            write_opt_reply(w, option, rep::ACK, &[])?;
+            Ok(if option == opt::GO {
+                Next::Transmission
+            } else {
+                Next::Option
+            })
+        }
+        opt::STRUCTURED_REPLY => {
+            if !data.is_empty() {
+                return Ok(error_reply(
+                    w,
+                    option,
+                    rep::ERR_INVALID,
+                    "NBD_OPT_STRUCTURED_REPLY takes no data",
+                )?);
+            }
+            s.structured = true;
+            write_opt_reply(w, option, rep::ACK, &[])?;
+            Ok(Next::Option)
+        }
+        opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+            let set = option == opt::SET_META_CONTEXT;
+            if set && !s.structured {
+                return Ok(error_reply(
+                    w,
+                    option,
+                    rep::ERR_INVALID,
+                    "metadata contexts need structured replies first",
+                )?);
+            }
+            let parsed = (|| {
+                let name = c.lstring()?;
+                let n = c.u32()?;
+                let mut queries = Vec::new();
+                for _ in 0..n {
+                    queries.push(c.lstring()?);
+                }
+                c.finish()?;
+                Ok::<_, ProtoError>((name, queries))
+            })();
+            let (name, queries) = match parsed {
+                Ok(p) => p,
+                Err(e) => return Ok(error_reply(w, option, rep::ERR_INVALID, &e.to_string())?),
+            };
+            if !name_matches(&name, config) {
+                return Ok(error_reply(
+                    w,
+                    option,
+                    rep::ERR_UNKNOWN,
+                    &format!("no export {name:?}"),
+                )?);
+            }
+            let matches = if set {
+                queries.iter().any(|q| q == BASE_ALLOCATION)
+            } else {
+                queries.is_empty() || queries.iter().any(|q| q == BASE_ALLOCATION || q == "base:")
+            };
+            if set {
+                s.allocation = matches;
+            }
+            if matches {
+                let mut b = ALLOCATION_ID.to_be_bytes().to_vec();
+                b.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                write_opt_reply(w, option, rep::META_CONTEXT, &b)?;
+            }
+            write_opt_reply(w, option, rep::ACK, &[])?;
+            Ok(Next::Option)
+        }
+        _ => Ok(error_reply(
+            w,
+            option,
+            rep::ERR_UNSUP,
+            &format!("option {option} is not supported"),
+        )?),
+    }
+}
+
+/// Replies to one request.
+struct Replier<'a> {
+    stream: &'a UnixStream,
+    structured: bool,
+}
+
+impl Replier<'_> {
+    fn ok(&self, cookie: u64) -> io::Result<()> {
+        let h = if self.structured {
+            ReplyHeader::Chunk {
+                flags: REPLY_FLAG_DONE,
+                typ: chunk::NONE,
+                cookie,
+                length: 0,
+            }
+        } else {
+            ReplyHeader::Simple { error: 0, cookie }
+        };
+        (&mut &*self.stream).write_all(&h.encode())
+    }
+
+    fn error(&self, cookie: u64, error: u32, msg: &str) -> io::Result<()> {
+        let mut b;
+        if self.structured {
+            let msg = &msg.as_bytes()[..msg.len().min(1024)];
+            b = ReplyHeader::Chunk {
+                flags: REPLY_FLAG_DONE,
+                typ: chunk::ERROR,
+                cookie,
+                length: 6 + msg.len() as u32,
+            }
+            .encode();
+            b.extend_from_slice(&error.to_be_bytes());
+            b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            b.extend_from_slice(msg);
+        } else {
+            b = ReplyHeader::Simple { error, cookie }.encode();
+        }
+        (&mut &*self.stream).write_all(&b)
+    }
+
+    fn result(&self, cookie: u64, r: io::Result<()>) -> io::Result<()> {
+        match r {
+            Ok(()) => self.ok(cookie),
+            Err(e) => self.error(cookie, errno_of(&e), &e.to_string()),
+        }
+    }
+}
+
+/// The protocol's error number for an I/O error.
+fn errno_of(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EROFS) => errno::EPERM,
+        Some(libc::ENOMEM) => errno::ENOMEM,
+        Some(libc::EINVAL) => errno::EINVAL,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => errno::ENOSPC,
+        Some(libc::EOPNOTSUPP) => errno::ENOTSUP,
+        _ => errno::EIO,
+    }
+}
+
+fn transmission(
+    stream: &UnixStream,
+    export: &dyn Export,
+    config: &ServerConfig,
+    s: &Session,
+) -> Result<(), ProtoError> {
+    let tflags = transmission_flags(export, config);
+    let size = export.size();
+    let reply = Replier {
+        stream,
+        structured: s.structured,
+    };
+    let mut r = stream;
+    loop {
+        let mut hb = [0u8; Request::SIZE];
+        r.read_exact(&mut hb)?;
+        let req = Request::decode(&hb)?;
+        let cookie = req.cookie;
+        let in_range = req
+            .offset
+            .checked_add(u64::from(req.length))
+            .is_some_and(|end| end <= size);
+        let allowed_flags = match req.typ {
+            cmd::READ if s.structured => cflag::DF,
+            cmd::WRITE | cmd::TRIM => cflag::FUA,
+            cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE,
+            cmd::BLOCK_STATUS => cflag::REQ_ONE,
+            _ => 0,
+        };
+        if req.typ == cmd::WRITE {
+            if req.length > MAX_PAYLOAD {
+                // Its data cannot be skipped safely: answer, then close this connection.
+                reply.error(
+                    cookie,
+                    errno::EOVERFLOW,
+                    "write over the maximum block size",
+                )?;
+                return Err(ProtoError::TooLong {
+                    what: "write",
+                    len: req.length.into(),
+                    max: MAX_PAYLOAD.into(),
+                });
+            }
+            let data = read_payload(&mut r, "write", req.length, MAX_PAYLOAD)?;
+            if req.flags & !allowed_flags != 0 {
+                reply.error(cookie, errno::EINVAL, "unknown command flags")?;
+            } else if config.readonly {
+                reply.error(cookie, errno::EPERM, "the export is read-only")?;
+            } else if !in_range {
+                reply.error(cookie, errno::ENOSPC, "write past the end of the export")?;
+            } else {
+                let fua = req.flags & cflag::FUA != 0;
+                reply.result(cookie, export.write(req.offset, &data, fua))?;
+            }
+            continue;
+        }
+        if req.flags & !allowed_flags != 0 {
+            reply.error(cookie, errno::EINVAL, "unknown command flags")?;
+            continue;
+        }
+        match req.typ {
+            cmd::READ => {
+                if req.length > MAX_PAYLOAD {
+                    reply.error(cookie, errno::EOVERFLOW, "read over the maximum block size")?;
+                } else if !in_range {
+                    reply.error(cookie, errno::EINVAL, "read past the end of the export")?;
+                } else if req.length == 0 {
+                    reply.ok(cookie)?;
+                } else {
+                    read_reply(stream, export, &reply, &req)?;
+                }
+            }
+            cmd::DISC => return Ok(()),
+            cmd::FLUSH => {
+                if tflags & tflag::SEND_FLUSH == 0 {
+                    reply.error(cookie, errno::EINVAL, "flush is not supported")?;
+                } else {
+                    reply.result(cookie, export.flush())?;
+                }
+            }
+            cmd::TRIM | cmd::WRITE_ZEROES => {
+                let fua = req.flags & cflag::FUA != 0;
+                let bit = if req.typ == cmd::TRIM {
+                    tflag::SEND_TRIM
+                } else {
+                    tflag::SEND_WRITE_ZEROES
+                };
+                if config.readonly {
+                    reply.error(cookie, errno::EPERM, "the export is read-only")?;
+                } else if tflags & bit == 0 {
+                    reply.error(cookie, errno::EINVAL, "command not supported")?;
+                } else if !in_range {
+                    reply.error(cookie, errno::ENOSPC, "range past the end of the export")?;
+                } else if req.typ == cmd::TRIM {
+                    reply.result(cookie, export.trim(req.offset, req.length, fua))?;
+                } else {
+                    let may_punch = req.flags & cflag::NO_HOLE == 0;
+                    let r = export.write_zeroes(req.offset, req.length, may_punch, fua);
+                    reply.result(cookie, r)?;
+                }
+            }
+            cmd::BLOCK_STATUS => {
+                if !s.allocation {
+                    reply.error(cookie, errno::EINVAL, "no metadata context was negotiated")?;
+                } else if !in_range || req.length == 0 {
+                    reply.error(cookie, errno::EINVAL, "range outside the export")?;
+                } else {
+                    match export.block_status(req.offset, req.length) {
+                        Ok(mut extents) if !extents.is_empty() => {
+                            if req.flags & cflag::REQ_ONE != 0 {
+                                extents.truncate(1);
+                            }
+                            let mut b = ReplyHeader::Chunk {
+                                flags: REPLY_FLAG_DONE,
+                                typ: chunk::BLOCK_STATUS,
+                                cookie,
+                                length: 4 + 8 * extents.len() as u32,
+                            }
+                            .encode();
+                            b.extend_from_slice(&ALLOCATION_ID.to_be_bytes());
+                            for e in extents {
+                                b.extend_from_slice(&e.length.to_be_bytes());
+                                b.extend_from_slice(&e.flags.to_be_bytes());
+                            }
+                            (&mut &*stream).write_all(&b)?;
+                        }
+                        Ok(_) => reply.error(cookie, errno::EIO, "no extents")?,
+                        Err(e) => reply.result(cookie, Err(e))?,
+                    }
+                }
+            }
+            typ => reply.error(cookie, errno::EINVAL, &format!("unknown command {typ}"))?,
+        }
+    }
+}
+
+fn read_reply(
+    stream: &UnixStream,
+    export: &dyn Export,
+    reply: &Replier<'_>,
+    req: &Request,
+) -> io::Result<()> {
+    let len = req.length as usize;
+    let head = if reply.structured {
+        ReplyHeader::CHUNK_SIZE + 8
+    } else {
+        ReplyHeader::SIMPLE_SIZE
+    };
+    let mut b = vec![0u8; head + len];
+    if let Err(e) = export.read(req.offset, &mut b[head..]) {
+        return reply.result(req.cookie, Err(e));
+    }
+    let h = if reply.structured {
+        ReplyHeader::Chunk {
+            flags: REPLY_FLAG_DONE,
+            typ: chunk::OFFSET_DATA,
+            cookie: req.cookie,
+            length: 8 + req.length,
+        }
+    } else {
+        ReplyHeader::Simple {
+            error: 0,
+            cookie: req.cookie,
+        }
+    };
+    let hb = h.encode();
+    b[..hb.len()].copy_from_slice(&hb);
+    if reply.structured {
+        b[hb.len()..head].copy_from_slice(&req.offset.to_be_bytes());
+    }
+    (&mut &*stream).write_all(&b)
+}

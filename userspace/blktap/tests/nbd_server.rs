@@ -1,0 +1,517 @@
+//! Host tests of the NBD server: our server on a temporary unix socket over a temporary sparse
+//! raw file, checked with the real tools (nbdinfo, nbdcopy from libnbd-bin; qemu-img, qemu-io
+//! from qemu-utils) and with hostile clients written here. A test whose tool is missing says so
+//! and passes without checking (scripts/setup installs them).
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blktap::nbd::proto::{
+    self, cflag, cmd, errno, opt, read_u16, read_u32, read_u64, rep, write_option, ReplyHeader,
+    Request, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, NBDMAGIC, OPT_REPLY_MAGIC,
+};
+use blktap::nbd::server::{FileExport, Server, ServerConfig};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 16 * MIB;
+
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("SKIP: {tool} is not installed (scripts/setup installs it)");
+    }
+    found
+}
+
+/// A 16 MiB sparse file: data (0x11) at [0, 1M) and (0x22) at [8M, 9M), holes elsewhere.
+fn sparse_image(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.raw");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(SIZE).unwrap();
+    f.write_all_at(&vec![0x11; MIB as usize], 0).unwrap();
+    f.write_all_at(&vec![0x22; MIB as usize], 8 * MIB).unwrap();
+    f.sync_all().unwrap();
+    path
+}
+
+// Fields drop in order: the server before its directory.
+struct Fixture {
+    server: Server,
+    image: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(readonly: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let image = sparse_image(dir.path());
+        let export = Arc::new(FileExport::open(&image, readonly).unwrap());
+        let config = ServerConfig {
+            name: "disk".into(),
+            description: "a test disk".into(),
+            readonly,
+            any_name: false,
+        };
+        let server = Server::serve(&dir.path().join("nbd.sock"), export, config).unwrap();
+        Fixture { server, image, dir }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///disk?socket={}", self.server.path().display())
+    }
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn nbdinfo_lists_the_export_and_maps_its_holes() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let fx = Fixture::new(false);
+    let (ok, out) = run(Command::new("nbdinfo").arg(fx.uri()));
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("export-size: {SIZE}")), "{out}");
+    assert!(out.contains("is_read_only: false"), "{out}");
+    assert!(out.contains("can_flush: true"), "{out}");
+    assert!(out.contains("can_trim: true"), "{out}");
+    assert!(out.contains("can_zero: true"), "{out}");
+    assert!(out.contains("can_multi_conn: true"), "{out}");
+    assert!(out.contains("description: a test disk"), "{out}");
+    let (ok, out) = run(Command::new("nbdinfo").args(["--map", &fx.uri()]));
+    assert!(ok, "{out}");
+    let map: Vec<(u64, u64, u32)> = out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        map,
+        [
+            (0, MIB, 0),
+            (MIB, 7 * MIB, 3),
+            (8 * MIB, MIB, 0),
+            (9 * MIB, 7 * MIB, 3)
+        ],
+        "{out}"
+    );
+    let (ok, out) = run(Command::new("nbdinfo").args(["--list", &fx.uri()]));
+    assert!(ok && out.contains("export=\"disk\""), "{out}");
+}
+
+#[test]
+fn nbdcopy_of_the_export_equals_the_image() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let fx = Fixture::new(false);
+    let copy = fx.dir.path().join("copy.raw");
+    let (ok, out) = run(Command::new("nbdcopy").arg(fx.uri()).arg(&copy));
+    assert!(ok, "{out}");
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&fx.image).unwrap()
+    );
+    // And the other way, over several connections at once.
+    let other = fx.dir.path().join("other.raw");
+    std::fs::write(&other, vec![0x5a; SIZE as usize]).unwrap();
+    let (ok, out) = run(Command::new("nbdcopy")
+        .args(["--connections=4", "--requests=8"])
+        .arg(&other)
+        .arg(fx.uri()));
+    assert!(ok, "{out}");
+    assert_eq!(
+        std::fs::read(&fx.image).unwrap(),
+        std::fs::read(&other).unwrap()
+    );
+}
+
+#[test]
+fn qemu_img_compare_sees_the_same_disk() {
+    if !have("qemu-img") {
+        return;
+    }
+    let fx = Fixture::new(false);
+    let compare = |other: &Path| {
+        run(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(other)
+            .arg(fx.uri()))
+    };
+    let (ok, out) = compare(&fx.image);
+    assert!(ok, "{out}");
+    assert!(out.contains("Images are identical"), "{out}");
+    let different = fx.dir.path().join("different.raw");
+    std::fs::copy(&fx.image, &different).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&different)
+        .unwrap();
+    f.write_all_at(b"x", 12 * MIB + 7).unwrap();
+    let (ok, out) = compare(&different);
+    assert!(!ok && out.contains("Content mismatch"), "{out}");
+}
+
+#[test]
+fn qemu_io_writes_reach_the_file_and_reads_come_back() {
+    if !have("qemu-io") {
+        return;
+    }
+    let fx = Fixture::new(false);
+    let (ok, out) = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xab 0 64k",
+        "-c",
+        "write -z 8M 4k",
+        "-c",
+        "discard 12M 1M",
+        "-c",
+        "flush",
+        &fx.uri(),
+    ]));
+    assert!(ok && !out.contains("error"), "{out}");
+    let data = std::fs::read(&fx.image).unwrap();
+    assert!(data[..65536].iter().all(|&b| b == 0xab));
+    assert!(data[65536..MIB as usize].iter().all(|&b| b == 0x11));
+    let m8 = 8 * MIB as usize;
+    assert!(data[m8..m8 + 4096].iter().all(|&b| b == 0));
+    assert!(data[m8 + 4096..m8 + MIB as usize]
+        .iter()
+        .all(|&b| b == 0x22));
+    // The file changed under the export, and reads through the export see it.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.image)
+        .unwrap();
+    f.write_all_at(&[0xcd; 4096], 4 * MIB).unwrap();
+    let (ok, out) = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0xcd 4M 4k",
+        "-c",
+        "read -P 0xab 0 64k",
+        &fx.uri(),
+    ]));
+    assert!(ok && !out.contains("Pattern verification failed"), "{out}");
+    let (_, out) = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0xcd 0 4k",
+        &fx.uri(),
+    ]));
+    assert!(out.contains("Pattern verification failed"), "{out}");
+}
+
+/// A raw client: greeting, fixed newstyle, no zeroes.
+fn hello(path: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(read_u64(&mut s).unwrap(), NBDMAGIC);
+    assert_eq!(read_u64(&mut s).unwrap(), IHAVEOPT);
+    let flags = read_u16(&mut s).unwrap();
+    assert_eq!(flags, proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    s
+}
+
+/// Reads one option reply: (option, type, data).
+fn opt_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+    assert_eq!(read_u64(s).unwrap(), OPT_REPLY_MAGIC);
+    let option = read_u32(s).unwrap();
+    let typ = read_u32(s).unwrap();
+    let len = read_u32(s).unwrap();
+    let data = proto::read_payload(s, "reply", len, 1 << 16).unwrap();
+    (option, typ, data)
+}
+
+/// A raw client in transmission (simple replies), and the export's transmission flags.
+fn transmitting(path: &Path) -> (UnixStream, u16) {
+    let mut s = hello(path);
+    write_option(&mut s, opt::EXPORT_NAME, b"disk").unwrap();
+    let size = read_u64(&mut s).unwrap();
+    assert_eq!(size, SIZE);
+    let flags = read_u16(&mut s).unwrap();
+    (s, flags)
+}
+
+fn request(s: &mut UnixStream, typ: u16, flags: u16, offset: u64, length: u32) {
+    let r = Request {
+        flags,
+        typ,
+        cookie: 0x1234,
+        offset,
+        length,
+    };
+    s.write_all(&r.encode()).unwrap();
+}
+
+fn simple_error(s: &mut UnixStream) -> u32 {
+    match ReplyHeader::read(s).unwrap() {
+        ReplyHeader::Simple { error, cookie } => {
+            assert_eq!(cookie, 0x1234);
+            error
+        }
+        h => panic!("expected a simple reply, got {h:?}"),
+    }
+}
+
+/// The connection was closed by the server.
+fn closed(s: &mut UnixStream) -> bool {
+    let mut b = [0u8; 64];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn read_only_exports_refuse_writes() {
+    let fx = Fixture::new(true);
+    let (mut s, flags) = transmitting(fx.server.path());
+    assert_ne!(flags & proto::tflag::READ_ONLY, 0);
+    assert_eq!(flags & proto::tflag::SEND_TRIM, 0);
+    request(&mut s, cmd::WRITE, 0, 0, 512);
+    s.write_all(&[0xee; 512]).unwrap();
+    assert_eq!(simple_error(&mut s), errno::EPERM);
+    request(&mut s, cmd::WRITE_ZEROES, 0, 0, 512);
+    assert_eq!(simple_error(&mut s), errno::EPERM);
+    request(&mut s, cmd::TRIM, 0, 0, 512);
+    assert_eq!(simple_error(&mut s), errno::EPERM);
+    // Reads still work.
+    request(&mut s, cmd::READ, 0, 0, 512);
+    assert_eq!(simple_error(&mut s), 0);
+    let mut b = [0u8; 512];
+    s.read_exact(&mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0x11));
+    assert!(std::fs::read(&fx.image).unwrap()[..512]
+        .iter()
+        .all(|&x| x == 0x11));
+    if have("qemu-io") {
+        let (ok, out) = run(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 64k",
+            &fx.uri(),
+        ]));
+        assert!(
+            !ok || out.contains("read-only") || out.contains("ermission"),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn hostile_clients_get_clear_errors_and_the_server_lives() {
+    let fx = Fixture::new(false);
+    let path = fx.server.path();
+
+    // Bad option magic: the connection is closed.
+    let mut s = hello(path);
+    s.write_all(b"NOTOPTS!\0\0\0\x07\0\0\0\0").unwrap();
+    assert!(closed(&mut s));
+
+    // An option payload of 1 GiB: refused as too big without being read, then closed.
+    let mut s = hello(path);
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&opt::GO.to_be_bytes());
+    b.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    s.write_all(&b).unwrap();
+    let (option, typ, _) = opt_reply(&mut s);
+    assert_eq!((option, typ), (opt::GO, rep::ERR_TOO_BIG));
+    assert!(closed(&mut s));
+
+    // A malformed OPT_GO (name length past the payload), an unknown export, an unknown
+    // option: error replies, and the handshake goes on.
+    let mut s = hello(path);
+    write_option(&mut s, opt::GO, &[0, 0, 1, 0, b'x']).unwrap();
+    assert_eq!(opt_reply(&mut s).1, rep::ERR_INVALID);
+    let mut go = Vec::new();
+    proto::put_lstring(&mut go, "nope");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    write_option(&mut s, opt::GO, &go).unwrap();
+    assert_eq!(opt_reply(&mut s).1, rep::ERR_UNKNOWN);
+    write_option(&mut s, 4242, b"whatever").unwrap();
+    assert_eq!(opt_reply(&mut s).1, rep::ERR_UNSUP);
+    write_option(&mut s, opt::SET_META_CONTEXT, &[]).unwrap();
+    assert_eq!(
+        opt_reply(&mut s).1,
+        rep::ERR_INVALID,
+        "needs structured replies"
+    );
+    write_option(&mut s, opt::ABORT, &[]).unwrap();
+    assert_eq!(opt_reply(&mut s).1, rep::ACK);
+    assert!(closed(&mut s));
+
+    // In transmission: an unknown command, unknown flags, oversized and out-of-range reads and
+    // a block status without a context are answered with errors; the connection goes on.
+    let (mut s, _) = transmitting(path);
+    request(&mut s, 99, 0, 0, 0);
+    assert_eq!(simple_error(&mut s), errno::EINVAL);
+    request(&mut s, cmd::FLUSH, 1 << 9, 0, 0);
+    assert_eq!(simple_error(&mut s), errno::EINVAL);
+    request(&mut s, cmd::READ, 0, 0, 64 << 20);
+    assert_eq!(simple_error(&mut s), errno::EOVERFLOW);
+    request(&mut s, cmd::READ, 0, SIZE - 512, 1024);
+    assert_eq!(simple_error(&mut s), errno::EINVAL);
+    request(&mut s, cmd::READ, 0, u64::MAX - 100, 512);
+    assert_eq!(simple_error(&mut s), errno::EINVAL);
+    request(&mut s, cmd::TRIM, cflag::FUA, SIZE, 512);
+    assert_eq!(simple_error(&mut s), errno::ENOSPC);
+    request(&mut s, cmd::BLOCK_STATUS, 0, 0, 512);
+    assert_eq!(simple_error(&mut s), errno::EINVAL);
+    request(&mut s, cmd::WRITE, 0, SIZE, 512);
+    s.write_all(&[0u8; 512]).unwrap();
+    assert_eq!(simple_error(&mut s), errno::ENOSPC);
+    request(&mut s, cmd::FLUSH, 0, 0, 0);
+    assert_eq!(simple_error(&mut s), 0);
+    // A write of 1 GiB: refused, and the connection closed (its data cannot be skipped).
+    request(&mut s, cmd::WRITE, 0, 0, 1 << 30);
+    assert_eq!(simple_error(&mut s), errno::EOVERFLOW);
+    assert!(closed(&mut s));
+
+    // A bad request magic, and a truncated request: closed.
+    let (mut s, _) = transmitting(path);
+    s.write_all(&[0xff; Request::SIZE]).unwrap();
+    assert!(closed(&mut s));
+    let (mut s, _) = transmitting(path);
+    s.write_all(
+        &Request::encode(&Request {
+            flags: 0,
+            typ: cmd::READ,
+            cookie: 1,
+            offset: 0,
+            length: 512,
+        })[..10],
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(closed(&mut s));
+
+    // The server still serves.
+    let (mut s, _) = transmitting(path);
+    request(&mut s, cmd::READ, 0, 8 * MIB, 4096);
+    assert_eq!(simple_error(&mut s), 0);
+    let mut b = vec![0u8; 4096];
+    s.read_exact(&mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0x22));
+    request(&mut s, cmd::DISC, 0, 0, 0);
+    assert!(closed(&mut s));
+}
+
+#[test]
+fn connections_past_the_limit_are_closed_and_the_others_served() {
+    let fx = Fixture::new(false);
+    let held: Vec<(UnixStream, u16)> = (0..blktap::nbd::server::MAX_CONNECTIONS)
+        .map(|_| transmitting(fx.server.path()))
+        .collect();
+    assert_eq!(
+        fx.server.connections(),
+        blktap::nbd::server::MAX_CONNECTIONS
+    );
+    let mut extra = UnixStream::connect(fx.server.path()).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(closed(&mut extra));
+    drop(held);
+    let t = std::time::Instant::now();
+    while fx.server.connections() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut s, _) = transmitting(fx.server.path());
+    request(&mut s, cmd::FLUSH, 0, 0, 0);
+    assert_eq!(simple_error(&mut s), 0);
+}
+
+/// Random bytes after a valid start, from many seeds: a mutated handshake or request stream
+/// (valid headers with random fields, or plain garbage) never takes the server down.
+#[test]
+fn random_client_bytes_never_take_the_server_down() {
+    use blktap::rng::Rng;
+    let fx = Fixture::new(false);
+    let path = fx.server.path();
+    for seed in 0..300u64 {
+        let mut rng = Rng::new(seed);
+        let mut s = if rng.chance(1, 2) {
+            hello(path)
+        } else {
+            transmitting(path).0
+        };
+        let mut junk = Vec::new();
+        for _ in 0..rng.below(8) + 1 {
+            match rng.below(4) {
+                // An option with random code and a small random payload.
+                0 => {
+                    let len = rng.below(64) as usize;
+                    let mut data = vec![0u8; len];
+                    rng.fill(&mut data);
+                    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+                    b.extend_from_slice(&(rng.below(12) as u32).to_be_bytes());
+                    b.extend_from_slice(&(len as u32).to_be_bytes());
+                    b.extend_from_slice(&data);
+                    junk.extend_from_slice(&b);
+                }
+                // A request with random type, flags, offset and length (no payload).
+                1 => {
+                    let (any_offset, any_length) = (rng.next_u64(), rng.next_u64() as u32);
+                    let req = Request {
+                        flags: rng.below(64) as u16,
+                        typ: rng.pick(&[0u16, 2, 3, 4, 6, 7, 8, 99]),
+                        cookie: rng.next_u64(),
+                        offset: rng.pick(&[0, SIZE - 512, SIZE, u64::MAX, any_offset]),
+                        length: rng.pick(&[0, 512, 1 << 20, u32::MAX, any_length]),
+                    };
+                    junk.extend_from_slice(&req.encode());
+                }
+                // Garbage.
+                _ => {
+                    let mut b = vec![0u8; rng.below(100) as usize];
+                    rng.fill(&mut b);
+                    junk.extend_from_slice(&b);
+                }
+            }
+        }
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        // Read whatever comes back until the server closes: it must close, not hang.
+        let mut sink = Vec::new();
+        let r = s.read_to_end(&mut sink);
+        assert!(
+            r.is_ok(),
+            "seed {seed}: the server did not close the connection: {r:?}"
+        );
+    }
+    // Still serving.
+    let (mut s, _) = transmitting(path);
+    request(&mut s, cmd::READ, 0, 0, 512);
+    assert_eq!(simple_error(&mut s), 0);
+}
