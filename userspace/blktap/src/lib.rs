@@ -29,8 +29,8 @@ pub mod rng;
 pub mod server;
 pub mod sysfs;
 pub mod tap;
-pub mod vhd;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod vhd;
 
 pub use error::{Error, Result};
