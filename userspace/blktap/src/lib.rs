@@ -5,7 +5,7 @@
 //! - [`sysfs`]: the taps and attributes under `/sys/class/blktap2`, and majors in `/proc/devices`;
 //! - [`ring`]: a tap's shared ring: its memory, request validation, the ring protocol, and the
 //!   ring device with its ioctls;
-//! - [`backend`]: image backends (`aio:`, `vhd:`, `ram:`, `null:`);
+//! - [`backend`]: image backends (`aio:`, `vhd:`, `ram:`, `null:`, `stall:`, `nbd:`);
 //! - [`vhd`]: the VHD format: images, chains, creation and coalescing;
 //! - [`server`]: serving a ring from a backend;
 //! - [`nbd`]: the NBD protocol: an export server, and the client behind `nbd:` images;
