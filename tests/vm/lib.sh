@@ -79,6 +79,38 @@ bounded() {
     wait $b
 }
 
+# fio in the background, and its verdict (the data-path tests: t74, t96, ...).
+BAD_BLOCK='verify: bad|verify failed|verify type mismatch'
+
+# fio_ok NAME [STATUS]: fio's exit status (/tmp/fio-NAME.rc) is STATUS (0 by default), every
+# job of /tmp/fio-NAME.out says err= 0, and fio reported no bad block.
+fio_ok() {
+    rc=$(cat /tmp/fio-$1.rc)
+    if [ "$rc" = "${2:-0}" ] && grep -q 'err= 0' /tmp/fio-$1.out && ! grep -q 'err=[ ]*[1-9]' /tmp/fio-$1.out \
+        && ! grep -Eq "$BAD_BLOCK" /tmp/fio-$1.out /tmp/fio-$1.err; then
+        return 0
+    fi
+    echo "fio $1: exit $rc"
+    grep -h -E "err=|$BAD_BLOCK" /tmp/fio-$1.out /tmp/fio-$1.err | head -n 8
+    return 1
+}
+
+# bad_blocks NAME: how many bad blocks fio reported.
+bad_blocks() { cat /tmp/fio-$1.out /tmp/fio-$1.err | grep -Ec "$BAD_BLOCK"; }
+
+# run_fio NAME ARGS...: fio in the background (its pid in /tmp/fio-NAME.pid); its status goes
+# to /tmp/fio-NAME.rc. `wait $!` after it waits for it.
+run_fio() {
+    n=$1; shift
+    rm -f /tmp/fio-$n.pid
+    {
+        fio --name=$n "$@" --output=/tmp/fio-$n.out >/dev/null 2>/tmp/fio-$n.err &
+        echo $! > /tmp/fio-$n.pid
+        wait $!
+        echo $? > /tmp/fio-$n.rc
+    } &
+}
+
 load() { insmod "$KO"; }
 unload() { rmmod blktap; }
 
