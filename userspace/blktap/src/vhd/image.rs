@@ -331,13 +331,8 @@ impl VhdImage {
             push(len, Some(offset));
             return Ok(runs);
         }
-        let (bs, bm) = (self.block_size, self.bitmap_bytes);
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let block = (pos / bs) as u32;
-            let within = pos % bs;
-            let n = (bs - within).min(end - pos);
+        let bm = self.bitmap_bytes;
+        for (block, within, n) in pieces(offset, len, self.block_size) {
             let sector = self.bat[block as usize];
             if sector == UNALLOCATED {
                 push(n, None);
@@ -357,7 +352,6 @@ impl VhdImage {
                     s = t;
                 }
             }
-            pos += n;
         }
         Ok(runs)
     }
@@ -400,20 +394,16 @@ impl VhdImage {
         if self.header.is_none() {
             return self.write_file(offset, data);
         }
-        let bs = self.block_size;
         let mut done = 0usize;
-        while done < data.len() {
-            let pos = offset + done as u64;
-            let block = (pos / bs) as u32;
-            let within = pos % bs;
-            let n = (bs - within).min((data.len() - done) as u64) as usize;
-            let part = &data[done..done + n];
+        for (block, within, n) in pieces(offset, data.len() as u64, self.block_size) {
+            // CAST: `n` is at most `data.len()`.
+            let part = &data[done..done + n as usize];
             if self.bat[block as usize] == UNALLOCATED {
                 self.allocate(block, within, part)?;
             } else {
                 self.write_allocated(block, within, part)?;
             }
-            done += n;
+            done += n as usize;
         }
         Ok(())
     }
@@ -560,12 +550,7 @@ impl VhdImage {
             return self.zero_file(offset, len);
         }
         let (bs, bm) = (self.block_size, self.bitmap_bytes);
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let block = (pos / bs) as u32;
-            let within = pos % bs;
-            let n = (bs - within).min(end - pos);
+        for (block, within, n) in pieces(offset, len, bs) {
             let sector = self.bat[block as usize];
             if sector != UNALLOCATED {
                 let start = u64::from(sector) * 512;
@@ -584,7 +569,6 @@ impl VhdImage {
                     self.zero_file(start + bm + within, n)?;
                 }
             }
-            pos += n;
         }
         Ok(())
     }
@@ -655,6 +639,24 @@ pub struct Batmap {
     pub version: u32,
     /// What is wrong with it, if anything.
     pub problem: Option<String>,
+}
+
+/// The pieces of `[offset, offset + len)` within blocks of `bs` bytes, in order: the block, the
+/// offset in it and the length of each.
+fn pieces(offset: u64, len: u64, bs: u64) -> impl Iterator<Item = (u32, u64, u64)> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let within = pos % bs;
+        let n = (bs - within).min(end - pos);
+        // CAST: the caller checked the range against the disk, whose blocks are counted in `u32`.
+        let piece = ((pos / bs) as u32, within, n);
+        pos += n;
+        Some(piece)
+    })
 }
 
 fn overlaps(a0: u64, a1: u64, b0: u64, b1: u64) -> bool {
