@@ -257,18 +257,7 @@ mod tests {
     use super::*;
 
     fn raw(op: u8, id: u64, sector: u64, segs: &[(u8, u8)]) -> blktap_request {
-        let mut r = blktap_request {
-            operation: op,
-            nr_segments: segs.len() as u8,
-            id,
-            sector_number: sector,
-            ..Default::default()
-        };
-        for (s, &(first, last)) in r.seg.iter_mut().zip(segs) {
-            s.first_sect = first;
-            s.last_sect = last;
-        }
-        r
+        crate::testkit::SimKernel::request(op, id, sector, segs)
     }
 
     #[test]
