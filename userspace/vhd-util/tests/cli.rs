@@ -1,32 +1,27 @@
 //! vhd-util end to end: images made and inspected through the command line, data written
 //! through the library, qemu-img as an independent reader where installed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use blktap::rng::Rng;
 use blktap::vhd::Chain;
 
-/// A scratch directory, removed when the test is done with it.
-struct Scratch(PathBuf);
+/// A scratch directory (`tempfile`'s), removed when the test is done with it.
+struct Scratch(tempfile::TempDir);
 
 impl std::ops::Deref for Scratch {
     type Target = Path;
     fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
 fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("vhd-util-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("vhd-util-{name}-"))
+        .tempdir()
+        .unwrap();
     Scratch(dir)
 }
 

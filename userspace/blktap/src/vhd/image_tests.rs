@@ -12,26 +12,21 @@ use crate::backend::{self, Backend, ImageSpec, Io};
 use crate::ring::Op;
 use crate::rng::Rng;
 
-/// A scratch directory, removed when the test is done with it.
-struct Scratch(PathBuf);
+/// A scratch directory (`tempfile`'s), removed when the test is done with it.
+struct Scratch(tempfile::TempDir);
 
 impl std::ops::Deref for Scratch {
     type Target = Path;
     fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
 fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("blktap-vhd-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("blktap-vhd-{name}-"))
+        .tempdir()
+        .unwrap();
     Scratch(dir)
 }
 
