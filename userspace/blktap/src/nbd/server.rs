@@ -451,6 +451,24 @@ fn error_reply(w: &mut impl Write, option: u32, code: u32, msg: &str) -> io::Res
     Ok(Next::Option)
 }
 
+/// The rest of an option that names an export (`INFO`, `GO`, the metadata-context ones), if its
+/// payload parsed and the export is ours; otherwise the error is answered (`ERR_INVALID`,
+/// `ERR_UNKNOWN`) and there is nothing more to do for the option.
+fn for_our_export<T>(
+    w: &mut impl Write,
+    option: u32,
+    config: &ServerConfig,
+    parsed: Result<(String, T), ProtoError>,
+) -> io::Result<Option<T>> {
+    match parsed {
+        Err(e) => error_reply(w, option, rep::ERR_INVALID, &e.to_string()).map(|_| None),
+        Ok((name, _)) if !name_matches(&name, config) => {
+            error_reply(w, option, rep::ERR_UNKNOWN, &format!("no export {name:?}")).map(|_| None)
+        }
+        Ok((_, rest)) => Ok(Some(rest)),
+    }
+}
+
 fn name_matches(name: &str, config: &ServerConfig) -> bool {
     config.any_name || name.is_empty() || name == config.name
 }
@@ -537,18 +555,9 @@ fn handle_option(
                 c.finish()?;
                 Ok::<_, ProtoError>((name, wanted))
             })();
-            let (name, wanted) = match parsed {
-                Ok(p) => p,
-                Err(e) => return Ok(error_reply(w, option, rep::ERR_INVALID, &e.to_string())?),
+            let Some(wanted) = for_our_export(w, option, config, parsed)? else {
+                return Ok(Next::Option);
             };
-            if !name_matches(&name, config) {
-                return Ok(error_reply(
-                    w,
-                    option,
-                    rep::ERR_UNKNOWN,
-                    &format!("no export {name:?}"),
-                )?);
-            }
             let mut b = vec![];
             b.extend_from_slice(&info::EXPORT.to_be_bytes());
             b.extend_from_slice(&export.size().to_be_bytes());
@@ -609,18 +618,9 @@ fn handle_option(
                 c.finish()?;
                 Ok::<_, ProtoError>((name, queries))
             })();
-            let (name, queries) = match parsed {
-                Ok(p) => p,
-                Err(e) => return Ok(error_reply(w, option, rep::ERR_INVALID, &e.to_string())?),
+            let Some(queries) = for_our_export(w, option, config, parsed)? else {
+                return Ok(Next::Option);
             };
-            if !name_matches(&name, config) {
-                return Ok(error_reply(
-                    w,
-                    option,
-                    rep::ERR_UNKNOWN,
-                    &format!("no export {name:?}"),
-                )?);
-            }
             let matches = if set {
                 queries.iter().any(|q| q == BASE_ALLOCATION)
             } else {
