@@ -448,11 +448,21 @@ class GuestRun(unittest.TestCase):
         def emit(kind, **fields):
             lines.append(GUEST.MARK + json.dumps({"kind": kind, **fields}))
 
+        def count_device(name, path, server, job, runtime):
+            calls.append(("count", name, job))
+            emit("counters", device=name, job=job, iops=1000.0, ios=5000, lat_mean_us=0.0,
+                 syscalls_counted=True, why_not=None,
+                 fio={"syscalls_per_io": 1.5, "cpu_us_per_io": 20.0, "ctxt_per_io": 0.5},
+                 **({} if name == "null_blk" else
+                    {"server": {"syscalls_per_io": 2.0, "cpu_us_per_io": 30.0, "ctxt_per_io": 1.0,
+                                "wakeups_per_io": 1.0, "threads": 1}}))
+
         stubs = {"make_device": Dev, "no_scheduler": lambda p: {"default": "none", "used": "none"},
                  "fio": fio, "emit": emit, "note": lambda msg: None, "calibration_loops": lambda: 1000,
                  "calibrate": lambda loops: [50.0] * os.cpu_count(),
                  "measure_memory": lambda n: {"taps": n, "per_tap_kib": {"memfree_drop": 1.0}},
-                 "sh": lambda cmd, check=True, **kw: "fio-3.33", "FIO_CPU": 0, "SERVER_CPU": 1}
+                 "sh": lambda cmd, check=True, **kw: "fio-3.33", "FIO_CPU": 0, "SERVER_CPU": 1,
+                 "count_device": count_device, "have_perf": lambda: True}
         with unittest.mock.patch.multiple(GUEST, **stubs):
             args = GUEST.argparse.Namespace(smoke=True, rounds=rounds, runtime=1, ramp=0, taps=2,
                                             profile=False, no_devices=False, devices=None)
@@ -467,6 +477,14 @@ class GuestRun(unittest.TestCase):
         expect = [(d, j) for j in GUEST.SMOKE_JOBS for d in devs] + \
             [(d, j) for j in GUEST.SMOKE_JOBS for d in reversed(devs)]
         self.assertEqual(fio, expect)
+        # The counters: after the measured runs, before the teardown, on the devices they are
+        # about (rnull and tapdev-ram are not counted), for the jobs of the run.
+        counted = [(c[1], c[2]) for c in calls if c[0] == "count"]
+        self.assertEqual(counted, [(d, j) for d in ["tapdev-null", "ublk-null", "null_blk"]
+                                   for j in GUEST.COUNTER_JOBS if j in GUEST.SMOKE_JOBS])
+        kinds = [c[0] for c in calls]
+        self.assertLess(max(i for i, k in enumerate(kinds) if k == "fio"), kinds.index("count"))
+        self.assertLess(max(i for i, k in enumerate(kinds) if k == "count"), calls.index(("teardown", "tapdev-ram")))
         self.assertEqual([c[1] for c in calls if c[0] == "teardown"][-4:], list(reversed(devs)))
         recs = GUEST.read_results("\n".join(lines))
         kinds = [r["kind"] for r in recs if r["kind"] in ("start", "run")]
@@ -479,6 +497,8 @@ class GuestRun(unittest.TestCase):
             with unittest.mock.patch("builtins.print"):
                 self.assertEqual(GUEST.check(f.name), 0)  # zero latencies are accepted
         out, md = report(recs)
+        self.assertEqual(len(out["counters"]), 6)
+        self.assertIn("| tapdev-null | randread-4k-qd32 | 1000 | 1.50 | 20.0 | 0.50 | 2.00 | 30.0 | 1.00 |", md)
         self.assertEqual(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]["pairs"], 2)
         self.assertIsNone(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["lat_p99"]["median"])
 
@@ -549,6 +569,124 @@ class HostSampler(unittest.TestCase):
                 for p in B.children(runner.pid):
                     subprocess.run(["kill", str(p)])
                 runner.wait(timeout=30)
+
+
+class Counters(unittest.TestCase):
+    # The per-I/O counters (perf stat's CSV), the guest's clock and the kernel configuration.
+
+    PERF = ("# started on Fri Dec  4 22:15:41 2026\n\n"
+            "144,,raw_syscalls:sys_enter,1242234,100.00,115.920,K/sec\n"
+            "1.24,msec,task-clock,1242234,100.00,0.613,CPUs utilized\n"
+            "0,,context-switches,1242234,100.00,0.000,/sec\n")
+
+    def test_perf_stat_csv(self):
+        stat = GUEST.parse_perf_stat(self.PERF)
+        self.assertEqual(stat, {"raw_syscalls:sys_enter": 144.0, "task-clock": 1.24, "context-switches": 0.0})
+        self.assertEqual(GUEST.per_io(stat, 8, None),
+                         {"syscalls_per_io": 18.0, "cpu_us_per_io": 155.0, "ctxt_per_io": 0.0})
+        # Without the tracepoint the system calls are not counted; nothing divides by zero I/Os.
+        self.assertIsNone(GUEST.per_io(stat, 8, "no tracepoints")["syscalls_per_io"])
+        self.assertEqual(set(GUEST.per_io(stat, 0, None).values()), {None})
+        # What perf could not count is None, not a number.
+        nc = GUEST.parse_perf_stat("<not counted>,msec,task-clock,0,100.00,,\n"
+                                   "<not supported>,,raw_syscalls:sys_enter,0,100.00,,\n")
+        self.assertEqual(nc, {"task-clock": None, "raw_syscalls:sys_enter": None})
+        self.assertEqual(GUEST.per_io(nc, 10, None)["cpu_us_per_io"], None)
+        self.assertEqual(GUEST.perf_events("why"), ["task-clock", "context-switches"])
+
+    def test_counters_table_with_errors_and_missing_values(self):
+        recs = records(lambda d, j, r: {}, jobs=["randread-4k-qd1"], rounds=2, extra=[
+            {"kind": "counters", "device": "tapdev-null", "job": "randread-4k-qd1", "iops": 900.0,
+             "ios": 0, "syscalls_counted": False, "why_not": "no tracepoints",
+             "fio": {"syscalls_per_io": None, "cpu_us_per_io": None, "ctxt_per_io": math.nan}},
+            {"kind": "counters", "device": "ublk-null", "job": "randread-4k-qd1", "error": "perf died"},
+            {"kind": "counters", "error": "perf is not installed"}])
+        out, md = report(recs)
+        self.assertIn("| tapdev-null | randread-4k-qd1 | 900 | - | - | - | - | - | - |", md)
+        self.assertIn("| ublk-null | randread-4k-qd1 | error: perf died |", md)
+        self.assertIn("| - | - | error: perf is not installed |", md)
+        self.assertIn("System calls not counted: no tracepoints", md)
+
+    def test_host_tsc_rate_from_its_log(self):
+        self.assertEqual(B.tsc_khz_from_log("[0.1] tsc: Detected 2596.142 MHz processor\n"), 2596142)
+        self.assertEqual(B.tsc_khz_from_log("tsc: Detected 2000.000 MHz processor\n"
+                                            "tsc: Refined TSC clocksource calibration: 1999.998 MHz\n"),
+                         1999998)
+        self.assertEqual(B.tsc_khz_from_log("tsc: Detected 3000.000 MHz TSC\n"), 3000000)
+        self.assertIsNone(B.tsc_khz_from_log("clocksource: Switched to clocksource kvm-clock\n"))
+
+    def test_the_guest_gets_the_rate_only_under_tcg(self):
+        sys.path.insert(0, str(REPO / "tests/vm"))
+        import run
+        self.assertEqual(run.tsc_params("tcg", 2596142), ["tsc_early_khz=2596142", "tsc=reliable"])
+        self.assertEqual(run.tsc_params("kvm", 2596142), [])
+        self.assertEqual(run.tsc_params("tcg", None), [])
+        cmd = run.qemu_cmd("/k", "tcg", "/s", "/l", 2596142)
+        self.assertIn("tsc_early_khz=2596142", cmd[cmd.index("-append") + 1])
+
+    def test_clock_check(self):
+        recs = [{"kind": "meta", "t": 10.0}, {"kind": "run", "t": 70.0}, {"kind": "done", "t": 130.0}]
+        self.assertAlmostEqual(B.clock_check(recs, {"marks": [100.0, 160.0, 220.0]}), 1.0)
+        self.assertAlmostEqual(B.clock_check(recs, {"marks": [100.0, 200.0, 340.0]}), 0.5)
+        # Marks that do not match the records, too short a span, no times: no verdict.
+        self.assertIsNone(B.clock_check(recs, {"marks": [100.0, 160.0]}))
+        self.assertIsNone(B.clock_check(recs, {"marks": [100.0, 110.0, 120.0]}))
+        self.assertIsNone(B.clock_check([{"kind": "meta"}] * 3, {"marks": [0.0, 100.0, 200.0]}))
+        self.assertIsNone(B.clock_check(recs, None))
+        out, md = report(recs[:1] + records(lambda d, j, r: {}, jobs=["randread-4k-qd1"], rounds=1)[1:],
+                         {"marks": []})
+        self.assertIsNone(out["vm"]["clock_rate"])
+
+    def test_kernel_config_is_stated(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / ".config").write_text("CONFIG_HZ=250\n# CONFIG_RUST_DEBUG_ASSERTIONS is not set\n"
+                                               "CONFIG_RUST_OVERFLOW_CHECKS=y\n")
+            cfg = B.kernel_config(tmp)
+        self.assertEqual((cfg["CONFIG_HZ"], cfg["CONFIG_RUST_DEBUG_ASSERTIONS"],
+                          cfg["CONFIG_RUST_OVERFLOW_CHECKS"]), ("250", "n", "y"))
+        self.assertIsNone(B.kernel_config("/nonexistent"))
+        recs = records(lambda d, j, r: {}, jobs=["randread-4k-qd1"], rounds=1)
+        out = B.clean(B.aggregate(recs, {"accel": "tcg", "kernel_config": cfg}, 0))
+        self.assertIn("**with** Rust debug assertions", B.markdown(out))
+        cfg["CONFIG_RUST_OVERFLOW_CHECKS"] = "n"
+        out = B.clean(B.aggregate(recs, {"accel": "tcg", "kernel_config": cfg}, 0))
+        self.assertIn("the bench kernel (`scripts/build-kernel bench`", B.markdown(out))
+
+
+class Compare(unittest.TestCase):
+    # scripts/bench --compare: a run against an earlier one, on the paired ratios to ublk-null.
+
+    @staticmethod
+    def run_of(factor, rounds=8, jobs=("randread-4k-qd1", "randread-4k-qd32")):
+        rnd = random.Random(7)
+        recs = records(lambda d, j, r: {"iops": 1000.0 * (factor if d == "tapdev-null" else 1.0)
+                                        * (1 + rnd.uniform(-0.01, 0.01))}, jobs=list(jobs), rounds=rounds)
+        return report(recs)[0]
+
+    def test_verdicts(self):
+        old = self.run_of(1.0)
+        same = B.compare(self.run_of(1.0), old)
+        self.assertEqual([r["job"] for r in same], ["randread-4k-qd1", "randread-4k-qd32"])
+        self.assertEqual({r["verdict"] for r in same}, {"same"})
+        self.assertTrue(all(r["low"] <= 1.0 <= r["high"] or abs(r["change"] - 1) < 0.03 for r in same))
+        self.assertEqual({r["verdict"] for r in B.compare(self.run_of(0.7), old)}, {"worse"})
+        self.assertEqual({r["verdict"] for r in B.compare(self.run_of(1.3), old)}, {"better"})
+        md = B.compare_markdown(B.compare(self.run_of(0.7), old))
+        self.assertIn("| worse |", md)
+
+    def test_edge_values(self):
+        old = self.run_of(1.0)
+        # Too few pairs, a job only one run has, empty or missing ratios: no exception.
+        few = B.compare(self.run_of(1.0, rounds=2), old)
+        self.assertEqual({r["verdict"] for r in few}, {"undetermined"})
+        only = B.compare(self.run_of(1.0, jobs=("randread-4k-qd32", "seqread-1m-qd8")), old)
+        self.assertEqual([r["job"] for r in only], ["randread-4k-qd32"])
+        self.assertEqual(B.compare({}, old), [])
+        zero = B.compare(self.run_of(0.0), old)
+        self.assertTrue(all(r["verdict"] in ("worse", "undetermined") for r in zero))
+        B.compare_markdown(zero + few)
+        empty = {"ratios": {"tapdev-null": {"randread-4k-qd1": {"ublk-null": {"iops": {"values": []}}}}}}
+        self.assertEqual(B.compare(empty, empty)[0]["verdict"], "undetermined")
 
 
 class Outputs(unittest.TestCase):

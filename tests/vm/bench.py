@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """The benchmark's guest side: sets up every block device at once, runs the fio jobs on them
-alternated round by round (ABBA), tears them down, measures the memory a tap costs, and
+alternated round by round (ABBA), counts each I/O's system calls, CPU time and wake-ups on
+tapdev, ublk and null_blk (perf stat), tears them down, measures the memory a tap costs, and
 optionally profiles tapdev vs ublk.
 
     tests/vm/bench.py run [--smoke] [--rounds N] [--runtime S] [--ramp S] [--taps N] [--profile]
-                          [--devices D,...]
+                          [--devices D,...] [--jobs J,...]
     tests/vm/bench.py check FILE      (the smoke test: every device produced numbers)
     tests/vm/bench.py plan [--rounds N] [--smoke]   (print the order of the runs, nothing else)
 
 Runs as root inside the test VM (tests/vm/run.py), where the host's root is the guest's root:
-fio, strace, perf and rublk are the host's binaries. Every result is one console line
+fio, perf and rublk are the host's binaries. Every result is one console line
 `BENCH-RESULT <json>`; scripts/bench parses them out of the console log (the guest's file
 systems are read-only or tmpfs, so the console is the way out).
 
@@ -70,8 +71,10 @@ OPTIONAL = {"rnull"}
 
 
 def emit(kind, **fields):
-    """One result line on the console, in a single write."""
-    line = MARK + json.dumps({"kind": kind, **fields}, separators=(",", ":")) + "\n"
+    """One result line on the console, in a single write. `t`: the guest's monotonic clock, in
+    seconds (the host compares it with its own: scripts/bench clock_check)."""
+    line = MARK + json.dumps({"kind": kind, **fields, "t": round(time.monotonic(), 4)},
+                             separators=(",", ":")) + "\n"
     os.write(1, line.encode())
 
 
@@ -299,10 +302,11 @@ def fio_job_args(job):
     return args + ["--stonewall"]
 
 
-def fio(dev, jobs, runtime, ramp, out="/tmp/fio.json"):
+def fio(dev, jobs, runtime, ramp, out="/tmp/fio.json", prefix=()):
     """Runs `jobs` one after the other (stonewall) in one fio process, pinned to FIO_CPU when
-    set (run() sets it). Their results, by job name."""
-    cmd = ["taskset", "-c", str(FIO_CPU)] if FIO_CPU is not None else []
+    set (run() sets it), under `prefix` (a command that runs it, e.g. perf stat). Their
+    results, by job name."""
+    cmd = list(prefix) + (["taskset", "-c", str(FIO_CPU)] if FIO_CPU is not None else [])
     cmd += ["fio", f"--filename={dev}", "--ioengine=io_uring", "--direct=1", f"--size={SPAN}",
             "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}", "--norandommap",
             "--randrepeat=0", "--lat_percentiles=1", "--output-format=json", f"--output={out}"]
@@ -482,7 +486,118 @@ def measure_memory(n):
 
 
 # ---------------------------------------------------------------------------------------------
-# Profile: counters around a fio run, then the same under strace -c, then under perf record.
+# Counters: exact per-I/O costs of fio and of the server, without strace. perf stat counts the
+# raw_syscalls:sys_enter tracepoint (the bench kernel has the syscall tracepoints; without them
+# the system calls are not counted and the record says why), task-clock (CPU time, from the
+# scheduler's own accounting) and context switches; the server's voluntary context switches
+# (its wake-ups: each time it slept and was woken) come from /proc, thread by thread. Counting
+# costs a little per system call, so these runs are apart from the measured ones.
+
+COUNTER_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqwrite-44k-qd32"]
+COUNTER_DEVICES = ["tapdev-null", "ublk-null", "null_blk"]
+SYSCALL_EVENT = "raw_syscalls:sys_enter"
+
+
+def syscall_tracepoint():
+    """Whether the kernel has the syscall tracepoints, tracefs mounted for perf to find them
+    (None), or why not (a string)."""
+    tracing = Path("/sys/kernel/tracing")
+    if not tracing.is_dir():
+        return "the kernel has no tracefs (not the bench kernel)"
+    if not (tracing / "events").exists():
+        sh(["mount", "-t", "tracefs", "nodev", str(tracing)], check=False)
+    if not (tracing / "events/raw_syscalls/sys_enter").is_dir():
+        return "the kernel has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS; not the bench kernel)"
+    return None
+
+
+def perf_events(no_syscalls):
+    return (["task-clock", "context-switches"] if no_syscalls else
+            [SYSCALL_EVENT, "task-clock", "context-switches"])
+
+
+def parse_perf_stat(text):
+    """perf stat's CSV output (-x,): {event: value}; a value perf could not count is None.
+    task-clock is in milliseconds, as perf gives it."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split(",")
+        if line.startswith("#") or len(parts) < 3 or not parts[2]:
+            continue
+        try:
+            out[parts[2]] = float(parts[0])
+        except ValueError:
+            out[parts[2]] = None
+    return out
+
+
+def per_io(stat, ios, no_syscalls):
+    """A process's counts per completed I/O: system calls, CPU microseconds, context switches."""
+    def each(v, scale=1.0):
+        return None if v is None or not ios else round(v * scale / ios, 4)
+    return {"syscalls_per_io": None if no_syscalls else each(stat.get(SYSCALL_EVENT)),
+            "cpu_us_per_io": each(stat.get("task-clock"), 1000.0),
+            "ctxt_per_io": each(stat.get("context-switches"))}
+
+
+def count_device(name, path, server, job, runtime):
+    """One fio run of `job` under perf stat, the server's processes counted beside it: a
+    `counters` record."""
+    why = syscall_tracepoint()
+    events = ",".join(perf_events(why))
+    pids = server.server_pids() if server else []
+    srv = None
+    if pids:
+        srv = subprocess.Popen(["perf", "stat", "-x,", "-o", "/tmp/perf-server.csv", "-e", events,
+                                "-p", ",".join(map(str, pids))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+    t0 = task_counters(pids)
+    try:
+        r = fio(path, [job], runtime, 0, out="/tmp/fio-counted.json",
+                prefix=["perf", "stat", "-x,", "-o", "/tmp/perf-fio.csv", "-e", events, "--"])[job]
+    finally:
+        t1 = task_counters(pids)
+        if srv is not None:
+            srv.send_signal(signal.SIGINT)
+            srv.communicate(timeout=60)
+    ios = r["ios"]
+    rec = {"device": name, "job": job, "iops": r["iops"], "ios": ios, "lat_mean_us": r["lat_mean_us"],
+           "syscalls_counted": why is None, "why_not": why,
+           "fio": per_io(parse_perf_stat(Path("/tmp/perf-fio.csv").read_text()), ios, why)}
+    if pids:
+        rec["server"] = per_io(parse_perf_stat(Path("/tmp/perf-server.csv").read_text()), ios, why)
+        rec["server"]["wakeups_per_io"] = round((t1["voluntary"] - t0["voluntary"]) / ios, 4) if ios else None
+        rec["server"]["threads"] = t1["threads"]
+    emit("counters", **rec)
+    note(f"counters {name} {job}: fio {rec['fio']}, server {rec.get('server')}")
+
+
+def have_perf():
+    return shutil.which("perf") is not None
+
+
+def count_all(ready, jobs, runtime):
+    """count_device for COUNTER_DEVICES x COUNTER_JOBS that were set up and are in this run.
+    The number that failed."""
+    failed = 0
+    if not have_perf():
+        emit("counters", error="perf is not installed")
+        return 1
+    for name in (n for n in COUNTER_DEVICES if n in ready):
+        d, path = ready[name]
+        for job in (j for j in COUNTER_JOBS if j in jobs):
+            try:
+                count_device(name, path, d, job, runtime)
+            except Exception as e:  # noqa: BLE001 - reported in the record
+                emit("counters", device=name, job=job, error=str(e))
+                note(f"counters {name} {job}: FAILED: {e}")
+                failed += 1
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile (--profile): counters around a fio run, then under perf record.
 
 def cpu_ticks():
     f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -554,40 +669,12 @@ def profile_device(devname, runtime):
                 "interrupts_per_io": {k: round((i1[k] - i0.get(k, 0)) / ios, 3)
                                       for k in i1 if i1[k] - i0.get(k, 0) > ios * 0.01},
             }
-            # 2. syscalls of the server, under strace -c (slower: counts, not times, matter).
-            if pids and shutil.which("strace"):
-                tids = [int(t) for p in pids for t in os.listdir(f"/proc/{p}/task")]
-                args = ["strace", "-c", "-q", "-o", "/tmp/strace.out"]
-                for t in tids:
-                    args += ["-p", str(t)]
-                st = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1)
-                rs = fio(path, [job], runtime, 0, out="/tmp/fio-strace.json")[job]
-                st.send_signal(signal.SIGINT)
-                st.wait(timeout=30)
-                rec["strace"] = {"ios": rs["ios"], "iops": rs["iops"],
-                                 "per_io": parse_strace(Path("/tmp/strace.out").read_text(), rs["ios"])}
-            # 3. where the CPU goes, system-wide (cpu-clock sampling).
+            # 2. where the CPU goes, system-wide (cpu-clock sampling).
             if shutil.which("perf"):
                 rec["perf"] = perf_profile(path, job, runtime)
             emit("profile", **rec)
     finally:
         d.teardown()
-
-
-def parse_strace(text, ios):
-    calls = {}
-    for line in text.splitlines():
-        parts = line.split()
-        # % time  seconds  usecs/call  calls  [errors]  syscall
-        if len(parts) >= 5 and re.match(r"^[\d.]+$", parts[0]) and parts[-1] != "total":
-            try:
-                calls[parts[-1]] = int(parts[3])
-            except ValueError:
-                pass
-    out = {k: round(v / ios, 3) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}
-    out["total"] = round(sum(calls.values()) / ios, 3)
-    return out
 
 
 def perf_profile(path, job, runtime):
@@ -686,7 +773,9 @@ def measure(name, path, job, rnd, runtime, ramp, loops, before):
 
 
 def run(args):
-    jobs = SMOKE_JOBS if args.smoke else list(JOBS)
+    jobs = args.jobs.split(",") if getattr(args, "jobs", None) else (SMOKE_JOBS if args.smoke else list(JOBS))
+    if any(j not in JOBS for j in jobs):
+        raise SystemExit(f"unknown jobs {[j for j in jobs if j not in JOBS]}: choose among {list(JOBS)}")
     rounds = args.rounds or (1 if args.smoke else ROUNDS)
     runtime = args.runtime if args.runtime else (1 if args.smoke else 5)
     ramp = args.ramp if args.ramp is not None else (0 if args.smoke else 1)
@@ -709,6 +798,8 @@ def run(args):
             for rnd, job, name in plan(list(ready), jobs, rounds):
                 before, bad = measure(name, ready[name][1], job, rnd, runtime, ramp, loops, before)
                 failed += bad
+            note("counters")
+            failed += count_all(ready, jobs, runtime)
         finally:
             for d, _ in reversed(list(ready.values())):
                 d.teardown()
@@ -787,6 +878,15 @@ def check(path):
                 elif not (r["iops"] > 0 and r["bw_kib"] > 0 and r["lat_mean_us"] >= 0
                           and r["lat_p99_us"] >= 0):
                     problems.append(f"{dev} {job}: empty numbers {r}")
+    counted = [r for r in recs if r["kind"] == "counters"]
+    for dev in COUNTER_DEVICES:
+        for job in (j for j in COUNTER_JOBS if j in jobs):
+            cs = [r for r in counted if r.get("device") == dev and r.get("job") == job]
+            if not cs or "error" in cs[0]:
+                problems.append(f"counters {dev} {job}: {cs[0] if cs else 'no record'}")
+            elif not (cs[0]["fio"]["cpu_us_per_io"] or 0) > 0 or \
+                    (dev != "null_blk" and not (cs[0].get("server") or {}).get("cpu_us_per_io")):
+                problems.append(f"counters {dev} {job}: no CPU time counted: {cs[0]}")
     mem = [r for r in recs if r["kind"] == "memory"]
     if not mem or "error" in mem[0] or mem[0]["per_tap_kib"]["memfree_drop"] <= 0:
         problems.append(f"memory: {mem[0] if mem else 'no record'}")
@@ -812,6 +912,7 @@ def main():
     r.add_argument("--profile", action="store_true", help="also profile tapdev-null vs ublk-null")
     r.add_argument("--no-devices", action="store_true", help="skip the fio runs")
     r.add_argument("--devices", help=f"comma-separated subset of {','.join(DEVICES)} (all)")
+    r.add_argument("--jobs", help=f"comma-separated subset of {','.join(JOBS)} (all; smoke: two)")
     c = sub.add_parser("check")
     c.add_argument("file")
     pl = sub.add_parser("plan")

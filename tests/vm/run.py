@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Boot the cached test kernel in QEMU and run one test script in the guest.
 
-    tests/vm/run.py [--kernel DIR] [--timeout SECONDS] [--log FILE] SCRIPT
+    tests/vm/run.py [--kernel DIR] [--timeout SECONDS] [--log FILE] [--tsc-khz KHZ] SCRIPT
 
 The guest's root is the host's root, read-only, over virtio-9p, so host binaries (tap-ctl, fio,
 mkfs.ext4) and the repo's build outputs run in the guest as they are. tests/vm/guest-init mounts
@@ -56,9 +56,21 @@ def log(msg):
     print(f"[vm] {msg}", file=sys.stderr, flush=True)
 
 
-def qemu_cmd(kernel_dir, accel, script, serial_log):
+def tsc_params(accel, tsc_khz):
+    """The kernel parameters that give a TCG guest a real clock. Under TCG the guest's TSC is
+    the host's (QEMU answers RDTSC with the host's counter), but the guest has no HPET or PM
+    timer to measure its rate against, marks it unstable and falls back to the 4 ms jiffies
+    clock. Told the host's rate (`tsc_early_khz`) and that the counter is sound (`tsc=reliable`:
+    the host's TSC is invariant and the same on every vCPU), it uses the TSC as its clocksource.
+    Nothing under KVM, which has kvm-clock, or without a rate."""
+    if accel != "tcg" or not tsc_khz:
+        return []
+    return [f"tsc_early_khz={int(tsc_khz)}", "tsc=reliable"]
+
+
+def qemu_cmd(kernel_dir, accel, script, serial_log, tsc_khz=None):
     bzimage = Path(kernel_dir) / "arch/x86/boot/bzImage"
-    append = " ".join([
+    append = " ".join(tsc_params(accel, tsc_khz) + [
         "console=ttyS0", "earlyprintk=serial", "panic=-1", "oops=panic", "panic_on_warn=0",
         # Under TCG on a loaded host the boot-time check of the timer IRQ can miss its ticks and
         # panic ("IO-APIC + timer doesn't work"); the emulated timer works, so skip the check.
@@ -182,7 +194,7 @@ def run(args):
     # host, or a panic in early boot) never ran the test: it is booted once more, and the
     # first boot's log is kept beside the log as .boot1. A test that started is never rerun.
     for attempt in (1, 2):
-        proc = subprocess.Popen(qemu_cmd(kernel_dir, accel, script, serial),
+        proc = subprocess.Popen(qemu_cmd(kernel_dir, accel, script, serial, args.tsc_khz),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         timed_out = False
         try:
@@ -230,6 +242,8 @@ def main():
     ap.add_argument("--quiet", action="store_true", help="do not echo the guest console")
     ap.add_argument("--script-output", action="store_true",
                     help="echo only what the script printed (and blktap's kernel messages)")
+    ap.add_argument("--tsc-khz", type=int, help="under TCG, the host's TSC rate: the guest then "
+                    "uses the TSC as its clock, not 4 ms jiffies (scripts/bench)")
     ap.add_argument("script")
     args = ap.parse_args()
     status, info = run(args)
