@@ -1258,5 +1258,8 @@ fn null_a_read_of_part_of_a_page_does_not_make_the_page_known_zero() {
     assert!(k.page(6, 1)[2048..].iter().all(|&b| b == 0x44));
     k.push(R, 6, 0, &[(0, 7), (0, 7)]);
     assert_eq!(serve(&mut k, &mut server), vec![(6, R, 0)]);
-    assert!(k.page(6, 1).iter().all(|&b| b == 0), "a page read in part was taken for zeros");
+    assert!(
+        k.page(6, 1).iter().all(|&b| b == 0),
+        "a page read in part was taken for zeros"
+    );
 }
