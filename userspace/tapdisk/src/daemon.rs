@@ -246,7 +246,10 @@ impl Daemon {
             Token::Conn(id) => self.on_conn(id, events),
             Token::Ring(minor) => self.on_ring(minor, events),
             Token::Backend(minor) => self.on_backend(minor),
-            Token::Export(minor) => self.after_tap_event(minor),
+            Token::Export(minor) => {
+                self.sync_export(minor, true);
+                self.after_tap_event(minor);
+            }
         }
     }
 
@@ -269,13 +272,19 @@ impl Daemon {
         self.exports.insert(minor, export);
     }
 
-    /// The export follows its tap: the NBD requests waiting go to the tap while it is open;
-    /// once the tap has no disk (closed, shut down) the export is gone, its socket removed.
-    fn sync_export(&mut self, minor: u32) {
+    /// The export follows its tap: the NBD requests held go to the tap while it is open, and
+    /// with `take` (its queue is readable) the new ones first; once the tap has no disk (closed,
+    /// shut down) the export is gone, its socket removed. Without `take` it makes no system
+    /// call, so the ring's events cost nothing for it.
+    fn sync_export(&mut self, minor: u32, take: bool) {
         match self.taps.get_mut(&minor) {
             Some(tap) if tap.has_disk() => {
                 if let Some(export) = self.exports.get_mut(&minor) {
-                    export.pump(tap);
+                    if take {
+                        export.pump(tap);
+                    } else {
+                        export.retry(tap);
+                    }
                 }
             }
             _ => {
@@ -590,7 +599,7 @@ impl TapHost for Daemon {
     /// After anything happened to a tap: moves its NBD export on, polls its new backend, moves
     /// a pause on, and answers the connections waiting for that pause.
     fn after_tap_event(&mut self, minor: u32) {
-        self.sync_export(minor);
+        self.sync_export(minor, false);
         if let Err(e) = self.sync_backend_watch(minor) {
             log!("tap {minor}: cannot poll its image: {e}");
         }
@@ -600,7 +609,7 @@ impl TapHost for Daemon {
         let outcome = tap.advance();
         let pausing = tap.state() == blktap::ctl::TapState::Pausing;
         // A pause may have ended in a resume: the NBD requests held meanwhile go on.
-        self.sync_export(minor);
+        self.sync_export(minor, false);
         if let Err(e) = self.sync_backend_watch(minor) {
             log!("tap {minor}: cannot poll its image: {e}");
         }

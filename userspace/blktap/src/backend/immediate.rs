@@ -23,6 +23,22 @@ pub trait SyncBackend {
     /// The buffers of `io` must be valid for its operation (the [`Backend::queue`] contract).
     unsafe fn transfer(&mut self, io: &Io) -> Result<(), Errno>;
 
+    /// Performs a read into buffers that hold zeros already (see
+    /// [`Backend::queue_read_into_zeros`]); the default reads as [`SyncBackend::transfer`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`SyncBackend::transfer`]; and every buffer of `io` holds only zero bytes.
+    unsafe fn transfer_into_zeros(&mut self, io: &Io) -> Result<(), Errno> {
+        // SAFETY: the caller's contract is `transfer`'s, and more.
+        unsafe { self.transfer(io) }
+    }
+
+    /// Whether every read returns zeros (see [`Backend::reads_zeros`]).
+    fn reads_zeros(&self) -> bool {
+        false
+    }
+
     /// The operations beyond reads and writes it does.
     fn features(&self) -> Features {
         Features::default()
@@ -73,6 +89,19 @@ impl<T: SyncBackend> Backend for Synchronous<T> {
             tag: io.tag,
             result,
         });
+    }
+
+    unsafe fn queue_read_into_zeros(&mut self, io: Io) {
+        // SAFETY: the caller keeps the buffers valid, and they hold zeros (the contract).
+        let result = unsafe { self.inner.transfer_into_zeros(&io) };
+        self.done.push(Completion {
+            tag: io.tag,
+            result,
+        });
+    }
+
+    fn reads_zeros(&self) -> bool {
+        self.inner.reads_zeros()
     }
 
     fn submit(&mut self) -> Result<()> {

@@ -119,6 +119,24 @@ pub trait Backend {
     /// has been dropped, and no Rust reference may reach those buffers meanwhile.
     unsafe fn queue(&mut self, io: Io);
 
+    /// Queues a read whose buffers hold zeros already, which the caller knows (see
+    /// [`Backend::reads_zeros`]): a backend whose reads return zeros may leave the buffers as
+    /// they are. Any other backend reads as [`Backend::queue`] does, which is the default.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Backend::queue`]; and every buffer of `io.iov` holds only zero bytes.
+    unsafe fn queue_read_into_zeros(&mut self, io: Io) {
+        // SAFETY: the caller's contract is `queue`'s, and more.
+        unsafe { self.queue(io) }
+    }
+
+    /// Whether every read returns zeros (`null:`): the caller may then track which of its
+    /// buffers hold zeros already and use [`Backend::queue_read_into_zeros`] for them.
+    fn reads_zeros(&self) -> bool {
+        false
+    }
+
     /// Starts every queued I/O, in one go.
     fn submit(&mut self) -> Result<()>;
 

@@ -3,8 +3,9 @@
 //!
 //! NBD connection threads ([`server`](super::server)) send their requests through a
 //! [`channel`](super::channel) to the event loop that serves the tap; [`TapExport::pump`] (called
-//! by that loop when [`TapExport::fd`] is readable, and after anything happened to the tap)
-//! hands them to the tap's ring server, on the same backend as the tapdev's requests:
+//! by that loop when [`TapExport::fd`] is readable) and [`TapExport::retry`] (after anything else
+//! happened to the tap, with no system call) hand them to the tap's ring server, on the same
+//! backend as the tapdev's requests:
 //!
 //! - ordering: every I/O, from the ring or from NBD, goes to the one backend in the order the
 //!   loop takes it; as with two initiators of a shared disk, I/Os in flight together on
@@ -99,9 +100,18 @@ impl TapExport {
         self.held.len()
     }
 
-    /// Takes the waiting NBD requests and hands them, in order, to the tap while it is open.
+    /// Takes the waiting NBD requests (reading the queue's wake-up, a system call) and hands
+    /// them, with those held, to the tap as [`TapExport::retry`] does: for when
+    /// [`TapExport::fd`] is readable.
     pub fn pump<D: RingDevice>(&mut self, tap: &mut TapCore<D>) {
         self.held.extend(self.queue.take());
+        self.retry(tap);
+    }
+
+    /// Hands the held NBD requests, in order, to the tap while it is open, without taking new
+    /// ones (no system call): for after anything else happened to the tap, which may have made
+    /// room or ended a pause. New requests wake the loop through [`TapExport::fd`].
+    pub fn retry<D: RingDevice>(&mut self, tap: &mut TapCore<D>) {
         while let Some(req) = self.held.pop_front() {
             match req {
                 ExportRequest::Io(io) => {
@@ -181,6 +191,73 @@ mod tests {
             iov_base: b.as_mut_ptr().cast(),
             iov_len: b.len(),
         }
+    }
+
+    fn readable(export: &TapExport, ms: u16) -> bool {
+        let mut fds = [nix::poll::PollFd::new(
+            export.fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).unwrap() == 1
+    }
+
+    #[test]
+    fn retry_leaves_new_requests_to_pump_and_its_wake_up() {
+        // The loop calls `retry` after every ring event: it must not read the queue's wake-up
+        // (a system call per event), and a request it does not take must keep the fd readable.
+        let k = SimKernel::new();
+        let mut tap: Tap = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
+        let ram: Box<dyn Backend> = Box::new(Synchronous::new(RamBackend::new(1 << 20).unwrap()));
+        let args = OpenArgs {
+            params: "ram:1M",
+            ..Default::default()
+        };
+        tap.open_backend(&args, "ram:1M", ram).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), 43, tap.minor());
+        let mut export = TapExport::start(&path, &tap).unwrap();
+        let uri = format!("nbd+unix:///x?socket={}", path.display());
+        let opts = Options {
+            deadline: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+        };
+        let mut client = NbdBackend::open_with(&uri, false, opts).unwrap();
+        let mut w = vec![0x3cu8; 4096];
+        // SAFETY: `w` outlives the completion, which the loop below waits for.
+        unsafe {
+            client.queue(Io {
+                tag: 9,
+                op: Op::Write,
+                offset: 0,
+                iov: vec![iov(&mut w)],
+                discard_len: 0,
+            })
+        };
+        client.submit().unwrap();
+        assert!(
+            readable(&export, 10_000),
+            "the request never reached the queue"
+        );
+        export.retry(&mut tap);
+        assert!(readable(&export, 0), "retry consumed the wake-up");
+        let mut done = Vec::new();
+        client.reap(&mut done);
+        assert!(done.is_empty(), "retry took a new request");
+        let done = pump(
+            &mut tap,
+            &mut export,
+            &mut client,
+            1,
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            done,
+            [Completion {
+                tag: 9,
+                result: Ok(())
+            }]
+        );
+        assert!(!readable(&export, 0));
     }
 
     #[test]

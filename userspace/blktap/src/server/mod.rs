@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Completion, Features, Io};
 use crate::mapping::AlignedBuf;
 use crate::ring::{
-    validate, BackRing, Invalid, Op, Request, RingCorrupt, RingMemory, RING_MESSAGE_CLOSE,
-    SECTOR_SIZE,
+    validate, BackRing, Invalid, Op, Request, RingCorrupt, RingMemory, PAGE_SIZE,
+    RING_MESSAGE_CLOSE, SECTOR_SIZE,
 };
 use crate::{Error, Result};
 
@@ -238,7 +238,19 @@ pub struct Server<M: RingMemory> {
     /// memory does not move when the map does) until their completion.
     external: std::collections::HashMap<u64, ExternalIo>,
     next_external: u64,
+    /// Whether the backend's reads return zeros ([`Backend::reads_zeros`]): then `unzeroed`
+    /// is kept.
+    reads_zeros: bool,
+    /// Per slot, bit j set: data page j may hold something other than zeros. Every page starts
+    /// so (a new mapping may hold an earlier user's data); a page is known to hold zeros once a
+    /// read of all of it from a backend that reads zeros succeeded, and stops being so when any
+    /// request other than a read arrives in its slot (the kernel copies write data in first).
+    /// Reads into pages known to hold zeros are queued with [`Backend::queue_read_into_zeros`].
+    unzeroed: [u16; abi::RING_SIZE],
 }
+
+/// Every data page of a slot.
+const ALL_PAGES: u16 = (1 << abi::SEGMENT_MAX) - 1;
 
 impl<M: RingMemory> Server<M> {
     /// Serves the ring in `memory` from `backend`, which holds image `image` (`type:path`, for
@@ -258,6 +270,7 @@ impl<M: RingMemory> Server<M> {
     ) -> Self {
         let capacity = backend.size() / SECTOR_SIZE;
         let features = backend.features();
+        let features_reads_zeros = backend.reads_zeros();
         Self {
             backend,
             ring: BackRing::new(memory),
@@ -274,6 +287,8 @@ impl<M: RingMemory> Server<M> {
             completions: Vec::with_capacity(abi::RING_SIZE),
             external: std::collections::HashMap::new(),
             next_external: EXTERNAL_TAG,
+            reads_zeros: features_reads_zeros,
+            unzeroed: [ALL_PAGES; abi::RING_SIZE],
         }
     }
 
@@ -493,11 +508,13 @@ impl<M: RingMemory> Server<M> {
             self.fetched = fetched;
             return Err(RingFault::from(c).into());
         }
+        // One clock reading for the batch: the requests of one fetch arrived together.
+        let now = Instant::now();
         for raw in &fetched {
             if self.fault.is_some() {
                 break;
             }
-            self.start(raw);
+            self.start(raw, now);
         }
         self.fetched = fetched;
         let submitted = self.backend.submit();
@@ -620,8 +637,15 @@ impl<M: RingMemory> Server<M> {
     }
 
     /// Starts one request (or answers it, if it cannot be started).
-    fn start(&mut self, raw: &blktap_request) {
+    fn start(&mut self, raw: &blktap_request, now: Instant) {
         self.stats.requests += 1;
+        if raw.operation != abi::OP_READ {
+            // The kernel may have copied data into the slot's pages (a write's), whether the
+            // request is valid or not.
+            if let Some(pages) = self.unzeroed.get_mut(raw.id as usize) {
+                *pages = ALL_PAGES;
+            }
+        }
         let req = match validate(raw, self.capacity) {
             Ok(req) => req,
             Err(invalid) => return self.refuse(raw, invalid),
@@ -647,7 +671,7 @@ impl<M: RingMemory> Server<M> {
         }
         self.in_flight[req.slot] = Some(InFlight {
             req,
-            started: Instant::now(),
+            started: now,
             failures: 0,
             retry_at: None,
         });
@@ -683,11 +707,20 @@ impl<M: RingMemory> Server<M> {
                 0
             },
         };
+        let pages = (1u16 << req.segments().len()) - 1;
+        let into_zeros = self.reads_zeros && req.op == Op::Read && self.unzeroed[slot] & pages == 0;
         // SAFETY: the buffers are inside the request's data pages (bounds-checked by
         // `data_page` and `validate`), in the ring memory this server owns. That memory outlives
         // the backend (declared first, dropped first, and `into_memory` drops it before handing
-        // the memory back), and is only reached through raw pointers.
-        unsafe { self.backend.queue(io) };
+        // the memory back), and is only reached through raw pointers. With `into_zeros`, every
+        // page the read covers holds zeros (`unzeroed`).
+        unsafe {
+            if into_zeros {
+                self.backend.queue_read_into_zeros(io)
+            } else {
+                self.backend.queue(io)
+            }
+        };
     }
 
     fn refuse(&mut self, raw: &blktap_request, invalid: Invalid) {
@@ -753,6 +786,14 @@ impl<M: RingMemory> Server<M> {
         let op = done.req.op;
         let status = match c.result {
             Ok(()) => {
+                if op == Op::Read && self.reads_zeros {
+                    // The pages the read filled whole hold zeros now.
+                    for (j, seg) in done.req.segments().iter().enumerate() {
+                        if seg.page_offset() == 0 && seg.len() == PAGE_SIZE {
+                            self.unzeroed[slot] &= !(1 << j);
+                        }
+                    }
+                }
                 let bytes = done.req.bytes();
                 match op {
                     Op::Read => self.stats.bytes_read += bytes,

@@ -1153,3 +1153,113 @@ fn nbd_clients_and_the_ring_share_one_aio_image() {
     drop(server);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+fn null_server(k: &SimKernel, size: u64) -> Server<Rc<SimDevice>> {
+    let backend = Box::new(Synchronous::new(crate::backend::null::NullBackend::new(
+        size,
+    )));
+    Server::new(Rc::clone(&k.mem), backend, format!("null:{size}"), false)
+}
+
+fn serve(k: &mut SimKernel, server: &mut Server<Rc<SimDevice>>) -> Vec<(u64, u8, i16)> {
+    k.publish();
+    server.serve_ring().unwrap();
+    statuses(&k.responses())
+}
+
+#[test]
+fn null_reads_zero_pages_that_may_hold_data_and_leave_known_zero_ones_alone() {
+    let mut k = SimKernel::new();
+    let mut server = null_server(&k, 1 << 20);
+    // A new mapping may hold an earlier user's data: the first read zeros every page it covers.
+    for j in 0..11 {
+        k.fill(3, j, |_| 0xa5);
+    }
+    k.push(R, 3, 0, &[(0, 7); 11]);
+    assert_eq!(serve(&mut k, &mut server), vec![(3, R, 0)]);
+    assert!((0..11).all(|j| k.page(3, j).iter().all(|&b| b == 0)));
+    // Those pages are known to hold zeros now: the next read of the slot leaves them as they
+    // are (a byte planted behind the server's back, which the kernel never does, survives).
+    k.fill(3, 4, |i| if i == 100 { 0x5a } else { 0 });
+    k.push(R, 3, 8, &[(0, 7); 11]);
+    assert_eq!(serve(&mut k, &mut server), vec![(3, R, 0)]);
+    assert_eq!(
+        k.page(3, 4)[100],
+        0x5a,
+        "a known-zero page was written again"
+    );
+    // A read of more pages than were ever zeroed zeros them all.
+    k.fill(3, 4, |_| 0);
+    k.fill(7, 0, |_| 0x11);
+    k.push(R, 7, 0, &[(0, 7)]);
+    assert_eq!(serve(&mut k, &mut server), vec![(7, R, 0)]);
+    assert!(k.page(7, 0).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn null_zeros_again_after_any_request_that_may_have_brought_data_into_the_slot() {
+    let mut k = SimKernel::new();
+    let mut server = null_server(&k, 1 << 20);
+    let zeroed = |k: &mut SimKernel, server: &mut Server<Rc<SimDevice>>, slot: usize, n: usize| {
+        k.push(R, slot as u64, 0, &vec![(0, 7); n]);
+        assert_eq!(serve(k, server), vec![(slot as u64, R, 0)]);
+        (0..n).all(|j| k.page(slot, j).iter().all(|&b| b == 0))
+    };
+    assert!(zeroed(&mut k, &mut server, 0, 11));
+    // A write: the kernel copied its data into the slot's pages first.
+    for j in 0..11 {
+        k.fill(0, j, |i| pattern(0, j, i));
+    }
+    k.push(W, 0, 64, &[(0, 7); 11]);
+    assert_eq!(serve(&mut k, &mut server), vec![(0, W, 0)]);
+    assert!(
+        zeroed(&mut k, &mut server, 0, 11),
+        "a read after a write returned its data"
+    );
+    // A write the server refuses (past the end of the disk) brought its data in all the same.
+    k.fill(0, 2, |_| 0xee);
+    k.push(W, 0, (1 << 20) / 512, &[(0, 7)]);
+    assert_eq!(serve(&mut k, &mut server), vec![(0, W, abi::RSP_ERROR)]);
+    assert!(
+        zeroed(&mut k, &mut server, 0, 3),
+        "a read after a refused write returned its data"
+    );
+    // A FUA write, and a request with an unknown operation, likewise.
+    for (op, status) in [(abi::OP_WRITE_FUA, 0), (0x7f, abi::RSP_ERROR)] {
+        k.fill(0, 0, |_| 0x77);
+        k.push(op, 0, 0, &[(0, 7)]);
+        let got = serve(&mut k, &mut server);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0, got[0].2 == 0), (0, status == 0), "{got:?}");
+        assert!(zeroed(&mut k, &mut server, 0, 1), "op {op:#x}");
+    }
+}
+
+#[test]
+fn null_a_read_of_part_of_a_page_does_not_make_the_page_known_zero() {
+    let mut k = SimKernel::new();
+    let mut server = null_server(&k, 1 << 20);
+    k.fill(5, 0, |_| 0x33);
+    // Sectors 2..=3 of the page only: the rest of the page keeps what it had.
+    k.push(R, 5, 0, &[(2, 3)]);
+    assert_eq!(serve(&mut k, &mut server), vec![(5, R, 0)]);
+    let page = k.page(5, 0);
+    assert!(page[1024..2048].iter().all(|&b| b == 0));
+    assert!(page[..1024].iter().chain(&page[2048..]).all(|&b| b == 0x33));
+    // So a later read of the whole page zeros all of it.
+    k.push(R, 5, 0, &[(0, 7)]);
+    assert_eq!(serve(&mut k, &mut server), vec![(5, R, 0)]);
+    assert!(k.page(5, 0).iter().all(|&b| b == 0));
+    // A read of a whole page and part of the next: only the first is known to hold zeros.
+    k.fill(6, 0, |_| 0x44);
+    k.fill(6, 1, |_| 0x44);
+    k.push(R, 6, 0, &[(0, 7), (0, 3)]);
+    assert_eq!(serve(&mut k, &mut server), vec![(6, R, 0)]);
+    assert!(k.page(6, 1)[2048..].iter().all(|&b| b == 0x44));
+    k.push(R, 6, 0, &[(0, 7), (0, 7)]);
+    assert_eq!(serve(&mut k, &mut server), vec![(6, R, 0)]);
+    assert!(
+        k.page(6, 1).iter().all(|&b| b == 0),
+        "a page read in part was taken for zeros"
+    );
+}
