@@ -704,3 +704,24 @@ fn servers_without_opt_go_are_reached_with_export_name() {
     drop(b);
     assert_eq!(served.join().unwrap(), ("legacy".to_string(), 1));
 }
+
+/// Opened for a tap, the client gives up on a request the server leaves unanswered by the tap's
+/// deadline when that is shorter than its own (30 s): the tap's deadline holds.
+#[test]
+fn a_taps_shorter_deadline_bounds_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("stall");
+    let _srv = misbehaving_server(&sock, |_, _| {});
+    let spec: ImageSpec = format!("nbd:{}", uri(&sock)).parse().unwrap();
+    let mut b = blktap::backend::open_for_tap(&spec, false, true, Duration::from_secs(1)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let t = Instant::now();
+    // SAFETY: the buffer outlives run.
+    let r = unsafe { run(b.as_mut(), vec![io(Op::Read, 0, vec![iov(&mut buf)], 0)]) };
+    assert_eq!(r, [Err(Errno::EIO)]);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
