@@ -16,7 +16,8 @@
 //! [`Options::deadline`] after it was first queued fails with `EIO`; so does every request while
 //! the server stays away past that deadline (tapdisk's own retries then apply). A server that
 //! stalls (a request unanswered past the deadline while connected) or breaks the protocol (a reply
-//! for an unknown cookie, a bad magic, data outside the request) is dropped the same way.
+//! for an unknown cookie, a bad magic, data outside the request, a successful read reply that
+//! leaves part of the range without data) is dropped the same way.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -71,6 +72,26 @@ struct InFlight {
     first_sent: Instant,
     /// An error chunk seen for it (0: none).
     error: u32,
+    /// The ranges a read's reply chunks filled so far (data or holes), on this connection.
+    filled: Vec<(u64, u64)>,
+}
+
+/// Whether `ranges` (each `[start, end)`, in any order, overlapping or not) cover
+/// `[offset, offset + length)` entirely.
+fn covers(ranges: &mut [(u64, u64)], offset: u64, length: u64) -> bool {
+    ranges.sort_unstable();
+    let end = offset.saturating_add(length);
+    let mut at = offset;
+    for &(a, b) in ranges.iter() {
+        if at >= end {
+            break;
+        }
+        if a > at {
+            return false;
+        }
+        at = at.max(b);
+    }
+    at >= end
 }
 
 struct Shared {
@@ -372,6 +393,7 @@ impl Supervisor {
                 req,
                 first_sent: Instant::now(),
                 error: 0,
+                filled: Vec::new(),
             },
         );
         if self.conn.is_some() {
@@ -479,6 +501,7 @@ impl Supervisor {
             let mut pending = lock(&self.shared.pending);
             for f in pending.values_mut() {
                 f.error = 0;
+                f.filled.clear();
             }
             pending.keys().copied().collect()
         };
@@ -593,17 +616,31 @@ fn read_replies(stream: &Stream, shared: &Shared) -> std::result::Result<(), Pro
                 // SAFETY: a pending read's buffers are valid for writes; read_reply checked the
                 // range against the request's, which is the I/O's.
                 unsafe { scatter(&f.io.0, at, Some(&data), data.len()) };
+                f.filled.push((offset, offset + data.len() as u64));
             }
             Reply::Hole { offset, length, .. } => {
                 let at = (offset - f.req.offset) as usize;
                 // SAFETY: as above.
                 unsafe { scatter(&f.io.0, at, None, length as usize) };
+                f.filled.push((offset, offset + u64::from(length)));
             }
             Reply::Status { error, .. } => {
                 if error != 0 && f.error == 0 {
                     f.error = error;
                 }
             }
+        }
+        if done
+            && f.error == 0
+            && f.req.typ == cmd::READ
+            && !covers(&mut f.filled, f.req.offset, u64::from(f.req.length))
+        {
+            // A successful read must fill its whole range (the protocol says so): the rest of
+            // the buffer holds whatever was there, never to be handed out as the disk's data.
+            // The request stays pending, to be sent again on the next connection.
+            return Err(ProtoError::violation(
+                "a read answered without data for part of its range",
+            ));
         }
         if done {
             if let Some(f) = pending.remove(&cookie) {
@@ -615,5 +652,24 @@ fn read_replies(stream: &Stream, shared: &Shared) -> std::result::Result<(), Pro
                 shared.complete(f.io.0.tag, result);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covers;
+
+    #[test]
+    fn coverage_of_a_read_by_its_chunks() {
+        assert!(covers(&mut [(0, 4096)], 0, 4096));
+        assert!(covers(&mut [(2048, 4096), (0, 2048)], 0, 4096));
+        assert!(covers(&mut [(0, 3000), (1000, 4096)], 0, 4096));
+        assert!(covers(&mut [(8192, 12288)], 8192, 4096));
+        assert!(covers(&mut [], 0, 0));
+        assert!(!covers(&mut [], 0, 512));
+        assert!(!covers(&mut [(0, 2048)], 0, 4096));
+        assert!(!covers(&mut [(0, 1024), (2048, 4096)], 0, 4096));
+        assert!(!covers(&mut [(512, 4096)], 0, 4096));
+        assert!(!covers(&mut [(0, 4095)], 0, 4096));
     }
 }
