@@ -829,3 +829,34 @@ fn a_read_reply_that_leaves_part_of_the_range_unfilled_is_not_taken() {
         );
     }
 }
+
+/// A server that breaks the protocol on every connection is not hammered: a connection that
+/// answered nothing is followed by the same backoff as a failed connect (it used to be
+/// reconnected to at once, hundreds of times a second until the deadline).
+#[test]
+fn a_server_that_always_breaks_the_protocol_is_not_hammered() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bad");
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    let _srv = serve_requests(
+        &sock,
+        false,
+        Arc::new(move |s, _, n| {
+            counted.fetch_max(n + 1, std::sync::atomic::Ordering::Relaxed);
+            let _ = s.write_all(&[0xee; 16]);
+        }),
+    );
+    let opts = Options {
+        deadline: Duration::from_secs(2),
+        connect_timeout: Duration::from_millis(500),
+    };
+    let mut b = NbdBackend::open_with(&uri(&sock), false, opts).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: the buffer outlives run.
+    let r = unsafe { run(&mut b, vec![io(Op::Read, 0, vec![iov(&mut buf)], 0)]) };
+    assert_eq!(r, [Err(Errno::EIO)]);
+    let n = connections.load(std::sync::atomic::Ordering::Relaxed);
+    // 50, 100, 200, 400, 800 ms, then every second: about 7 in 2 s.
+    assert!((2..=12).contains(&n), "{n} connections in 2 s");
+}

@@ -11,8 +11,9 @@
 //! when the server offers it, because a blktap discard promises that the range reads back as
 //! zeros and an NBD trim does not.
 //!
-//! A dropped connection is re-established (backing off from 50 ms to 1 s between tries) and every
-//! unanswered request is sent again, in the order first sent. A request still unanswered
+//! A dropped connection is re-established (at once if it answered a request; else, and after a
+//! failed try, backing off from 50 ms to 1 s) and every unanswered request is sent again, in the
+//! order first sent. A request still unanswered
 //! [`Options::deadline`] after it was first queued fails with `EIO`; so does every request while
 //! the server stays away past that deadline (tapdisk's own retries then apply). A server that
 //! stalls (a request unanswered past the deadline while connected) or breaks the protocol (a reply
@@ -21,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -98,6 +100,8 @@ struct Shared {
     pending: Mutex<BTreeMap<u64, InFlight>>,
     done: Mutex<Vec<Completion>>,
     event: EventFd,
+    /// Requests the server answered (on any connection).
+    answered: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +182,7 @@ impl NbdBackend {
             pending: Mutex::default(),
             done: Mutex::default(),
             event,
+            answered: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let mut sup = Supervisor {
@@ -297,6 +302,8 @@ struct Live {
     stream: Stream,
     reader: JoinHandle<()>,
     generation: u64,
+    /// [`Shared::answered`] when it was made.
+    answered: u64,
 }
 
 struct Supervisor {
@@ -455,11 +462,24 @@ impl Supervisor {
 
     fn drop_connection(&mut self, why: &str) {
         if let Some(live) = self.conn.take() {
-            log::warn!("nbd: {}: {why}; reconnecting", self.uri);
             live.stream.shutdown();
             let _ = live.reader.join();
-            self.next_try = Instant::now();
-            self.backoff = BACKOFF_MIN;
+            if self.shared.answered.load(Ordering::Relaxed) != live.answered {
+                // It served: try again at once.
+                log::warn!("nbd: {}: {why}; reconnecting", self.uri);
+                self.next_try = Instant::now();
+                self.backoff = BACKOFF_MIN;
+            } else {
+                // Not one request answered (a server that breaks the protocol or stalls on
+                // every connection): back off as after a failed connect, not to hammer it.
+                log::warn!(
+                    "nbd: {}: {why}; reconnecting in {} ms",
+                    self.uri,
+                    self.backoff.as_millis()
+                );
+                self.next_try = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            }
         }
     }
 
@@ -539,8 +559,8 @@ impl Supervisor {
             stream: conn.stream,
             reader,
             generation,
+            answered: self.shared.answered.load(Ordering::Relaxed),
         });
-        self.backoff = BACKOFF_MIN;
         Ok(())
     }
 }
@@ -643,6 +663,7 @@ fn read_replies(stream: &Stream, shared: &Shared) -> std::result::Result<(), Pro
             ));
         }
         if done {
+            shared.answered.fetch_add(1, Ordering::Relaxed);
             if let Some(f) = pending.remove(&cookie) {
                 let result = if f.error == 0 {
                     Ok(())
