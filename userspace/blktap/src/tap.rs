@@ -203,7 +203,8 @@ impl<D: RingDevice> TapCore<D> {
     pub fn open(&mut self, args: &OpenArgs<'_>) -> Result<()> {
         self.check_attached()?;
         let spec: ImageSpec = args.params.parse()?;
-        let backend = backend::open_with(&spec, args.readonly, !args.no_direct)?;
+        let deadline = args.deadline.unwrap_or(self.options.server.deadline);
+        let backend = backend::open_for_tap(&spec, args.readonly, !args.no_direct, deadline)?;
         self.open_backend(args, &spec.to_string(), backend)
     }
 
@@ -429,7 +430,12 @@ impl<D: RingDevice> TapCore<D> {
             }
         };
         let spec: ImageSpec = params.unwrap_or(&p.image).parse()?;
-        let backend = backend::open_with(&spec, p.readonly, !p.no_direct)?;
+        let backend = backend::open_for_tap(
+            &spec,
+            p.readonly,
+            !p.no_direct,
+            self.options.server.deadline,
+        )?;
         self.unpause_backend(&spec.to_string(), backend)
     }
 

@@ -518,10 +518,20 @@ type Answer = fn(&mut UnixStream, Request);
 /// A test server that handshakes properly (structured replies refused, OPT_GO answered), then
 /// misbehaves with every request as `answer` says.
 fn misbehaving_server(sock: &Path, answer: Answer) -> std::thread::JoinHandle<()> {
+    serve_requests(sock, false, Arc::new(move |s, req, _| answer(s, req)))
+}
+
+/// How a test server answers a request on its connection number `.2` (from 0).
+type AnswerOn = Arc<dyn Fn(&mut UnixStream, Request, usize) + Send + Sync>;
+
+/// A test server that handshakes properly (structured replies acknowledged if `structured`,
+/// OPT_GO answered: 16 MiB, flush), then answers every request as `answer` says.
+fn serve_requests(sock: &Path, structured: bool, answer: AnswerOn) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(sock).unwrap();
     std::thread::spawn(move || {
-        for s in listener.incoming() {
+        for (n, s) in listener.incoming().enumerate() {
             let Ok(mut s) = s else { return };
+            let answer = answer.clone();
             std::thread::spawn(move || {
                 let mut hello = proto::NBDMAGIC.to_be_bytes().to_vec();
                 hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -540,6 +550,10 @@ fn misbehaving_server(sock: &Path, answer: Answer) -> std::thread::JoinHandle<()
                     let Ok(_) = proto::read_payload(&mut s, "opt", len, 4096) else {
                         return;
                     };
+                    if option == proto::opt::STRUCTURED_REPLY && structured {
+                        let _ = write_opt_reply(&mut s, option, rep::ACK, &[]);
+                        continue;
+                    }
                     if option == proto::opt::GO {
                         let mut b = proto::info::EXPORT.to_be_bytes().to_vec();
                         b.extend_from_slice(&(16 * MIB).to_be_bytes());
@@ -556,7 +570,7 @@ fn misbehaving_server(sock: &Path, answer: Answer) -> std::thread::JoinHandle<()
                     if req.typ == proto::cmd::WRITE {
                         let _ = proto::read_payload(&mut s, "w", req.length, 1 << 25);
                     }
-                    answer(&mut s, req);
+                    answer(&mut s, req, n);
                 }
             });
         }
@@ -703,4 +717,146 @@ fn servers_without_opt_go_are_reached_with_export_name() {
     assert!(buf.iter().all(|&x| x == 0x77));
     drop(b);
     assert_eq!(served.join().unwrap(), ("legacy".to_string(), 1));
+}
+
+/// Opened for a tap, the client gives up on a request the server leaves unanswered by the tap's
+/// deadline when that is shorter than its own (30 s): the tap's deadline holds.
+#[test]
+fn a_taps_shorter_deadline_bounds_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("stall");
+    let _srv = misbehaving_server(&sock, |_, _| {});
+    let spec: ImageSpec = format!("nbd:{}", uri(&sock)).parse().unwrap();
+    let mut b = blktap::backend::open_for_tap(&spec, false, true, Duration::from_secs(1)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let t = Instant::now();
+    // SAFETY: the buffer outlives run.
+    let r = unsafe { run(b.as_mut(), vec![io(Op::Read, 0, vec![iov(&mut buf)], 0)]) };
+    assert_eq!(r, [Err(Errno::EIO)]);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+/// The bytes a test server serves at `offset`: each 8-byte word holds its own offset.
+fn served(offset: u64, len: u32) -> Vec<u8> {
+    (offset / 8..(offset + u64::from(len)) / 8)
+        .flat_map(|w| (w * 8).to_le_bytes())
+        .collect()
+}
+
+/// A structured reply chunk with the data of `req` from byte `from` to `to` of its range.
+fn data_chunk(req: &Request, from: u32, to: u32, done: bool) -> Vec<u8> {
+    let mut b = ReplyHeader::Chunk {
+        flags: if done { proto::REPLY_FLAG_DONE } else { 0 },
+        typ: proto::chunk::OFFSET_DATA,
+        cookie: req.cookie,
+        length: 8 + to - from,
+    }
+    .encode();
+    let at = req.offset + u64::from(from);
+    b.extend_from_slice(&at.to_be_bytes());
+    b.extend_from_slice(&served(at, to - from));
+    b
+}
+
+/// A server whose successful read reply fills only part of the range: the rest of the buffer
+/// was handed out as the disk's data (stale bytes), though the protocol says a successful read
+/// fills its whole range. Now the client takes it as a protocol violation: it reconnects and
+/// sends the read again; the data it hands out is the server's, or the read fails.
+#[test]
+fn a_read_reply_that_leaves_part_of_the_range_unfilled_is_not_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        deadline: Duration::from_secs(1),
+        connect_timeout: Duration::from_millis(500),
+    };
+    for (name, bad_connections) in [("once", 1), ("always", usize::MAX)] {
+        let sock = dir.path().join(name);
+        let _srv = serve_requests(
+            &sock,
+            true,
+            Arc::new(move |s, req, n| {
+                let half = req.length / 2;
+                let b = if req.typ != proto::cmd::READ {
+                    ReplyHeader::Simple {
+                        error: 0,
+                        cookie: req.cookie,
+                    }
+                    .encode()
+                } else if n < bad_connections {
+                    // The first half, then a NONE chunk ending the reply.
+                    let mut b = data_chunk(&req, 0, half, false);
+                    b.extend_from_slice(
+                        &ReplyHeader::Chunk {
+                            flags: proto::REPLY_FLAG_DONE,
+                            typ: proto::chunk::NONE,
+                            cookie: req.cookie,
+                            length: 0,
+                        }
+                        .encode(),
+                    );
+                    b
+                } else {
+                    // In two chunks, the second first.
+                    let mut b = data_chunk(&req, half, req.length, false);
+                    b.extend_from_slice(&data_chunk(&req, 0, half, true));
+                    b
+                };
+                let _ = s.write_all(&b);
+            }),
+        );
+        let mut b = NbdBackend::open_with(&uri(&sock), false, opts).unwrap();
+        let mut buf = vec![0xeeu8; 8192];
+        let t = Instant::now();
+        // SAFETY: the buffer outlives run.
+        let r = unsafe { run(&mut b, vec![io(Op::Read, 65536, vec![iov(&mut buf)], 0)]) };
+        if bad_connections == 1 {
+            assert_eq!(r, [Ok(())], "{name}");
+            assert!(
+                buf == served(65536, 8192),
+                "{name}: the data is not the server's"
+            );
+        } else {
+            assert_eq!(r, [Err(Errno::EIO)], "{name}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{name}: {:?}",
+            t.elapsed()
+        );
+    }
+}
+
+/// A server that breaks the protocol on every connection is not hammered: a connection that
+/// answered nothing is followed by the same backoff as a failed connect (it used to be
+/// reconnected to at once, hundreds of times a second until the deadline).
+#[test]
+fn a_server_that_always_breaks_the_protocol_is_not_hammered() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bad");
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    let _srv = serve_requests(
+        &sock,
+        false,
+        Arc::new(move |s, _, n| {
+            counted.fetch_max(n + 1, std::sync::atomic::Ordering::Relaxed);
+            let _ = s.write_all(&[0xee; 16]);
+        }),
+    );
+    let opts = Options {
+        deadline: Duration::from_secs(2),
+        connect_timeout: Duration::from_millis(500),
+    };
+    let mut b = NbdBackend::open_with(&uri(&sock), false, opts).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: the buffer outlives run.
+    let r = unsafe { run(&mut b, vec![io(Op::Read, 0, vec![iov(&mut buf)], 0)]) };
+    assert_eq!(r, [Err(Errno::EIO)]);
+    let n = connections.load(std::sync::atomic::Ordering::Relaxed);
+    // 50, 100, 200, 400, 800 ms, then every second: about 7 in 2 s.
+    assert!((2..=12).contains(&n), "{n} connections in 2 s");
 }

@@ -339,6 +339,28 @@ pub fn open(spec: &ImageSpec, readonly: bool) -> Result<Box<dyn Backend>> {
 
 /// Opens the image `spec` as [`open`] does; `direct: false` never uses `O_DIRECT` (`aio:`).
 pub fn open_with(spec: &ImageSpec, readonly: bool, direct: bool) -> Result<Box<dyn Backend>> {
+    open_inner(spec, readonly, direct, None)
+}
+
+/// Opens the image `spec` as [`open_with`] does, for a tap whose requests must be answered
+/// within `deadline` (retries included): an `nbd:` client then gives up on a request the
+/// server leaves unanswered (or cannot take, being away) by that deadline, if it is shorter
+/// than the client's own ([`nbd::Options::default`], 30 s), so that the tap's deadline holds.
+pub fn open_for_tap(
+    spec: &ImageSpec,
+    readonly: bool,
+    direct: bool,
+    deadline: std::time::Duration,
+) -> Result<Box<dyn Backend>> {
+    open_inner(spec, readonly, direct, Some(deadline))
+}
+
+fn open_inner(
+    spec: &ImageSpec,
+    readonly: bool,
+    direct: bool,
+    deadline: Option<std::time::Duration>,
+) -> Result<Box<dyn Backend>> {
     Ok(match spec.kind {
         ImageKind::Aio => Box::new(aio::AioBackend::open_with(
             spec.arg.as_ref(),
@@ -359,7 +381,13 @@ pub fn open_with(spec: &ImageSpec, readonly: bool, direct: bool) -> Result<Box<d
             spec.arg.as_ref(),
             readonly,
         )?)?),
-        ImageKind::Nbd => Box::new(nbd::NbdBackend::open(&spec.arg, readonly)?),
+        ImageKind::Nbd => {
+            let mut opts = nbd::Options::default();
+            if let Some(d) = deadline {
+                opts.deadline = opts.deadline.min(d);
+            }
+            Box::new(nbd::NbdBackend::open_with(&spec.arg, readonly, opts)?)
+        }
     })
 }
 

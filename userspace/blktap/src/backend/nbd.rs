@@ -11,15 +11,18 @@
 //! when the server offers it, because a blktap discard promises that the range reads back as
 //! zeros and an NBD trim does not.
 //!
-//! A dropped connection is re-established (backing off from 50 ms to 1 s between tries) and every
-//! unanswered request is sent again, in the order first sent. A request still unanswered
+//! A dropped connection is re-established (at once if it answered a request; else, and after a
+//! failed try, backing off from 50 ms to 1 s) and every unanswered request is sent again, in the
+//! order first sent. A request still unanswered
 //! [`Options::deadline`] after it was first queued fails with `EIO`; so does every request while
 //! the server stays away past that deadline (tapdisk's own retries then apply). A server that
 //! stalls (a request unanswered past the deadline while connected) or breaks the protocol (a reply
-//! for an unknown cookie, a bad magic, data outside the request) is dropped the same way.
+//! for an unknown cookie, a bad magic, data outside the request, a successful read reply that
+//! leaves part of the range without data) is dropped the same way.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -71,12 +74,34 @@ struct InFlight {
     first_sent: Instant,
     /// An error chunk seen for it (0: none).
     error: u32,
+    /// The ranges a read's reply chunks filled so far (data or holes), on this connection.
+    filled: Vec<(u64, u64)>,
+}
+
+/// Whether `ranges` (each `[start, end)`, in any order, overlapping or not) cover
+/// `[offset, offset + length)` entirely.
+fn covers(ranges: &mut [(u64, u64)], offset: u64, length: u64) -> bool {
+    ranges.sort_unstable();
+    let end = offset.saturating_add(length);
+    let mut at = offset;
+    for &(a, b) in ranges.iter() {
+        if at >= end {
+            break;
+        }
+        if a > at {
+            return false;
+        }
+        at = at.max(b);
+    }
+    at >= end
 }
 
 struct Shared {
     pending: Mutex<BTreeMap<u64, InFlight>>,
     done: Mutex<Vec<Completion>>,
     event: EventFd,
+    /// Requests the server answered (on any connection).
+    answered: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,6 +182,7 @@ impl NbdBackend {
             pending: Mutex::default(),
             done: Mutex::default(),
             event,
+            answered: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let mut sup = Supervisor {
@@ -276,6 +302,8 @@ struct Live {
     stream: Stream,
     reader: JoinHandle<()>,
     generation: u64,
+    /// [`Shared::answered`] when it was made.
+    answered: u64,
 }
 
 struct Supervisor {
@@ -372,6 +400,7 @@ impl Supervisor {
                 req,
                 first_sent: Instant::now(),
                 error: 0,
+                filled: Vec::new(),
             },
         );
         if self.conn.is_some() {
@@ -433,11 +462,24 @@ impl Supervisor {
 
     fn drop_connection(&mut self, why: &str) {
         if let Some(live) = self.conn.take() {
-            log::warn!("nbd: {}: {why}; reconnecting", self.uri);
             live.stream.shutdown();
             let _ = live.reader.join();
-            self.next_try = Instant::now();
-            self.backoff = BACKOFF_MIN;
+            if self.shared.answered.load(Ordering::Relaxed) != live.answered {
+                // It served: try again at once.
+                log::warn!("nbd: {}: {why}; reconnecting", self.uri);
+                self.next_try = Instant::now();
+                self.backoff = BACKOFF_MIN;
+            } else {
+                // Not one request answered (a server that breaks the protocol or stalls on
+                // every connection): back off as after a failed connect, not to hammer it.
+                log::warn!(
+                    "nbd: {}: {why}; reconnecting in {} ms",
+                    self.uri,
+                    self.backoff.as_millis()
+                );
+                self.next_try = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            }
         }
     }
 
@@ -479,6 +521,7 @@ impl Supervisor {
             let mut pending = lock(&self.shared.pending);
             for f in pending.values_mut() {
                 f.error = 0;
+                f.filled.clear();
             }
             pending.keys().copied().collect()
         };
@@ -516,8 +559,8 @@ impl Supervisor {
             stream: conn.stream,
             reader,
             generation,
+            answered: self.shared.answered.load(Ordering::Relaxed),
         });
-        self.backoff = BACKOFF_MIN;
         Ok(())
     }
 }
@@ -593,11 +636,13 @@ fn read_replies(stream: &Stream, shared: &Shared) -> std::result::Result<(), Pro
                 // SAFETY: a pending read's buffers are valid for writes; read_reply checked the
                 // range against the request's, which is the I/O's.
                 unsafe { scatter(&f.io.0, at, Some(&data), data.len()) };
+                f.filled.push((offset, offset + data.len() as u64));
             }
             Reply::Hole { offset, length, .. } => {
                 let at = (offset - f.req.offset) as usize;
                 // SAFETY: as above.
                 unsafe { scatter(&f.io.0, at, None, length as usize) };
+                f.filled.push((offset, offset + u64::from(length)));
             }
             Reply::Status { error, .. } => {
                 if error != 0 && f.error == 0 {
@@ -605,7 +650,20 @@ fn read_replies(stream: &Stream, shared: &Shared) -> std::result::Result<(), Pro
                 }
             }
         }
+        if done
+            && f.error == 0
+            && f.req.typ == cmd::READ
+            && !covers(&mut f.filled, f.req.offset, u64::from(f.req.length))
+        {
+            // A successful read must fill its whole range (the protocol says so): the rest of
+            // the buffer holds whatever was there, never to be handed out as the disk's data.
+            // The request stays pending, to be sent again on the next connection.
+            return Err(ProtoError::violation(
+                "a read answered without data for part of its range",
+            ));
+        }
         if done {
+            shared.answered.fetch_add(1, Ordering::Relaxed);
             if let Some(f) = pending.remove(&cookie) {
                 let result = if f.error == 0 {
                     Ok(())
@@ -615,5 +673,24 @@ fn read_replies(stream: &Stream, shared: &Shared) -> std::result::Result<(), Pro
                 shared.complete(f.io.0.tag, result);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covers;
+
+    #[test]
+    fn coverage_of_a_read_by_its_chunks() {
+        assert!(covers(&mut [(0, 4096)], 0, 4096));
+        assert!(covers(&mut [(2048, 4096), (0, 2048)], 0, 4096));
+        assert!(covers(&mut [(0, 3000), (1000, 4096)], 0, 4096));
+        assert!(covers(&mut [(8192, 12288)], 8192, 4096));
+        assert!(covers(&mut [], 0, 0));
+        assert!(!covers(&mut [], 0, 512));
+        assert!(!covers(&mut [(0, 2048)], 0, 4096));
+        assert!(!covers(&mut [(0, 1024), (2048, 4096)], 0, 4096));
+        assert!(!covers(&mut [(512, 4096)], 0, 4096));
+        assert!(!covers(&mut [(0, 4095)], 0, 4096));
     }
 }
