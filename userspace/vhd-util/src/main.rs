@@ -1,5 +1,6 @@
 //! `vhd-util`: the VHD tool of Xen's storage manager, with the original's commands and flags
-//! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `repair`, `set`.
+//! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `repair`, `set`,
+//! `resize` (growing within the BAT's room).
 //!
 //! Errors go to stderr and the exit status is the errno (as the original tools).
 
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 
 use blktap::vhd::chain::{find_parent, Chain};
 use blktap::vhd::check::check;
-use blktap::vhd::create::{coalesce, create_dynamic, create_fixed, snapshot};
+use blktap::vhd::create::{coalesce, create_dynamic, create_fixed, resize, snapshot};
 use blktap::vhd::repair::repair;
 use blktap::vhd::{VhdError, VhdImage};
 use clap::{Parser, Subcommand};
@@ -87,6 +88,19 @@ enum Command {
         /// The image.
         #[arg(short = 'n')]
         name: PathBuf,
+    },
+    /// Grow a dynamic or differencing VHD (within the room of its BAT: create -S).
+    Resize {
+        /// The image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// The new virtual size in MiB (not smaller than the current one).
+        #[arg(short = 's')]
+        size_mb: u64,
+        /// The original's journal file: accepted and not used (growing within the BAT's room
+        /// is crash-safe without one).
+        #[arg(short = 'j')]
+        journal: Option<PathBuf>,
     },
     /// Set a field of the footer.
     Set {
@@ -194,6 +208,13 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Coalesce { name } => {
             coalesce(&name)?;
+        }
+        Command::Resize {
+            name,
+            size_mb,
+            journal: _,
+        } => {
+            resize(&name, mb(&name, size_mb)?)?;
         }
         Command::Repair { name } => {
             if let Some(done) = repair(&name)? {

@@ -240,3 +240,52 @@ fn qemu_img_accepts_what_vhd_util_makes() {
         );
     }
 }
+
+#[test]
+fn a_child_resized_after_its_snapshot_reads_zeros_past_its_parent_and_coalesces() {
+    let mut rng = Rng::new(12);
+    let dir = scratch("resize");
+    let base = dir.join("base.vhd");
+    ok(&["create", "-n", s(&base), "-s", "4"]);
+    let mut model = vec![0u8; 4 << 20];
+    write_random(&base, &mut rng, &mut model);
+    let leaf = dir.join("leaf.vhd");
+    ok(&["snapshot", "-n", s(&leaf), "-p", s(&base)]);
+    ok(&[
+        "resize",
+        "-n",
+        s(&leaf),
+        "-s",
+        "10",
+        "-j",
+        s(&dir.join("journal")),
+    ]);
+    assert_eq!(ok(&["query", "-n", s(&leaf), "-v"]), "10\n");
+    assert_eq!(ok(&["query", "-n", s(&base), "-v"]), "4\n");
+    assert_eq!(
+        ok(&["check", "-n", s(&leaf)]),
+        format!("{} is valid\n", s(&leaf))
+    );
+    model.resize(10 << 20, 0);
+    assert!(read_all(&leaf) == model, "zeros past the parent's end");
+    write_random(&leaf, &mut rng, &mut model);
+    // Across the parent's end.
+    let data: Vec<u8> = (0..8192).map(|_| rng.next_u64() as u8).collect();
+    Chain::open(&leaf, true)
+        .unwrap()
+        .write((4 << 20) - 4096, &data)
+        .unwrap();
+    model[(4 << 20) - 4096..(4 << 20) + 4096].copy_from_slice(&data);
+    assert!(read_all(&leaf) == model);
+    ok(&["check", "-n", s(&leaf)]);
+    // Shrinking is refused.
+    let out = vhd_util(&["resize", "-n", s(&leaf), "-s", "8"]);
+    assert_eq!(out.status.code(), Some(libc::EINVAL));
+    ok(&["coalesce", "-n", s(&leaf)]);
+    assert_eq!(ok(&["query", "-n", s(&base), "-v"]), "10\n");
+    ok(&["check", "-n", s(&base)]);
+    assert!(
+        read_all(&base) == model,
+        "the parent grew and holds the bytes"
+    );
+}

@@ -3,9 +3,15 @@
 //! The chain is opened from the leaf by following each differencing image's parent locators:
 //! `W2RU` (relative), `MACX` and `W2KU` (absolute), then the parent's name from the header;
 //! relative paths are resolved against the directory of the child. A parent must be the one
-//! the child was made from (its UUID is the child's parent UUID) and of the same size; a child
-//! whose parent UUID is zero has a raw parent (a plain file or block device at least as large).
-//! Parents are opened read-only; only the leaf may be written.
+//! the child was made from (its UUID is the child's parent UUID) and not larger than the child; a
+//! child whose parent UUID is zero has a raw parent (a plain file or block device). Parents are
+//! opened read-only; only the leaf may be written.
+//!
+//! A parent smaller than its child is a disk resized after its snapshot (`vhd-util resize` of
+//! the child): the child's sectors past the parent's end that it does not hold read as zeros,
+//! as the original tapdisk reads them. A VHD parent larger than its child is refused (VHDs are
+//! never shrunk, so such a chain was not made by a resize); a raw parent may be larger (a
+//! device of the next size up), and only its first bytes are read.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -43,6 +49,30 @@ impl RawImage {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Makes a regular file at least `size` bytes long (its new bytes read as zeros); a device
+    /// that is smaller cannot grow.
+    pub fn grow(&mut self, size: u64) -> Result<(), VhdError> {
+        if size <= self.size {
+            return Ok(());
+        }
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| VhdError::io("cannot stat", &self.path, e))?;
+        if !meta.is_file() {
+            return Err(VhdError::invalid(
+                &self.path,
+                format!("a device of {} bytes cannot grow to {size}", self.size),
+            ));
+        }
+        self.file
+            .set_len(size)
+            .and_then(|()| self.file.sync_all())
+            .map_err(|e| VhdError::io("cannot grow", &self.path, e))?;
+        self.size = size;
+        Ok(())
     }
 
     /// Reads at `offset`; bytes past the end read as zeros.
@@ -195,14 +225,7 @@ impl Chain {
                 detail,
             };
             let layer = if expected == [0; 16] {
-                let raw = RawImage::open(&parent_path, false)?;
-                if raw.size() < size {
-                    return Err(mismatch(format!(
-                        "raw parent of {} bytes is smaller than the child's {size}",
-                        raw.size()
-                    )));
-                }
-                Layer::Raw(raw)
+                Layer::Raw(RawImage::open(&parent_path, false)?)
             } else {
                 let parent = VhdImage::open(&parent_path, false)?;
                 if parent.footer().uuid != expected {
@@ -212,9 +235,9 @@ impl Chain {
                         uuid_string(&expected)
                     )));
                 }
-                if parent.size() != size {
+                if parent.size() > size {
                     return Err(mismatch(format!(
-                        "size {} differs from the child's {size}",
+                        "size {} is larger than the child's {size}",
                         parent.size()
                     )));
                 }
@@ -248,6 +271,10 @@ impl Chain {
 
     /// Reads `buf.len()` bytes at `offset` of the disk (whole sectors).
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), VhdError> {
+        let (len, size) = (buf.len() as u64, self.size());
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VhdError::OutOfRange { offset, len, size });
+        }
         read_layers(&mut self.layers, offset, buf)
     }
 
@@ -284,6 +311,14 @@ fn read_layers(layers: &mut [Layer], offset: u64, buf: &mut [u8]) -> Result<(), 
     match first {
         Layer::Raw(r) => r.read(offset, buf),
         Layer::Vhd(image) => {
+            // A parent smaller than its child: what lies past its end reads as zeros (the
+            // caller checked the range against the leaf; sizes are whole sectors).
+            let inside = image.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+            let (buf, past) = buf.split_at_mut(inside);
+            past.fill(0);
+            if buf.is_empty() {
+                return Ok(());
+            }
             let runs = image.map(offset, buf.len() as u64)?;
             let mut pos = 0usize;
             for (n, at) in runs {

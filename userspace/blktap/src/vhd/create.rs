@@ -165,6 +165,11 @@ pub fn snapshot(child: &Path, parent: &Path, raw_parent: bool) -> Result<Footer,
     Ok(footer)
 }
 
+/// Grows the VHD at `path` to `size` bytes ([`VhdImage::grow`]).
+pub fn resize(path: &Path, size: u64) -> Result<(), VhdError> {
+    VhdImage::open(path, true)?.grow(size)
+}
+
 /// Creates an empty dynamic disk (the layout [`create_dynamic`] writes) and returns its bytes;
 /// used by tests that corrupt images.
 pub fn dynamic_image_bytes(size: u64) -> Result<Vec<u8>, VhdError> {
@@ -173,7 +178,9 @@ pub fn dynamic_image_bytes(size: u64) -> Result<Vec<u8>, VhdError> {
 }
 
 /// Writes the sectors `child` holds into its parent (a VHD, allocating blocks in it, or a raw
-/// file), then makes the parent durable. The child is left as it was. Returns the bytes copied.
+/// file), then makes the parent durable. A parent smaller than the child is grown to the
+/// child's size first ([`VhdImage::grow`]; a raw file is extended). The child is left as it
+/// was. Returns the bytes copied.
 pub fn coalesce(child: &Path) -> Result<u64, VhdError> {
     let chain = Chain::open(child, false)?;
     let (parent_path, raw) = match chain.layers().get(1) {
@@ -185,10 +192,18 @@ pub fn coalesce(child: &Path) -> Result<u64, VhdError> {
     let mut source = VhdImage::open(child, false)?;
     let mut target_vhd = None;
     let mut target_raw = None;
+    // A parent smaller than its child (a disk resized after its snapshot) grows to the child's
+    // size first, so that it can take the child's sectors past its old end.
     if raw {
-        target_raw = Some(RawImage::open(&parent_path, true)?);
+        let mut p = RawImage::open(&parent_path, true)?;
+        p.grow(source.size())?;
+        target_raw = Some(p);
     } else {
-        target_vhd = Some(VhdImage::open(&parent_path, true)?);
+        let mut p = VhdImage::open(&parent_path, true)?;
+        if p.size() < source.size() {
+            p.grow(source.size())?;
+        }
+        target_vhd = Some(p);
     }
     let bs = source.block_size();
     let bat = source.bat().to_vec();

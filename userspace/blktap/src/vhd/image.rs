@@ -614,6 +614,108 @@ impl VhdImage {
         self.barrier()
     }
 
+    /// Grows the virtual disk to `size` bytes (a multiple of 512, not smaller than it is), as
+    /// a disk is resized after its snapshot: the new sectors are unallocated (in a differencing
+    /// disk they read as its parent's, or zeros past the parent's end). Only a dynamic or
+    /// differencing disk whose BAT has room (its `max_table_entries`, or the rest of the BAT's
+    /// last sector: `vhd-util create -S` makes room) can grow; the BAT is never moved.
+    ///
+    /// Crash-safe order: the new BAT entries (`0xFFFFFFFF`) and the header's
+    /// `max_table_entries`, durable; then the trailing footer with the new size, durable; then
+    /// its copy at offset 0. A crash leaves the old size, or the new one with a stale copy that
+    /// `check` reports and `repair` rewrites.
+    pub fn grow(&mut self, size: u64) -> Result<(), VhdError> {
+        if !self.writable {
+            return Err(VhdError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let old = self.size();
+        if !size.is_multiple_of(512) || size < old {
+            return Err(VhdError::invalid(
+                &self.path,
+                format!(
+                    "cannot resize from {old} to {size} bytes (only growing, in whole sectors)"
+                ),
+            ));
+        }
+        if size == old {
+            return Ok(());
+        }
+        let Some(header) = self.header.clone() else {
+            return Err(VhdError::invalid(
+                &self.path,
+                "a fixed disk cannot be resized",
+            ));
+        };
+        let (bs, entries) = (self.block_size, u64::from(header.max_table_entries));
+        let blocks = size.div_ceil(bs);
+        let room = (entries * 4).next_multiple_of(512) / 4;
+        if blocks > room || blocks > super::MAX_BLOCKS {
+            return Err(VhdError::invalid(
+                &self.path,
+                format!(
+                    "its BAT has room for {room} blocks of {bs} bytes ({} bytes); {size} bytes need {blocks} (make room with create -S)",
+                    room.saturating_mul(bs)
+                ),
+            ));
+        }
+        if blocks > entries && self.batmap.is_some() {
+            return Err(VhdError::invalid(
+                &self.path,
+                "growing the BAT of an image with a batmap is not supported",
+            ));
+        }
+        let have = self.bat.len() as u64;
+        if blocks > have {
+            let at = header.table_offset + have * 4;
+            let mut raw = vec![0u8; ((blocks - have) * 4) as usize];
+            read_exact(&self.file, &self.path, &mut raw, at)?;
+            for (i, c) in raw.chunks_exact(4).enumerate() {
+                let index = have + i as u64;
+                let entry = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+                if index < entries && entry != UNALLOCATED {
+                    return Err(VhdError::BadBat {
+                        path: self.path.clone(),
+                        // CAST: below `entries`, a `u32`.
+                        block: index as u32,
+                        sector: entry,
+                        detail: "lies past the disk's end and is in use: not growing over it",
+                    });
+                }
+            }
+            raw.fill(0xff);
+            self.write_file(at, &raw)?;
+        }
+        if blocks > entries {
+            let mut hb = [0u8; HEADER_SIZE];
+            let at = self.footer.data_offset;
+            read_exact(&self.file, &self.path, &mut hb, at)?;
+            // CAST: `blocks` is at most `room`, below 2^30.
+            super::put32(&mut hb, 28, blocks as u32);
+            super::put32(&mut hb, 36, 0);
+            let sum = super::checksum(&hb);
+            super::put32(&mut hb, 36, sum);
+            self.write_file(at, &hb)?;
+            if let Some(h) = self.header.as_mut() {
+                h.max_table_entries = blocks as u32;
+            }
+        }
+        self.barrier()?;
+        let mut footer = self.footer.clone();
+        footer.current_size = size;
+        footer.geometry = super::footer::Geometry::for_size(size);
+        let b = footer.to_bytes();
+        self.write_file(self.footer_offset, &b)?;
+        self.barrier()?;
+        self.write_file(0, &b)?;
+        self.barrier()?;
+        // CAST: `blocks` is at most `MAX_BLOCKS`.
+        self.bat.resize(blocks as usize, UNALLOCATED);
+        self.footer = footer;
+        Ok(())
+    }
+
     /// The footer copy at offset 0 (dynamic and differencing disks).
     pub fn footer_copy(&self) -> Result<Footer, VhdError> {
         let mut b = [0u8; FOOTER_SIZE];

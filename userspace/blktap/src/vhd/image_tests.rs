@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::check::check;
-use super::create::{coalesce, create_dynamic, create_fixed, snapshot};
+use super::create::{coalesce, create_dynamic, create_fixed, resize, snapshot};
 use super::{Chain, VhdError, VhdImage};
 use crate::backend::{self, Backend, ImageSpec, Io};
 use crate::ring::Op;
@@ -484,16 +484,14 @@ fn broken_chains_are_refused() {
     assert!(e.to_string().contains("UUID"));
     assert!(!check(&child).is_empty());
 
-    // A parent of another size with the right UUID.
-    let mut other = VhdImage::open(&base, false).unwrap().footer().clone();
+    // A parent larger than the child, with the right UUID (grown after the snapshot: VHDs
+    // never shrink, so no resize makes such a chain).
     std::fs::write(&base, &saved).unwrap();
-    let good = VhdImage::open(&base, false).unwrap().footer().clone();
-    other.uuid = good.uuid;
-    other.current_size = 2 << 20;
-    let len = std::fs::metadata(&base).unwrap().len();
-    corrupt(&base, len - 512, &other.to_bytes());
+    super::create::resize(&base, 6 << 20).unwrap();
     let e = Chain::open(&child, false).unwrap_err();
-    assert!(e.to_string().contains("size"), "{e}");
+    assert!(matches!(e, VhdError::ParentMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("larger"), "{e}");
+    assert!(!check(&child).is_empty());
     std::fs::write(&base, &saved).unwrap();
 
     // A loop: the base made a differencing child of the child.
@@ -1031,4 +1029,219 @@ fn overlapping_random_writes_in_a_chain_match_a_model() {
     write(&leaf, &mut rng, &mut model, 300);
     assert!(read_all(&leaf) == model, "after reopening");
     assert!(check(&leaf).is_empty());
+}
+
+/// Random whole-sector ranges of `model`, many of them across `edge` (a parent's end), read
+/// through the chain at `leaf` and compared with the model.
+fn reads_match_around(leaf: &Path, model: &[u8], edge: u64, rng: &mut Rng) {
+    let mut chain = Chain::open(leaf, false).unwrap();
+    assert_eq!(chain.size(), model.len() as u64);
+    let sectors = model.len() as u64 / 512;
+    for i in 0..200 {
+        let len = 1 + rng.below(64.min(sectors));
+        let first = if i % 2 == 0 {
+            // Straddling the edge (or touching it from either side).
+            (edge / 512)
+                .saturating_sub(rng.below(len + 1))
+                .min(sectors - len)
+        } else {
+            rng.below(sectors - len + 1)
+        };
+        let (off, n) = ((first * 512) as usize, (len * 512) as usize);
+        let mut buf = vec![0xa5u8; n];
+        chain.read(off as u64, &mut buf).unwrap();
+        assert!(buf == model[off..off + n], "{off}+{n} (edge {edge})");
+    }
+    let mut all = vec![0u8; model.len()];
+    chain.read(0, &mut all).unwrap();
+    assert!(all == model, "the whole disk");
+}
+
+#[test]
+fn a_parent_smaller_than_its_child_reads_zeros_past_its_end() {
+    let dir = scratch("smallparent");
+    let mut rng = Rng::new(12);
+    // A parent whose size is not a whole number of blocks, full of data up to its last sector.
+    let psize = (3 << 20) + 5 * 512;
+    let base = dir.join("base.vhd");
+    create_dynamic(&base, psize, None).unwrap();
+    let mut pdata = pattern(&mut rng, psize as usize);
+    pdata[..512].fill(0);
+    Chain::open(&base, true).unwrap().write(0, &pdata).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &base, false).unwrap();
+    // The child resized after its snapshot, as XenServer resizes a disk.
+    let csize = (7 << 20) + 1024;
+    resize(&child, csize).unwrap();
+    assert_eq!(VhdImage::open(&child, false).unwrap().size(), csize);
+    assert!(check(&child).is_empty(), "{:?}", check(&child));
+    let mut model = pdata.clone();
+    model.resize(csize as usize, 0);
+    reads_match_around(&child, &model, psize, &mut rng);
+
+    // Writes before, across and past the parent's end, then reads across it again.
+    {
+        let mut chain = Chain::open(&child, true).unwrap();
+        for (off, len) in [
+            (psize - 1024, 4096),
+            (psize + 512, 512),
+            (csize - 8192, 8192),
+            (1 << 20, 2048),
+            (4 << 20, 64 << 10),
+        ] {
+            let data = pattern(&mut rng, len as usize);
+            chain.write(off, &data).unwrap();
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        chain.flush().unwrap();
+    }
+    reads_match_around(&child, &model, psize, &mut rng);
+    assert!(check(&child).is_empty(), "{:?}", check(&child));
+    assert!(
+        std::fs::read(&base).unwrap().len() as u64
+            == VhdImage::open(&base, false).unwrap().physical_size()
+            && read_all(&base) == pdata,
+        "the parent is untouched"
+    );
+
+    // Coalescing grows the parent to the child's size and keeps every byte.
+    assert!(coalesce(&child).unwrap() > 0);
+    assert_eq!(VhdImage::open(&base, false).unwrap().size(), csize);
+    assert!(check(&base).is_empty(), "{:?}", check(&base));
+    assert!(read_all(&base) == model, "the coalesced parent");
+    assert!(read_all(&child) == model, "the child after the coalesce");
+    if qemu_img() {
+        let info = run(Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "vpc"])
+            .arg(&child));
+        assert!(
+            info.contains(&format!("\"virtual-size\": {csize}")),
+            "{info}"
+        );
+        assert!(
+            to_raw(&base, &dir.join("base.raw")) == model,
+            "qemu-img reads the coalesced parent as the chain read"
+        );
+    }
+}
+
+#[test]
+fn a_chain_growing_at_every_level_reads_and_coalesces_through_each_end() {
+    let dir = scratch("growchain");
+    let mut rng = Rng::new(13);
+    let sizes = [2u64 << 20, (5 << 20) - 512, 9 << 20];
+    let mut leaf = dir.join("l0.vhd");
+    create_dynamic(&leaf, sizes[0], None).unwrap();
+    let mut model = vec![0u8; sizes[0] as usize];
+    let mut paths = vec![leaf.clone()];
+    for (level, &size) in sizes.iter().enumerate() {
+        if level > 0 {
+            let child = dir.join(format!("l{level}.vhd"));
+            snapshot(&child, &leaf, false).unwrap();
+            resize(&child, size).unwrap();
+            model.resize(size as usize, 0);
+            leaf = child;
+            paths.push(leaf.clone());
+        }
+        let mut chain = Chain::open(&leaf, true).unwrap();
+        // Data at the end of this level (past its parent's end).
+        let len = 4096u64;
+        let off = size - len;
+        let data = pattern(&mut rng, len as usize);
+        chain.write(off, &data).unwrap();
+        model[off as usize..].copy_from_slice(&data);
+        chain.flush().unwrap();
+    }
+    for &edge in &sizes[..2] {
+        reads_match_around(&leaf, &model, edge, &mut rng);
+    }
+    assert!(check(&leaf).is_empty(), "{:?}", check(&leaf));
+    // Coalesce from the leaf down: each parent grows to its child's size.
+    coalesce(&paths[2]).unwrap();
+    coalesce(&paths[1]).unwrap();
+    assert!(
+        read_all(&paths[0]) == model,
+        "the base holds the chain's bytes"
+    );
+    assert!(check(&paths[0]).is_empty(), "{:?}", check(&paths[0]));
+    if qemu_img() {
+        assert!(
+            to_raw(&paths[0], &dir.join("b.raw")) == model,
+            "qemu-img agrees"
+        );
+    }
+}
+
+#[test]
+fn a_raw_parent_smaller_than_its_child_reads_zeros_and_grows_at_coalesce() {
+    let dir = scratch("smallraw");
+    let mut rng = Rng::new(14);
+    let raw = dir.join("base.raw");
+    let mut model = pattern(&mut rng, 3 << 20);
+    std::fs::write(&raw, &model).unwrap();
+    let child = dir.join("child.vhd");
+    snapshot(&child, &raw, true).unwrap();
+    resize(&child, 6 << 20).unwrap();
+    model.resize(6 << 20, 0);
+    reads_match_around(&child, &model, 3 << 20, &mut rng);
+    let data = pattern(&mut rng, 8192);
+    let off = (3 << 20) - 4096;
+    Chain::open(&child, true)
+        .unwrap()
+        .write(off as u64, &data)
+        .unwrap();
+    model[off..off + 8192].copy_from_slice(&data);
+    reads_match_around(&child, &model, 3 << 20, &mut rng);
+    assert!(check(&child).is_empty(), "{:?}", check(&child));
+    coalesce(&child).unwrap();
+    assert!(
+        std::fs::read(&raw).unwrap() == model,
+        "the raw parent grew and holds the bytes"
+    );
+}
+
+#[test]
+fn resize_grows_only_within_the_bat_and_keeps_the_data() {
+    let dir = scratch("resize");
+    let mut rng = Rng::new(15);
+    let d = dir.join("d.vhd");
+    create_dynamic(&d, 4 << 20, None).unwrap();
+    let data = pattern(&mut rng, 4 << 20);
+    Chain::open(&d, true).unwrap().write(0, &data).unwrap();
+    // A BAT of 2 entries in one sector: room for 128 blocks of 2 MiB.
+    resize(&d, 256 << 20).unwrap();
+    let all = read_all(&d);
+    assert!(all[..4 << 20] == data[..] && all[4 << 20..].iter().all(|&b| b == 0));
+    assert!(check(&d).is_empty(), "{:?}", check(&d));
+    let e = resize(&d, (256 << 20) + (2 << 20)).unwrap_err();
+    assert!(e.to_string().contains("room"), "{e}");
+    let e = resize(&d, 8 << 20).unwrap_err();
+    assert!(e.to_string().contains("only growing"), "{e}");
+    resize(&d, 256 << 20).unwrap();
+    // More room with -S.
+    let big = dir.join("big.vhd");
+    create_dynamic(&big, 4 << 20, Some(1 << 30)).unwrap();
+    resize(&big, 1 << 30).unwrap();
+    assert_eq!(VhdImage::open(&big, false).unwrap().size(), 1 << 30);
+    let f = dir.join("f.vhd");
+    create_fixed(&f, 1 << 20).unwrap();
+    assert!(resize(&f, 2 << 20)
+        .unwrap_err()
+        .to_string()
+        .contains("fixed"));
+    // A BAT entry past the end that is in use (hostile) is not grown over.
+    let h = dir.join("h.vhd");
+    create_dynamic(&h, 4 << 20, Some(8 << 20)).unwrap();
+    set_bat(&h, 3, 3);
+    let e = resize(&h, 8 << 20).unwrap_err();
+    assert!(matches!(e, VhdError::BadBat { .. }), "{e}");
+    if qemu_img() {
+        let info = run(Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "vpc"])
+            .arg(&d));
+        assert!(
+            info.contains(&format!("\"virtual-size\": {}", 256u64 << 20)),
+            "{info}"
+        );
+    }
 }
