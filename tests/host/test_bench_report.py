@@ -419,7 +419,7 @@ class GuestRun(unittest.TestCase):
     # tests/vm/bench.py's run() on the host: stand-in devices, fio and memory measurement, the
     # real order, gauge, records and smoke check; then the report on its records.
 
-    def guest_run(self, fail=None, rounds=2):
+    def guest_run(self, fail=None, rounds=2, stacks="none"):
         lines = []
         calls = []
 
@@ -438,7 +438,7 @@ class GuestRun(unittest.TestCase):
             def server_pids(self):
                 return []
 
-        def fio(path, jobs, runtime, ramp, out=None):
+        def fio(path, jobs, runtime, ramp, out=None, size=None):
             calls.append(("fio", path, jobs[0]))
             if fail and fail(path, len(calls)):
                 raise RuntimeError("fio exited 1 (stand-in)")
@@ -457,7 +457,16 @@ class GuestRun(unittest.TestCase):
                     {"server": {"syscalls_per_io": 2.0, "cpu_us_per_io": 30.0, "ctxt_per_io": 1.0,
                                 "wakeups_per_io": 1.0, "threads": 1}}))
 
+        class Server:
+            def setup(self):
+                calls.append(("server", "up"))
+                return "nbdkit 1.32 (stand-in)"
+
+            def teardown(self):
+                calls.append(("server", "down"))
+
         stubs = {"make_device": Dev, "no_scheduler": lambda p: {"default": "none", "used": "none"},
+                 "make_stack_device": Dev, "Nbdkit": Server, "pin_servers": lambda pids, cpu: {},
                  "fio": fio, "emit": emit, "note": lambda msg: None, "calibration_loops": lambda: 1000,
                  "calibrate": lambda loops: [50.0] * os.cpu_count(),
                  "measure_memory": lambda n: {"taps": n, "per_tap_kib": {"memfree_drop": 1.0}},
@@ -465,7 +474,8 @@ class GuestRun(unittest.TestCase):
                  "count_device": count_device, "have_perf": lambda: True}
         with unittest.mock.patch.multiple(GUEST, **stubs):
             args = GUEST.argparse.Namespace(smoke=True, rounds=rounds, runtime=1, ramp=0, taps=2,
-                                            profile=False, no_devices=False, devices=None)
+                                            profile=False, no_devices=False, devices=None,
+                                            stacks=stacks, stack_rounds=rounds, stack_runtime=1)
             rc = GUEST.run(args)
         return rc, lines, calls
 
@@ -501,6 +511,64 @@ class GuestRun(unittest.TestCase):
         self.assertIn("| tapdev-null | randread-4k-qd32 | 1000 | 1.50 | 20.0 | 0.50 | 2.00 | 30.0 | 1.00 |", md)
         self.assertEqual(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]["pairs"], 2)
         self.assertIsNone(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["lat_p99"]["median"])
+
+    def test_image_stacks_one_comparison_at_a_time(self):
+        rc, lines, calls = self.guest_run(stacks="vhd-first-write,nbd-client,vhd", rounds=2)
+        self.assertEqual(rc, 0)
+        after = calls[calls.index(("teardown", "null_blk")) + 1:]
+        # First write: a new image for every run (set up, one run, torn down), ABBA.
+        self.assertEqual(after[:6], [("fio", "/dev/tapdev-vhd-new", "seqwrite-1m-qd8"),
+                                     ("teardown", "tapdev-vhd-new"),
+                                     ("fio", "/dev/tapdev-aio-new", "seqwrite-1m-qd8"),
+                                     ("teardown", "tapdev-aio-new"),
+                                     ("fio", "/dev/tapdev-aio-new", "seqwrite-1m-qd8"),
+                                     ("teardown", "tapdev-aio-new")])
+        # nbd-client: one server under both devices, up before them and down after them.
+        i = after.index(("server", "up"))
+        self.assertEqual(after[i:i + 4], [("server", "up"), ("fio", "/dev/tapdev-nbd", "randread-4k-qd32"),
+                                          ("fio", "/dev/fio-nbd", "randread-4k-qd32"),
+                                          ("fio", "/dev/fio-nbd", "randread-4k-qd32")])
+        self.assertEqual(after[i + 5:i + 8], [("teardown", "tapdev-nbd"), ("teardown", "fio-nbd"),
+                                              ("server", "down")])
+        recs = GUEST.read_results("\n".join(lines))
+        with tempfile.NamedTemporaryFile("w", suffix=".log") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            with unittest.mock.patch("builtins.print"):
+                self.assertEqual(GUEST.check(f.name), 0)
+            # A comparison without a side's numbers fails the smoke check.
+            f.seek(0)
+            f.truncate()
+            f.write("\n".join(l for l in lines if '"device": "fio-nbd", "job"' not in l
+                              or '"stack-run"' not in l) + "\n")
+            f.flush()
+            with unittest.mock.patch("builtins.print") as pr:
+                self.assertEqual(GUEST.check(f.name), 1)
+            self.assertIn("stack nbd-client: fio-nbd randread-4k-qd32: no result",
+                          [c.args[0] for c in pr.call_args_list])
+        out, md = report(recs)
+        st = out["stacks"]["vhd"]
+        self.assertEqual(st["ratios"]["randread-4k-qd32"]["iops"]["pairs"], 2)
+        self.assertEqual(st["ratios"]["randread-4k-qd32"]["iops"]["median"], 1.0)
+        self.assertIn("| randread-4k-qd32 | 1000 | 1000 | 3.9 | 3.9 | 1.00x", md)
+        self.assertEqual(status(out, "tapdev-vhd randread-4k-qd32 IOPS >= 0.9x tapdev-aio"),
+                         ["undetermined"])  # 2 pairs
+        self.assertNotIn("tapdev-null", {r["device"] for r in recs if r["kind"] == "stack-run"})
+
+    def test_image_stack_setup_failure_is_reported(self):
+        orig = GUEST.StackTap
+
+        def boom(name):
+            raise RuntimeError(f"{name}: no vhd-util (stand-in)")
+        with unittest.mock.patch.object(GUEST, "stack_device", boom):
+            rc, lines, calls = self.guest_run(stacks="vhd")
+        self.assertIs(GUEST.StackTap, orig)
+        self.assertEqual(rc, 1)
+        recs = GUEST.read_results("\n".join(lines))
+        out, md = report(recs)
+        self.assertEqual(out["stacks"]["vhd"]["errors"], ["tapdev-vhd: no vhd-util (stand-in)"])
+        self.assertIn("- failed: tapdev-vhd: no vhd-util (stand-in)", md)
+        self.assertEqual(status(out, "tapdev-vhd randread-4k-qd32"), ["undetermined"])
 
     def test_calibrate_times_every_vcpu_and_restores_the_affinity(self):
         mask = os.sched_getaffinity(0)

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """The benchmark's guest side: sets up every block device at once, runs the fio jobs on them
 alternated round by round (ABBA), counts each I/O's system calls, CPU time and wake-ups on
-tapdev, ublk and null_blk (perf stat), tears them down, measures the memory a tap costs, and
-optionally profiles tapdev vs ublk.
+tapdev, ublk and null_blk (perf stat), tears them down, compares the image stacks (vhd: against
+aio:, a depth-10 chain against one VHD, nbd: against fio's own NBD client, a tap's NBD export
+against its tapdev; paired the same way, one comparison at a time), measures the memory a tap
+costs, and optionally profiles tapdev vs ublk.
 
     tests/vm/bench.py run [--smoke] [--rounds N] [--runtime S] [--ramp S] [--taps N] [--profile]
-                          [--devices D,...] [--jobs J,...]
+                          [--devices D,...] [--jobs J,...] [--stacks S,...|none]
+                          [--stack-rounds N] [--stack-runtime S]
     tests/vm/bench.py check FILE      (the smoke test: every device produced numbers)
     tests/vm/bench.py plan [--rounds N] [--smoke]   (print the order of the runs, nothing else)
 
@@ -302,13 +305,22 @@ def fio_job_args(job):
     return args + ["--stonewall"]
 
 
-def fio(dev, jobs, runtime, ramp, out="/tmp/fio.json", prefix=()):
+def fio_target(dev):
+    """fio's options for what it drives: a block device (io_uring, O_DIRECT), or an NBD export
+    named by its URI (fio's own NBD client, libnbd)."""
+    if dev.startswith("nbd"):
+        return ["--ioengine=nbd", f"--uri={dev}"]
+    return [f"--filename={dev}", "--ioengine=io_uring", "--direct=1"]
+
+
+def fio(dev, jobs, runtime, ramp, out="/tmp/fio.json", prefix=(), size=SPAN):
     """Runs `jobs` one after the other (stonewall) in one fio process, pinned to FIO_CPU when
-    set (run() sets it), under `prefix` (a command that runs it, e.g. perf stat). Their
-    results, by job name."""
+    set (run() sets it), under `prefix` (a command that runs it, e.g. perf stat), over the
+    first `size` of `dev` (fio_target()). With a runtime, each job runs that long; without
+    (None), one pass over `size`. Their results, by job name."""
     cmd = list(prefix) + (["taskset", "-c", str(FIO_CPU)] if FIO_CPU is not None else [])
-    cmd += ["fio", f"--filename={dev}", "--ioengine=io_uring", "--direct=1", f"--size={SPAN}",
-            "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}", "--norandommap",
+    timing = ["--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}"] if runtime else []
+    cmd += ["fio", *fio_target(dev), f"--size={size}", *timing, "--norandommap",
             "--randrepeat=0", "--lat_percentiles=1", "--output-format=json", f"--output={out}"]
     for job in jobs:
         cmd += fio_job_args(job)
@@ -748,28 +760,301 @@ def set_up_devices(names):
     return ready, failed
 
 
-def measure(name, path, job, rnd, runtime, ramp, loops, before):
+def measure(name, path, job, rnd, runtime, ramp, loops, before, stack=None, size=SPAN):
     """One fio run of `job` on a device, between two readings of the gauge, as a `run` record
-    (with `error` instead of numbers if fio failed). The calibration after the run, which is
-    the next run's before. Whether fio failed."""
-    emit("start", device=name, job=job, round=rnd)
+    (with `error` instead of numbers if fio failed), or a `stack-run` record of the image stack
+    comparison `stack`. The calibration after the run, which is the next run's before. Whether
+    fio failed."""
+    where = {"stack": stack} if stack else {}
+    emit("start", device=name, job=job, round=rnd, **where)
     t0 = cpu_ticks()
     try:
-        res, err = fio(path, [job], runtime, ramp)[job], None
+        res, err = fio(path, [job], runtime, ramp, size=size)[job], None
     except Exception as e:  # noqa: BLE001 - reported in the record
         res, err = None, str(e)
     t1 = cpu_ticks()
     after = calibrate(loops)
     gauge = {"before_ms": before, "after_ms": after, "steal_ticks": t1["steal"] - t0["steal"],
              "ticks": sum(t1.values()) - sum(t0.values())}
+    kind = "stack-run" if stack else "run"
+    label = f"{stack}: {name}" if stack else name
     if err is None:
-        emit("run", device=name, job=job, run=rnd, round=rnd, gauge=gauge, **res)
-        note(f"{name} {job} round {rnd}: {res['iops']:.0f} IOPS, {res['lat_mean_us']:.1f} us mean, "
+        emit(kind, device=name, job=job, run=rnd, round=rnd, gauge=gauge, **where, **res)
+        note(f"{label} {job} round {rnd}: {res['iops']:.0f} IOPS, {res['lat_mean_us']:.1f} us mean, "
              f"calibration {after} ms")
     else:
-        emit("run", device=name, job=job, run=rnd, round=rnd, gauge=gauge, error=err)
-        note(f"{name} {job} round {rnd}: FAILED: {err}")
+        emit(kind, device=name, job=job, run=rnd, round=rnd, gauge=gauge, error=err, **where)
+        note(f"{label} {job} round {rnd}: FAILED: {err}")
     return after, err is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Image stacks: vhd:, nbd: and the NBD export, each against what it should be as fast as, in
+# ABBA rounds as above, over STACK_SPAN of images in the guest's tmpfs (so the numbers are the
+# format's and the protocol's cost, not a disk's). Each comparison sets up its two devices,
+# runs, and tears them down before the next, so their memory is never held at once.
+
+STACK_SPAN = "128M"
+STACK_MB = 128
+STACK_DIR = Path("/tmp/bench-stack")
+VHDUTIL = str(RELEASE / "vhd-util")
+CHAIN_DEPTH = 10
+NBDKIT_SOCK = "/tmp/bench-nbdkit.sock"
+STACK_ROUNDS = 6
+STACK_RUNTIME = 3
+# name -> (device, reference, jobs, what it shows). The job that fills an image: one pass of
+# 1 MiB writes at QD8, also the first-write comparison's job.
+FILL_JOB = "seqwrite-1m-qd8"
+STACKS = {
+    "vhd": ("tapdev-vhd", "tapdev-aio",
+            ["randread-4k-qd32", "randwrite-4k-qd32", "seqread-1m-qd8", "seqwrite-1m-qd8"],
+            "a fully allocated dynamic VHD against the raw file (aio:), both filled"),
+    "vhd-first-write": ("tapdev-vhd-new", "tapdev-aio-new", [FILL_JOB],
+                        "one pass of 1 MiB writes over a new dynamic VHD (every block "
+                        "allocated: data, bitmap, BAT, footer) against a new sparse raw file"),
+    "vhd-chain": ("tapdev-vhd-chain10", "tapdev-vhd", ["randread-4k-qd32", "seqread-1m-qd8"],
+                  f"the leaf of a depth-{CHAIN_DEPTH} chain (every level owns 1 MiB in 10) "
+                  "against one VHD holding the same data"),
+    "nbd-client": ("tapdev-nbd", "fio-nbd", ["randread-4k-qd32", "seqread-1m-qd8"],
+                   "a tapdev on nbd: against fio's own NBD client (libnbd), both reading the "
+                   "same nbdkit memory server on a unix socket"),
+    "nbd-export": ("export-ram", "tapdev-ram", ["randread-4k-qd32", "seqread-1m-qd8"],
+                   "fio's NBD client on a tap's export (ram:) against fio on a tapdev (ram:)"),
+}
+# In the smoke: one job of each comparison.
+SMOKE_STACKS = {name: [s[2][0]] for name, s in STACKS.items()}
+
+
+def fill(dev):
+    """One pass of FILL_JOB over the stack's span of `dev`: every block written."""
+    return fio(dev, [FILL_JOB], None, 0, out="/tmp/fill.json", size=STACK_SPAN)[FILL_JOB]
+
+
+def tap_on(image):
+    """A new tap on `image`: its tapdev, its minor."""
+    dev = sh([TAPCTL, "create", "-a", image])
+    return dev, int(dev.rsplit("tapdev", 1)[1])
+
+
+def tap_task(minor):
+    return int((CLASS / f"blktap!blktap{minor}/task").read_text())
+
+
+class StackTap:
+    """A tap over an image that `make(dir)` makes in its own directory under STACK_DIR (the
+    image string; it may use taps itself, destroyed before it returns), removed at teardown.
+    `export`: the device is the tap's NBD export (its URI), not its tapdev. `servers`: other
+    processes serving it (their pids, a function)."""
+
+    def __init__(self, name, make, export=False, servers=lambda: []):
+        self.name, self.make, self.export, self.servers = name, make, export, servers
+        self.minor = None
+        self.dir = STACK_DIR / name
+
+    def setup(self):
+        ensure_blktap()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        image = self.make(self.dir)
+        dev, self.minor = tap_on(image)
+        info = {"params": f"tap-ctl create -a {image}"}
+        if not self.export:
+            return dev, info
+        sock = f"/var/run/blktap-control/nbd{tap_task(self.minor)}.{self.minor}"
+        if not wait_for(sock):
+            raise RuntimeError(f"the tap's NBD export {sock} did not appear")
+        return f"nbd+unix:///?socket={sock}", info | {"export": sock}
+
+    def teardown(self):
+        if self.minor is not None:
+            sh([TAPCTL, "destroy", "-m", str(self.minor)], check=False)
+            self.minor = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def server_pids(self):
+        return ([tap_task(self.minor)] if self.minor is not None else []) + self.servers()
+
+
+class Nbdkit:
+    """nbdkit's memory plugin (STACK_SPAN) on NBDKIT_SOCK, filled once through fio's NBD
+    client: the server both sides of the nbd-client comparison read."""
+    uri = f"nbd+unix:///?socket={NBDKIT_SOCK}"
+    pidfile = Path("/tmp/bench-nbdkit.pid")
+
+    def setup(self):
+        if not shutil.which("nbdkit"):
+            raise RuntimeError("nbdkit not found (scripts/setup installs it)")
+        Path(NBDKIT_SOCK).unlink(missing_ok=True)
+        sh(["nbdkit", "--unix", NBDKIT_SOCK, "--pidfile", str(self.pidfile), "memory", STACK_SPAN])
+        if not wait_for(NBDKIT_SOCK):
+            raise RuntimeError("nbdkit's socket did not appear")
+        fill(self.uri)
+        return sh(["nbdkit", "--version"], check=False)
+
+    def teardown(self):
+        for pid in self.pids():
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            if not Path(NBDKIT_SOCK).exists():
+                break
+            time.sleep(0.1)
+
+    def pids(self):
+        try:
+            return [int(self.pidfile.read_text())]
+        except (OSError, ValueError):
+            return []
+
+
+class FioNbd:
+    """fio's own NBD client (libnbd) on the nbdkit server: the device is the server's URI."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def setup(self):
+        return Nbdkit.uri, {"params": f"fio --ioengine=nbd --uri={Nbdkit.uri}"}
+
+    def teardown(self):
+        pass
+
+    def server_pids(self):
+        return Nbdkit().pids()
+
+
+def make_raw(d, fill_it=True):
+    """A raw file of STACK_SPAN, every page written (or sparse)."""
+    f = d / "disk.raw"
+    if fill_it:
+        sh(["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={STACK_MB}", "status=none"])
+    else:
+        sh(["truncate", "-s", STACK_SPAN, str(f)])
+    return f"aio:{f}"
+
+
+def make_vhd(d, fill_it=True):
+    """A dynamic VHD of STACK_SPAN; filled (every block allocated) through a tap of its own."""
+    f = d / "disk.vhd"
+    sh([VHDUTIL, "create", "-n", str(f), "-s", str(STACK_MB)])
+    if fill_it:
+        dev, minor = tap_on(f"vhd:{f}")
+        try:
+            fill(dev)
+        finally:
+            sh([TAPCTL, "destroy", "-m", str(minor)])
+    return f"vhd:{f}"
+
+
+def make_chain(d):
+    """A depth-CHAIN_DEPTH chain: the base filled, then each level above it a snapshot of the
+    one below that owns every tenth MiB from its level's own (1 MiB written, 9 skipped)."""
+    sh([VHDUTIL, "create", "-n", str(d / "c0.vhd"), "-s", str(STACK_MB)])
+    for i in range(CHAIN_DEPTH):
+        f = d / f"c{i}.vhd"
+        if i:
+            sh([VHDUTIL, "snapshot", "-n", str(f), "-p", str(d / f"c{i - 1}.vhd")])
+        dev, minor = tap_on(f"vhd:{f}")
+        try:
+            if i == 0:
+                fill(dev)
+            else:
+                sh(["fio", "--name=level", f"--filename={dev}", "--ioengine=io_uring", "--direct=1",
+                    "--rw=write:9m", "--bs=1m", f"--offset={i}m", f"--size={STACK_MB - i}m",
+                    "--output=/dev/null"])
+        finally:
+            sh([TAPCTL, "destroy", "-m", str(minor)])
+    depth = sh([VHDUTIL, "query", "-n", str(d / f"c{CHAIN_DEPTH - 1}.vhd"), "-d"])
+    if depth != f"chain depth: {CHAIN_DEPTH}":
+        raise RuntimeError(f"the chain is not {CHAIN_DEPTH} deep: {depth}")
+    return f"vhd:{d / f'c{CHAIN_DEPTH - 1}.vhd'}"
+
+
+def make_stack_device(name):
+    return {
+        "tapdev-aio": lambda: StackTap(name, make_raw),
+        "tapdev-vhd": lambda: StackTap(name, make_vhd),
+        "tapdev-aio-new": lambda: StackTap(name, lambda d: make_raw(d, False)),
+        "tapdev-vhd-new": lambda: StackTap(name, lambda d: make_vhd(d, False)),
+        "tapdev-vhd-chain10": lambda: StackTap(name, make_chain),
+        "tapdev-nbd": lambda: StackTap(name, lambda d: f"nbd:{Nbdkit.uri}", servers=Nbdkit().pids),
+        "fio-nbd": lambda: FioNbd(name),
+        "export-ram": lambda: StackTap(name, lambda d: f"ram:{STACK_SPAN}", export=True),
+        "tapdev-ram": lambda: StackTap(name, lambda d: f"ram:{STACK_SPAN}"),
+    }[name]()
+
+
+def stack_device(name):
+    """A stack device set up (scheduler none, servers pinned; its `device` record emitted with
+    the stack), or None if it failed (recorded)."""
+    d = make_stack_device(name)
+    try:
+        path, info = d.setup()
+        if not path.startswith("nbd"):
+            info["scheduler"] = no_scheduler(path)
+        info["server_cpus"] = pin_servers(d.server_pids(), SERVER_CPU)
+        return d, path, info
+    except Exception:
+        d.teardown()
+        raise
+
+
+def run_stack(name, jobs, rounds, runtime, loops, before):
+    """One comparison of STACKS: its two devices set up (over one nbdkit server for
+    nbd-client), the jobs in ABBA rounds; a new image for every run of the first-write
+    comparison, one pass over it. The next run's calibration, and how many things failed."""
+    dev, ref, _, what = STACKS[name]
+    note(f"stack {name}: {dev} against {ref}")
+    fresh = name == "vhd-first-write"
+    server = Nbdkit() if name == "nbd-client" else None
+    held, failed = {}, 0
+    try:
+        if server:
+            version = server.setup()
+            emit("stack-server", stack=name, server=f"nbdkit memory {STACK_SPAN}", version=version)
+        for rnd, job, dname in plan([dev, ref], jobs, rounds):
+            if dname not in held:
+                held[dname] = stack_device(dname)
+                if rnd == 0 and job == jobs[0]:
+                    emit("stack-device", stack=name, device=dname, path=held[dname][1], what=what,
+                         **held[dname][2])
+            before, bad = measure(dname, held[dname][1], job, rnd, None if fresh else runtime,
+                                  0 if fresh else 1, loops, before, stack=name, size=STACK_SPAN)
+            failed += bad
+            if fresh:
+                held.pop(dname)[0].teardown()
+    except Exception as e:  # noqa: BLE001 - reported, and the run fails
+        emit("stack-device", stack=name, error=str(e))
+        note(f"stack {name}: FAILED: {e}")
+        failed += 1
+    finally:
+        for d, _, _ in held.values():
+            d.teardown()
+        if server:
+            server.teardown()
+        shutil.rmtree(STACK_DIR, ignore_errors=True)
+    return before, failed
+
+
+def run_stacks(stacks, rounds, runtime, loops):
+    """Every comparison named in `stacks` (name -> jobs). How many things failed."""
+    failed = 0
+    before = calibrate(loops)
+    for name, jobs in stacks.items():
+        before, bad = run_stack(name, jobs, rounds, runtime, loops, before)
+        failed += bad
+    return failed
+
+
+def stacks_of(args):
+    """The image-stack comparisons to run, name -> jobs: --stacks (names, or "none"), else all
+    (the smoke: one job each)."""
+    if args.stacks == "none":
+        return {}
+    names = args.stacks.split(",") if args.stacks else list(STACKS)
+    unknown = [n for n in names if n not in STACKS]
+    if unknown:
+        raise SystemExit(f"unknown stacks {unknown}: choose among {list(STACKS)}")
+    return {n: (SMOKE_STACKS[n] if args.smoke else STACKS[n][2]) for n in names}
 
 
 def run(args):
@@ -783,13 +1068,20 @@ def run(args):
     unknown = [d for d in devices if d not in DEVICES]
     if unknown:
         raise SystemExit(f"unknown devices {unknown}: choose among {DEVICES}")
+    stacks = stacks_of(args)
+    stack_rounds = args.stack_rounds or (1 if args.smoke else STACK_ROUNDS)
+    stack_runtime = args.stack_runtime or (1 if args.smoke else STACK_RUNTIME)
     pinning = set_pinning(os.cpu_count())
     loops = calibration_loops()
+    stack_jobs = sorted({j for js in stacks.values() for j in js})
     emit("meta", kernel=os.uname().release, nproc=os.cpu_count(),
          mem_kib=meminfo()["MemTotal"], fio=sh(["fio", "--version"]), jobs=jobs, runs=rounds,
          rounds=rounds, order="abba", devices=devices, runtime=runtime, ramp=ramp, span=SPAN,
-         smoke=args.smoke, job_specs={j: JOBS[j] for j in jobs}, pinning=pinning,
-         gauge={"loops": loops, "clocksource": clocksource()})
+         smoke=args.smoke, job_specs={j: JOBS[j] for j in sorted(set(jobs) | set(stack_jobs))},
+         pinning=pinning, gauge={"loops": loops, "clocksource": clocksource()},
+         stacks={n: {"device": STACKS[n][0], "ref": STACKS[n][1], "jobs": js, "what": STACKS[n][3]}
+                 for n, js in stacks.items()},
+         stack_rounds=stack_rounds, stack_runtime=stack_runtime, stack_span=STACK_SPAN)
     failed = 0
     if not args.no_devices:
         ready, failed = set_up_devices(devices)
@@ -803,6 +1095,8 @@ def run(args):
         finally:
             for d, _ in reversed(list(ready.values())):
                 d.teardown()
+    if stacks:
+        failed += run_stacks(stacks, stack_rounds, stack_runtime, loops)
     try:
         note(f"memory: {args.taps} taps")
         emit("memory", **measure_memory(args.taps))
@@ -887,6 +1181,21 @@ def check(path):
             elif not (cs[0]["fio"]["cpu_us_per_io"] or 0) > 0 or \
                     (dev != "null_blk" and not (cs[0].get("server") or {}).get("cpu_us_per_io")):
                 problems.append(f"counters {dev} {job}: no CPU time counted: {cs[0]}")
+    for name, spec in (meta[0].get("stacks") or {} if meta else {}).items():
+        for r in recs:
+            if r["kind"] == "stack-device" and r.get("stack") == name and "error" in r:
+                problems.append(f"stack {name}: {r.get('device', '')}: {r['error']}")
+        for dev in (spec["device"], spec["ref"]):
+            for job in spec["jobs"]:
+                rs = [r for r in recs if r["kind"] == "stack-run" and r.get("stack") == name
+                      and r["device"] == dev and r["job"] == job]
+                if not rs:
+                    problems.append(f"stack {name}: {dev} {job}: no result")
+                for r in rs:
+                    if "error" in r:
+                        problems.append(f"stack {name}: {dev} {job}: {r['error']}")
+                    elif not (r["iops"] > 0 and r["bw_kib"] > 0):
+                        problems.append(f"stack {name}: {dev} {job}: empty numbers {r}")
     mem = [r for r in recs if r["kind"] == "memory"]
     if not mem or "error" in mem[0] or mem[0]["per_tap_kib"]["memfree_drop"] <= 0:
         problems.append(f"memory: {mem[0] if mem else 'no record'}")
@@ -913,6 +1222,11 @@ def main():
     r.add_argument("--no-devices", action="store_true", help="skip the fio runs")
     r.add_argument("--devices", help=f"comma-separated subset of {','.join(DEVICES)} (all)")
     r.add_argument("--jobs", help=f"comma-separated subset of {','.join(JOBS)} (all; smoke: two)")
+    r.add_argument("--stacks", help=f"comma-separated subset of {','.join(STACKS)}, or none (all)")
+    r.add_argument("--stack-rounds", type=int, default=0,
+                   help=f"rounds of the image-stack comparisons ({STACK_ROUNDS}; smoke 1)")
+    r.add_argument("--stack-runtime", type=int, default=0,
+                   help=f"seconds per fio job of the image stacks ({STACK_RUNTIME}; smoke 1)")
     c = sub.add_parser("check")
     c.add_argument("file")
     pl = sub.add_parser("plan")
