@@ -2,8 +2,8 @@
 //!
 //! The chain is opened from the leaf ([`crate::vhd::Chain`]); reads go down the chain for the
 //! sectors a layer lacks, writes go to the leaf and allocate its blocks in a crash-safe order
-//! (see [`crate::vhd::image`]). Transfers are plain `pread`/`pwrite` through a bounce buffer,
-//! on a worker thread ([`super::threaded`]). Flushes are `fdatasync` of the leaf, FUA writes
+//! (see [`crate::vhd::image`]). Transfers are plain `pread`/`pwrite` through a bounce buffer
+//! (one, reused), on a worker thread ([`super::threaded`]). Flushes are `fdatasync` of the leaf, FUA writes
 //! are a write and a flush. Discard is done on a leaf without parent (fixed or dynamic), where
 //! a forgotten range reads as zeros and whole blocks are given back
 //! ([`crate::vhd::VhdImage::discard`]); a differencing leaf does not do it (its forgotten
@@ -22,6 +22,8 @@ pub struct VhdBackend {
     chain: Chain,
     readonly: bool,
     size: u64,
+    /// The bounce buffer, kept from one transfer to the next (it grows to the largest).
+    bounce: Vec<u8>,
 }
 
 impl VhdBackend {
@@ -33,6 +35,7 @@ impl VhdBackend {
             chain,
             readonly,
             size,
+            bounce: Vec::new(),
         })
     }
 
@@ -82,11 +85,14 @@ impl SyncBackend for VhdBackend {
                 .map_err(|e| errno(&e));
         }
         let len = usize::try_from(io.len()).map_err(|_| Errno::EINVAL)?;
-        let mut buf = vec![0u8; len];
+        if self.bounce.len() < len {
+            self.bounce.resize(len, 0);
+        }
+        // Every byte of `buf` is written before it is read: by the chain (a read) or from the
+        // request's pages (a write).
+        let buf = &mut self.bounce[..len];
         if io.op == Op::Read {
-            self.chain
-                .read(io.offset, &mut buf)
-                .map_err(|e| errno(&e))?;
+            self.chain.read(io.offset, buf).map_err(|e| errno(&e))?;
             let mut pos = 0;
             for v in &io.iov {
                 // SAFETY: the iovec is valid for writes of its length until the completion
@@ -111,7 +117,7 @@ impl SyncBackend for VhdBackend {
             };
             pos += v.iov_len;
         }
-        self.chain.write(io.offset, &buf).map_err(|e| errno(&e))?;
+        self.chain.write(io.offset, buf).map_err(|e| errno(&e))?;
         if io.op == Op::WriteFua {
             self.chain.flush().map_err(|e| errno(&e))?;
         }
@@ -124,5 +130,53 @@ impl SyncBackend for VhdBackend {
             fua: true,
             discard: self.chain.can_discard(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(op: Op, offset: u64, buf: &mut [u8]) -> Io {
+        Io {
+            tag: 0,
+            op,
+            offset,
+            iov: vec![libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }],
+            discard_len: 0,
+        }
+    }
+
+    #[test]
+    fn the_reused_bounce_buffer_never_shows_an_earlier_transfer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.vhd");
+        crate::vhd::create::create_dynamic(&path, 8 << 20, None).unwrap();
+        let mut b = VhdBackend::open(&path, false).unwrap();
+        let mut data = vec![0x5au8; 44 << 10];
+        // SAFETY: each buffer outlives its (synchronous) transfer.
+        unsafe { b.transfer(&io(Op::Write, 0, &mut data)) }.unwrap();
+        let mut back = vec![0u8; 44 << 10];
+        // SAFETY: as above.
+        unsafe { b.transfer(&io(Op::Read, 0, &mut back)) }.unwrap();
+        assert_eq!(back, data);
+        // An unallocated block, a shorter and a longer read after it: zeros, all of them.
+        for len in [4096usize, 64 << 10] {
+            let mut hole = vec![0xffu8; len];
+            // SAFETY: as above.
+            unsafe { b.transfer(&io(Op::Read, 4 << 20, &mut hole)) }.unwrap();
+            assert!(hole.iter().all(|&x| x == 0), "{len}-byte read of a hole");
+        }
+        // A write shorter than the buffer, read back with what was there around it.
+        let mut small = vec![0xa5u8; 1024];
+        // SAFETY: as above.
+        unsafe { b.transfer(&io(Op::Write, 512, &mut small)) }.unwrap();
+        // SAFETY: as above.
+        unsafe { b.transfer(&io(Op::Read, 0, &mut back)) }.unwrap();
+        data[512..1536].fill(0xa5);
+        assert_eq!(back, data);
     }
 }
