@@ -228,7 +228,7 @@ impl Drop for Threaded {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ring::Op;
 
@@ -271,7 +271,8 @@ mod tests {
         }
     }
 
-    fn io(tag: u64, op: Op, offset: u64, buf: &mut [u8]) -> Io {
+    /// An I/O of one buffer (also used by the other backends' tests).
+    pub(crate) fn io(tag: u64, op: Op, offset: u64, buf: &mut [u8]) -> Io {
         Io {
             tag,
             op,

@@ -136,19 +136,7 @@ impl SyncBackend for VhdBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn io(op: Op, offset: u64, buf: &mut [u8]) -> Io {
-        Io {
-            tag: 0,
-            op,
-            offset,
-            iov: vec![libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            }],
-            discard_len: 0,
-        }
-    }
+    use crate::backend::threaded::tests::io;
 
     #[test]
     fn the_reused_bounce_buffer_never_shows_an_earlier_transfer() {
@@ -158,24 +146,24 @@ mod tests {
         let mut b = VhdBackend::open(&path, false).unwrap();
         let mut data = vec![0x5au8; 44 << 10];
         // SAFETY: each buffer outlives its (synchronous) transfer.
-        unsafe { b.transfer(&io(Op::Write, 0, &mut data)) }.unwrap();
+        unsafe { b.transfer(&io(0, Op::Write, 0, &mut data)) }.unwrap();
         let mut back = vec![0u8; 44 << 10];
         // SAFETY: as above.
-        unsafe { b.transfer(&io(Op::Read, 0, &mut back)) }.unwrap();
+        unsafe { b.transfer(&io(0, Op::Read, 0, &mut back)) }.unwrap();
         assert_eq!(back, data);
         // An unallocated block, a shorter and a longer read after it: zeros, all of them.
         for len in [4096usize, 64 << 10] {
             let mut hole = vec![0xffu8; len];
             // SAFETY: as above.
-            unsafe { b.transfer(&io(Op::Read, 4 << 20, &mut hole)) }.unwrap();
+            unsafe { b.transfer(&io(0, Op::Read, 4 << 20, &mut hole)) }.unwrap();
             assert!(hole.iter().all(|&x| x == 0), "{len}-byte read of a hole");
         }
         // A write shorter than the buffer, read back with what was there around it.
         let mut small = vec![0xa5u8; 1024];
         // SAFETY: as above.
-        unsafe { b.transfer(&io(Op::Write, 512, &mut small)) }.unwrap();
+        unsafe { b.transfer(&io(0, Op::Write, 512, &mut small)) }.unwrap();
         // SAFETY: as above.
-        unsafe { b.transfer(&io(Op::Read, 0, &mut back)) }.unwrap();
+        unsafe { b.transfer(&io(0, Op::Read, 0, &mut back)) }.unwrap();
         data[512..1536].fill(0xa5);
         assert_eq!(back, data);
     }
