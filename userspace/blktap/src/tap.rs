@@ -635,6 +635,7 @@ impl<D: RingDevice> TapCore<D> {
                 stats.io = s.stats();
                 stats.in_flight = s.in_flight() as u64;
                 stats.allocated_bytes = s.allocated_bytes();
+                stats.layers = s.layers();
                 stats.device_flags = s.device_flags();
             }
             Stage::Paused(p) => {

@@ -6,7 +6,13 @@
 //! - `null:SIZE`: reads return zeros, writes are dropped ([`null`]);
 //! - `stall:MS[:SIZE]`: like `null:`, every answer `MS` milliseconds late ([`stall`]);
 //! - `nbd:URI`: an export on an NBD server, `URI` being `nbd://host[:port]/export` or
-//!   `nbd+unix:///export?socket=PATH` ([`nbd`]).
+//!   `nbd+unix:///export?socket=PATH` ([`nbd`]);
+//!
+//! and filters stacked over an image ([`layer`]: the image stack):
+//!
+//! - `trace:IMAGE`: every request logged ([`trace`]);
+//! - `cow:OVERLAY:IMAGE`: a copy-on-write overlay (`ram`, or an overlay file's absolute path)
+//!   over `IMAGE`, opened read-only ([`cow`]).
 //!
 //! A backend takes I/Os whose buffers are raw `iovec`s (into the ring's data pages), and reports
 //! their completions later, so the event loop never blocks on I/O.
@@ -21,13 +27,18 @@ use crate::ring::Op;
 use crate::{Error, Result};
 
 pub mod aio;
+pub mod cow;
 pub mod immediate;
+pub mod layer;
 pub mod nbd;
 pub mod null;
 pub mod ram;
 pub mod stall;
 pub mod threaded;
+pub mod trace;
 pub mod vhd;
+
+pub use layer::LayerStats;
 
 /// One I/O: a contiguous range of the image, scattered over `iov` (a flush has no range, a
 /// discard's length is `discard_len`).
@@ -170,6 +181,12 @@ pub trait Backend {
         let _ = (offset, len);
         None
     }
+
+    /// Appends the statistics of the layers below this one, top first (none for an image:
+    /// the tap's own counters are its layer's; see [`layer`]).
+    fn layers(&self, out: &mut Vec<LayerStats>) {
+        let _ = out;
+    }
 }
 
 /// One extent of an allocation map.
@@ -229,6 +246,10 @@ pub enum ImageKind {
     Vhd,
     /// An export on an NBD server.
     Nbd,
+    /// A filter logging every request.
+    Trace,
+    /// A copy-on-write overlay over an image.
+    Cow,
 }
 
 impl ImageKind {
@@ -241,12 +262,15 @@ impl ImageKind {
             ImageKind::Stall => "stall",
             ImageKind::Vhd => "vhd",
             ImageKind::Nbd => "nbd",
+            ImageKind::Trace => "trace",
+            ImageKind::Cow => "cow",
         }
     }
 }
 
 /// An image as tap-ctl names it: `type:path` (for `ram` and `null`, `type:SIZE`; for `stall`,
-/// `stall:MS[:SIZE]`; for `nbd`, `nbd:URI`).
+/// `stall:MS[:SIZE]`; for `nbd`, `nbd:URI`), or a stack: a filter's prefix before the image it
+/// filters (`trace:IMAGE`, `cow:OVERLAY:IMAGE`; at most [`MAX_LAYERS`] layers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSpec {
     /// The type.
@@ -255,10 +279,82 @@ pub struct ImageSpec {
     pub arg: String,
 }
 
+/// Most layers in a stack.
+pub const MAX_LAYERS: usize = 8;
+
+impl ImageSpec {
+    /// The image below a filter (none for an image).
+    pub fn lower(&self) -> Option<ImageSpec> {
+        let rest = match self.kind {
+            ImageKind::Trace => self.arg.as_str(),
+            ImageKind::Cow => self.arg.split_once(':')?.1,
+            _ => return None,
+        };
+        rest.parse().ok()
+    }
+
+    /// For `cow:OVERLAY:IMAGE`, `OVERLAY`.
+    pub fn overlay(&self) -> Option<&str> {
+        match self.kind {
+            ImageKind::Cow => self.arg.split_once(':').map(|(o, _)| o),
+            _ => None,
+        }
+    }
+
+    /// What the statistics call this layer: its type, and its path or what it is.
+    pub fn layer_name(&self) -> (String, String) {
+        let name = match self.kind {
+            ImageKind::Trace => "trace".to_string(),
+            ImageKind::Cow => match self.overlay() {
+                Some("ram") | None => "memory".to_string(),
+                Some(path) => path.to_string(),
+            },
+            _ => self.arg.clone(),
+        };
+        (self.kind.name().to_string(), name)
+    }
+
+    fn parse_depth(s: &str, depth: usize) -> Result<Self> {
+        if depth >= MAX_LAYERS {
+            return Err(Error::invalid(format!(
+                "image {s:?}: more than {MAX_LAYERS} layers"
+            )));
+        }
+        let spec = Self::parse_one(s)?;
+        let rest = match spec.kind {
+            ImageKind::Trace => Some(spec.arg.as_str()),
+            ImageKind::Cow => {
+                let Some((overlay, rest)) = spec.arg.split_once(':') else {
+                    return Err(Error::invalid(format!(
+                        "image {s:?}: cow:OVERLAY:IMAGE, OVERLAY being ram or an absolute path"
+                    )));
+                };
+                if overlay != "ram" && !overlay.starts_with('/') {
+                    return Err(Error::invalid(format!(
+                        "image {s:?}: the overlay {overlay:?} is neither ram nor an absolute path"
+                    )));
+                }
+                Some(rest)
+            }
+            _ => None,
+        };
+        if let Some(rest) = rest {
+            Self::parse_depth(rest, depth + 1)?;
+        }
+        Ok(spec)
+    }
+}
+
 impl FromStr for ImageSpec {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
+        Self::parse_depth(s, 0)
+    }
+}
+
+impl ImageSpec {
+    fn parse_one(s: &str) -> Result<Self> {
         let (kind, arg) = s
             .split_once(':')
             .ok_or_else(|| Error::invalid(format!("image {s:?} is not type:path")))?;
@@ -269,9 +365,12 @@ impl FromStr for ImageSpec {
             "stall" => ImageKind::Stall,
             "vhd" => ImageKind::Vhd,
             "nbd" => ImageKind::Nbd,
+            "trace" => ImageKind::Trace,
+            "cow" => ImageKind::Cow,
             _ => {
                 return Err(Error::invalid(format!(
-                    "image {s:?}: unknown type {kind:?} (aio, vhd, ram, null, stall, nbd)"
+                    "image {s:?}: unknown type {kind:?} (aio, vhd, ram, null, stall, nbd; \
+                     filters trace, cow)"
                 )))
             }
         };
@@ -279,7 +378,7 @@ impl FromStr for ImageSpec {
             return Err(Error::invalid(format!("image {s:?}: empty path")));
         }
         match kind {
-            ImageKind::Aio | ImageKind::Vhd => {}
+            ImageKind::Aio | ImageKind::Vhd | ImageKind::Trace | ImageKind::Cow => {}
             ImageKind::Ram | ImageKind::Null => {
                 parse_size(arg)?;
             }
@@ -387,6 +486,27 @@ fn open_inner(
                 opts.deadline = opts.deadline.min(d);
             }
             Box::new(nbd::NbdBackend::open_with(&spec.arg, readonly, opts)?)
+        }
+        ImageKind::Trace | ImageKind::Cow => {
+            let lower_spec = spec
+                .lower()
+                .ok_or_else(|| Error::invalid(format!("image {spec}: no image below")))?;
+            // The base under an overlay is never written.
+            let lower_ro = readonly || spec.kind == ImageKind::Cow;
+            let lower = layer::Lower::new(
+                open_inner(&lower_spec, lower_ro, direct, deadline)?,
+                &lower_spec,
+            );
+            match spec.overlay() {
+                None => Box::new(trace::TraceLayer::new(lower, lower_spec.to_string())),
+                Some("ram") => Box::new(cow::CowLayer::in_memory(lower, readonly)?),
+                Some(path) => Box::new(cow::CowLayer::in_file(
+                    lower,
+                    path.as_ref(),
+                    readonly,
+                    direct,
+                )?),
+            }
         }
     })
 }

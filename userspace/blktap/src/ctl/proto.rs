@@ -157,6 +157,9 @@ pub struct TapStats {
     /// 0x40 recovery).
     #[serde(default)]
     pub device_flags: u64,
+    /// The layers below the image's top one, top first (a stack's; empty for one image).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<crate::backend::LayerStats>,
 }
 
 /// A tapdisk's answer.

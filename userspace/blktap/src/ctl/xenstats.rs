@@ -10,7 +10,9 @@
 //! ```
 //!
 //! `secs` and `hits` count sectors transferred, `fail` failed requests; `images` lists the leaf
-//! first (a raw image is its own whole chain). This tapdisk's own counters ([`TapStats`]:
+//! first (a raw image is its own whole chain): for a stack (`trace:`, `cow:`), every layer, top
+//! first, each with what was read from it and written to it (an overlay's entry is its memory or
+//! file, then the image below it). This tapdisk's own counters ([`TapStats`]:
 //! `reads`, `flushes`, `allocated_bytes`, ...) follow as added keys, so a reader of either schema
 //! finds what it knows.
 
@@ -41,20 +43,34 @@ pub fn tap_stats(stats: &TapStats) -> Value {
     let secs_rd = io.bytes_read / SECTOR_SIZE;
     let secs_wr = io.bytes_written / SECTOR_SIZE;
     v.insert("secs".into(), json!([secs_rd, secs_wr]));
-    let images: Vec<Value> = stats
+    let mut images: Vec<Value> = stats
         .image
         .as_deref()
         .map(|image| {
-            let (kind, path) = image.split_once(':').unwrap_or(("", image));
+            let (kind, path) = match image.parse::<crate::backend::ImageSpec>() {
+                Ok(spec) => spec.layer_name(),
+                Err(_) => {
+                    let (k, p) = image.split_once(':').unwrap_or(("", image));
+                    (k.to_string(), p.to_string())
+                }
+            };
             json!({
                 "name": path,
                 "hits": [secs_rd, secs_wr],
                 "fail": [io.read_errors, io.write_errors],
-                "driver": {"type": driver_type(kind), "name": kind, "status": null},
+                "driver": {"type": driver_type(&kind), "name": kind, "status": null},
             })
         })
         .into_iter()
         .collect();
+    for l in &stats.layers {
+        images.push(json!({
+            "name": l.name,
+            "hits": l.hits,
+            "fail": l.fail,
+            "driver": {"type": driver_type(&l.driver), "name": l.driver, "status": null},
+        }));
+    }
     v.insert("images".into(), Value::Array(images));
     v.insert(
         "tap".into(),

@@ -347,6 +347,13 @@ impl<M: RingMemory> Server<M> {
         self.backend.allocated_bytes()
     }
 
+    /// The statistics of the image's layers below the top one (see [`Backend::layers`]).
+    pub fn layers(&self) -> Vec<crate::backend::LayerStats> {
+        let mut out = Vec::new();
+        self.backend.layers(&mut out);
+        out
+    }
+
     /// Requests handed to the backend, or waiting to be tried again, and not answered yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight.iter().filter(|s| s.is_some()).count()
