@@ -363,6 +363,18 @@ class Gauge(unittest.TestCase):
         self.assertEqual(out["results"]["ublk-null"]["randread-4k-qd1"]["excluded"], 1)
         self.assertIn(f"{len(JOBS)} of {g['runs']} runs flagged", md)
 
+    def test_slow_calibration_with_a_clean_host_side_is_kept_and_counted(self):
+        recs = records(self.slow("ublk-null", 1), jobs=["randread-4k-qd32"], rounds=2)
+        marks = [10.0 * i for i in range(len(recs))]
+        samples = [[5.0 * k, 5 * 100 * k, 0, 5 * 100 * k, 42] for k in range(2 * len(recs) + 1)]
+        out, md = report(recs, {"hz": 100, "qemu_nice": 0, "samples": samples, "marks": marks})
+        g = out["gauge"]
+        self.assertTrue(g["host_side"])
+        self.assertEqual((g["flagged"], g["slow_calibration_kept"]), (0, 1))
+        kept = [r for r in out["runs"]["ublk-null"]["randread-4k-qd32"] if r.get("slow_calibration")]
+        self.assertEqual([r["round"] for r in kept], [1])
+        self.assertIn("1 runs had a slow calibration loop with a clean host side", md)
+
     def test_steal(self):
         def values(d, j, r):
             return {"gauge": {"before_ms": [50.0], "after_ms": [50.0], "steal_ticks": 100 if r == 1 else 0,

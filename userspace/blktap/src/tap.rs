@@ -537,6 +537,17 @@ impl<D: RingDevice> TapCore<D> {
         }
     }
 
+    /// Whether the tap serves its ring and the kernel published requests it has not taken yet
+    /// (see [`Server::has_new_requests`]); [`TapCore::on_ring`] serves them.
+    pub fn has_new_requests(&self) -> bool {
+        self.server().is_some_and(Server::has_new_requests)
+    }
+
+    /// Whether the tap's image has I/O in flight (its completion comes on the backend's fd).
+    pub fn backend_busy(&self) -> bool {
+        self.server().is_some_and(|s| s.in_flight() > 0)
+    }
+
     /// When [`TapCore::on_timer`] has work to do (retries).
     pub fn next_wakeup(&self) -> Option<Instant> {
         self.server()?.next_wakeup()

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use blktap::ctl::{socket_path, CtlResponse};
@@ -73,9 +73,18 @@ impl Token {
     }
 }
 
+/// How long tapdisk watches the rings after answering requests, by default (microseconds).
+pub const DEFAULT_POLL_US: u64 = 100;
+
+/// The longest stretch the rings are served by polling alone; epoll is then asked (without
+/// waiting) for the other descriptors: control connections, signals, exports.
+const POLL_STRETCH: Duration = Duration::from_millis(2);
+
 /// How the daemon runs.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// After answering requests, how long to watch the rings for new ones before sleeping.
+    pub poll: Duration,
     /// Directory of the control socket `ctl<pid>`.
     pub ctl_dir: PathBuf,
     /// Exit once the last tap is gone (after at least one was attached).
@@ -103,6 +112,12 @@ pub struct Daemon {
     exit_when_idle: bool,
     had_taps: bool,
     quit: bool,
+    poll: Duration,
+    /// Taps that answered requests since epoll returned: the rings worth watching.
+    active: Vec<u32>,
+    /// Whether the last stretch of polling ended with requests still coming: epoll is then
+    /// asked without waiting.
+    poll_again: bool,
 }
 
 impl Daemon {
@@ -140,6 +155,9 @@ impl Daemon {
             exit_when_idle: opts.exit_when_idle,
             had_taps: false,
             quit: false,
+            poll: opts.poll,
+            active: Vec::new(),
+            poll_again: false,
         };
         daemon
             .watch(
@@ -222,7 +240,12 @@ impl Daemon {
     pub fn run(&mut self) -> anyhow::Result<()> {
         let mut events = vec![EpollEvent::empty(); 64];
         while !self.quit {
-            let n = match self.epoll.wait(&mut events, self.timeout()) {
+            let timeout = if std::mem::take(&mut self.poll_again) {
+                EpollTimeout::ZERO
+            } else {
+                self.timeout()
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e).context("epoll_wait"),
@@ -234,9 +257,56 @@ impl Daemon {
                 }
             }
             self.run_timers();
+            self.poll_rings();
         }
         self.shut_down();
         Ok(())
+    }
+
+    /// Watches the rings of the taps that just answered requests for up to `poll` after the
+    /// last request came, serving what comes (a request that arrives meanwhile costs no wake-up
+    /// and no epoll_wait). Stops as soon as a tap waits for its image (its completion comes
+    /// through epoll), and after `POLL_STRETCH` of serving, so that the other descriptors are
+    /// looked at.
+    fn poll_rings(&mut self) {
+        if self.poll.is_zero() || self.active.is_empty() {
+            self.active.clear();
+            return;
+        }
+        let mut taps = std::mem::take(&mut self.active);
+        taps.sort_unstable();
+        taps.dedup();
+        let start = Instant::now();
+        let mut last = start;
+        loop {
+            let mut served = false;
+            for &minor in &taps {
+                if self.taps.get(&minor).is_some_and(Tap::has_new_requests) {
+                    self.on_ring(minor, EpollFlags::EPOLLIN);
+                    served = true;
+                }
+            }
+            if self.quit
+                || taps
+                    .iter()
+                    .any(|m| self.taps.get(m).is_none_or(Tap::backend_busy))
+            {
+                break;
+            }
+            let now = Instant::now();
+            if served {
+                last = now;
+                if now.duration_since(start) >= POLL_STRETCH {
+                    self.poll_again = true;
+                    break;
+                }
+            } else if now.duration_since(last) >= self.poll {
+                break;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.active.clear();
     }
 
     fn dispatch(&mut self, token: Token, events: EpollFlags) {
@@ -463,6 +533,7 @@ impl Daemon {
         let Some(tap) = self.taps.get_mut(&minor) else {
             return;
         };
+        self.active.push(minor);
         let event = if events.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
             TapEvent::CloseRequested
         } else {
@@ -487,6 +558,7 @@ impl Daemon {
     }
 
     fn on_backend(&mut self, minor: u32) {
+        self.active.push(minor);
         if let Some(tap) = self.taps.get_mut(&minor) {
             if let Err(e) = tap.on_backend() {
                 log!("tap {minor}: {e}");

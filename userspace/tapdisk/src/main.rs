@@ -74,6 +74,12 @@ struct Cli {
     /// Behave like an old tapdisk: never ask the kernel for flush, FUA or discard.
     #[arg(long)]
     no_extensions: bool,
+    /// After answering requests, watch the rings for new ones for up to this many microseconds
+    /// before sleeping in epoll (reading the ring's index in shared memory: a request that comes
+    /// meanwhile is served without a wake-up or a system call); 0: sleep at once.
+    #[arg(long, value_name = "US", default_value_t = daemon::DEFAULT_POLL_US, env = "BLKTAP_POLL_US",
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    poll_us: u64,
 }
 
 /// Forks; the parent waits until the child says it listens (exit 0) or failed (exit 1). The
@@ -141,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let opts = Options {
             ctl_dir,
             exit_when_idle: !cli.keep_running,
+            poll: Duration::from_micros(cli.poll_us),
             tap: TapOptions {
                 server: ServerOptions {
                     deadline: Duration::from_secs(cli.deadline),

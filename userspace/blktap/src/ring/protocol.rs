@@ -73,6 +73,13 @@ impl<M: RingMemory> BackRing<M> {
         self.req_cons.wrapping_sub(self.rsp_prod_pvt)
     }
 
+    /// Whether the kernel has published requests not fetched yet (one read of `req_prod`, in
+    /// shared memory: no system call). A corrupt index also says yes: [`BackRing::fetch`] then
+    /// reports it.
+    pub fn has_new(&self) -> bool {
+        SharedRing::new(&self.memory).req_prod() != self.req_cons
+    }
+
     /// The private request consumer index.
     pub fn req_cons(&self) -> u32 {
         self.req_cons

@@ -347,6 +347,12 @@ impl<M: RingMemory> Server<M> {
         self.backend.allocated_bytes()
     }
 
+    /// Whether the ring holds requests not taken yet, and they can be served (read from shared
+    /// memory, without a system call: for polling the ring between wake-ups).
+    pub fn has_new_requests(&self) -> bool {
+        self.fault.is_none() && self.ring.has_new()
+    }
+
     /// The statistics of the image's layers below the top one (see [`Backend::layers`]).
     pub fn layers(&self) -> Vec<crate::backend::LayerStats> {
         let mut out = Vec::new();
