@@ -178,9 +178,12 @@ mod tests {
         for i in 0..3 {
             kernel.write_request(i, &request(u64::from(i)));
         }
+        assert!(!ring.has_new());
         kernel.set_req_prod(3);
+        assert!(ring.has_new());
         let mut out = Vec::new();
         assert_eq!(ring.fetch(&mut out), Ok(3));
+        assert!(!ring.has_new());
         assert_eq!(out.iter().map(|r| r.id).collect::<Vec<_>>(), [0, 1, 2]);
         // Nothing new: nothing fetched, even if the kernel rewrites consumed entries.
         kernel.write_request(0, &request(9));
