@@ -5,7 +5,7 @@ use std::os::fd::BorrowedFd;
 
 use nix::errno::Errno;
 
-use super::{Backend, Completion, Extent, Features, ImageKind, Io};
+use super::{Backend, Completion, Extent, Features, ImageKind, Io, LayerStats};
 use crate::Result;
 
 /// An image whose transfers finish at once.
@@ -54,7 +54,16 @@ pub trait SyncBackend {
         let _ = (offset, len);
         None
     }
+
+    /// What reports the statistics of the layers below this image's own (see
+    /// [`Backend::layers`]), from any thread: the image may be served by a worker.
+    fn layers_reporter(&self) -> Option<LayersReporter> {
+        None
+    }
 }
+
+/// Appends the statistics of an image's lower layers (a VHD's parents), callable from any thread.
+pub type LayersReporter = std::sync::Arc<dyn Fn(&mut Vec<LayerStats>) + Send + Sync>;
 
 /// A [`SyncBackend`] as a [`Backend`]: completions wait in a queue until reaped.
 #[derive(Debug)]
@@ -135,5 +144,11 @@ impl<T: SyncBackend> Backend for Synchronous<T> {
 
     fn block_status(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
         self.inner.block_status(offset, len)
+    }
+
+    fn layers(&self, out: &mut Vec<LayerStats>) {
+        if let Some(report) = self.inner.layers_reporter() {
+            report(out);
+        }
     }
 }

@@ -46,6 +46,7 @@ pub struct Threaded {
     worker: Option<JoinHandle<()>>,
     /// Queued and not yet handed out.
     pending: usize,
+    layers: Option<super::immediate::LayersReporter>,
 }
 
 impl std::fmt::Debug for Threaded {
@@ -69,6 +70,7 @@ impl Threaded {
             eventfd,
         });
         let (kind, size, features) = (inner.kind(), inner.size(), inner.features());
+        let layers = inner.layers_reporter();
         let (tx, rx) = channel::<Job>();
         let worker_shared = Arc::clone(&shared);
         let worker = std::thread::Builder::new()
@@ -127,6 +129,7 @@ impl Threaded {
             jobs: Some(tx),
             worker: Some(worker),
             pending: 0,
+            layers,
         })
     }
 
@@ -212,6 +215,12 @@ impl Backend for Threaded {
 
     fn features(&self) -> Features {
         self.features
+    }
+
+    fn layers(&self, out: &mut Vec<super::LayerStats>) {
+        if let Some(report) = &self.layers {
+            report(out);
+        }
     }
 }
 

@@ -17,6 +17,8 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::header::{PLAT_MACX, PLAT_W2KU, PLAT_W2RU};
 use super::image::VhdImage;
@@ -129,6 +131,23 @@ impl Layer {
 #[derive(Debug)]
 pub struct Chain {
     layers: Vec<Layer>,
+    reads: Arc<ChainReads>,
+}
+
+/// What was read from each image of a chain, for its statistics: shared, so that another
+/// thread can report it while the chain is read.
+#[derive(Debug)]
+pub struct ChainReads {
+    /// Each image, leaf first: its path, and whether it is a VHD (else raw).
+    pub images: Vec<(PathBuf, bool)>,
+    sectors: Vec<AtomicU64>,
+}
+
+impl ChainReads {
+    /// Sectors read from image `i` (0: the leaf).
+    pub fn sectors(&self, i: usize) -> u64 {
+        self.sectors.get(i).map_or(0, |s| s.load(Ordering::Relaxed))
+    }
 }
 
 /// Where the parent of differencing image `child` is: the paths its locators name, in order of
@@ -245,7 +264,19 @@ impl Chain {
             };
             layers.push(layer);
         }
-        Ok(Self { layers })
+        let reads = Arc::new(ChainReads {
+            images: layers
+                .iter()
+                .map(|l| (l.path().to_path_buf(), matches!(l, Layer::Vhd(_))))
+                .collect(),
+            sectors: layers.iter().map(|_| AtomicU64::new(0)).collect(),
+        });
+        Ok(Self { layers, reads })
+    }
+
+    /// What was read from each image.
+    pub fn reads(&self) -> Arc<ChainReads> {
+        Arc::clone(&self.reads)
     }
 
     /// The images, leaf first.
@@ -275,7 +306,7 @@ impl Chain {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(VhdError::OutOfRange { offset, len, size });
         }
-        read_layers(&mut self.layers, offset, buf)
+        read_layers(&mut self.layers, &self.reads.sectors, offset, buf)
     }
 
     /// Writes `data` at `offset` of the disk (whole sectors), into the leaf.
@@ -303,13 +334,26 @@ impl Chain {
     }
 }
 
-fn read_layers(layers: &mut [Layer], offset: u64, buf: &mut [u8]) -> Result<(), VhdError> {
+fn read_layers(
+    layers: &mut [Layer],
+    counts: &[AtomicU64],
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), VhdError> {
     let Some((first, rest)) = layers.split_first_mut() else {
         buf.fill(0);
         return Ok(());
     };
+    let (count, rest_counts) = counts.split_first().expect("a count per layer");
+    let counted = |n: usize| {
+        count.fetch_add(n as u64 / 512, Ordering::Relaxed);
+    };
     match first {
-        Layer::Raw(r) => r.read(offset, buf),
+        Layer::Raw(r) => {
+            r.read(offset, buf)?;
+            counted(buf.len());
+            Ok(())
+        }
         Layer::Vhd(image) => {
             // A parent smaller than its child: what lies past its end reads as zeros (the
             // caller checked the range against the leaf; sizes are whole sectors).
@@ -324,8 +368,11 @@ fn read_layers(layers: &mut [Layer], offset: u64, buf: &mut [u8]) -> Result<(), 
             for (n, at) in runs {
                 let part = &mut buf[pos..pos + n as usize];
                 match at {
-                    Some(at) => image.read_file(at, part)?,
-                    None => read_layers(rest, offset + pos as u64, part)?,
+                    Some(at) => {
+                        image.read_file(at, part)?;
+                        counted(part.len());
+                    }
+                    None => read_layers(rest, rest_counts, offset + pos as u64, part)?,
                 }
                 pos += n as usize;
             }
