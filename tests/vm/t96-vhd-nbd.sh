@@ -39,6 +39,14 @@ base_sum=$(sha256sum < base.vhd)
 dev=$($TAPCTL create -a vhd:/tmp/leaf.vhd)
 pid=$(cat "$CLASS/blktap!blktap0/task")
 check "the leaf reads the base's data" sh -c "dd if=$dev bs=1M count=96 iflag=direct status=none | cmp - base.img"
+check "stats: the chain's images, leaf first, the base with the sectors read from it" sh -c \
+    "$TAPCTL stats -p $pid -m 0 | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+names = [(i[\"driver\"][\"name\"], i[\"driver\"][\"type\"], i[\"name\"]) for i in s[\"images\"]]
+print(names, [i[\"hits\"] for i in s[\"images\"]])
+assert names == [(\"vhd\", 4, \"/tmp/leaf.vhd\"), (\"vhd\", 4, \"/tmp/base.vhd\")], names
+assert s[\"images\"][1][\"hits\"][0] >= 2 * 4 * 2048 and s[\"images\"][1][\"hits\"][1] == 0'"
 
 # A live snapshot under I/O: a reader verifying the base's region 8-24 MiB and a writer on
 # 72-88 MiB run while the tap pauses, a second leaf is made and the tap goes on on it.
