@@ -515,3 +515,251 @@ fn random_client_bytes_never_take_the_server_down() {
     request(&mut s, cmd::READ, 0, 0, 512);
     assert_eq!(simple_error(&mut s), 0);
 }
+
+/// An export in memory whose reads at `slow_at` wait until the gate opens, counting the calls
+/// in progress (to see how many requests of one connection the server serves at once).
+struct GatedExport {
+    data: std::sync::Mutex<Vec<u8>>,
+    slow_at: Option<u64>,
+    gate: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    busy: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl GatedExport {
+    fn new(slow_at: Option<u64>, open: bool) -> Arc<Self> {
+        Arc::new(Self {
+            data: std::sync::Mutex::new(vec![0; SIZE as usize]),
+            slow_at,
+            gate: std::sync::Mutex::new(open),
+            opened: std::sync::Condvar::new(),
+            busy: Default::default(),
+            most: Default::default(),
+        })
+    }
+
+    fn open(&self) {
+        *self.gate.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self, offset: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.busy.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        if self.slow_at.is_none_or(|at| at == offset) {
+            let mut open = self.gate.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+        self.busy.fetch_sub(1, SeqCst);
+    }
+}
+
+impl blktap::nbd::server::Export for GatedExport {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+    fn features(&self) -> blktap::nbd::server::ExportFeatures {
+        blktap::nbd::server::ExportFeatures {
+            flush: true,
+            ..Default::default()
+        }
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.wait(offset);
+        let d = self.data.lock().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write(&self, offset: u64, buf: &[u8], _fua: bool) -> std::io::Result<()> {
+        self.wait(offset);
+        self.data.lock().unwrap()[offset as usize..offset as usize + buf.len()]
+            .copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _: u64, _: u32, _: bool) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    fn write_zeroes(&self, _: u64, _: u32, _: bool, _: bool) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    fn block_status(&self, _: u64, len: u32) -> std::io::Result<Vec<blktap::nbd::server::Extent>> {
+        Ok(vec![blktap::nbd::server::Extent {
+            length: len,
+            flags: 0,
+        }])
+    }
+}
+
+fn serve_gated(export: Arc<GatedExport>) -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        name: "disk".into(),
+        ..Default::default()
+    };
+    let server = Server::serve(&dir.path().join("nbd.sock"), export, config).unwrap();
+    (server, dir)
+}
+
+fn send(s: &mut UnixStream, typ: u16, cookie: u64, offset: u64, length: u32) {
+    let r = Request {
+        flags: 0,
+        typ,
+        cookie,
+        offset,
+        length,
+    };
+    s.write_all(&r.encode()).unwrap();
+}
+
+/// A simple reply: its cookie, after checking it is not an error.
+fn reply_cookie(s: &mut UnixStream) -> u64 {
+    match ReplyHeader::read(s).unwrap() {
+        ReplyHeader::Simple { error: 0, cookie } => cookie,
+        h => panic!("expected a successful simple reply, got {h:?}"),
+    }
+}
+
+#[test]
+fn a_connection_is_pipelined_and_answers_the_quick_request_first() {
+    let export = GatedExport::new(Some(0), false);
+    let (server, _dir) = serve_gated(Arc::clone(&export));
+    let (mut s, _) = transmitting(server.path());
+    // A read held by the export, then one that is not: the second is answered first.
+    send(&mut s, cmd::READ, 1, 0, 4096);
+    send(&mut s, cmd::READ, 2, 4096, 4096);
+    assert_eq!(reply_cookie(&mut s), 2);
+    let mut b = vec![0u8; 4096];
+    s.read_exact(&mut b).unwrap();
+    export.open();
+    assert_eq!(reply_cookie(&mut s), 1);
+    s.read_exact(&mut b).unwrap();
+}
+
+#[test]
+fn many_requests_before_any_reply_are_all_answered_with_their_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = sparse_image(dir.path());
+    let export = Arc::new(FileExport::open(&image, false).unwrap());
+    let server = Server::serve(
+        &dir.path().join("nbd.sock"),
+        export,
+        ServerConfig {
+            name: "disk".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (mut s, _) = transmitting(server.path());
+    let n = 100u64;
+    let mut w = s.try_clone().unwrap();
+    // Every write sent before any reply is read (from a thread: the socket fills up).
+    let writer = std::thread::spawn(move || {
+        for i in 0..n {
+            send(&mut w, cmd::WRITE, i, i * 8192, 8192);
+            w.write_all(&vec![i as u8 + 1; 8192]).unwrap();
+        }
+        w
+    });
+    let mut seen: Vec<u64> = (0..n).map(|_| reply_cookie(&mut s)).collect();
+    let mut w = writer.join().unwrap();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..n).collect::<Vec<_>>());
+    // Then every read at once; each reply's data is its own range's.
+    for i in 0..n {
+        send(&mut w, cmd::READ, 1000 + i, i * 8192, 8192);
+    }
+    let mut got = std::collections::HashSet::new();
+    for _ in 0..n {
+        let cookie = reply_cookie(&mut s);
+        let mut b = vec![0u8; 8192];
+        s.read_exact(&mut b).unwrap();
+        let i = cookie - 1000;
+        assert!(
+            b.iter().all(|&x| x == i as u8 + 1),
+            "read {i} has another range's data"
+        );
+        assert!(got.insert(cookie), "cookie {cookie} answered twice");
+    }
+    let f = std::fs::read(&image).unwrap();
+    assert!(f[..(n * 8192) as usize]
+        .chunks(8192)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|&x| x == i as u8 + 1)));
+}
+
+#[test]
+fn a_connection_holds_a_bounded_number_of_requests_and_disc_answers_them_first() {
+    use blktap::nbd::server::PIPELINE_DEPTH;
+    let export = GatedExport::new(None, false);
+    let (server, _dir) = serve_gated(Arc::clone(&export));
+    let (mut s, _) = transmitting(server.path());
+    let n = PIPELINE_DEPTH as u64 + 20;
+    for i in 0..n {
+        send(&mut s, cmd::READ, i, i * 512, 512);
+    }
+    send(&mut s, cmd::DISC, 0, 0, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(
+        export.busy.load(SeqCst),
+        PIPELINE_DEPTH,
+        "requests served at once"
+    );
+    export.open();
+    let mut seen: Vec<u64> = (0..n)
+        .map(|_| {
+            let c = reply_cookie(&mut s);
+            let mut b = [0u8; 512];
+            s.read_exact(&mut b).unwrap();
+            c
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..n).collect::<Vec<_>>(),
+        "every request before DISC answered"
+    );
+    assert!(closed(&mut s), "closed after DISC");
+    assert!(export.most.load(SeqCst) <= PIPELINE_DEPTH);
+}
+
+#[test]
+fn the_bytes_a_connection_holds_are_bounded() {
+    use blktap::nbd::server::PIPELINE_BYTES;
+    let export = GatedExport::new(None, false);
+    let (server, _dir) = serve_gated(Arc::clone(&export));
+    let (s, _) = transmitting(server.path());
+    // Writes of 16 MiB (the whole export), more than the budget holds: the server stops reading
+    // them at 4, far below the number of workers.
+    let len = 16u32 << 20;
+    let n = PIPELINE_BYTES / u64::from(len) + 4;
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for i in 0..n {
+            send(&mut w, cmd::WRITE, i, 0, len);
+            w.write_all(&vec![1u8; len as usize]).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    use std::sync::atomic::Ordering::SeqCst;
+    let held = export.busy.load(SeqCst) as u64;
+    assert!(
+        held * u64::from(len) <= PIPELINE_BYTES && held > 0,
+        "{held} writes of {len} bytes held"
+    );
+    assert!(held < blktap::nbd::server::PIPELINE_DEPTH as u64);
+    export.open();
+    writer.join().unwrap();
+    let mut r = s;
+    for _ in 0..n {
+        reply_cookie(&mut r);
+    }
+}

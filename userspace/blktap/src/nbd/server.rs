@@ -6,8 +6,10 @@
 //! `NBD_REP_ERR_UNSUP`. In transmission: `READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM`,
 //! `WRITE_ZEROES` and `BLOCK_STATUS`, with `FUA` on writes, trims and write-zeroes.
 //!
-//! Each connection is served by its own thread (at most [`MAX_CONNECTIONS`] at once), one request at a time, in the order the client
-//! sent them (so a reply is never reordered before an earlier one on the same connection). The
+//! Each connection is served by its own thread (at most [`MAX_CONNECTIONS`] at once), which reads
+//! its requests and hands them to workers of the connection (at most [`PIPELINE_DEPTH`] requests
+//! and [`PIPELINE_BYTES`] of data in flight): replies come as requests complete, out of order
+//! (each a whole, never interleaved with another). The
 //! [`Export`] is shared by every connection: it must be safe to call from several threads, and a
 //! flush on one connection must cover writes completed on every other (`CAN_MULTI_CONN` is
 //! announced only if [`ExportFeatures::multi_conn`] says so).
@@ -25,7 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use nix::fcntl::{fallocate, FallocateFlags};
@@ -646,13 +648,27 @@ fn handle_option(
     }
 }
 
-/// Replies to one request.
+/// Requests of one connection served at once: its worker threads, started as requests come.
+pub const PIPELINE_DEPTH: usize = 16;
+/// Bytes of request data (writes' payloads, reads' buffers) one connection holds at once; the
+/// connection's requests are not read further until some are answered.
+pub const PIPELINE_BYTES: u64 = 64 << 20;
+
+/// Replies to requests; replies of several workers never interleave (one whole reply per write
+/// under the lock).
 struct Replier<'a> {
     stream: &'a UnixStream,
     structured: bool,
+    lock: &'a Mutex<()>,
 }
 
 impl Replier<'_> {
+    /// Writes one whole reply.
+    fn send(&self, b: &[u8]) -> io::Result<()> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        (&mut &*self.stream).write_all(b)
+    }
+
     fn ok(&self, cookie: u64) -> io::Result<()> {
         let h = if self.structured {
             ReplyHeader::Chunk {
@@ -664,7 +680,7 @@ impl Replier<'_> {
         } else {
             ReplyHeader::Simple { error: 0, cookie }
         };
-        (&mut &*self.stream).write_all(&h.encode())
+        self.send(&h.encode())
     }
 
     fn error(&self, cookie: u64, error: u32, msg: &str) -> io::Result<()> {
@@ -684,7 +700,7 @@ impl Replier<'_> {
         } else {
             b = ReplyHeader::Simple { error, cookie }.encode();
         }
-        (&mut &*self.stream).write_all(&b)
+        self.send(&b)
     }
 
     fn result(&self, cookie: u64, r: io::Result<()>) -> io::Result<()> {
@@ -707,148 +723,275 @@ fn errno_of(e: &io::Error) -> u32 {
     }
 }
 
+/// The bytes a connection may still take for requests in flight.
+struct Budget {
+    left: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    /// Waits until `n` bytes are free, and takes them.
+    fn take(&self, n: u64) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        while *left < n {
+            left = self.freed.wait(left).unwrap_or_else(|e| e.into_inner());
+        }
+        *left -= n;
+    }
+
+    fn give(&self, n: u64) {
+        *self.left.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        self.freed.notify_all();
+    }
+}
+
+/// A request handed to a worker: its header, a write's payload, the budget it holds.
+struct Job {
+    req: Request,
+    data: Vec<u8>,
+    cost: u64,
+}
+
+/// What every worker of a connection shares.
+struct Ctx<'a> {
+    export: &'a dyn Export,
+    config: &'a ServerConfig,
+    reply: Replier<'a>,
+    tflags: u16,
+    size: u64,
+    allocation: bool,
+}
+
+/// The transmission phase, pipelined: this thread reads requests and hands each to a worker
+/// (up to [`PIPELINE_DEPTH`], started as needed), which serves it and writes its reply as soon
+/// as it is done, so replies may come out of order (matched by cookie, as the protocol allows).
+/// Reading stops while every worker is busy or [`PIPELINE_BYTES`] are held (back-pressure).
+/// A flush covers the writes answered before it was received (they are done in the export),
+/// as the protocol asks. On `NBD_CMD_DISC`, the end of the stream or a broken request, the
+/// requests in flight are answered before the connection is closed.
 fn transmission(
     stream: &UnixStream,
     export: &dyn Export,
     config: &ServerConfig,
     s: &Session,
 ) -> Result<(), ProtoError> {
-    let tflags = transmission_flags(export, config);
-    let size = export.size();
-    let reply = Replier {
-        stream,
-        structured: s.structured,
+    let lock = Mutex::new(());
+    let ctx = Ctx {
+        export,
+        config,
+        reply: Replier {
+            stream,
+            structured: s.structured,
+            lock: &lock,
+        },
+        tflags: transmission_flags(export, config),
+        size: export.size(),
+        allocation: s.allocation,
     };
-    let mut r = stream;
-    loop {
-        let mut hb = [0u8; Request::SIZE];
-        r.read_exact(&mut hb)?;
-        let req = Request::decode(&hb)?;
-        let cookie = req.cookie;
-        let in_range = req
-            .offset
-            .checked_add(u64::from(req.length))
-            .is_some_and(|end| end <= size);
-        let allowed_flags = match req.typ {
-            cmd::READ if s.structured => cflag::DF,
-            cmd::WRITE | cmd::TRIM => cflag::FUA,
-            cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE,
-            cmd::BLOCK_STATUS => cflag::REQ_ONE,
-            _ => 0,
-        };
-        if req.typ == cmd::WRITE {
-            if req.length > MAX_PAYLOAD {
-                // Its data cannot be skipped safely: answer, then close this connection.
-                reply.error(
-                    cookie,
-                    errno::EOVERFLOW,
-                    "write over the maximum block size",
-                )?;
-                return Err(ProtoError::TooLong {
-                    what: "write",
-                    len: req.length.into(),
-                    max: MAX_PAYLOAD.into(),
-                });
+    let budget = Budget {
+        left: Mutex::new(PIPELINE_BYTES),
+        freed: Condvar::new(),
+    };
+    let broken = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(0);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        let mut workers = 0;
+        let mut r = stream;
+        let result = loop {
+            let mut hb = [0u8; Request::SIZE];
+            if let Err(e) = r.read_exact(&mut hb) {
+                break Err(e.into());
             }
-            let data = read_payload(&mut r, "write", req.length, MAX_PAYLOAD)?;
-            if req.flags & !allowed_flags != 0 {
-                reply.error(cookie, errno::EINVAL, "unknown command flags")?;
-            } else if config.readonly {
+            let req = match Request::decode(&hb) {
+                Ok(req) => req,
+                Err(e) => break Err(e),
+            };
+            let mut data = Vec::new();
+            let mut cost = 0;
+            match req.typ {
+                cmd::DISC => break Ok(()),
+                cmd::WRITE if req.length > MAX_PAYLOAD => {
+                    // Its data cannot be skipped safely: answer, then close this connection.
+                    if let Err(e) = ctx.reply.error(
+                        req.cookie,
+                        errno::EOVERFLOW,
+                        "write over the maximum block size",
+                    ) {
+                        break Err(e.into());
+                    }
+                    break Err(ProtoError::TooLong {
+                        what: "write",
+                        len: req.length.into(),
+                        max: MAX_PAYLOAD.into(),
+                    });
+                }
+                cmd::WRITE => {
+                    cost = u64::from(req.length);
+                    budget.take(cost);
+                    match read_payload(&mut r, "write", req.length, MAX_PAYLOAD) {
+                        Ok(d) => data = d,
+                        Err(e) => {
+                            budget.give(cost);
+                            break Err(e);
+                        }
+                    }
+                }
+                cmd::READ if req.length <= MAX_PAYLOAD => {
+                    cost = u64::from(req.length);
+                    budget.take(cost);
+                }
+                _ => {}
+            }
+            if broken.load(Ordering::Relaxed) {
+                budget.give(cost);
+                break Ok(());
+            }
+            let job = Job { req, data, cost };
+            // An idle worker takes it at once; else start one, or wait for one.
+            let job = match tx.try_send(job) {
+                Ok(()) => continue,
+                Err(std::sync::mpsc::TrySendError::Full(job)) => job,
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => break Ok(()),
+            };
+            if workers < PIPELINE_DEPTH {
+                workers += 1;
+                let (rx, ctx, budget, broken) = (&rx, &ctx, &budget, &broken);
+                let spawned = std::thread::Builder::new()
+                    .name("nbd-req".into())
+                    .spawn_scoped(scope, move || loop {
+                        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(job) = next else { break };
+                        if let Err(e) = serve_request(ctx, &job.req, &job.data) {
+                            if !broken.swap(true, Ordering::Relaxed) {
+                                log::warn!("nbd: export {:?}: cannot reply: {e}", ctx.config.name);
+                            }
+                        }
+                        budget.give(job.cost);
+                    });
+                if let Err(e) = spawned {
+                    workers -= 1;
+                    if workers == 0 {
+                        budget.give(job.cost);
+                        break Err(e.into());
+                    }
+                }
+            }
+            if tx.send(job).is_err() {
+                break Ok(());
+            }
+        };
+        // The workers answer what they hold, then end.
+        drop(tx);
+        result
+    })
+}
+
+/// Serves one request and writes its reply. An error is the connection's (its replies cannot
+/// be written).
+fn serve_request(ctx: &Ctx<'_>, req: &Request, data: &[u8]) -> Result<(), ProtoError> {
+    let (reply, export, cookie) = (&ctx.reply, ctx.export, req.cookie);
+    let in_range = req
+        .offset
+        .checked_add(u64::from(req.length))
+        .is_some_and(|end| end <= ctx.size);
+    let allowed_flags = match req.typ {
+        cmd::READ if reply.structured => cflag::DF,
+        cmd::WRITE | cmd::TRIM => cflag::FUA,
+        cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE,
+        cmd::BLOCK_STATUS => cflag::REQ_ONE,
+        _ => 0,
+    };
+    if req.flags & !allowed_flags != 0 {
+        reply.error(cookie, errno::EINVAL, "unknown command flags")?;
+        return Ok(());
+    }
+    match req.typ {
+        cmd::WRITE => {
+            if ctx.config.readonly {
                 reply.error(cookie, errno::EPERM, "the export is read-only")?;
             } else if !in_range {
                 reply.error(cookie, errno::ENOSPC, "write past the end of the export")?;
             } else {
                 let fua = req.flags & cflag::FUA != 0;
-                reply.result(cookie, export.write(req.offset, &data, fua))?;
+                reply.result(cookie, export.write(req.offset, data, fua))?;
             }
-            continue;
         }
-        if req.flags & !allowed_flags != 0 {
-            reply.error(cookie, errno::EINVAL, "unknown command flags")?;
-            continue;
+        cmd::READ => {
+            if req.length > MAX_PAYLOAD {
+                reply.error(cookie, errno::EOVERFLOW, "read over the maximum block size")?;
+            } else if !in_range {
+                reply.error(cookie, errno::EINVAL, "read past the end of the export")?;
+            } else if req.length == 0 {
+                reply.ok(cookie)?;
+            } else {
+                read_reply(export, reply, req)?;
+            }
         }
-        match req.typ {
-            cmd::READ => {
-                if req.length > MAX_PAYLOAD {
-                    reply.error(cookie, errno::EOVERFLOW, "read over the maximum block size")?;
-                } else if !in_range {
-                    reply.error(cookie, errno::EINVAL, "read past the end of the export")?;
-                } else if req.length == 0 {
-                    reply.ok(cookie)?;
-                } else {
-                    read_reply(stream, export, &reply, &req)?;
-                }
+        cmd::FLUSH => {
+            if ctx.tflags & tflag::SEND_FLUSH == 0 {
+                reply.error(cookie, errno::EINVAL, "flush is not supported")?;
+            } else {
+                reply.result(cookie, export.flush())?;
             }
-            cmd::DISC => return Ok(()),
-            cmd::FLUSH => {
-                if tflags & tflag::SEND_FLUSH == 0 {
-                    reply.error(cookie, errno::EINVAL, "flush is not supported")?;
-                } else {
-                    reply.result(cookie, export.flush())?;
-                }
+        }
+        cmd::TRIM | cmd::WRITE_ZEROES => {
+            let fua = req.flags & cflag::FUA != 0;
+            let bit = if req.typ == cmd::TRIM {
+                tflag::SEND_TRIM
+            } else {
+                tflag::SEND_WRITE_ZEROES
+            };
+            if ctx.config.readonly {
+                reply.error(cookie, errno::EPERM, "the export is read-only")?;
+            } else if ctx.tflags & bit == 0 {
+                reply.error(cookie, errno::EINVAL, "command not supported")?;
+            } else if !in_range {
+                reply.error(cookie, errno::ENOSPC, "range past the end of the export")?;
+            } else if req.typ == cmd::TRIM {
+                reply.result(cookie, export.trim(req.offset, req.length, fua))?;
+            } else {
+                let may_punch = req.flags & cflag::NO_HOLE == 0;
+                let r = export.write_zeroes(req.offset, req.length, may_punch, fua);
+                reply.result(cookie, r)?;
             }
-            cmd::TRIM | cmd::WRITE_ZEROES => {
-                let fua = req.flags & cflag::FUA != 0;
-                let bit = if req.typ == cmd::TRIM {
-                    tflag::SEND_TRIM
-                } else {
-                    tflag::SEND_WRITE_ZEROES
-                };
-                if config.readonly {
-                    reply.error(cookie, errno::EPERM, "the export is read-only")?;
-                } else if tflags & bit == 0 {
-                    reply.error(cookie, errno::EINVAL, "command not supported")?;
-                } else if !in_range {
-                    reply.error(cookie, errno::ENOSPC, "range past the end of the export")?;
-                } else if req.typ == cmd::TRIM {
-                    reply.result(cookie, export.trim(req.offset, req.length, fua))?;
-                } else {
-                    let may_punch = req.flags & cflag::NO_HOLE == 0;
-                    let r = export.write_zeroes(req.offset, req.length, may_punch, fua);
-                    reply.result(cookie, r)?;
-                }
-            }
-            cmd::BLOCK_STATUS => {
-                if !s.allocation {
-                    reply.error(cookie, errno::EINVAL, "no metadata context was negotiated")?;
-                } else if !in_range || req.length == 0 {
-                    reply.error(cookie, errno::EINVAL, "range outside the export")?;
-                } else {
-                    match export.block_status(req.offset, req.length) {
-                        Ok(mut extents) if !extents.is_empty() => {
-                            if req.flags & cflag::REQ_ONE != 0 {
-                                extents.truncate(1);
-                            }
-                            let mut b = ReplyHeader::Chunk {
-                                flags: REPLY_FLAG_DONE,
-                                typ: chunk::BLOCK_STATUS,
-                                cookie,
-                                length: 4 + 8 * extents.len() as u32,
-                            }
-                            .encode();
-                            b.extend_from_slice(&ALLOCATION_ID.to_be_bytes());
-                            for e in extents {
-                                b.extend_from_slice(&e.length.to_be_bytes());
-                                b.extend_from_slice(&e.flags.to_be_bytes());
-                            }
-                            (&mut &*stream).write_all(&b)?;
+        }
+        cmd::BLOCK_STATUS => {
+            if !ctx.allocation {
+                reply.error(cookie, errno::EINVAL, "no metadata context was negotiated")?;
+            } else if !in_range || req.length == 0 {
+                reply.error(cookie, errno::EINVAL, "range outside the export")?;
+            } else {
+                match export.block_status(req.offset, req.length) {
+                    Ok(mut extents) if !extents.is_empty() => {
+                        if req.flags & cflag::REQ_ONE != 0 {
+                            extents.truncate(1);
                         }
-                        Ok(_) => reply.error(cookie, errno::EIO, "no extents")?,
-                        Err(e) => reply.result(cookie, Err(e))?,
+                        let mut b = ReplyHeader::Chunk {
+                            flags: REPLY_FLAG_DONE,
+                            typ: chunk::BLOCK_STATUS,
+                            cookie,
+                            length: 4 + 8 * extents.len() as u32,
+                        }
+                        .encode();
+                        b.extend_from_slice(&ALLOCATION_ID.to_be_bytes());
+                        for e in extents {
+                            b.extend_from_slice(&e.length.to_be_bytes());
+                            b.extend_from_slice(&e.flags.to_be_bytes());
+                        }
+                        reply.send(&b)?;
                     }
+                    Ok(_) => reply.error(cookie, errno::EIO, "no extents")?,
+                    Err(e) => reply.result(cookie, Err(e))?,
                 }
             }
-            typ => reply.error(cookie, errno::EINVAL, &format!("unknown command {typ}"))?,
         }
+        typ => reply.error(cookie, errno::EINVAL, &format!("unknown command {typ}"))?,
     }
+    Ok(())
 }
 
-fn read_reply(
-    stream: &UnixStream,
-    export: &dyn Export,
-    reply: &Replier<'_>,
-    req: &Request,
-) -> io::Result<()> {
+fn read_reply(export: &dyn Export, reply: &Replier<'_>, req: &Request) -> io::Result<()> {
     let len = req.length as usize;
     let head = if reply.structured {
         ReplyHeader::CHUNK_SIZE + 8
@@ -877,5 +1020,5 @@ fn read_reply(
     if reply.structured {
         b[hb.len()..head].copy_from_slice(&req.offset.to_be_bytes());
     }
-    (&mut &*stream).write_all(&b)
+    reply.send(&b)
 }
