@@ -172,6 +172,13 @@ impl AioBackend {
         self.direct
     }
 
+    /// Lets I/Os reach past the size the file had when opened, up to `limit` bytes: for a file
+    /// that grows while it is served (a VHD whose blocks are appended), whose owner knows where
+    /// the data is.
+    pub fn set_limit(&mut self, limit: u64) {
+        self.size = limit;
+    }
+
     /// The image's path.
     pub fn path(&self) -> &Path {
         &self.path

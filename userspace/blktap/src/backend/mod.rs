@@ -1,7 +1,8 @@
 //! Image backends, chosen by `type:path`:
 //!
 //! - `aio:/path`: a raw file or block device through io_uring ([`aio`]);
-//! - `vhd:/path`: a VHD image and its chain of parents, on a worker thread ([`vhd`]);
+//! - `vhd:/path`: a VHD image and its chain of parents: io_uring for the data the leaf holds,
+//!   a worker thread for the rest ([`vhd`]);
 //! - `ram:SIZE`: an in-memory disk ([`ram`]);
 //! - `null:SIZE`: reads return zeros, writes are dropped ([`null`]);
 //! - `stall:MS[:SIZE]`: like `null:`, every answer `MS` milliseconds late ([`stall`]);
@@ -476,10 +477,7 @@ fn open_inner(
             let (delay, size) = stall::parse_args(&spec.arg)?;
             Box::new(stall::StallBackend::new(delay, size)?)
         }
-        ImageKind::Vhd => Box::new(threaded::Threaded::new(vhd::VhdBackend::open(
-            spec.arg.as_ref(),
-            readonly,
-        )?)?),
+        ImageKind::Vhd => Box::new(vhd::Vhd::open(spec.arg.as_ref(), readonly, direct)?),
         ImageKind::Nbd => {
             let mut opts = nbd::Options::default();
             if let Some(d) = deadline {

@@ -274,6 +274,11 @@ impl Chain {
         Ok(Self { layers, reads })
     }
 
+    /// What the event loop may know of the leaf ([`super::shared::LeafState`]).
+    pub fn share_leaf(&mut self) -> Arc<super::shared::LeafState> {
+        self.leaf().share()
+    }
+
     /// What was read from each image.
     pub fn reads(&self) -> Arc<ChainReads> {
         Arc::clone(&self.reads)

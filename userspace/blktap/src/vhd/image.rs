@@ -21,9 +21,11 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::footer::{DiskType, Footer, FOOTER_SIZE};
 use super::header::{Header, Locator, HEADER_SIZE, MAX_LOCATOR};
+use super::shared::LeafState;
 use super::{VhdError, UNALLOCATED};
 
 /// Where a run of the virtual disk is: in this image at a file offset, or not here.
@@ -48,6 +50,8 @@ pub struct VhdImage {
     batmap: Option<Batmap>,
     /// Writes since the last `fdatasync`.
     dirty: bool,
+    /// What the event loop is told of this leaf (see [`LeafState`]), once asked for.
+    shared: Option<Arc<LeafState>>,
 }
 
 fn read_exact(file: &File, path: &Path, buf: &mut [u8], at: u64) -> Result<(), VhdError> {
@@ -97,6 +101,7 @@ impl VhdImage {
             bitmaps: HashMap::new(),
             batmap: None,
             dirty: false,
+            shared: None,
         };
         if image.footer.disk_type == DiskType::Fixed {
             if image.footer.current_size > footer_offset {
@@ -293,9 +298,45 @@ impl VhdImage {
         if !self.bitmaps.contains_key(&block) {
             let mut b = vec![0u8; self.bitmap_bytes as usize];
             read_exact(&self.file, &self.path, &mut b, u64::from(sector) * 512)?;
+            let full = self.full(&b);
             self.bitmaps.insert(block, b);
+            if full {
+                self.tell_present(block);
+            }
         }
         Ok(self.bitmaps.get(&block).map_or(&[][..], |b| &b[..]))
+    }
+
+    /// Shares what the event loop may know of this image (the leaf of a served chain): its
+    /// wholly present blocks as they become known, its allocated blocks, its flushes.
+    pub fn share(&mut self) -> Arc<LeafState> {
+        if let Some(s) = &self.shared {
+            return Arc::clone(s);
+        }
+        let s = Arc::new(if self.header.is_none() {
+            LeafState::fixed(self.size())
+        } else {
+            LeafState::dynamic(
+                self.size(),
+                self.block_size,
+                self.bat.iter().map(|&e| e != UNALLOCATED),
+            )
+        });
+        self.shared = Some(Arc::clone(&s));
+        s
+    }
+
+    /// Whether `bitmap` marks every sector of a block.
+    fn full(&self, bitmap: &[u8]) -> bool {
+        (0..self.block_size / 512).all(|s| bit(bitmap, s))
+    }
+
+    /// Tells the loop that allocated block `block` is wholly here now.
+    fn tell_present(&self, block: u32) {
+        if let Some(s) = &self.shared {
+            let data = u64::from(self.bat[block as usize]) * 512 + self.bitmap_bytes;
+            s.set_present(block, data);
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VhdError> {
@@ -375,9 +416,10 @@ impl VhdImage {
             .map_err(|e| VhdError::io("cannot sync", &self.path, e))
     }
 
-    /// Makes every write so far durable.
+    /// Makes every write so far durable (the event loop's too: see [`LeafState`]).
     pub fn flush(&mut self) -> Result<(), VhdError> {
-        if self.dirty {
+        let loop_wrote = self.shared.as_ref().is_some_and(|s| s.take_written());
+        if self.dirty || loop_wrote {
             self.barrier()?;
         }
         Ok(())
@@ -424,7 +466,13 @@ impl VhdImage {
         // The data is on disk before a bitmap says it is there.
         self.barrier()?;
         self.write_file(base, &bitmap)?;
+        let full = self.full(&bitmap);
         self.bitmaps.insert(block, bitmap);
+        if full {
+            // The bitmap is not durable yet: it is by the next flush, which any write the loop
+            // does here needs to be durable too (the loop sends FUA writes to this thread).
+            self.tell_present(block);
+        }
         Ok(())
     }
 
@@ -460,7 +508,16 @@ impl VhdImage {
         let entry_at = self.header.as_ref().map_or(0, |h| h.table_offset) + u64::from(block) * 4;
         self.write_file(entry_at, &sector.to_be_bytes())?;
         self.bat[block as usize] = sector;
+        let full = self.full(&buf[..bm]);
         self.bitmaps.insert(block, buf[..bm].to_vec());
+        if let Some(s) = &self.shared {
+            s.set_allocated(block, true);
+        }
+        if full {
+            // The BAT entry is durable by the next flush, as the loop's writes into the block
+            // are (the loop sends FUA writes to this thread).
+            self.tell_present(block);
+        }
         Ok(())
     }
 
@@ -560,8 +617,14 @@ impl VhdImage {
                     // loss, a hole whose zero bitmap says "not here": zeros all the same).
                     let entry_at =
                         self.header.as_ref().map_or(0, |h| h.table_offset) + u64::from(block) * 4;
+                    if let Some(s) = &self.shared {
+                        s.clear_present(block);
+                    }
                     self.write_file(entry_at, &UNALLOCATED.to_be_bytes())?;
                     self.barrier()?;
+                    if let Some(s) = &self.shared {
+                        s.set_allocated(block, false);
+                    }
                     self.bat[block as usize] = UNALLOCATED;
                     self.bitmaps.remove(&block);
                     let _ = self.punch(start, bm + bs);

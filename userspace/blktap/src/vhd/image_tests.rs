@@ -242,7 +242,8 @@ fn images_written_through_the_backend_convert_with_qemu_byte_for_byte() {
                 let off = rng.below((size - len as u64) / 512) * 512;
                 let mut data = pattern(&mut rng, len);
                 let op = if i % 3 == 0 { Op::WriteFua } else { Op::Write };
-                backend_io(b.as_mut(), op, off, &mut data).unwrap();
+                backend_io(b.as_mut(), op, off, &mut data)
+                    .unwrap_or_else(|e| panic!("{kind} {i} {op:?} {off} {len}: {e}"));
                 model[off as usize..off as usize + len].copy_from_slice(&data);
             }
             backend_io(b.as_mut(), Op::Flush, 0, &mut []).unwrap();

@@ -23,6 +23,7 @@ pub mod footer;
 pub mod header;
 pub mod image;
 pub mod repair;
+pub mod shared;
 
 pub use chain::{Chain, Layer};
 pub use footer::{DiskType, Footer};
