@@ -26,6 +26,10 @@ dev=$($TAPCTL create -a vhd:/tmp/base.vhd)
 check "create -a vhd: prints the tapdev" is "$dev" "$DEVDIR/tapdev0"
 check "the disk is 96 MiB" is "$(cat /sys/block/tda/size)" 196608
 check "two fio jobs verify their data on vhd:" two_jobs base $dev
+vpid=$(cat "$CLASS/blktap!blktap0/task")
+check "the export's map: the VHD's unallocated blocks are holes, its written ones data" sh -c \
+    "nbdinfo --map 'nbd+unix:///?socket=/var/run/blktap-control/nbd$vpid.0' | tee vmap.out &&
+     grep -Eq '^ *0 +8388608 +3 +hole,zero' vmap.out && grep -Eq '^ *8388608 +16777216 +0 +data' vmap.out"
 head -c 4M /dev/urandom > a.bin
 check "4 MiB more at 64 MiB" dd if=a.bin of=$dev bs=64k seek=1024 oflag=direct status=none
 dd if=$dev of=base.img bs=1M count=96 iflag=direct status=none

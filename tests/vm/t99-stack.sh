@@ -113,6 +113,15 @@ check "the log has a line per request: writes, reads with sector, length, latenc
 check "at least one line per 4 KiB write of the writer (1024)" sh -c \
     "test \$(grep -c 'write sector .* len 8 ' trace.log) -ge 1024"
 
+# --- trace: over an overlay over vhd: --------------------------------------------------------
+dev=$($TAPCTL create --log $D/trace2.log -a trace:cow:ram:vhd:$D/base.vhd)
+check "a verifying writer and a checking reader, then two more jobs, on trace:cow:ram:vhd:" jobs tv $dev
+check "destroy" $TAPCTL destroy -m 0
+check "the trace names the overlay below it, with reads and writes" sh -c \
+    "grep -Eq 'trace cow:ram:vhd:$D/base.vhd: write sector [0-9]+ len [0-9]+ latency [0-9]+us ok' trace2.log &&
+     grep -Eq 'trace cow:ram:vhd:$D/base.vhd: read sector [0-9]+ len [0-9]+ latency [0-9]+us ok' trace2.log"
+check "the VHD under the trace and the overlay is untouched" is "$(sha256sum < base.vhd)" "$vhd_sum"
+
 # --- cow over a remote read-only base: nbd: --------------------------------------------------
 cp base.raw nb.raw
 nbdkit --unix $D/nbdkit.sock --pidfile $D/nbdkit.pid --readonly file $D/nb.raw
