@@ -660,6 +660,8 @@ pub const PIPELINE_BYTES: u64 = MAX_PAYLOAD as u64;
 /// Stack of a connection's worker: it only calls the [`Export`] and writes a reply (buffers are
 /// on the heap), so far less than the default 2 MiB.
 const WORKER_STACK: usize = 256 << 10;
+/// The buffer a connection's requests are read through.
+const READ_BUFFER: usize = 64 << 10;
 
 /// Replies to requests; replies of several workers never interleave (one whole reply per write
 /// under the lock).
@@ -804,7 +806,8 @@ fn transmission(
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
         let mut workers = 0;
-        let mut r = stream;
+        // Buffered: a client's pipelined requests come in with one read(2), not one each.
+        let mut r = io::BufReader::with_capacity(READ_BUFFER, stream);
         let result = loop {
             let mut hb = [0u8; Request::SIZE];
             if let Err(e) = r.read_exact(&mut hb) {
