@@ -525,6 +525,9 @@ struct GatedExport {
     opened: std::sync::Condvar,
     busy: std::sync::atomic::AtomicUsize,
     most: std::sync::atomic::AtomicUsize,
+    /// Writes done, and how many were done when each flush came.
+    writes: std::sync::atomic::AtomicUsize,
+    flushes: std::sync::Mutex<Vec<usize>>,
 }
 
 impl GatedExport {
@@ -536,6 +539,8 @@ impl GatedExport {
             opened: std::sync::Condvar::new(),
             busy: Default::default(),
             most: Default::default(),
+            writes: Default::default(),
+            flushes: Default::default(),
         })
     }
 
@@ -578,9 +583,13 @@ impl blktap::nbd::server::Export for GatedExport {
         self.wait(offset);
         self.data.lock().unwrap()[offset as usize..offset as usize + buf.len()]
             .copy_from_slice(buf);
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
     fn flush(&self) -> std::io::Result<()> {
+        let done = self.writes.load(std::sync::atomic::Ordering::SeqCst);
+        self.flushes.lock().unwrap().push(done);
         Ok(())
     }
     fn trim(&self, _: u64, _: u32, _: bool) -> std::io::Result<()> {
@@ -762,4 +771,95 @@ fn the_bytes_a_connection_holds_are_bounded() {
     for _ in 0..n {
         reply_cookie(&mut r);
     }
+}
+
+#[test]
+fn a_client_that_never_reads_replies_is_not_read_further() {
+    use blktap::nbd::server::PIPELINE_DEPTH;
+    use std::sync::atomic::Ordering::SeqCst;
+    let export = GatedExport::new(None, true);
+    let (server, _dir) = serve_gated(Arc::clone(&export));
+    let (s, _) = transmitting(server.path());
+    // Reads of 1 MiB, never a reply read: the replies fill the socket, the workers wait to
+    // write theirs, and the server stops reading requests (the client's writes block) with at
+    // most PIPELINE_DEPTH replies held, not one per request sent.
+    let mut w = s.try_clone().unwrap();
+    w.set_nonblocking(true).unwrap();
+    let req = Request {
+        flags: 0,
+        typ: cmd::READ,
+        cookie: 0,
+        offset: 0,
+        length: MIB as u32,
+    }
+    .encode();
+    let (mut sent, mut off, mut stalls) = (0u64, 0usize, 0);
+    while sent < 1_000_000 && stalls < 50 {
+        match w.write(&req[off..]) {
+            Ok(n) => {
+                stalls = 0;
+                off += n;
+                if off == req.len() {
+                    off = 0;
+                    sent += 1;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                stalls += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // A second of the socket full (50 tries in a row): the server has stopped reading.
+    assert!(
+        stalls >= 50,
+        "the server read {sent} requests of a client that reads no reply"
+    );
+    // The requests read are bounded: the depth, plus what the socket buffers hold.
+    assert!(export.most.load(SeqCst) <= PIPELINE_DEPTH);
+    // Reading the replies unblocks it: every request sent is answered with its data.
+    let mut r = s;
+    r.set_nonblocking(false).unwrap();
+    if off != 0 {
+        w.set_nonblocking(false).unwrap();
+        w.write_all(&req[off..]).unwrap();
+        sent += 1;
+    }
+    let mut b = vec![0u8; MIB as usize];
+    for _ in 0..sent {
+        assert_eq!(reply_cookie(&mut r), 0);
+        r.read_exact(&mut b).unwrap();
+    }
+}
+
+#[test]
+fn a_flush_covers_the_writes_answered_before_it() {
+    let export = GatedExport::new(None, true);
+    let (server, _dir) = serve_gated(Arc::clone(&export));
+    let (mut s, _) = transmitting(server.path());
+    let n = 40u64;
+    for i in 0..n {
+        send(&mut s, cmd::WRITE, i, i * 4096, 4096);
+        s.write_all(&[7u8; 4096]).unwrap();
+    }
+    for _ in 0..n {
+        reply_cookie(&mut s);
+    }
+    // Every write was answered: the flush comes after all of them.
+    send(&mut s, cmd::FLUSH, 99, 0, 0);
+    assert_eq!(reply_cookie(&mut s), 99);
+    assert_eq!(*export.flushes.lock().unwrap(), [n as usize]);
+    // Pipelined behind writes not yet answered, it is answered too (covering at least those
+    // answered before it was sent: none here).
+    for i in 0..n {
+        send(&mut s, cmd::WRITE, 100 + i, i * 4096, 4096);
+        s.write_all(&[8u8; 4096]).unwrap();
+    }
+    send(&mut s, cmd::FLUSH, 98, 0, 0);
+    let mut seen: Vec<u64> = (0..=n).map(|_| reply_cookie(&mut s)).collect();
+    seen.sort_unstable();
+    assert_eq!(seen.len(), n as usize + 1);
+    assert!(seen.contains(&98));
+    assert_eq!(export.flushes.lock().unwrap().len(), 2);
 }

@@ -648,11 +648,20 @@ fn handle_option(
     }
 }
 
-/// Requests of one connection served at once: its worker threads, started as requests come.
-pub const PIPELINE_DEPTH: usize = 16;
+/// Requests of one connection served at once: its worker threads, started as requests come
+/// (and kept until the connection ends). Above the deepest queue a client commonly keeps (QD32),
+/// so that one is never held back by the server.
+pub const PIPELINE_DEPTH: usize = 64;
 /// Bytes of request data (writes' payloads, reads' buffers) one connection holds at once; the
-/// connection's requests are not read further until some are answered.
-pub const PIPELINE_BYTES: u64 = 64 << 20;
+/// connection's requests are not read further until some are answered. One largest request
+/// ([`MAX_PAYLOAD`], which must fit), as when a connection served one request at a time: the
+/// server's memory for request data stays at most [`MAX_CONNECTIONS`] times that.
+pub const PIPELINE_BYTES: u64 = MAX_PAYLOAD as u64;
+/// Stack of a connection's worker: it only calls the [`Export`] and writes a reply (buffers are
+/// on the heap), so far less than the default 2 MiB.
+const WORKER_STACK: usize = 256 << 10;
+/// The buffer a connection's requests are read through.
+const READ_BUFFER: usize = 64 << 10;
 
 /// Replies to requests; replies of several workers never interleave (one whole reply per write
 /// under the lock).
@@ -797,7 +806,8 @@ fn transmission(
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
         let mut workers = 0;
-        let mut r = stream;
+        // Buffered: a client's pipelined requests come in with one read(2), not one each.
+        let mut r = io::BufReader::with_capacity(READ_BUFFER, stream);
         let result = loop {
             let mut hb = [0u8; Request::SIZE];
             if let Err(e) = r.read_exact(&mut hb) {
@@ -859,6 +869,7 @@ fn transmission(
                 let (rx, ctx, budget, broken) = (&rx, &ctx, &budget, &broken);
                 let spawned = std::thread::Builder::new()
                     .name("nbd-req".into())
+                    .stack_size(WORKER_STACK)
                     .spawn_scoped(scope, move || loop {
                         let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         let Ok(job) = next else { break };

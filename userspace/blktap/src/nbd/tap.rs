@@ -443,4 +443,119 @@ mod tests {
         drop(client);
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    #[test]
+    fn one_connection_has_many_requests_in_the_loop_at_once() {
+        let k = SimKernel::new();
+        let mut tap: Tap = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
+        let ram = || -> Box<dyn Backend> {
+            Box::new(Synchronous::new(RamBackend::new(1 << 20).unwrap()))
+        };
+        let args = OpenArgs {
+            params: "ram:1M",
+            ..Default::default()
+        };
+        tap.open_backend(&args, "ram:1M", ram()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), 44, tap.minor());
+        let mut export = TapExport::start(&path, &tap).unwrap();
+        let uri = format!("nbd+unix:///x?socket={}", path.display());
+        // The deadline is how long the client retries once the export is gone (at the end).
+        let opts = Options {
+            deadline: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(2),
+        };
+        let mut client = NbdBackend::open_with(&uri, false, opts).unwrap();
+        const N: usize = 32;
+        let mut bufs: Vec<Vec<u8>> = (0..N).map(|i| vec![i as u8 + 1; 4096]).collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            // SAFETY: `bufs` outlives the completions, which pump() waits for.
+            unsafe {
+                client.queue(Io {
+                    tag: i as u64,
+                    op: Op::Write,
+                    offset: i as u64 * 8192,
+                    iov: vec![iov(b)],
+                    discard_len: 0,
+                })
+            };
+        }
+        client.submit().unwrap();
+        let done = pump(
+            &mut tap,
+            &mut export,
+            &mut client,
+            N,
+            Duration::from_secs(10),
+        );
+        assert_eq!(done.len(), N);
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+
+        // Paused, the tap holds what the connection sends: every read of it, sent before any
+        // answer, reaches the loop (one at a time, only the first would).
+        let read_all = |client: &mut NbdBackend, bufs: &mut Vec<Vec<u8>>| {
+            for (i, b) in bufs.iter_mut().enumerate() {
+                b.fill(0);
+                // SAFETY: as above; the caller waits for the completions.
+                unsafe {
+                    client.queue(Io {
+                        tag: 100 + i as u64,
+                        op: Op::Read,
+                        offset: i as u64 * 8192,
+                        iov: vec![iov(b)],
+                        discard_len: 0,
+                    })
+                };
+            }
+            client.submit().unwrap();
+        };
+        let wait_held = |tap: &mut Tap, export: &mut TapExport| {
+            let until = Instant::now() + Duration::from_secs(10);
+            while export.held() < N && Instant::now() < until {
+                readable(export, 10);
+                export.pump(tap);
+            }
+            export.held()
+        };
+        // Read back at once, answered in any order: each buffer has its own range's data.
+        read_all(&mut client, &mut bufs);
+        let done = pump(
+            &mut tap,
+            &mut export,
+            &mut client,
+            N,
+            Duration::from_secs(10),
+        );
+        assert_eq!(done.len(), N);
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+        for (i, b) in bufs.iter().enumerate() {
+            assert!(b.iter().all(|&x| x == i as u8 + 1), "read {i}");
+        }
+        assert!(tap.pause().unwrap());
+        read_all(&mut client, &mut bufs);
+        assert_eq!(wait_held(&mut tap, &mut export), N);
+        // They go to the new image (empty) once the tap goes on.
+        tap.unpause_backend("ram:1M", ram()).unwrap();
+        let done = pump(
+            &mut tap,
+            &mut export,
+            &mut client,
+            N,
+            Duration::from_secs(10),
+        );
+        assert_eq!(done.len(), N);
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+        assert!(bufs.iter().all(|b| b.iter().all(|&x| x == 0)));
+
+        // Closed with all of them held: every one fails, none is lost.
+        assert!(tap.pause().unwrap());
+        read_all(&mut client, &mut bufs);
+        assert_eq!(wait_held(&mut tap, &mut export), N);
+        tap.close().unwrap();
+        drop(export);
+        let mut done = Vec::new();
+        client.drain(&mut done).unwrap();
+        assert_eq!(done.len(), N);
+        assert!(done.iter().all(|c| c.result == Err(Errno::EIO)), "{done:?}");
+    }
 }
