@@ -59,6 +59,8 @@ struct Pending {
     first: usize,
     remaining: u64,
     retries: u32,
+    /// Last submitted on the `O_DIRECT` descriptor.
+    direct: bool,
 }
 
 impl Pending {
@@ -222,10 +224,13 @@ impl AioBackend {
 
     /// Puts the remaining part of I/O `token` on the submission queue.
     fn push(&mut self, token: usize) {
-        let Some(p) = self.ops.get(token).and_then(Option::as_ref) else {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let direct = self.direct;
+        let Some(p) = self.ops.get_mut(token).and_then(Option::as_mut) else {
             return;
         };
-        let fd = types::Fd(self.file.as_raw_fd());
+        p.direct = direct;
+        let p = &*p;
         let rest = &p.iov[p.first..];
         let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
         let entry = match p.op {
@@ -281,10 +286,12 @@ impl AioBackend {
                 self.push(token);
                 return true;
             }
+            // (An I/O in flight on the direct descriptor when another one made the fall-back
+            // is retried on the buffered one.)
             if matches!(errno, Errno::EFAULT | Errno::EINVAL)
                 && p.op.has_data()
-                && self.direct
-                && self.fall_back_to_buffered(errno)
+                && p.direct
+                && (!self.direct || self.fall_back_to_buffered(errno))
             {
                 self.push(token);
                 return true;
@@ -370,6 +377,7 @@ impl Backend for AioBackend {
             first: 0,
             remaining,
             retries: 0,
+            direct: false,
         };
         let token = match self.free.pop() {
             Some(t) => {
@@ -694,6 +702,50 @@ mod tests {
     }
 
     #[test]
+    fn direct_transfers_in_flight_together_all_fall_back() {
+        let path = scratch("fallback-many", 65536);
+        // Data, not holes: an O_DIRECT read of a hole is not checked for alignment.
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&[5u8; 65536])
+            .unwrap();
+        let mut aio = AioBackend::open(&path, false).unwrap();
+        if !aio.direct() {
+            std::fs::remove_file(path).unwrap();
+            return;
+        }
+        let buf = Mapping::anonymous(65536).unwrap();
+        let p = buf.as_ptr().as_ptr();
+        // Eight unaligned reads at once: the first EINVAL makes the fall-back, the others, on
+        // the direct descriptor too, are tried again on the buffered one.
+        for i in 0..8u64 {
+            // SAFETY: the buffer outlives the I/Os, which `drain` waits for.
+            unsafe {
+                aio.queue(Io {
+                    tag: i,
+                    op: Op::Read,
+                    offset: 512 * i,
+                    iov: vec![iov(p.add(3 + 4096 * i as usize), 100)],
+                    discard_len: 0,
+                });
+            }
+        }
+        aio.submit().unwrap();
+        let mut done = Vec::new();
+        aio.drain(&mut done).unwrap();
+        assert_eq!(done.len(), 8);
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+        assert!(!aio.direct());
+        for i in 0..8 {
+            // SAFETY: the reads completed.
+            assert_eq!(unsafe { p.add(3 + 4096 * i + 99).read() }, 5);
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn direct_transfers_the_device_refuses_fall_back_to_buffered() {
         let path = scratch("fallback", 8192);
         File::options()
@@ -883,6 +935,7 @@ mod tests {
             first: 0,
             remaining: 16,
             retries: 0,
+            direct: false,
         };
         p.advance(6);
         assert_eq!((p.offset, p.remaining, p.first), (106, 10, 1));
