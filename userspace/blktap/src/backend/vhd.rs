@@ -599,5 +599,9 @@ mod tests {
         let ext = b.block_status(0, 8 << 20).unwrap();
         let shown: Vec<_> = ext.iter().map(|e| (e.length >> 20, e.hole)).collect();
         assert_eq!(shown, [(2, true), (2, false), (4, true)]);
+        // The new block's data starts on a 4 KiB boundary of the file.
+        let mut at = Vec::new();
+        assert!(b.leaf.locate(2 << 20, 4096, &mut at));
+        assert_eq!(at[0].0 % 4096, 0, "{at:?}");
     }
 }

@@ -477,7 +477,11 @@ impl VhdImage {
     }
 
     fn allocate(&mut self, block: u32, within: u64, part: &[u8]) -> Result<(), VhdError> {
-        let start = self.footer_offset.next_multiple_of(512);
+        // The block's data starts on a 4 KiB boundary (its bitmap just before): a 4 KiB write
+        // of the guest is one page of the file, and O_DIRECT on 4 KiB-sector storage works.
+        // The gap after the previous end is referenced by nothing.
+        let start =
+            (self.footer_offset + self.bitmap_bytes).next_multiple_of(4096) - self.bitmap_bytes;
         let sector = u32::try_from(start / 512)
             .ok()
             .filter(|&s| s != UNALLOCATED)
