@@ -482,16 +482,21 @@ impl CowLayer {
             if got.is_empty() {
                 break;
             }
-            for c in got.drain(..) {
-                self.complete(c);
-            }
-            if let Err(e) = self.overlay.submit().and(self.base.submit()) {
+            if let Err(e) = self.complete_all(&mut got) {
                 result = Err(e);
                 break;
             }
         }
         self.scratch = got;
         result
+    }
+
+    /// Handles the completions in `got`, then submits what that queued.
+    fn complete_all(&mut self, got: &mut Vec<Completion>) -> Result<()> {
+        for c in got.drain(..) {
+            self.complete(c);
+        }
+        self.overlay.submit().and(self.base.submit())
     }
 }
 
@@ -636,10 +641,7 @@ impl Backend for CowLayer {
                 result = Err(e);
                 break;
             }
-            for c in got.drain(..) {
-                self.complete(c);
-            }
-            if let Err(e) = self.overlay.submit().and(self.base.submit()) {
+            if let Err(e) = self.complete_all(&mut got) {
                 result = Err(e);
                 break;
             }

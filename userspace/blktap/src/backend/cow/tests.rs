@@ -4,6 +4,7 @@
 use std::os::unix::fs::FileExt;
 
 use super::*;
+use crate::backend::threaded::tests::io;
 use crate::backend::{Backend, ImageSpec, MAX_LAYERS};
 
 /// Opens `spec` buffered: the tests' buffers are not aligned for `O_DIRECT` (the ring's pages
@@ -48,19 +49,6 @@ fn run(b: &mut dyn Backend, ios: Vec<Io>) -> HashMap<u64, std::result::Result<()
     }
     assert_eq!(b.in_flight(), 0);
     got.into_iter().map(|c| (c.tag, c.result)).collect()
-}
-
-fn io(tag: u64, op: Op, offset: u64, buf: &mut [u8]) -> Io {
-    Io {
-        tag,
-        op,
-        offset,
-        iov: vec![libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }],
-        discard_len: 0,
-    }
 }
 
 fn discard(tag: u64, offset: u64, len: u64) -> Io {
