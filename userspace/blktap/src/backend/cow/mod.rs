@@ -76,8 +76,9 @@ impl Drop for AlignedPage {
 enum Sub {
     /// A parent's read (or a part of it), write, discard, or a memory overlay's flush.
     Part,
-    /// A flush of the overlay's data for a parent.
-    FlushData,
+    /// A flush of the overlay's data for a parent, covering the writes completed up to write
+    /// sequence `covers`.
+    FlushData { covers: u64 },
     /// The store of map page `page`, from `_bytes` (held until the write completes).
     Page { page: usize, _bytes: AlignedPage },
     /// The flush after a map store.
@@ -125,10 +126,8 @@ pub struct CowLayer {
     next_tag: u64,
     /// Sub-I/O tag: its parent's tag, and what it is.
     subs: HashMap<u64, (u64, Sub)>,
-    /// Parent tag: the parent; for data flushes, also the write sequence it covers.
+    /// Parent tag: the I/O this layer was given.
     parents: HashMap<u64, Parent>,
-    /// A data flush's sub tag: the write sequence it covers.
-    flush_covers: HashMap<u64, u64>,
     done: Vec<Completion>,
     epoll: Option<Epoll>,
     scratch: Vec<Completion>,
@@ -230,7 +229,6 @@ impl CowLayer {
             next_tag: 0,
             subs: HashMap::new(),
             parents: HashMap::new(),
-            flush_covers: HashMap::new(),
             done: Vec::new(),
             epoll,
             scratch: Vec::new(),
@@ -295,18 +293,9 @@ impl CowLayer {
     /// Flushes the overlay's data for `parent`, then stores the map.
     fn flush_data(&mut self, parent: u64) {
         let covers = self.store.as_ref().map_or(0, |s| s.seq);
-        let tag = self.tag();
-        self.flush_covers.insert(tag, covers);
-        self.subs.insert(tag, (parent, Sub::FlushData));
-        let io = Io {
-            tag,
-            op: Op::Flush,
-            offset: 0,
-            iov: Vec::new(),
-            discard_len: 0,
-        };
+        let flush = part(Op::Flush, 0, Vec::new(), 0);
         // SAFETY: a flush has no buffers.
-        unsafe { self.overlay.queue(io) }
+        unsafe { self.sub(parent, Sub::FlushData { covers }, true, flush) }
     }
 
     /// `parent` waits for a map store (its data durable); starts one if none is in flight.
@@ -413,8 +402,7 @@ impl CowLayer {
                 self.start_store();
                 return;
             }
-            Sub::FlushData => {
-                let covers = self.flush_covers.remove(&c.tag).unwrap_or(0);
+            Sub::FlushData { covers } => {
                 if c.result.is_ok() {
                     if let Some(s) = self.store.as_mut() {
                         // The writes completed before the flush was issued are durable.
@@ -458,17 +446,9 @@ impl CowLayer {
 
     /// Flushes the overlay after the map pages of the store in flight (for `parent`'s group).
     fn flush_map(&mut self, parent: u64) {
-        let tag = self.tag();
-        self.subs.insert(tag, (parent, Sub::FlushMap));
-        let io = Io {
-            tag,
-            op: Op::Flush,
-            offset: 0,
-            iov: Vec::new(),
-            discard_len: 0,
-        };
+        let flush = part(Op::Flush, 0, Vec::new(), 0);
         // SAFETY: a flush has no buffers.
-        unsafe { self.overlay.queue(io) }
+        unsafe { self.sub(parent, Sub::FlushMap, true, flush) }
     }
 
     /// Reaps both layers and handles their completions, submitting what that queued, until
