@@ -285,7 +285,7 @@ impl Backend for Vhd {
         self.worker.size()
     }
 
-    unsafe fn queue(&mut self, io: Io) {
+    unsafe fn queue(&mut self, mut io: Io) {
         if !self.fast(&io) {
             // SAFETY: the caller's contract is the worker's.
             unsafe { self.worker.queue(io) };
@@ -304,7 +304,8 @@ impl Backend for Vhd {
             let piece = self.next;
             self.pieces.insert(piece, tag);
             let iov = if self.located.len() == 1 {
-                io.iov.clone()
+                // One piece: the I/O's own buffers, as they are.
+                std::mem::take(&mut io.iov)
             } else {
                 slice_iov(&io.iov, pos, n)
             };
