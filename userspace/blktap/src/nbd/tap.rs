@@ -186,6 +186,23 @@ mod tests {
         done
     }
 
+    /// A 1 MiB ram disk, as a tap opens it.
+    fn ram() -> Box<dyn Backend> {
+        Box::new(Synchronous::new(RamBackend::new(1 << 20).unwrap()))
+    }
+
+    /// A tap on a simulated kernel serving `ram:1M` (the kernel must outlive the tap).
+    fn ram_tap() -> (SimKernel, Tap) {
+        let k = SimKernel::new();
+        let mut tap: Tap = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
+        let args = OpenArgs {
+            params: "ram:1M",
+            ..Default::default()
+        };
+        tap.open_backend(&args, "ram:1M", ram()).unwrap();
+        (k, tap)
+    }
+
     fn iov(b: &mut [u8]) -> libc::iovec {
         libc::iovec {
             iov_base: b.as_mut_ptr().cast(),
@@ -262,16 +279,7 @@ mod tests {
 
     #[test]
     fn nbd_clients_share_the_tap_and_wait_through_a_pause() {
-        let k = SimKernel::new();
-        let mut tap: Tap = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
-        let ram = || -> Box<dyn Backend> {
-            Box::new(Synchronous::new(RamBackend::new(1 << 20).unwrap()))
-        };
-        let args = OpenArgs {
-            params: "ram:1M",
-            ..Default::default()
-        };
-        tap.open_backend(&args, "ram:1M", ram()).unwrap();
+        let (k, mut tap) = ram_tap();
         let dir = std::env::temp_dir().join(format!("tap-export-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = socket_path(&dir, 42, tap.minor());
@@ -446,16 +454,7 @@ mod tests {
 
     #[test]
     fn one_connection_has_many_requests_in_the_loop_at_once() {
-        let k = SimKernel::new();
-        let mut tap: Tap = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
-        let ram = || -> Box<dyn Backend> {
-            Box::new(Synchronous::new(RamBackend::new(1 << 20).unwrap()))
-        };
-        let args = OpenArgs {
-            params: "ram:1M",
-            ..Default::default()
-        };
-        tap.open_backend(&args, "ram:1M", ram()).unwrap();
+        let (_k, mut tap) = ram_tap();
         let dir = tempfile::tempdir().unwrap();
         let path = socket_path(dir.path(), 44, tap.minor());
         let mut export = TapExport::start(&path, &tap).unwrap();
