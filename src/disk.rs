@@ -194,6 +194,7 @@ mod tests {
             flush: true,
             fua: true,
             discard: true,
+            staged_writes: true,
         };
         let lim = limits(&info)?;
         assert!(lim.has_write_cache() && lim.has_fua());

@@ -36,8 +36,14 @@ pub(crate) fn segments(bytes: u32) -> Result<([Segment; uapi::SEGMENT_MAX], u8)>
     if bytes == 0 || bytes % SECTOR_SIZE != 0 || bytes > MAX_REQUEST_BYTES {
         return Err(EINVAL);
     }
+    Ok(fill_segments(bytes))
+}
+
+/// The segments of a request of `bytes` bytes, checked by the caller (at most 44 KiB; more is
+/// cut to 44 KiB).
+fn fill_segments(bytes: u32) -> ([Segment; uapi::SEGMENT_MAX], u8) {
     let mut seg = [Segment::default(); uapi::SEGMENT_MAX];
-    let sectors = bytes / SECTOR_SIZE;
+    let sectors = bytes.min(MAX_REQUEST_BYTES) / SECTOR_SIZE;
     let count = sectors.div_ceil(SECTORS_PER_PAGE);
     for (j, s) in seg.iter_mut().enumerate().take(count as usize) {
         // CAST: `j < 11`.
@@ -47,7 +53,7 @@ pub(crate) fn segments(bytes: u32) -> Result<([Segment; uapi::SEGMENT_MAX], u8)>
         s.last_sect = (in_page - 1) as u8;
     }
     // CAST: `count <= 11`.
-    Ok((seg, count as u8))
+    (seg, count as u8)
 }
 
 /// How many new responses tapdisk published: `rsp_prod - rsp_cons`, if that is at most a ring.
@@ -103,6 +109,9 @@ pub(crate) struct Features {
     pub(crate) flush: bool,
     pub(crate) fua: bool,
     pub(crate) discard: bool,
+    /// Writes are staged and their data copied in tapdisk's context
+    /// ([`uapi::DEVICE_STAGED_WRITES`]).
+    pub(crate) staged_writes: bool,
 }
 
 /// The ring operation for a block request, given the negotiated features.
@@ -118,43 +127,99 @@ pub(crate) fn ring_op(op: Op, fua: bool, features: Features) -> Option<u8> {
     }
 }
 
-/// The ring entry of a request of `bytes` bytes at `sector`, in slot `slot`.
-pub(crate) fn ring_entry(op: u8, slot: usize, sector: u64, bytes: u32) -> Result<uapi::Request> {
-    match op {
-        uapi::OP_READ | uapi::OP_WRITE | uapi::OP_WRITE_FUA => {
-            let (seg, nr_segments) = segments(bytes)?;
-            Ok(uapi::Request {
-                operation: op,
-                nr_segments,
-                id: slot as u64,
-                sector_number: sector,
-                seg,
-                ..Default::default()
-            })
-        }
-        uapi::OP_FLUSH => Ok(uapi::Request {
-            operation: op,
-            id: slot as u64,
-            ..Default::default()
-        }),
-        uapi::OP_DISCARD => {
-            let sectors = bytes / SECTOR_SIZE;
-            if sectors == 0 || bytes % SECTOR_SIZE != 0 || sectors > uapi::DISCARD_MAX_SECTORS {
-                return Err(EINVAL);
+/// A block request as the ring carries it, checked once: its entry can then be written for any
+/// slot, as often as needed (a recovering tap writes it again). Kept per slot instead of the
+/// 112-byte entry.
+///
+/// # Invariants
+///
+/// `op` is a ring operation. For `OP_READ`, `OP_WRITE` and `OP_WRITE_FUA`, `bytes` is a
+/// multiple of 512 in `512..=MAX_REQUEST_BYTES`; for `OP_DISCARD`, a multiple of 512 of
+/// `1..=DISCARD_MAX_SECTORS` sectors; for `OP_FLUSH` it is not used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RingRequest {
+    op: u8,
+    sector: u64,
+    bytes: u32,
+}
+
+impl RingRequest {
+    /// The request of `bytes` bytes at `sector` with ring operation `op`.
+    ///
+    /// # Errors
+    ///
+    /// `EINVAL` if `op` is not a ring operation or `bytes` does not fit it.
+    pub(crate) fn new(op: u8, sector: u64, bytes: u32) -> Result<Self> {
+        match op {
+            uapi::OP_READ | uapi::OP_WRITE | uapi::OP_WRITE_FUA => {
+                segments(bytes)?;
             }
-            Ok(uapi::Request::from_discard(&uapi::RequestDiscard {
-                operation: op,
+            uapi::OP_FLUSH => {}
+            uapi::OP_DISCARD => {
+                let sectors = bytes / SECTOR_SIZE;
+                if sectors == 0 || bytes % SECTOR_SIZE != 0 || sectors > uapi::DISCARD_MAX_SECTORS {
+                    return Err(EINVAL);
+                }
+            }
+            _ => return Err(EINVAL),
+        }
+        // INVARIANT: checked above.
+        Ok(Self { op, sector, bytes })
+    }
+
+    /// The ring operation.
+    pub(crate) fn op(&self) -> u8 {
+        self.op
+    }
+
+    /// The data length in bytes (reads and writes).
+    pub(crate) fn bytes(&self) -> u32 {
+        self.bytes
+    }
+
+    /// Whether the request carries write data in its slot's pages.
+    pub(crate) fn carries_write_data(&self) -> bool {
+        carries_write_data(self.op)
+    }
+
+    /// The ring entry of the request in slot `slot`.
+    pub(crate) fn entry(&self, slot: usize) -> uapi::Request {
+        let id = slot as u64;
+        match self.op {
+            uapi::OP_DISCARD => uapi::Request::from_discard(&uapi::RequestDiscard {
+                operation: self.op,
                 nr_segments: 0,
                 pad: 0,
                 pad2: 0,
-                id: slot as u64,
-                sector_number: sector,
-                nr_sectors: u64::from(sectors),
+                id,
+                sector_number: self.sector,
+                nr_sectors: u64::from(self.bytes / SECTOR_SIZE),
                 pad3: [0; uapi::RING_ENTRY_SIZE - 32],
-            }))
+            }),
+            uapi::OP_FLUSH => uapi::Request {
+                operation: self.op,
+                id,
+                ..Default::default()
+            },
+            // By the type invariants, a read or a write of a valid size.
+            _ => {
+                let (seg, nr_segments) = fill_segments(self.bytes);
+                uapi::Request {
+                    operation: self.op,
+                    nr_segments,
+                    id,
+                    sector_number: self.sector,
+                    seg,
+                    ..Default::default()
+                }
+            }
         }
-        _ => Err(EINVAL),
     }
+}
+
+/// Whether a ring operation carries write data in its slot's pages.
+pub(crate) fn carries_write_data(op: u8) -> bool {
+    op == uapi::OP_WRITE || op == uapi::OP_WRITE_FUA
 }
 
 /// The largest capacity, in 512-byte sectors: its byte size must fit `loff_t`.
@@ -202,6 +267,7 @@ impl DeviceInfo {
                 flush: flags & uapi::DEVICE_FLUSH != 0,
                 fua: flags & uapi::DEVICE_FUA != 0,
                 discard: flags & uapi::DEVICE_DISCARD != 0,
+                staged_writes: flags & uapi::DEVICE_STAGED_WRITES != 0,
             },
             recovery: flags & uapi::DEVICE_RECOVERY != 0,
         }
@@ -252,6 +318,7 @@ mod tests {
         flush: true,
         fua: true,
         discard: true,
+        staged_writes: false,
     };
 
     #[test]
@@ -274,6 +341,9 @@ mod tests {
 
     #[test]
     fn entries() -> Result {
+        let ring_entry = |op, slot, sector, bytes| -> Result<uapi::Request> {
+            Ok(RingRequest::new(op, sector, bytes)?.entry(slot))
+        };
         let e = ring_entry(uapi::OP_WRITE_FUA, 5, 100, 8192)?;
         assert_eq!(
             (e.operation, e.nr_segments, e.id, e.sector_number),
@@ -297,7 +367,17 @@ mod tests {
         )
         .is_err());
         assert!(ring_entry(uapi::OP_READ, 0, 0, 45 * 1024).is_err());
+        assert!(ring_entry(uapi::OP_READ, 0, 0, 0).is_err());
         assert!(ring_entry(9, 0, 0, 512).is_err());
+        // The same request, written for another slot (a recovering tap), differs by its id.
+        let r = RingRequest::new(uapi::OP_WRITE, 64, 44 * 1024)?;
+        let (a, b) = (r.entry(1), r.entry(30));
+        assert_eq!(
+            (a.id, b.id, a.nr_segments, b.sector_number),
+            (1, 30, 11, 64)
+        );
+        assert_eq!(&a.as_bytes()[16..], &b.as_bytes()[16..]);
+        assert!(r.carries_write_data() && r.bytes() == 44 * 1024 && r.op() == uapi::OP_WRITE);
         Ok(())
     }
 
@@ -406,10 +486,13 @@ mod tests {
             Features {
                 flush: true,
                 fua: true,
-                discard: true
+                discard: true,
+                staged_writes: false,
             }
         );
         assert!(d.recovery);
+        let d = DeviceInfo::from_info(&info(8, 512, 512, uapi::DEVICE_STAGED_WRITES))?;
+        assert!(d.features.staged_writes && !d.features.flush);
         let d = DeviceInfo::from_info(&info(8, 512, 512, uapi::DEVICE_DISCARD))?;
         assert!(d.features.discard && !d.features.flush && !d.features.fua);
         Ok(())

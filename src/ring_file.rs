@@ -107,12 +107,14 @@ impl RingFile {
         Ok(())
     }
 
-    /// A query without side effects, level-triggered: readable while the ring holds a request
-    /// tapdisk has not answered (timed-out ones included) or a message; an error while unmapped.
-    /// So a peer that registers late, re-arms (`EPOLL_CTL_MOD`) or polls through nested epoll
-    /// sees the same answer each time.
+    /// Level-triggered: readable while the ring holds a request tapdisk has not answered
+    /// (timed-out and staged ones included) or a message; an error while unmapped. So a peer
+    /// that registers late, re-arms (`EPOLL_CTL_MOD`) or polls through nested epoll sees the
+    /// same answer each time. Its one side effect keeps that answer: staged writes (disks with
+    /// staged writes) are copied and put on the ring here, in the poller's context.
     fn poll(&self, file: &File, table: PollTable<'_>) -> u32 {
         table.register_wait(file, self.tap.poll_queue());
+        self.tap.drain_staged();
         match self.tap.readiness() {
             Readiness::Unmapped => poll_bits::ERR,
             Readiness::Readable => poll_bits::IN | poll_bits::RDNORM,
@@ -128,7 +130,11 @@ impl RingFile {
         match cmd {
             uapi::IOCTL_RESPOND => {
                 self.check_caller()?;
-                self.tap.respond()?;
+                let answered = self.tap.respond();
+                // Then the writes staged meanwhile, so that tapdisk finds them on the ring
+                // when the call returns.
+                self.tap.drain_staged();
+                answered?;
             }
             uapi::IOCTL_CREATE_DEVICE => {
                 self.check_caller()?;
@@ -148,6 +154,8 @@ impl RingFile {
             }
             uapi::IOCTL_REMOVE_DEVICE => {
                 self.check_caller()?;
+                // Staged writes go on the ring, to be answered before the disk can go.
+                self.tap.drain_staged();
                 self.tap.remove_disk()?;
             }
             uapi::IOCTL_PAUSE | uapi::IOCTL_RESUME => {

@@ -101,9 +101,12 @@ pub(crate) const DEVICE_DISCARD: usize = 0x08;
 pub(crate) const DEVICE_FUA: usize = 0x20;
 /// `blktap_device_info.flags`: keep the disk and its requests when tapdisk dies.
 pub(crate) const DEVICE_RECOVERY: usize = 0x40;
+/// `blktap_device_info.flags`: write data is copied in tapdisk's context; writes wait, staged,
+/// until tapdisk polls the ring or calls `RESPOND` (the header's `staged` counts them).
+pub(crate) const DEVICE_STAGED_WRITES: usize = 0x80;
 /// Flags this driver knows.
 pub(crate) const DEVICE_FLAGS_KNOWN: usize =
-    DEVICE_RO | DEVICE_FLUSH | DEVICE_DISCARD | DEVICE_FUA | DEVICE_RECOVERY;
+    DEVICE_RO | DEVICE_FLUSH | DEVICE_DISCARD | DEVICE_FUA | DEVICE_RECOVERY | DEVICE_STAGED_WRITES;
 
 /// `ALLOC_TAP` result.
 #[repr(C)]
@@ -199,7 +202,10 @@ pub(crate) struct SringHeader {
     pub(crate) rsp_prod: u32,
     pub(crate) rsp_event: u32,
     pub(crate) msg: u8,
-    pub(crate) pad: [u8; 47],
+    pub(crate) pad: [u8; 3],
+    /// With [`DEVICE_STAGED_WRITES`]: the writes staged, not yet on the ring.
+    pub(crate) staged: u32,
+    pub(crate) pad2: [u8; 40],
 }
 
 // SAFETY: Plain integers; every bit pattern is valid, and there is no padding.
@@ -261,6 +267,7 @@ mod tests {
         assert_eq!(offset_of!(SringHeader, msg), RING_MSG_OFFSET);
         assert_eq!(offset_of!(SringHeader, rsp_prod), 8);
         assert_eq!(offset_of!(SringHeader, msg), 16);
+        assert_eq!(offset_of!(SringHeader, staged), 20);
         assert_eq!(size_of::<RequestDiscard>(), RING_ENTRY_SIZE);
         assert_eq!(offset_of!(RequestDiscard, id), 8);
         assert_eq!(offset_of!(RequestDiscard, sector_number), 16);

@@ -79,12 +79,18 @@ struct blktap2_params {
  *   FUA       the kernel sends BLKTAP_OP_WRITE_FUA; only together with FLUSH.
  *   RECOVERY  when the ring's tapdisk dies, the disk and its requests stay, for a new tapdisk
  *             to map the ring again and answer them; see Documentation/blktap2.rst.
+ *   STAGED_WRITES
+ *             write data is copied into the slot's pages in tapdisk's context, not the
+ *             submitter's: a write waits, staged, until tapdisk polls the ring or calls RESPOND
+ *             (or PAUSE, REMOVE_DEVICE), and only then goes on the ring. The header's `staged`
+ *             counts the writes waiting so, for a tapdisk that watches the ring without polling.
  * (FLUSH and DISCARD have the values of the OpenXT dialect's FLUSH and TRIM.)
  */
 #define BLKTAP_DEVICE_FLUSH 0x04UL
 #define BLKTAP_DEVICE_DISCARD 0x08UL
 #define BLKTAP_DEVICE_FUA 0x20UL
 #define BLKTAP_DEVICE_RECOVERY 0x40UL
+#define BLKTAP_DEVICE_STAGED_WRITES 0x80UL
 
 /* CREATE_DEVICE argument. */
 struct blktap_device_info {
@@ -175,7 +181,9 @@ struct blktap_sring {
 	__u32 rsp_prod;
 	__u32 rsp_event;
 	__u8 msg;
-	__u8 __pad[47];
+	__u8 __pad[3];
+	__u32 staged;            /* STAGED_WRITES only: writes waiting to be put on the ring */
+	__u8 __pad2[40];
 	union blktap_ring_entry ring[BLKTAP_RING_SIZE];
 };
 

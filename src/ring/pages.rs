@@ -118,6 +118,11 @@ impl RingPages {
             .unwrap_or(0)
     }
 
+    /// Sets the header's `staged` count (disks with staged writes).
+    pub(crate) fn set_staged(&self, n: u32) {
+        let _ = self.ring.write_volatile(offset_of!(SringHeader, staged), n);
+    }
+
     /// Sets the header's `msg` byte.
     pub(crate) fn set_msg(&self, msg: u8) {
         let _ = self.ring.write_volatile(offset_of!(SringHeader, msg), msg);

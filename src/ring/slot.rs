@@ -7,16 +7,23 @@
 //! ```text
 //!            reserve             put_on_ring                answer              complete
 //!   Free ------------> Reserved -------------> OnRing ---------------> Completing ---------> Free
-//!     ^                   |                     |  |
-//!     |      cancel       |                     |  | time_out (tapdisk alive)
-//!     +-------------------+                     |  +----------------------------> Late
-//!     |                                         |                                 |
+//!     ^                 |  ^  |                 |  |
+//!     |      cancel     |  |  | stage           |  | time_out (tapdisk alive)
+//!     +-----------------+  |  v                 |  +----------------------------> Late
+//!     |              take_staged                |                                 |
+//!     |                  Staged                 |                                 |
+//!     |  time_out /        |                    |                                 |
+//!     |  take_on_ring      |                    |                                 |
+//!     +--------------------+                    |                                 |
 //!     +---- time_out (no tapdisk) / take_on_ring+      answer (dropped) / free_late |
 //!     +---------------------------------------------------------------------------+
 //! ```
 //!
 //! - `Reserved`: the request that reserved the slot copies its write data into the slot's pages,
 //!   without the ring lock; nobody else touches them.
+//! - `Staged` (disks with staged writes): a write waits for tapdisk's context to copy its data.
+//!   Tapdisk has not seen it and cannot answer it; `take_staged` makes the slot `Reserved` again
+//!   for the call (in tapdisk's context) that copies the data and puts it on the ring.
 //! - `OnRing`: the entry is on the ring (or kept for a recovering tapdisk); tapdisk owns the
 //!   pages until it answers.
 //! - `Completing`: tapdisk answered; `RESPOND` copies the read data out of the pages, without the
@@ -38,6 +45,7 @@ use crate::uapi::RING_SIZE;
 pub(crate) enum Slot<P> {
     Free,
     Reserved,
+    Staged { op: u8, req: P },
     OnRing { op: u8, req: P },
     Completing,
     Late { op: u8 },
@@ -58,7 +66,8 @@ pub(crate) enum Answer<P> {
 /// # Invariants
 ///
 /// Each slot follows the life in the module documentation: a slot leaves `Reserved` only by
-/// [`Slots::put_on_ring`] or [`Slots::cancel`], and `Completing` only by [`Slots::complete`].
+/// [`Slots::put_on_ring`], [`Slots::stage`] or [`Slots::cancel`], and `Completing` only by
+/// [`Slots::complete`].
 pub(crate) struct Slots<P> {
     slots: [Slot<P>; RING_SIZE],
 }
@@ -100,11 +109,45 @@ impl<P> Slots<P> {
         }
     }
 
+    /// `Reserved -> Staged`: the write waits for tapdisk's context to copy its data.
+    ///
+    /// # Errors
+    ///
+    /// Gives the request back if `slot` is not reserved (a caller's bug; it must end it).
+    pub(crate) fn stage(&mut self, slot: usize, op: u8, req: P) -> Result<(), P> {
+        match self.slots[slot] {
+            Slot::Reserved => {
+                self.slots[slot] = Slot::Staged { op, req };
+                Ok(())
+            }
+            _ => Err(req),
+        }
+    }
+
+    /// `Staged -> Reserved` for up to `out.len()` slots, lowest first: each staged request goes
+    /// to `out` with its slot and operation, for the caller to copy and put on the ring (or
+    /// cancel). Returns how many.
+    pub(crate) fn take_staged(&mut self, out: &mut [Option<(usize, u8, P)>]) -> usize {
+        let mut n = 0;
+        for (slot, s) in self.slots.iter_mut().enumerate() {
+            if n == out.len() {
+                break;
+            }
+            if let Slot::Staged { op, .. } = *s {
+                if let Slot::Staged { req, .. } = core::mem::replace(s, Slot::Reserved) {
+                    out[n] = Some((slot, op, req));
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// The operation tapdisk must echo for `slot`, if it may answer it now.
     pub(crate) fn answerable_op(&self, slot: usize) -> Option<u8> {
         match self.slots.get(slot)? {
             Slot::OnRing { op, .. } | Slot::Late { op } => Some(*op),
-            Slot::Free | Slot::Reserved | Slot::Completing => None,
+            Slot::Free | Slot::Reserved | Slot::Staged { .. } | Slot::Completing => None,
         }
     }
 
@@ -124,7 +167,9 @@ impl<P> Slots<P> {
                 *s = Slot::Free;
                 Answer::Late
             }
-            Slot::Free | Slot::Reserved | Slot::Completing => Answer::NotPending,
+            Slot::Free | Slot::Reserved | Slot::Staged { .. } | Slot::Completing => {
+                Answer::NotPending
+            }
         }
     }
 
@@ -135,28 +180,37 @@ impl<P> Slots<P> {
         }
     }
 
-    /// The slot whose request on the ring `is` names.
-    pub(crate) fn find_on_ring(&self, is: impl Fn(&P) -> bool) -> Option<usize> {
-        self.slots
-            .iter()
-            .position(|s| matches!(s, Slot::OnRing { req, .. } if is(req)))
+    /// Whether `slot` holds a staged write.
+    pub(crate) fn is_staged(&self, slot: usize) -> bool {
+        matches!(self.slots.get(slot), Some(Slot::Staged { .. }))
+    }
+
+    /// The slot whose request on the ring, or staged, `is` names.
+    pub(crate) fn find_held(&self, is: impl Fn(&P) -> bool) -> Option<usize> {
+        self.slots.iter().position(|s| match s {
+            Slot::OnRing { req, .. } | Slot::Staged { req, .. } => is(req),
+            _ => false,
+        })
     }
 
     /// The request in `slot` timed out: `OnRing -> Late` while a tapdisk may still answer it
-    /// (`tapdisk_alive`), else `OnRing -> Free`. Returns the request, for the caller to end.
-    pub(crate) fn time_out(&mut self, slot: usize, tapdisk_alive: bool) -> Option<P> {
+    /// (`tapdisk_alive`), else `OnRing -> Free`; `Staged -> Free` (tapdisk never saw it).
+    /// Returns the request, for the caller to end, and whether the slot is free now.
+    pub(crate) fn time_out(&mut self, slot: usize, tapdisk_alive: bool) -> Option<(P, bool)> {
         let s = &mut self.slots[slot];
-        let Slot::OnRing { op, .. } = *s else {
-            return None;
+        let next = match *s {
+            Slot::OnRing { op, .. } if tapdisk_alive => Slot::Late { op },
+            Slot::OnRing { .. } | Slot::Staged { .. } => Slot::Free,
+            _ => return None,
         };
-        let next = if tapdisk_alive {
-            Slot::Late { op }
-        } else {
-            Slot::Free
-        };
+        let freed = matches!(next, Slot::Free);
         match core::mem::replace(s, next) {
-            Slot::OnRing { req, .. } => Some(req),
-            _ => None,
+            Slot::OnRing { req, .. } | Slot::Staged { req, .. } => Some((req, freed)),
+            // Matched as one of those just above.
+            other => {
+                *s = other;
+                None
+            }
         }
     }
 
@@ -169,12 +223,15 @@ impl<P> Slots<P> {
         }
     }
 
-    /// `OnRing -> Free` for every slot; the requests go to `out` (by slot) for the caller to
-    /// end. `Reserved` and `Completing` slots stay with the call that holds them.
+    /// `OnRing -> Free` and `Staged -> Free` for every slot; the requests go to `out` (by slot)
+    /// for the caller to end. `Reserved` and `Completing` slots stay with the call that holds
+    /// them.
     pub(crate) fn take_on_ring(&mut self, out: &mut [Option<P>; RING_SIZE]) {
         for (o, s) in out.iter_mut().zip(self.slots.iter_mut()) {
-            if matches!(s, Slot::OnRing { .. }) {
-                if let Slot::OnRing { req, .. } = core::mem::replace(s, Slot::Free) {
+            if matches!(s, Slot::OnRing { .. } | Slot::Staged { .. }) {
+                if let Slot::OnRing { req, .. } | Slot::Staged { req, .. } =
+                    core::mem::replace(s, Slot::Free)
+                {
                     *o = Some(req);
                 }
             }
@@ -189,11 +246,11 @@ impl<P> Slots<P> {
         })
     }
 
-    /// Requests on the ring (or kept for recovery), not yet answered.
+    /// Requests on the ring (or kept for recovery) or staged, not yet answered.
     pub(crate) fn pending(&self) -> usize {
         self.slots
             .iter()
-            .filter(|s| matches!(s, Slot::OnRing { .. }))
+            .filter(|s| matches!(s, Slot::OnRing { .. } | Slot::Staged { .. }))
             .count()
     }
 
@@ -343,9 +400,9 @@ mod tests {
             assert_eq!(s.reserve(), Some(i));
             assert!(s.put_on_ring(i, WRITE, i as u32).is_ok());
         }
-        assert_eq!(s.find_on_ring(|&r| r == 5), Some(5));
-        assert_eq!(s.time_out(5, true), Some(5));
-        assert_eq!(s.find_on_ring(|&r| r == 5), None);
+        assert_eq!(s.find_held(|&r| r == 5), Some(5));
+        assert_eq!(s.time_out(5, true), Some((5, false)));
+        assert_eq!(s.find_held(|&r| r == 5), None);
         assert_eq!(s.time_out(5, true), None);
         assert_eq!(s.late(), 1);
         assert_eq!(s.answerable_op(5), Some(WRITE));
@@ -355,7 +412,7 @@ mod tests {
         assert_eq!(s.late(), 0);
         assert_eq!(s.reserve(), Some(5));
         // Without a tapdisk, a timed-out slot is free at once.
-        assert_eq!(s.time_out(6, false), Some(6));
+        assert_eq!(s.time_out(6, false), Some((6, true)));
         assert_eq!(s.reserve(), Some(6));
     }
 
@@ -397,6 +454,41 @@ mod tests {
         assert!(s.put_on_ring(3, WRITE, 13).is_ok());
         s.complete(1);
         assert_eq!(s.on_ring().map(|(i, &r)| (i, r)).next(), Some((3, 13)));
+    }
+
+    #[test]
+    fn staged_writes_wait_unanswerable_until_taken() {
+        let mut s = Slots::<u32>::new();
+        for i in 0..4 {
+            assert_eq!(s.reserve(), Some(i));
+        }
+        assert!(s.stage(1, WRITE, 11).is_ok());
+        assert!(s.stage(2, WRITE, 12).is_ok());
+        assert!(s.stage(3, WRITE, 13).is_ok());
+        // Only a reserved slot is staged; a staged one is pending, not answerable.
+        assert_eq!(s.stage(1, WRITE, 99), Err(99));
+        assert_eq!(s.pending(), 3);
+        assert_eq!(s.answerable_op(1), None);
+        assert!(matches!(s.answer(1), Answer::NotPending));
+        assert_eq!(s.find_held(|&r| r == 12), Some(2));
+        assert!(s.is_staged(2) && !s.is_staged(0) && !s.is_staged(RING_SIZE));
+        // A staged request that times out frees its slot, tapdisk alive or not.
+        assert_eq!(s.time_out(3, true), Some((13, true)));
+        assert_eq!(s.pending(), 2);
+        let mut out = [const { None }; 1];
+        assert_eq!(s.take_staged(&mut out), 1);
+        assert_eq!(out[0], Some((1, WRITE, 11)));
+        // Taken: reserved for the copier, which puts it on the ring.
+        assert_eq!(s.answerable_op(1), None);
+        assert!(s.put_on_ring(1, WRITE, 11).is_ok());
+        assert_eq!(s.answerable_op(1), Some(WRITE));
+        let mut all = [const { None }; RING_SIZE];
+        s.take_on_ring(&mut all);
+        assert_eq!(all[1], Some(11));
+        assert_eq!(all[2], Some(12));
+        assert_eq!(s.pending(), 0);
+        let mut none = [const { None }; 4];
+        assert_eq!(s.take_staged(&mut none), 0);
     }
 
     #[test]

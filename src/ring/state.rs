@@ -16,7 +16,8 @@ use crate::{
     blk_mq::Request,
     protocol::{
         self,
-        BadResponse, //
+        BadResponse,
+        RingRequest, //
     },
     ring::{
         pages::RingPages,
@@ -33,9 +34,8 @@ use crate::{
 /// A request given to tapdisk, or kept for the next one while the tap recovers.
 pub(crate) struct Pending {
     pub(crate) rq: Request,
-    /// The ring entry as written, to write again when a new tapdisk maps the ring.
-    pub(crate) entry: uapi::Request,
-    pub(crate) bytes: u32,
+    /// What its ring entry says, to write the entry (again, when a new tapdisk maps the ring).
+    pub(crate) req: RingRequest,
 }
 
 /// A request waiting for a free slot, with its ring operation.
@@ -125,6 +125,8 @@ pub(crate) enum TimedOut {
         slot: usize,
         live: bool,
     },
+    /// It was a staged write, in `slot` (now free): tapdisk never saw it.
+    Staged { rq: Request, op: u8, slot: usize },
     /// It was waiting for a slot.
     Parked { rq: Request, op: u8 },
     /// The driver does not hold it: it is being filled or answered, and ends soon.
@@ -156,6 +158,8 @@ struct Mapping {
 ///   recovers, from the request's arrival) until tapdisk's answer, its timeout or the ring's
 ///   death; requests are kept without a `mapping` only if `recovery` (see `slot.rs`).
 /// - `parked` holds requests only while no slot was free for them.
+/// - `staged` is the number of `Staged` slots, and the ring header's `staged` says so while
+///   mapped.
 /// - `rsp_cons <= published <= req_prod_pvt` in ring (wrapping) order, at most 32 apart.
 pub(crate) struct RingState {
     mapping: Option<Mapping>,
@@ -164,6 +168,8 @@ pub(crate) struct RingState {
     rsp_cons: u32,
     slots: Slots<Pending>,
     parked: Parked<Waiting>,
+    /// Writes staged (disks with staged writes): their data is not copied yet.
+    staged: u32,
     /// The disk is paused (`PAUSE`): no waiting request goes on the ring.
     paused: bool,
     /// The disk is being removed: new requests fail at once.
@@ -204,6 +210,7 @@ impl RingState {
             rsp_cons: 0,
             slots: Slots::new(),
             parked: Parked::new(),
+            staged: 0,
             paused: false,
             removing: false,
             recovery: false,
@@ -222,6 +229,11 @@ impl RingState {
     /// Slots held by requests that timed out and that tapdisk has not answered.
     pub(crate) fn late_slots(&self) -> usize {
         self.slots.late()
+    }
+
+    /// Writes staged, waiting for tapdisk's context to copy their data.
+    pub(crate) fn staged(&self) -> u32 {
+        self.staged
     }
 
     /// Requests waiting for a free slot.
@@ -315,16 +327,20 @@ impl RingState {
     // ---- the mapping -------------------------------------------------------------------------
 
     /// A tapdisk mapped the ring: the indices start again, and a recovering tap's kept requests
-    /// are written again as fresh entries, ids unchanged, and published. Returns how many.
+    /// are written again as fresh entries, ids unchanged, and published (staged writes stay
+    /// staged, and the header says how many). Returns how many were written.
     pub(crate) fn map(&mut self, mm: MmId, pages: Arc<RingPages>) -> u32 {
         self.req_prod_pvt = 0;
         self.published = 0;
         self.rsp_cons = 0;
         let mut n = 0u32;
-        for (_, p) in self.slots.on_ring() {
-            pages.write_request(self.req_prod_pvt, &p.entry);
+        for (slot, p) in self.slots.on_ring() {
+            pages.write_request(self.req_prod_pvt, &p.req.entry(slot));
             self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
             n += 1;
+        }
+        if self.staged > 0 {
+            pages.set_staged(self.staged);
         }
         self.mapping = Some(Mapping { mm, pages, vmas: 1 });
         self.counters.reissued += u64::from(n);
@@ -406,6 +422,15 @@ impl RingState {
         self.slots.free_late();
         self.slots.take_on_ring(&mut out.on_ring);
         self.parked.take_all(&mut out.parked);
+        self.set_staged(0);
+    }
+
+    /// Counts the staged writes, in the ring header too.
+    fn set_staged(&mut self, n: u32) {
+        self.staged = n;
+        if let Some(m) = &self.mapping {
+            m.pages.set_staged(n);
+        }
     }
 
     // ---- the I/O path ------------------------------------------------------------------------
@@ -463,7 +488,6 @@ impl RingState {
     pub(crate) fn put_on_ring(
         &mut self,
         slot: usize,
-        op: u8,
         p: Pending,
         publish: bool,
     ) -> Result<bool, Request> {
@@ -472,11 +496,42 @@ impl RingState {
             return Err(p.rq);
         }
         if let Some(m) = &self.mapping {
-            m.pages.write_request(self.req_prod_pvt, &p.entry);
+            m.pages.write_request(self.req_prod_pvt, &p.req.entry(slot));
             self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
         }
-        self.slots.put_on_ring(slot, op, p).map_err(|p| p.rq)?;
+        self.slots
+            .put_on_ring(slot, p.req.op(), p)
+            .map_err(|p| p.rq)?;
         Ok(publish && self.publish())
+    }
+
+    /// Stages the write in reserved `slot` (disks with staged writes): it waits for tapdisk's
+    /// context to copy its data ([`Self::take_staged`]). With `publish`, publishes the batch's
+    /// earlier requests. Gives the request back, to fail, and frees the slot, if the ring takes
+    /// no more requests.
+    pub(crate) fn stage(&mut self, slot: usize, p: Pending, publish: bool) -> Result<(), Request> {
+        if !self.accepts() {
+            self.slots.cancel(slot);
+            return Err(p.rq);
+        }
+        self.slots.stage(slot, p.req.op(), p).map_err(|p| p.rq)?;
+        self.set_staged(self.staged + 1);
+        if publish {
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// Takes up to `out.len()` staged writes for the caller to copy and put on the ring (their
+    /// slots `Reserved` meanwhile), while a tapdisk maps the ring. Returns how many.
+    pub(crate) fn take_staged(&mut self, out: &mut [Option<(usize, u8, Pending)>]) -> usize {
+        if self.staged == 0 || self.mapping.is_none() {
+            return 0;
+        }
+        let n = self.slots.take_staged(out);
+        // CAST: `n <= 32`.
+        self.set_staged(self.staged.saturating_sub(n as u32));
+        n
     }
 
     /// Frees reserved `slot`: its request does not go on the ring.
@@ -498,19 +553,30 @@ impl RingState {
     }
 
     /// A request's deadline passed: takes it from the ring (its slot late while a tapdisk maps
-    /// the ring, else free) or from the waiting ones.
+    /// the ring, else free), from the staged writes (its slot free) or from the waiting ones.
     pub(crate) fn time_out(&mut self, is: impl Fn(&Request) -> bool) -> TimedOut {
         let live = self.mapping.is_some();
-        let found = match self.slots.find_on_ring(|p| is(&p.rq)) {
-            Some(slot) => match self.slots.time_out(slot, live) {
-                Some(p) => TimedOut::OnRing {
-                    op: p.entry.operation,
-                    rq: p.rq,
-                    slot,
-                    live,
-                },
-                None => TimedOut::NotHeld,
-            },
+        let found = match self.slots.find_held(|p| is(&p.rq)) {
+            Some(slot) => {
+                let staged = self.slots.is_staged(slot);
+                match self.slots.time_out(slot, live) {
+                    Some((p, _)) if staged => {
+                        self.set_staged(self.staged.saturating_sub(1));
+                        TimedOut::Staged {
+                            op: p.req.op(),
+                            rq: p.rq,
+                            slot,
+                        }
+                    }
+                    Some((p, _)) => TimedOut::OnRing {
+                        op: p.req.op(),
+                        rq: p.rq,
+                        slot,
+                        live,
+                    },
+                    None => TimedOut::NotHeld,
+                }
+            }
             None => match self.parked.remove(|w| is(&w.rq)) {
                 Some(w) => TimedOut::Parked { rq: w.rq, op: w.op },
                 None => TimedOut::NotHeld,

@@ -1,9 +1,17 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! A tap's I/O path: requests from blk-mq onto the ring (`queue`, `commit`), tapdisk's answers
-//! back (`respond`), deadlines (`timed_out`), and requests that wait for a slot
-//! (`dispatch_parked`). Data is copied only while the request owns its slot (`ring/slot.rs`),
-//! with the spinlock dropped; requests end with it dropped too.
+//! back (`respond`), deadlines (`timed_out`), requests that wait for a slot (`dispatch_parked`)
+//! and, on disks with staged writes, writes whose data tapdisk's context copies
+//! (`drain_staged`). Data is copied only while the request owns its slot (`ring/slot.rs`), with
+//! the spinlock dropped; requests end with it dropped too.
+//!
+//! Where write data is copied: by default in `queue_rq`, on the submitter's CPU, as the old
+//! driver did. A tapdisk that negotiates `BLKTAP_DEVICE_STAGED_WRITES` has it copied in its own
+//! context instead: `queue_rq` stages the write (its slot reserved, nothing copied, tapdisk
+//! woken), and the next poll of the ring, `RESPOND`, `PAUSE` or `REMOVE_DEVICE` copies every
+//! staged write's data and puts it on the ring. The submitter then pays for the request, not
+//! for its data, as with ublk, whose server copies.
 
 use kernel::{
     prelude::*,
@@ -20,7 +28,8 @@ use crate::{
     },
     protocol::{
         self,
-        Features, //
+        Features,
+        RingRequest, //
     },
     ring::{
         pages::RingPages,
@@ -87,7 +96,8 @@ impl Tap {
         let admitted = self.ring.lock().admit(rq, op);
         match admitted {
             Ok(Some((slot, rq))) => {
-                if self.fill(pages, slot, rq, op, last) {
+                let stage = features.staged_writes && protocol::carries_write_data(op);
+                if self.fill(pages, slot, rq, op, last, stage) {
                     self.poll.notify_all();
                 }
             }
@@ -110,21 +120,34 @@ impl Tap {
 
     /// Puts `rq` in `slot`, which the caller reserved for it: copies a write's data into the
     /// slot's pages (without the lock: the reserved slot is the request's alone), then puts its
-    /// entry on the ring, or keeps it while the tap recovers. Ends the request with an I/O error
+    /// entry on the ring, or keeps it while the tap recovers; or, with `stage` (a write on a
+    /// disk with staged writes), stages it without copying. Ends the request with an I/O error
     /// if it cannot go. With `publish`, publishes the batch; returns whether to wake tapdisk.
-    fn fill(&self, pages: &RingPages, slot: usize, rq: Request, op: u8, publish: bool) -> bool {
-        let bytes = rq.bytes();
-        let ready = protocol::ring_entry(op, slot, rq.sector(), bytes).and_then(|entry| {
-            let data = op == uapi::OP_WRITE || op == uapi::OP_WRITE_FUA;
-            if data && rq.copy_to_pages(pages.slot(slot), bytes as usize) != bytes as usize {
+    fn fill(
+        &self,
+        pages: &RingPages,
+        slot: usize,
+        rq: Request,
+        op: u8,
+        publish: bool,
+        stage: bool,
+    ) -> bool {
+        let ready = RingRequest::new(op, rq.sector(), rq.bytes()).and_then(|req| {
+            let len = req.bytes() as usize;
+            if !stage && req.carries_write_data() && rq.copy_to_pages(pages.slot(slot), len) != len
+            {
                 return Err(EIO);
             }
-            Ok(entry)
+            Ok(req)
         });
         let put = match ready {
-            Ok(entry) => {
-                let p = Pending { rq, entry, bytes };
-                self.ring.lock().put_on_ring(slot, op, p, publish)
+            Ok(req) if stage => {
+                let p = Pending { rq, req };
+                self.ring.lock().stage(slot, p, publish).map(|()| true)
+            }
+            Ok(req) => {
+                let p = Pending { rq, req };
+                self.ring.lock().put_on_ring(slot, p, publish)
             }
             Err(_) => {
                 self.ring.lock().cancel(slot);
@@ -149,11 +172,70 @@ impl Tap {
             let Some((slot, w)) = next else {
                 break;
             };
-            self.fill(pages, slot, w.rq, w.op, false);
+            // Copied here, in the context that freed the slot: no staging.
+            self.fill(pages, slot, w.rq, w.op, false, false);
         }
         failed.fail_all();
         if self.ring.lock().publish() {
             self.poll.notify_all();
+        }
+    }
+
+    /// Copies the data of every staged write into its slot and puts it on the ring, then
+    /// publishes them (disks with staged writes; from tapdisk's context: the ring's poll,
+    /// `RESPOND`, `PAUSE`, `REMOVE_DEVICE`). Nothing happens while no tapdisk maps the ring:
+    /// the writes stay staged for the next one. A write that cannot go ends with an I/O error.
+    pub(crate) fn drain_staged(&self) {
+        /// Writes taken per lock: the batch lives on the stack.
+        const BATCH: usize = 8;
+        loop {
+            let mut batch: [Option<(usize, u8, Pending)>; BATCH] = [const { None }; BATCH];
+            let (pages, n) = {
+                let mut ring = self.ring.lock();
+                if ring.staged() == 0 {
+                    return;
+                }
+                let Some(pages) = ring.pages() else {
+                    return;
+                };
+                let n = ring.take_staged(&mut batch);
+                (pages, n)
+            };
+            if n == 0 {
+                return;
+            }
+            // Their slots are `Reserved`: the pages are these requests' alone.
+            let mut copied = [false; BATCH];
+            for (ok, b) in copied.iter_mut().zip(batch.iter()) {
+                if let Some((slot, _, p)) = b {
+                    let len = p.req.bytes() as usize;
+                    *ok = p.rq.copy_to_pages(pages.slot(*slot), len) == len;
+                }
+            }
+            let mut failed: [Option<Request>; BATCH] = [const { None }; BATCH];
+            {
+                let mut ring = self.ring.lock();
+                for ((b, ok), f) in batch.iter_mut().zip(copied).zip(failed.iter_mut()) {
+                    let Some((slot, _, p)) = b.take() else {
+                        continue;
+                    };
+                    if ok {
+                        *f = ring.put_on_ring(slot, p, false).err();
+                    } else {
+                        ring.cancel(slot);
+                        *f = Some(p.rq);
+                    }
+                }
+                // No wake-up: staging woke tapdisk, and the ring stays readable until it
+                // answers; the caller is tapdisk's context, which looks at the ring next.
+                ring.publish();
+            }
+            for rq in failed.into_iter().flatten() {
+                rq.end(Err(EIO));
+            }
+            if n < BATCH {
+                return;
+            }
         }
     }
 
@@ -178,6 +260,16 @@ impl Tap {
         match found {
             // Reserved (being filled) or completing (being answered): it ends soon.
             TimedOut::NotHeld => return TimeoutAction::ResetTimer,
+            TimedOut::Staged { rq, op, slot } => {
+                rq.end(Err(EIO));
+                if log {
+                    pr_warn!(
+                        "blktap{minor}: staged write in slot {slot} (op {op}) timed out after \
+                         {deadline} s (tapdisk never fetched it); failed with EIO\n"
+                    );
+                }
+                self.dispatch_parked(pages);
+            }
             TimedOut::Parked { rq, op } => {
                 rq.end(Err(EIO));
                 if log {
@@ -229,10 +321,10 @@ impl Tap {
             let Some((p, status)) = d else {
                 continue;
             };
-            let len = p.bytes as usize;
+            let len = p.req.bytes() as usize;
             results[slot] = match *status {
                 uapi::RSP_OKAY
-                    if p.entry.operation != uapi::OP_READ
+                    if p.req.op() != uapi::OP_READ
                         || p.rq.copy_from_pages(pages.slot(slot), len) == len =>
                 {
                     Ok(())

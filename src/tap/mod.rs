@@ -337,12 +337,17 @@ impl Tap {
     /// requests first, then those that waited for a slot.
     pub(crate) fn mapped(&self, mm: MmId, pages: Arc<RingPages>) {
         pages.zero_ring();
-        let reissued = self.ring.lock().map(mm, pages.clone());
+        let (reissued, staged) = {
+            let mut ring = self.ring.lock();
+            (ring.map(mm, pages.clone()), ring.staged())
+        };
         if reissued > 0 {
             pr_info!(
                 "blktap{}: ring mapped again; re-issued {reissued} kept requests\n",
                 self.minor
             );
+        }
+        if reissued > 0 || staged > 0 {
             self.poll.notify_all();
         }
         self.dispatch_parked(&pages);
@@ -463,7 +468,8 @@ impl Tap {
     }
 
     /// `PAUSE` (`true`) and `RESUME` (`false`): stops or restarts handing requests to the ring,
-    /// and clears a pause or resume message (also when there is no disk to pause).
+    /// and clears a pause or resume message (also when there is no disk to pause). `PAUSE` puts
+    /// the staged writes on the ring before it returns.
     ///
     /// # Errors
     ///
@@ -477,7 +483,11 @@ impl Tap {
         self.ring.lock().set_paused(paused);
         let pages = inner.pages.clone();
         drop(inner);
-        if let (false, Some(pages)) = (paused, pages) {
+        if paused {
+            // No `queue_rq` runs now: every write staged so far goes on the ring, for tapdisk
+            // to answer before it releases its image.
+            self.drain_staged();
+        } else if let Some(pages) = pages {
             self.dispatch_parked(&pages);
         }
         Ok(())
@@ -596,10 +606,11 @@ impl Tap {
                 writeln!(out, "paused: {paused}")?;
                 writeln!(
                     out,
-                    "features: flush={} fua={} discard={}",
+                    "features: flush={} fua={} discard={} staged_writes={}",
                     u8::from(f.flush),
                     u8::from(f.fua),
-                    u8::from(f.discard)
+                    u8::from(f.discard),
+                    u8::from(f.staged_writes)
                 )?;
             }
             DiskState::Removing => writeln!(out, "disk: removing")?,
@@ -618,6 +629,7 @@ impl Tap {
         writeln!(out, "pending: {}", ring.pending())?;
         writeln!(out, "late: {}", ring.late_slots())?;
         writeln!(out, "parked: {}", ring.parked())?;
+        writeln!(out, "staged: {}", ring.staged())?;
         let c = ring.counters();
         writeln!(out, "completed: {}", c.completed)?;
         writeln!(out, "refused: {}", c.refused)?;

@@ -50,6 +50,7 @@ CONSTS = {
     "DEVICE_DISCARD": "BLKTAP_DEVICE_DISCARD",
     "DEVICE_FUA": "BLKTAP_DEVICE_FUA",
     "DEVICE_RECOVERY": "BLKTAP_DEVICE_RECOVERY",
+    "DEVICE_STAGED_WRITES": "BLKTAP_DEVICE_STAGED_WRITES",
     "NAME_MAX": "(BLKTAP_NAME_MAX - 1)",
 }
 # Rust struct -> (C type, size to compare with: None for the C struct's own).
