@@ -77,10 +77,13 @@ CALIBRATION_REPEATS = 3
 SETTLE_S = 0.3
 # Every device is used over the same 256 MiB (the ram: tap holds it in tapdisk's memory).
 SPAN = "256M"
-DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapdev-null-nopoll"]
+DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapdev-null-nopoll",
+           "tapdev-null-nostage"]
 # What `make bench` runs; the others only when named (--devices): tapdev-null-nopoll is
 # tapdev-null with tapdisk sleeping in epoll as soon as it has answered (BLKTAP_POLL_US=0), to
-# measure what watching the ring after answering brings.
+# measure what watching the ring after answering brings; tapdev-null-nostage is tapdev-null
+# without staged writes (BLKTAP_STAGED_WRITES=false: the kernel copies write data in queue_rq,
+# on fio's CPU), to measure what staging brings.
 DEFAULT_DEVICES = DEVICES[:5]
 # A device that may be missing, with the reason printed instead of numbers.
 OPTIONAL = {"rnull"}
@@ -279,7 +282,9 @@ def make_device(name):
             "tapdev-null": lambda: Tapdev(f"null:{SPAN}"),
             "tapdev-ram": lambda: Tapdev(f"ram:{SPAN}"),
             "tapdev-null-nopoll": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nopoll",
-                                                 {"BLKTAP_POLL_US": "0"})}[name]()
+                                                 {"BLKTAP_POLL_US": "0"}),
+            "tapdev-null-nostage": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nostage",
+                                                  {"BLKTAP_STAGED_WRITES": "false"})}[name]()
 
 
 def no_scheduler(path):
@@ -529,7 +534,8 @@ def measure_memory(n):
 # costs a little per system call, so these runs are apart from the measured ones.
 
 COUNTER_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqwrite-44k-qd32"]
-COUNTER_DEVICES = ["tapdev-null", "ublk-null", "null_blk", "tapdev-null-nopoll"]
+COUNTER_DEVICES = ["tapdev-null", "ublk-null", "null_blk", "tapdev-null-nopoll",
+                   "tapdev-null-nostage"]
 SYSCALL_EVENT = "raw_syscalls:sys_enter"
 
 

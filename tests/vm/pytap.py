@@ -12,7 +12,11 @@ and on SIGTERM (or after --for seconds) removes the disk and exits. Used by the 
 check the kernel against a second implementation.
 
 By default it behaves like an old tapdisk: READ and WRITE only. With --flags it negotiates the
-extensions (FLUSH 0x4, DISCARD 0x8, FUA 0x20, RECOVERY 0x40) and serves what they bring. It
+extensions (FLUSH 0x4, DISCARD 0x8, FUA 0x20, RECOVERY 0x40, STAGED_WRITES 0x80) and serves what
+they bring. With STAGED_WRITES, writes reach the ring when the peer polls it or calls RESPOND: in
+the modes that do not poll (--hold, --ignore-sector, --register-late) it calls RESPOND when the
+header's `staged` count is not 0; with --poll-only it never looks at `staged` (its polls must
+bring the staged writes). It
 answers the ring's PAUSE and RESUME messages with the ioctls of the same names. --delay answers
 every request that many seconds late (for request deadlines). --recover attaches to the disk a
 dead peer left (RECOVERY): it maps the ring and serves, without creating the disk. Every op it
@@ -42,6 +46,14 @@ Modes for the concurrency tests:
               peer still holds it), as fast as it can: for races against a dying peer.
 --free-alloc  first frees the tap (FREE_TAP, retried while EBUSY) and allocates it again
               (ALLOC_TAP must give back MINOR), then serves it.
+--guess-staged S
+              (with --flags 0x80) a hostile peer, once: it holds back its answer to the read at
+              sector S and stops polling; when a write is then staged, it answers the write's
+              slot (the lowest it holds no request in) as a WRITE, in the room the held read
+              leaves, before the write is on the ring, and prints `pytap: guessed slot N:
+              RESULT` (the kernel must refuse it: EINVAL). That RESPOND puts the write on the
+              ring; the peer then serves it and the read, and polls again. (Its answers then
+              run one ring entry ahead of its requests: use the disk one request at a time.)
 --ignore-sector S
               serves everything but requests starting at sector S: those it takes off the
               ring and does not answer until SIGUSR2 (so their slots go late while the peer
@@ -157,6 +169,8 @@ def main():
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     ignore_sector = opt("--ignore-sector", int, None)
+    guess_sector = opt("--guess-staged", int, None)
+    guessing = {"held": [], "done": False}
     ignored = []  # answers held back by --ignore-sector until SIGUSR2
     released = []
 
@@ -194,9 +208,46 @@ def main():
     signal.signal(signal.SIGUSR1, dump)
     state = {"req_cons": 0, "rsp_prod": 0}
     rng = random.Random(minor)
+    held, first = [], 0.0  # answers held by --hold, and when the first of them came
+    later = []  # (due time, id, op, status) of answers held back by --delay
+
+    poll_only = "--poll-only" in sys.argv
+
+    def staged():
+        if poll_only or not flags & 0x80:
+            return 0
+        return struct.unpack_from("I", m, 20)[0]
+
+    def outstanding():
+        """Slot ids of the requests taken and not answered yet."""
+        return {a[0] for a in held + [x[1:] for x in later] + ignored + guessing["held"]}
+
+    def drain():
+        """Has the kernel put its staged writes on the ring (RESPOND with no new answer)."""
+        if staged():
+            ioctl(fd, IOCTL_RESPOND)
+
+    def guess(answers):
+        """--guess-staged: once a write is staged while the read at sector S is held, answers
+        the write's slot before the write is on the ring (see the usage)."""
+        held_ids = {a[0] for a in guessing["held"]}
+        room = (state["req_cons"] - state["rsp_prod"]) & 0xFFFFFFFF
+        busy = held_ids | {a[0] for a in answers}
+        gid = next(i for i in range(RING_SIZE) if i not in busy)
+        if room < 1 + len(answers):
+            return
+        result = "OK"
+        try:
+            answer([(gid, WRITE, 0)])
+        except OSError as e:
+            result = errno.errorcode.get(e.errno, str(e.errno))
+        say(f"guessed slot {gid}: {result}")
+        guessing["done"] = True
 
     def take():
         """Serves every request on the ring not seen yet; returns their answers (id, op, status)."""
+        if guess_sector is None or guessing["done"]:
+            drain()
         answers = []
         req_prod = struct.unpack_from("I", m, 0)[0]
         req_cons = state["req_cons"]
@@ -228,10 +279,18 @@ def main():
                 status = -2
             if ignore_sector is not None and sector == ignore_sector and not released:
                 ignored.append((rid, op, status))
+            elif op == READ and sector == guess_sector and not guessing["done"]:
+                guessing["held"].append((rid, op, status))
             else:
                 answers.append((rid, op, status))
             req_cons = (req_cons + 1) & 0xFFFFFFFF
         state["req_cons"] = req_cons
+        if guessing["held"] and not guessing["done"] and staged():
+            # Before answering anything: the held read leaves the room for the guess.
+            guess([])
+        elif guessing["held"] and guessing["done"]:
+            answers += guessing["held"]
+            guessing["held"].clear()
         if released and ignored:
             say(f"answering {len(ignored)} ignored requests")
             answers += ignored
@@ -273,7 +332,7 @@ def main():
             while running() and time.time() < end:
                 time.sleep(0.05)
             waiting = (struct.unpack_from("I", m, 0)[0] - state["req_cons"]) & 0xFFFFFFFF
-            say(f"{waiting} requests published before registration")
+            say(f"{waiting} requests published before registration, {staged()} writes staged")
         ep = select.epoll()
         inner = None
         if epoll_mode == "epoll":
@@ -298,8 +357,6 @@ def main():
             message()
             answer(take())
     else:
-        later = []  # (due time, id, op, status) of answers held back by --delay
-        held, first = [], 0.0  # answers held by --hold, and when the first of them came
         p = select.poll()
         p.register(fd, select.POLLIN)
         while running():
@@ -308,6 +365,9 @@ def main():
                 time.sleep(min(0.002, max(0.0, first + HOLD_WINDOW - time.time())))
             elif ignored:
                 # So does a request it does not answer.
+                time.sleep(0.001)
+            elif guess_sector is not None and not guessing["done"]:
+                # A poll would put a staged write on the ring before the peer sees it staged.
                 time.sleep(0.001)
             else:
                 p.poll(50 if later else 200)

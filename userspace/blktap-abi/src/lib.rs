@@ -81,6 +81,9 @@ pub const DEVICE_DISCARD: u64 = uapi::BLKTAP_DEVICE_DISCARD as u64;
 pub const DEVICE_FUA: u64 = uapi::BLKTAP_DEVICE_FUA as u64;
 /// `blktap_device_info.flags` (extension): the disk and its requests outlive the tapdisk.
 pub const DEVICE_RECOVERY: u64 = uapi::BLKTAP_DEVICE_RECOVERY as u64;
+/// `blktap_device_info.flags` (extension): write data is copied in tapdisk's context; a write
+/// waits, staged, until tapdisk polls the ring or calls `RESPOND` (the header's `staged`).
+pub const DEVICE_STAGED_WRITES: u64 = uapi::BLKTAP_DEVICE_STAGED_WRITES as u64;
 /// Largest discard in one request, in 512-byte sectors.
 pub const DISCARD_MAX_SECTORS: u64 = uapi::BLKTAP_DISCARD_MAX_SECTORS as u64;
 
@@ -154,6 +157,8 @@ mod tests {
         assert_eq!(offset_of!(blktap_request_discard, nr_sectors), 24);
         assert_eq!(offset_of!(blktap_sring, rsp_prod), 8);
         assert_eq!(offset_of!(blktap_sring, msg), 16);
+        // An extension's field, in the original's padding.
+        assert_eq!(offset_of!(blktap_sring, staged), 20);
         assert_eq!(offset_of!(blktap_sring, ring), 64);
         assert!(size_of::<blktap_sring>() <= 4096);
         // (4096 - 64) / 112 = 36 entries fit; the ring uses the largest power of two below.
@@ -180,8 +185,14 @@ mod tests {
             [1, 2, 3]
         );
         assert_eq!(
-            [DEVICE_FLUSH, DEVICE_DISCARD, DEVICE_FUA, DEVICE_RECOVERY],
-            [4, 8, 0x20, 0x40]
+            [
+                DEVICE_FLUSH,
+                DEVICE_DISCARD,
+                DEVICE_FUA,
+                DEVICE_RECOVERY,
+                DEVICE_STAGED_WRITES
+            ],
+            [4, 8, 0x20, 0x40, 0x80]
         );
         assert_eq!([OP_FLUSH, OP_DISCARD, OP_WRITE_FUA], [2, 3, 4]);
         assert_eq!(DISCARD_MAX_SECTORS, 1 << 21);

@@ -37,8 +37,12 @@ use crate::{Error, Result};
 pub struct TapOptions {
     /// The server's options (the request deadline).
     pub server: ServerOptions,
-    /// Ask the kernel for flush, FUA and discard where the backend does them.
+    /// Ask the kernel for flush, FUA and discard where the backend does them, and for staged
+    /// writes if `staged_writes`.
     pub extensions: bool,
+    /// Ask the kernel to copy write data in tapdisk's context (`DEVICE_STAGED_WRITES`), not on
+    /// the submitter's CPU (with `extensions` only).
+    pub staged_writes: bool,
 }
 
 impl Default for TapOptions {
@@ -46,6 +50,7 @@ impl Default for TapOptions {
         Self {
             server: ServerOptions::default(),
             extensions: true,
+            staged_writes: true,
         }
     }
 }
@@ -693,21 +698,30 @@ fn negotiate<D: RingDevice>(
     } else {
         0
     };
+    let staged = if options.extensions && options.staged_writes {
+        abi::DEVICE_STAGED_WRITES
+    } else {
+        0
+    };
     let refused = |e: &Error| matches!(Errno::from_raw(e.errno()), Errno::EINVAL | Errno::ENOTTY);
-    params.flags = ext | recovery_flag;
-    match ring.create_device(&params) {
-        Ok(()) => return Ok(params.flags),
-        Err(e) if ext != 0 && refused(&e) => log::warn!(
-            "tap {}: the kernel refused the extensions {ext:#x} ({e}); \
-             creating the disk without them",
-            ring.minor()
-        ),
-        Err(e) => return Err(recovery_error(e, recovery, ring.minor())),
-    }
-    params.flags = recovery_flag;
-    match ring.create_device(&params) {
-        Ok(()) => Ok(params.flags),
-        Err(e) => Err(recovery_error(e, recovery, ring.minor())),
+    // The newest extension alone is dropped first: a kernel that knows the others but not
+    // staged writes (an earlier version of this module) keeps them.
+    let mut flags = ext | staged;
+    loop {
+        params.flags = flags | recovery_flag;
+        match ring.create_device(&params) {
+            Ok(()) => return Ok(params.flags),
+            Err(e) if flags != 0 && refused(&e) => {
+                let fewer = if flags & staged != 0 { ext } else { 0 };
+                log::warn!(
+                    "tap {}: the kernel refused the extensions {flags:#x} ({e}); \
+                     creating the disk with {fewer:#x}",
+                    ring.minor()
+                );
+                flags = fewer;
+            }
+            Err(e) => return Err(recovery_error(e, recovery, ring.minor())),
+        }
     }
 }
 
@@ -767,23 +781,48 @@ mod tests {
         k.responses().iter().map(|r| (r.id, r.status)).collect()
     }
 
+    /// [`ids`] sorted: a staged write reaches the ring after the reads published beside it, so
+    /// its answer may come after theirs.
+    fn sorted_ids(k: &mut SimKernel) -> Vec<(u64, i16)> {
+        let mut v = ids(k);
+        v.sort_unstable();
+        v
+    }
+
     #[test]
     fn extensions_are_negotiated_and_fall_back() {
         let all = abi::DEVICE_FLUSH | abi::DEVICE_FUA | abi::DEVICE_DISCARD;
+        let staged = abi::DEVICE_STAGED_WRITES;
         // A kernel that knows them.
         let k = SimKernel::new();
         let tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
-        assert_eq!(k.state().creates, [all]);
-        assert_eq!(k.state().disk, Some((2048, all)));
-        assert_eq!(tap.stats().device_flags, all);
+        assert_eq!(k.state().creates, [all | staged]);
+        assert_eq!(k.state().disk, Some((2048, all | staged)));
+        assert_eq!(tap.stats().device_flags, all | staged);
         assert_eq!(tap.state(), TapState::Open);
+
+        // A kernel that knows all but staged writes keeps the others.
+        let k = SimKernel::new();
+        k.state_mut().known_flags = all | abi::DEVICE_RECOVERY;
+        let _tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
+        assert_eq!(k.state().creates, [all | staged, all]);
+        assert_eq!(k.state().disk, Some((2048, all)));
 
         // An old kernel: EINVAL, then the old behaviour.
         let k = SimKernel::new();
         k.state_mut().known_flags = 0;
         let _tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
-        assert_eq!(k.state().creates, [all, 0]);
+        assert_eq!(k.state().creates, [all | staged, all, 0]);
         assert_eq!(k.state().disk, Some((2048, 0)));
+
+        // Staged writes not asked for.
+        let k = SimKernel::new();
+        let options = TapOptions {
+            staged_writes: false,
+            ..Default::default()
+        };
+        let _tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(k.state().creates, [all]);
 
         // --no-extensions: never asked.
         let k = SimKernel::new();
@@ -794,7 +833,7 @@ mod tests {
         let _tap = open_tap(&k, options, ram(1 << 20));
         assert_eq!(k.state().creates, [0]);
 
-        // Recovery on an old kernel: refused twice, and opening fails clearly.
+        // Recovery on an old kernel: refused three times, and opening fails clearly.
         let k = SimKernel::new();
         k.state_mut().known_flags = 0;
         let mut tap = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
@@ -803,16 +842,46 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("recovery is unavailable"), "{e}");
         assert_eq!(e.errno(), libc::EINVAL);
-        assert_eq!(
-            k.state().creates,
-            [all | abi::DEVICE_RECOVERY, abi::DEVICE_RECOVERY]
-        );
+        let r = abi::DEVICE_RECOVERY;
+        assert_eq!(k.state().creates, [all | staged | r, all | r, r]);
         assert_eq!(tap.state(), TapState::Attached);
         // A kernel that knows RECOVERY only.
         k.state_mut().known_flags = abi::DEVICE_RECOVERY;
         tap.open_backend(&open_args(true, false), "ram:1M", ram(1 << 20))
             .unwrap();
         assert_eq!(k.state().disk, Some((2048, abi::DEVICE_RECOVERY)));
+    }
+
+    #[test]
+    fn staged_writes_reach_the_ring_when_tapdisk_calls_respond() {
+        let mut k = SimKernel::new();
+        let mut tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
+        k.fill(0, 0, |i| (i % 251) as u8);
+        k.submit(&SimKernel::request(W, 0, 8, &[(0, 7)]));
+        assert_eq!(k.staged(), 1);
+        assert_eq!(k.ring().req_prod(), 0, "not on the ring yet");
+        assert!(tap.has_new_requests(), "the header says a write is staged");
+        assert!(matches!(tap.on_ring(), TapEvent::Served));
+        assert_eq!((k.staged(), k.state().drained), (0, 1));
+        assert_eq!(ids(&mut k), [(0, 0)]);
+        assert_eq!(tap.stats().io.drains, 1);
+        assert!(!tap.has_new_requests());
+        // Reads are not staged; the write's data is there.
+        k.submit(&SimKernel::request(R, 1, 8, &[(0, 7)]));
+        assert_eq!(k.staged(), 0);
+        assert!(matches!(tap.on_ring(), TapEvent::Served));
+        assert_eq!(ids(&mut k), [(1, 0)]);
+        let want: Vec<u8> = (0..crate::ring::PAGE_SIZE)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        assert_eq!(k.page(1, 0), want);
+        // A write staged when the tap pauses goes on the ring at PAUSE and is answered.
+        k.fill(2, 0, |_| 0x77);
+        k.submit(&SimKernel::request(W, 2, 16, &[(0, 7)]));
+        assert!(tap.pause().unwrap() || matches!(tap.advance(), Some(Ok(()))));
+        assert_eq!(tap.state(), TapState::Paused);
+        assert_eq!(ids(&mut k), [(2, 0)]);
+        assert_eq!(tap.stats().io.writes, 2);
     }
 
     /// A ram disk whose completions wait until the test opens the gate.
@@ -900,7 +969,11 @@ mod tests {
         assert!(matches!(tap.advance(), Some(Ok(()))));
         assert_eq!(tap.state(), TapState::Paused);
         assert_eq!(tap.entry().state.code(), 0x2a);
-        assert_eq!(ids(&mut k), [(0, 0), (1, 0), (2, 0)], "nothing failed");
+        assert_eq!(
+            sorted_ids(&mut k),
+            [(0, 0), (1, 0), (2, 0)],
+            "nothing failed"
+        );
         assert!(tap.backend_fd().is_none());
         assert!(tap.server().is_none(), "the image is closed");
         let stats = tap.stats();
@@ -1017,7 +1090,7 @@ mod tests {
             .open_backend(&open_args(false, true), "ram:1M", ram(1 << 20))
             .unwrap();
         assert_eq!(k.state().creates.len(), creates, "no CREATE_DEVICE");
-        assert_eq!(ids(&mut k), [(0, 0), (1, 0), (2, 0)]);
+        assert_eq!(sorted_ids(&mut k), [(0, 0), (1, 0), (2, 0)]);
         assert_eq!(k.pending(), 0);
         // The write was carried out by the new tapdisk.
         k.submit(&SimKernel::request(R, 3, 64, &[(0, 7)]));

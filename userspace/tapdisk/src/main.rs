@@ -71,9 +71,15 @@ struct Cli {
     /// answered with an error (an open's per-request timeout overrides it for its tap).
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400))]
     deadline: u64,
-    /// Behave like an old tapdisk: never ask the kernel for flush, FUA or discard.
+    /// Behave like an old tapdisk: never ask the kernel for flush, FUA, discard or staged
+    /// writes.
     #[arg(long)]
     no_extensions: bool,
+    /// Whether to ask the kernel for staged writes: write data copied into the ring in
+    /// tapdisk's context instead of on the writer's CPU (with the other extensions only).
+    #[arg(long, value_name = "BOOL", default_value_t = true, env = "BLKTAP_STAGED_WRITES",
+          action = clap::ArgAction::Set)]
+    staged_writes: bool,
     /// After answering requests, watch the rings for new ones for up to this many microseconds
     /// before sleeping in epoll (reading the ring's index in shared memory: a request that comes
     /// meanwhile is served without a wake-up or a system call); 0: sleep at once.
@@ -153,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     deadline: Duration::from_secs(cli.deadline),
                 },
                 extensions: !cli.no_extensions,
+                staged_writes: cli.staged_writes,
             },
         };
         Daemon::new(&opts)

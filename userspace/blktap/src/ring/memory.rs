@@ -30,6 +30,7 @@ pub const RING_MESSAGE_RESUME: u8 = abi::RING_MESSAGE_RESUME;
 const REQ_PROD: usize = offset_of!(blktap_sring, req_prod);
 const RSP_PROD: usize = offset_of!(blktap_sring, rsp_prod);
 const MSG: usize = offset_of!(blktap_sring, msg);
+const STAGED: usize = offset_of!(blktap_sring, staged);
 const ENTRIES: usize = offset_of!(blktap_sring, ring);
 
 // The layout facts the code below relies on.
@@ -108,6 +109,17 @@ impl<'a> SharedRing<'a> {
     /// call is visible to the kernel before the index is.
     pub fn set_rsp_prod(&self, index: u32) {
         self.u32_at(RSP_PROD).store(index, Ordering::Release);
+    }
+
+    /// The writes the kernel has staged (disks created with `DEVICE_STAGED_WRITES`): they reach
+    /// the ring at the next `RESPOND` or poll of the ring.
+    pub fn staged(&self) -> u32 {
+        self.u32_at(STAGED).load(Ordering::Acquire)
+    }
+
+    /// Sets the staged count, as the kernel does. For simulations and tests.
+    pub fn set_staged(&self, n: u32) {
+        self.u32_at(STAGED).store(n, Ordering::Release);
     }
 
     fn msg_byte(&self) -> &'a AtomicU8 {

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Completion, Features, Io};
 use crate::mapping::AlignedBuf;
 use crate::ring::{
-    validate, BackRing, Invalid, Op, Request, RingCorrupt, RingMemory, PAGE_SIZE,
+    validate, BackRing, Invalid, Op, Request, RingCorrupt, RingMemory, SharedRing, PAGE_SIZE,
     RING_MESSAGE_CLOSE, SECTOR_SIZE,
 };
 use crate::{Error, Result};
@@ -114,6 +114,10 @@ pub struct IoStats {
     /// Times answers were published to the kernel (`RESPOND`).
     #[serde(default)]
     pub kicks_out: u64,
+    /// `RESPOND` calls made only to have the kernel put its staged writes on the ring (seen
+    /// staged while watching the ring, see [`Server::has_new_requests`]).
+    #[serde(default)]
+    pub drains: u64,
 }
 
 impl IoStats {
@@ -347,10 +351,17 @@ impl<M: RingMemory> Server<M> {
         self.backend.allocated_bytes()
     }
 
-    /// Whether the ring holds requests not taken yet, and they can be served (read from shared
-    /// memory, without a system call: for polling the ring between wake-ups).
+    /// Whether the ring holds requests not taken yet, or the kernel has staged writes for it,
+    /// and they can be served (read from shared memory, without a system call: for polling the
+    /// ring between wake-ups).
     pub fn has_new_requests(&self) -> bool {
-        self.fault.is_none() && self.ring.has_new()
+        self.fault.is_none() && (self.ring.has_new() || self.staged() != 0)
+    }
+
+    /// The writes the kernel has staged (a disk with staged writes; always 0 otherwise: the
+    /// field is padding the kernel leaves zero).
+    fn staged(&self) -> u32 {
+        SharedRing::new(self.ring.memory()).staged()
     }
 
     /// The statistics of the image's layers below the top one (see [`Backend::layers`]).
@@ -513,6 +524,13 @@ impl<M: RingMemory> Server<M> {
             return Err(f.into());
         }
         self.stats.kicks_in += 1;
+        if self.staged() != 0 {
+            // `RESPOND` (with or without answers) makes the kernel copy the staged writes'
+            // data into their slots and put them on the ring; a poll of the ring does too, so
+            // after a wake-up this is rare.
+            self.ring.memory().kick()?;
+            self.stats.drains += 1;
+        }
         let mut fetched = std::mem::take(&mut self.fetched);
         fetched.clear();
         let result = self.ring.fetch(&mut fetched);

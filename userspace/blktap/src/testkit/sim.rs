@@ -3,7 +3,9 @@
 //! does not know with `EINVAL`), `REMOVE_DEVICE`, `PAUSE` and `RESUME` (requests submitted while
 //! paused wait in a backlog, as in the block layer, and reach the ring on resume; both clear a
 //! PAUSE/RESUME message), and the recovery re-attach (the ring page is zeroed and every request
-//! not answered is published again from index 0).
+//! not answered is published again from index 0). On a disk created with staged writes, a write
+//! submitted waits, staged (counted in the header's `staged`), until `RESPOND`, `PAUSE` or
+//! `REMOVE_DEVICE` puts it on the ring, as the module does (its poll does too: not simulated).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -40,6 +42,10 @@ pub struct SimState {
     pending: Vec<blktap_request>,
     /// Requests waiting in the block layer while paused.
     backlog: VecDeque<blktap_request>,
+    /// Writes staged (disks with staged writes), not on the ring yet.
+    staged: Vec<blktap_request>,
+    /// `RESPOND` calls that put staged writes on the ring.
+    pub drained: u32,
 }
 
 /// A tap's ring device, simulated.
@@ -79,6 +85,20 @@ impl SimDevice {
         let prod = self.st.borrow().req_prod_pvt;
         self.shared().set_req_prod(prod);
     }
+
+    /// Puts the staged writes on the ring and publishes them.
+    fn drain_staged(&self) {
+        let staged = std::mem::take(&mut self.st.borrow_mut().staged);
+        if staged.is_empty() {
+            return;
+        }
+        self.st.borrow_mut().drained += 1;
+        for req in &staged {
+            self.produce(req);
+        }
+        self.shared().set_staged(0);
+        self.publish();
+    }
 }
 
 // SAFETY: the ring memory is the AnonRing's, which lives as long as the device.
@@ -89,6 +109,7 @@ unsafe impl RingMemory for SimDevice {
 
     fn kick(&self) -> Result<()> {
         self.kicks.set(self.kicks.get() + 1);
+        self.drain_staged();
         Ok(())
     }
 }
@@ -116,6 +137,7 @@ impl RingDevice for SimDevice {
     }
 
     fn remove_device(&self) -> Result<()> {
+        self.drain_staged();
         let mut st = self.st.borrow_mut();
         if st.disk.take().is_none() {
             return Err(errno("remove", Errno::ENODEV));
@@ -131,6 +153,7 @@ impl RingDevice for SimDevice {
         st.paused = true;
         st.pauses += 1;
         drop(st);
+        self.drain_staged();
         self.clear_msg();
         Ok(())
     }
@@ -244,8 +267,20 @@ impl SimKernel {
     /// The block layer hands a request to the disk: onto the ring (published), or into the
     /// backlog while paused.
     pub fn submit(&mut self, req: &blktap_request) {
+        let staging = self
+            .state()
+            .disk
+            .is_some_and(|(_, flags)| flags & abi::DEVICE_STAGED_WRITES != 0);
+        let write = matches!(req.operation, abi::OP_WRITE | abi::OP_WRITE_FUA);
         if self.state().paused {
             self.state_mut().backlog.push_back(*req);
+        } else if staging && write {
+            let n = {
+                let mut st = self.state_mut();
+                st.staged.push(*req);
+                st.staged.len()
+            };
+            self.ring().set_staged(n as u32);
         } else {
             self.push_raw(req);
             self.publish();
@@ -255,6 +290,11 @@ impl SimKernel {
     /// Requests held back by a pause.
     pub fn backlog(&self) -> usize {
         self.state().backlog.len()
+    }
+
+    /// Writes staged, not on the ring yet.
+    pub fn staged(&self) -> usize {
+        self.state().staged.len()
     }
 
     /// Requests on the ring not answered yet.
@@ -298,6 +338,9 @@ impl SimKernel {
         for req in &kept {
             self.mem.produce(req);
         }
+        // Staged writes stay staged; the header says so again.
+        let staged = self.staged();
+        self.ring().set_staged(staged as u32);
         self.publish();
     }
 
