@@ -5,7 +5,7 @@
                            [--delay SECONDS] [--recover] [--hold N] [--silent]
                            [--epoll | --epoll-et | --epoll-mod | --epoll-nested]
                            [--register-late SECONDS] [--open-retry SECONDS] [--free-alloc]
-                           [--ignore-sector S]
+                           [--ignore-sector S] [--guess-staged S] [--poll-only | --no-poll]
 
 Maps the ring of an allocated tap, creates its disk, serves it from memory (or from --file),
 and on SIGTERM (or after --for seconds) removes the disk and exits. Used by the VM tests to
@@ -16,7 +16,7 @@ extensions (FLUSH 0x4, DISCARD 0x8, FUA 0x20, RECOVERY 0x40, STAGED_WRITES 0x80)
 they bring. With STAGED_WRITES, writes reach the ring when the peer polls it or calls RESPOND: in
 the modes that do not poll (--hold, --ignore-sector, --register-late) it calls RESPOND when the
 header's `staged` count is not 0; with --poll-only it never looks at `staged` (its polls must
-bring the staged writes). It
+bring the staged writes), with --no-poll it never polls (the header must tell it). It
 answers the ring's PAUSE and RESUME messages with the ioctls of the same names. --delay answers
 every request that many seconds late (for request deadlines). --recover attaches to the disk a
 dead peer left (RECOVERY): it maps the ring and serves, without creating the disk. Every op it
@@ -212,6 +212,7 @@ def main():
     later = []  # (due time, id, op, status) of answers held back by --delay
 
     poll_only = "--poll-only" in sys.argv
+    no_poll = "--no-poll" in sys.argv
 
     def staged():
         if poll_only or not flags & 0x80:
@@ -366,7 +367,7 @@ def main():
             elif ignored:
                 # So does a request it does not answer.
                 time.sleep(0.001)
-            elif guess_sector is not None and not guessing["done"]:
+            elif no_poll or (guess_sector is not None and not guessing["done"]):
                 # A poll would put a staged write on the ring before the peer sees it staged.
                 time.sleep(0.001)
             else:

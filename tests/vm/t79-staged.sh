@@ -81,6 +81,9 @@ for mode in plain "epoll-et --poll-only" "hold 16"; do
     peer=$!
     check "pytap $mode: the disk appears" wait_node
     check "pytap $mode: staged writes negotiated" staged_is 1
+    # One write alone: nothing else brings the peer to RESPOND.
+    check "pytap $mode: a lone direct write completes within 10 s" \
+        bounded 10 dd if=/dev/urandom of=$D bs=4k count=1 seek=4000 oflag=direct status=none
     verify2 "pytap $mode" $D
     check "pytap $mode: none refused, none timed out, none left staged" \
         sh -c "test $(counter refused) = 0 && test $(counter timed_out) = 0 && test $(counter staged) = 0"
@@ -169,6 +172,12 @@ head -c 256K /dev/urandom > /tmp/rec
 python3 tests/vm/pytap.py 0 32768 --flags 0xc0 --silent > /tmp/pytap.log 2>&1 &
 peer=$!
 check "recovery: the disk appears" wait_node
+# The disk's first reads (partition scan) go late and are dropped with the peer: then only
+# the staged writes are left for the next one (no answer of another request fetches them).
+echo 2 > "$T/deadline"
+i=0; while [ "$(counter pending)" != 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo 30 > "$T/deadline"
+check "recovery: nothing on the ring before the write" is "$(counter pending)" 0
 bg_dd if=/tmp/rec of=$D bs=64K seek=4 oflag=direct
 i=0; while [ "$(counter staged)" = 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 check "recovery: a write is staged" test "$(counter staged)" -ge 1
@@ -176,10 +185,11 @@ kill -9 $peer; wait $peer 2>/dev/null
 sleep 1
 check "recovery: the disk stays, the write waits" \
     sh -c "test -b $D && test ! -e /tmp/dd.rc && grep -qx 'recovery: waiting for a tapdisk' '$T/debug' && grep -Eqx 'staged: [1-9][0-9]*' '$T/debug'"
-# Holding answers, the new peer does not poll: the header's staged count must tell it.
-python3 tests/vm/pytap.py 0 32768 --flags 0xc0 --recover --hold 4 > /tmp/pytap2.log 2>&1 &
+# The new peer never polls: the header's staged count must tell it.
+python3 tests/vm/pytap.py 0 32768 --flags 0xc0 --recover --no-poll > /tmp/pytap2.log 2>&1 &
 peer=$!
 rc=$(dd_done 30)
+check "recovery: only the staged writes were kept" sh -c "! dmesg | grep -q 'blktap0: ring mapped again; re-issued'"
 check "recovery: the writer succeeds once the new peer maps the ring" sh -c "test $rc = 0 || { cat /tmp/dd.err; false; }"
 check "recovery: the data reads back" sh -c "dd if=$D bs=64K skip=4 count=4 iflag=direct status=none | cmp - /tmp/rec"
 verify2 "recovery" $D
