@@ -195,6 +195,7 @@ mod tests {
             fua: true,
             discard: true,
             staged_writes: true,
+            req_event: true,
         };
         let lim = limits(&info)?;
         assert!(lim.has_write_cache() && lim.has_fua());

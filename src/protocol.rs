@@ -112,6 +112,26 @@ pub(crate) struct Features {
     /// Writes are staged and their data copied in tapdisk's context
     /// ([`uapi::DEVICE_STAGED_WRITES`]).
     pub(crate) staged_writes: bool,
+    /// Tapdisk is signalled of new requests only when the header's `req_event` asks for it
+    /// ([`uapi::DEVICE_REQ_EVENT`]).
+    pub(crate) req_event: bool,
+}
+
+/// Whether tapdisk, whose ring header says `req_event` (read once), must be signalled after
+/// the kernel published requests `old..new` (free-running indices): if `req_event` lies in
+/// `(old, new]`, as Xen's `RING_PUSH_REQUESTS_AND_CHECK_NOTIFY` decides; always for a
+/// `req_event` of 0, which a tapdisk that never writes it leaves (the page is zeroed at each
+/// mapping). Any other value only decides whether this tapdisk is woken.
+pub(crate) fn wake_for_requests(req_event: u32, old: u32, new: u32) -> bool {
+    req_event == 0 || req_event.wrapping_sub(old).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// Whether tapdisk, whose ring header says `req_event` (read once), must be signalled of a
+/// staged write (nothing new on the ring, only the header's `staged`) while `published` is the
+/// ring's `req_prod`: if it has asked for the next request (`req_prod + 1`), or never writes
+/// `req_event` (0).
+pub(crate) fn wake_for_staged(req_event: u32, published: u32) -> bool {
+    req_event == 0 || req_event == published.wrapping_add(1)
 }
 
 /// The ring operation for a block request, given the negotiated features.
@@ -268,6 +288,7 @@ impl DeviceInfo {
                 fua: flags & uapi::DEVICE_FUA != 0,
                 discard: flags & uapi::DEVICE_DISCARD != 0,
                 staged_writes: flags & uapi::DEVICE_STAGED_WRITES != 0,
+                req_event: flags & uapi::DEVICE_REQ_EVENT != 0,
             },
             recovery: flags & uapi::DEVICE_RECOVERY != 0,
         }
@@ -319,6 +340,7 @@ mod tests {
         fua: true,
         discard: true,
         staged_writes: false,
+        req_event: false,
     };
 
     #[test]
@@ -478,6 +500,31 @@ mod tests {
     }
 
     #[test]
+    fn req_event_decides_the_wake_up() {
+        // A tapdisk asleep after consuming up to 5 asked for 6.
+        assert!(wake_for_requests(6, 5, 6));
+        assert!(wake_for_requests(6, 5, 9));
+        // Polling, it left req_event behind: the next requests wake nobody.
+        assert!(!wake_for_requests(6, 6, 7));
+        assert!(!wake_for_requests(6, 9, 12));
+        // Not yet reached.
+        assert!(!wake_for_requests(9, 5, 7));
+        // Across the wrap of the indices.
+        assert!(wake_for_requests(1, u32::MAX, 2));
+        assert!(wake_for_requests(u32::MAX, u32::MAX - 1, 1));
+        assert!(!wake_for_requests(u32::MAX - 1, u32::MAX - 1, 1));
+        // Nothing published: nobody to wake, unless it never writes req_event.
+        assert!(!wake_for_requests(6, 5, 5));
+        assert!(wake_for_requests(0, 5, 6));
+        // Staged writes: only a tapdisk waiting for the next request.
+        assert!(wake_for_staged(6, 5));
+        assert!(!wake_for_staged(5, 5));
+        assert!(!wake_for_staged(7, 5));
+        assert!(wake_for_staged(0, 5));
+        assert!(wake_for_staged(0, u32::MAX));
+    }
+
+    #[test]
     fn negotiated_flags() -> Result {
         let all = uapi::DEVICE_FLUSH | uapi::DEVICE_FUA | uapi::DEVICE_DISCARD;
         let d = DeviceInfo::from_info(&info(8, 512, 512, all | uapi::DEVICE_RECOVERY))?;
@@ -488,11 +535,15 @@ mod tests {
                 fua: true,
                 discard: true,
                 staged_writes: false,
+                req_event: false,
             }
         );
         assert!(d.recovery);
         let d = DeviceInfo::from_info(&info(8, 512, 512, uapi::DEVICE_STAGED_WRITES))?;
         assert!(d.features.staged_writes && !d.features.flush);
+        let d = DeviceInfo::from_info(&info(8, 512, 512, uapi::DEVICE_REQ_EVENT))?;
+        assert!(d.features.req_event && !d.features.staged_writes);
+        assert!(DeviceInfo::from_info(&info(8, 512, 512, 0x200)).is_err());
         let d = DeviceInfo::from_info(&info(8, 512, 512, uapi::DEVICE_DISCARD))?;
         assert!(d.features.discard && !d.features.flush && !d.features.fua);
         Ok(())
@@ -507,7 +558,7 @@ mod tests {
             info(8, 1000, 1024, 0),
             info(8, 512, 100, 0),
             info(8, 512, 0, 0),
-            info(8, 512, 512, 0x100),
+            info(8, 512, 512, 0x200),
             info(8, 512, 512, 0x2),
             info(8, 512, 512, uapi::DEVICE_FUA),
             info(u64::MAX, 512, 512, 0),

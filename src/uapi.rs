@@ -104,9 +104,17 @@ pub(crate) const DEVICE_RECOVERY: usize = 0x40;
 /// `blktap_device_info.flags`: write data is copied in tapdisk's context; writes wait, staged,
 /// until tapdisk polls the ring or calls `RESPOND` (the header's `staged` counts them).
 pub(crate) const DEVICE_STAGED_WRITES: usize = 0x80;
+/// `blktap_device_info.flags`: the kernel signals tapdisk of new requests only when the ring
+/// header's `req_event` asks for it (wake-up suppression, as Xen rings do).
+pub(crate) const DEVICE_REQ_EVENT: usize = 0x100;
 /// Flags this driver knows.
-pub(crate) const DEVICE_FLAGS_KNOWN: usize =
-    DEVICE_RO | DEVICE_FLUSH | DEVICE_DISCARD | DEVICE_FUA | DEVICE_RECOVERY | DEVICE_STAGED_WRITES;
+pub(crate) const DEVICE_FLAGS_KNOWN: usize = DEVICE_RO
+    | DEVICE_FLUSH
+    | DEVICE_DISCARD
+    | DEVICE_FUA
+    | DEVICE_RECOVERY
+    | DEVICE_STAGED_WRITES
+    | DEVICE_REQ_EVENT;
 
 /// `ALLOC_TAP` result.
 #[repr(C)]
@@ -198,6 +206,7 @@ pub(crate) struct Response {
 #[derive(Clone, Copy)]
 pub(crate) struct SringHeader {
     pub(crate) req_prod: u32,
+    /// With [`DEVICE_REQ_EVENT`]: the request index at which tapdisk wants to be signalled.
     pub(crate) req_event: u32,
     pub(crate) rsp_prod: u32,
     pub(crate) rsp_event: u32,

@@ -84,6 +84,13 @@ struct blktap2_params {
  *             submitter's: a write waits, staged, until tapdisk polls the ring or calls RESPOND
  *             (or PAUSE, REMOVE_DEVICE), and only then goes on the ring. The header's `staged`
  *             counts the writes waiting so, for a tapdisk that watches the ring without polling.
+ *   REQ_EVENT the kernel signals the ring's poll queue for new requests only when the header's
+ *             req_event asks for it (as Xen rings do): after publishing requests old..new, if
+ *             req_event is in (old, new]; after staging a write, if req_event is req_prod + 1.
+ *             A req_event of 0 (the ring page is zeroed at each mapping) is always signalled.
+ *             A tapdisk about to sleep sets req_event = req_cons + 1, issues a full barrier,
+ *             and looks at req_prod and staged once more; while it polls the ring it leaves
+ *             req_event behind, and nobody signals it. See Documentation/blktap2.rst.
  * (FLUSH and DISCARD have the values of the OpenXT dialect's FLUSH and TRIM.)
  */
 #define BLKTAP_DEVICE_FLUSH 0x04UL
@@ -91,6 +98,7 @@ struct blktap2_params {
 #define BLKTAP_DEVICE_FUA 0x20UL
 #define BLKTAP_DEVICE_RECOVERY 0x40UL
 #define BLKTAP_DEVICE_STAGED_WRITES 0x80UL
+#define BLKTAP_DEVICE_REQ_EVENT 0x100UL
 
 /* CREATE_DEVICE argument. */
 struct blktap_device_info {
@@ -177,7 +185,7 @@ union blktap_ring_entry {
 
 struct blktap_sring {
 	__u32 req_prod;
-	__u32 req_event;
+	__u32 req_event;         /* REQ_EVENT only: written by tapdisk, read by the kernel */
 	__u32 rsp_prod;
 	__u32 rsp_event;
 	__u8 msg;

@@ -14,6 +14,7 @@ use kernel::{
     prelude::*,
     sync::barrier::{
         smp_mb,
+        Full,
         Read,
         Write, //
     },
@@ -115,6 +116,16 @@ impl RingPages {
     pub(crate) fn msg(&self) -> u8 {
         self.ring
             .read_volatile(offset_of!(SringHeader, msg))
+            .unwrap_or(0)
+    }
+
+    /// Reads `req_event` once, after a full barrier: the `req_prod` or `staged` written before is
+    /// visible to tapdisk before the kernel looks at what tapdisk asked for, as tapdisk, after
+    /// setting `req_event`, looks at them again (so one of the two sees the other).
+    pub(crate) fn read_req_event(&self) -> u32 {
+        smp_mb(Full);
+        self.ring
+            .read_volatile(offset_of!(SringHeader, req_event))
             .unwrap_or(0)
     }
 

@@ -102,6 +102,9 @@ pub(crate) struct Counters {
     pub(crate) reissued: u64,
     /// Tapdisks a recovery tap lost.
     pub(crate) lost: u64,
+    /// Publications and staged writes that did not signal tapdisk: its `req_event` said it
+    /// polls the ring (disks with `BLKTAP_DEVICE_REQ_EVENT`).
+    pub(crate) quiet: u64,
 }
 
 /// What poll sees.
@@ -176,6 +179,9 @@ pub(crate) struct RingState {
     removing: bool,
     /// The disk was made with `BLKTAP_DEVICE_RECOVERY`: requests outlive the tapdisk.
     recovery: bool,
+    /// The disk was made with `BLKTAP_DEVICE_REQ_EVENT`: tapdisk is signalled of new requests
+    /// only when the header's `req_event` asks for it.
+    req_event: bool,
     /// Seconds a request may stay unanswered (`deadline` in sysfs).
     deadline: u32,
     counters: Counters,
@@ -214,6 +220,7 @@ impl RingState {
             paused: false,
             removing: false,
             recovery: false,
+            req_event: false,
             deadline,
             counters: Counters::default(),
         }
@@ -293,9 +300,11 @@ impl RingState {
         self.deadline = secs;
     }
 
-    /// A new disk starts; `recovery` if it asked to outlive its tapdisk.
-    pub(crate) fn disk_created(&mut self, recovery: bool) {
+    /// A new disk starts; `recovery` if it asked to outlive its tapdisk, `req_event` if its
+    /// tapdisk is signalled only when it asks.
+    pub(crate) fn disk_created(&mut self, recovery: bool, req_event: bool) {
         self.recovery = recovery;
+        self.req_event = req_event;
         self.paused = false;
     }
 
@@ -415,6 +424,7 @@ impl RingState {
     pub(crate) fn end_removing(&mut self) {
         self.removing = false;
         self.recovery = false;
+        self.req_event = false;
         self.paused = false;
     }
 
@@ -507,19 +517,39 @@ impl RingState {
 
     /// Stages the write in reserved `slot` (disks with staged writes): it waits for tapdisk's
     /// context to copy its data ([`Self::take_staged`]). With `publish`, publishes the batch's
-    /// earlier requests. Gives the request back, to fail, and frees the slot, if the ring takes
+    /// earlier requests. Returns whether to wake tapdisk (always, unless `req_event` says it
+    /// polls the ring). Gives the request back, to fail, and frees the slot, if the ring takes
     /// no more requests.
-    pub(crate) fn stage(&mut self, slot: usize, p: Pending, publish: bool) -> Result<(), Request> {
+    pub(crate) fn stage(
+        &mut self,
+        slot: usize,
+        p: Pending,
+        publish: bool,
+    ) -> Result<bool, Request> {
         if !self.accepts() {
             self.slots.cancel(slot);
             return Err(p.rq);
         }
         self.slots.stage(slot, p.req.op(), p).map_err(|p| p.rq)?;
         self.set_staged(self.staged + 1);
-        if publish {
-            self.publish();
+        let published = publish && self.publish();
+        Ok(published || self.wake_for_staged())
+    }
+
+    /// Whether tapdisk must hear of a staged write: without `req_event`, always; with it, if
+    /// tapdisk asked for the next request.
+    fn wake_for_staged(&mut self) -> bool {
+        let Some(m) = &self.mapping else {
+            return false;
+        };
+        if !self.req_event {
+            return true;
         }
-        Ok(())
+        let wake = protocol::wake_for_staged(m.pages.read_req_event(), self.published);
+        if !wake {
+            self.counters.quiet += 1;
+        }
+        wake
     }
 
     /// Takes up to `out.len()` staged writes for the caller to copy and put on the ring (their
@@ -539,17 +569,26 @@ impl RingState {
         self.slots.cancel(slot);
     }
 
-    /// Publishes the requests written since the last call; true if tapdisk must be woken.
+    /// Publishes the requests written since the last call; true if tapdisk must be woken: if
+    /// any were, unless `req_event` says tapdisk polls the ring.
     pub(crate) fn publish(&mut self) -> bool {
         let Some(m) = &self.mapping else {
             return false;
         };
-        if self.published == self.req_prod_pvt {
+        let old = self.published;
+        if old == self.req_prod_pvt {
             return false;
         }
         m.pages.publish_req_prod(self.req_prod_pvt);
         self.published = self.req_prod_pvt;
-        true
+        if !self.req_event {
+            return true;
+        }
+        let wake = protocol::wake_for_requests(m.pages.read_req_event(), old, self.published);
+        if !wake {
+            self.counters.quiet += 1;
+        }
+        wake
     }
 
     /// A request's deadline passed: takes it from the ring (its slot late while a tapdisk maps
@@ -669,7 +708,7 @@ mod tests {
         let mut ring = RingState::new(120);
         assert!(!ring.accepts());
         assert_eq!(ring.readiness(), Readiness::Unmapped);
-        ring.disk_created(true);
+        ring.disk_created(true, false);
         assert!(ring.accepts());
         ring.force_removing();
         assert!(!ring.accepts());
@@ -709,7 +748,7 @@ mod tests {
     #[test]
     fn removal_refuses_new_requests_and_ends_a_pause() {
         let mut ring = RingState::new(120);
-        ring.disk_created(true);
+        ring.disk_created(true, false);
         assert!(ring.start_removing().is_ok());
         assert!(!ring.accepts());
         ring.set_paused(true);

@@ -143,7 +143,7 @@ impl Tap {
         let put = match ready {
             Ok(req) if stage => {
                 let p = Pending { rq, req };
-                self.ring.lock().stage(slot, p, publish).map(|()| true)
+                self.ring.lock().stage(slot, p, publish)
             }
             Ok(req) => {
                 let p = Pending { rq, req };

@@ -432,7 +432,9 @@ impl Tap {
             read_only: info.read_only,
             features: info.features,
         };
-        tap.ring.lock().disk_created(info.recovery);
+        tap.ring
+            .lock()
+            .disk_created(info.recovery, info.features.req_event);
         Ok(())
     }
 
@@ -606,11 +608,12 @@ impl Tap {
                 writeln!(out, "paused: {paused}")?;
                 writeln!(
                     out,
-                    "features: flush={} fua={} discard={} staged_writes={}",
+                    "features: flush={} fua={} discard={} staged_writes={} req_event={}",
                     u8::from(f.flush),
                     u8::from(f.fua),
                     u8::from(f.discard),
-                    u8::from(f.staged_writes)
+                    u8::from(f.staged_writes),
+                    u8::from(f.req_event)
                 )?;
             }
             DiskState::Removing => writeln!(out, "disk: removing")?,
@@ -636,6 +639,7 @@ impl Tap {
         writeln!(out, "timed_out: {}", c.timed_out)?;
         writeln!(out, "late_answers: {}", c.late_answers)?;
         writeln!(out, "reissued: {}", c.reissued)?;
+        writeln!(out, "quiet: {}", c.quiet)?;
         Ok(())
     }
 }

@@ -21,7 +21,7 @@ check "debug permissions" is "$(stat -c %a "$T/debug")" 444
 check "name shows the minor while unset" is "$(cat "$T/name")" 0
 check "task is empty without tapdisk" is "$(cat "$T/task")" ""
 check "debug shows the state" is "$(cat "$T/debug" | tr '\n' '|')" \
-    "minor: 0|name: |ring: closed|disk: none|mapped: no|recovery: off|deadline: 120|pending: 0|late: 0|parked: 0|staged: 0|completed: 0|refused: 0|timed_out: 0|late_answers: 0|reissued: 0|"
+    "minor: 0|name: |ring: closed|disk: none|mapped: no|recovery: off|deadline: 120|pending: 0|late: 0|parked: 0|staged: 0|completed: 0|refused: 0|timed_out: 0|late_answers: 0|reissued: 0|quiet: 0|"
 check "pause and deadline permissions" is "$(stat -c %a "$T/pause") $(stat -c %a "$T/deadline")" "644 644"
 check "pause reads 0 without a disk" is "$(cat "$T/pause")" 0
 check "deadline defaults to 120 s" is "$(cat "$T/deadline")" 120
