@@ -6,14 +6,15 @@
                            [--epoll | --epoll-et | --epoll-mod | --epoll-nested]
                            [--register-late SECONDS] [--open-retry SECONDS] [--free-alloc]
                            [--ignore-sector S] [--guess-staged S] [--poll-only | --no-poll]
+                           [--req-event armed|never|ahead]
 
 Maps the ring of an allocated tap, creates its disk, serves it from memory (or from --file),
 and on SIGTERM (or after --for seconds) removes the disk and exits. Used by the VM tests to
 check the kernel against a second implementation.
 
 By default it behaves like an old tapdisk: READ and WRITE only. With --flags it negotiates the
-extensions (FLUSH 0x4, DISCARD 0x8, FUA 0x20, RECOVERY 0x40, STAGED_WRITES 0x80) and serves what
-they bring. With STAGED_WRITES, writes reach the ring when the peer polls it or calls RESPOND: in
+extensions (FLUSH 0x4, DISCARD 0x8, FUA 0x20, RECOVERY 0x40, STAGED_WRITES 0x80, REQ_EVENT
+0x100) and serves what they bring. With STAGED_WRITES, writes reach the ring when the peer polls it or calls RESPOND: in
 the modes that do not poll (--hold, --ignore-sector, --register-late) it calls RESPOND when the
 header's `staged` count is not 0; with --poll-only it never looks at `staged` (its polls must
 bring the staged writes), with --no-poll it never polls (the header must tell it). It
@@ -58,6 +59,15 @@ Modes for the concurrency tests:
               serves everything but requests starting at sector S: those it takes off the
               ring and does not answer until SIGUSR2 (so their slots go late while the peer
               is alive and answers the rest).
+
+--req-event armed|never|ahead
+              (with --flags 0x100 and an epoll mode) how the peer treats the header's req_event:
+              armed: before each epoll wait it sets req_event = req_cons + 1 and looks at the
+              ring (req_prod, staged, msg) once more, serving instead of sleeping if anything
+              came (counted: `pytap: req_event rechecks=N`), as a tapdisk must; never: it
+              never writes req_event (0: the kernel must signal every request); ahead: a
+              hostile peer that keeps req_event far ahead of the ring, so the kernel never
+              signals it (its requests reach their deadline).
 
 A failed CREATE_DEVICE prints `pytap: create: ERRNO` and exits 3.
 """
@@ -165,6 +175,7 @@ def main():
     epoll_mode = next((a[2:] for a in sys.argv
                        if a in ("--epoll", "--epoll-et", "--epoll-mod", "--epoll-nested")), None)
     register_late = opt("--register-late", float, 0.0)
+    req_event = opt("--req-event", str, None)
     store = Store(sectors, opt("--file", str, None))
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
@@ -199,7 +210,8 @@ def main():
         say(f"create: {errno.errorcode.get(e.errno, e.errno)}")
         sys.exit(3)
     ops = {READ: 0, WRITE: 0, FLUSH: 0, DISCARD: 0, WRITE_FUA: 0, "other": 0, "pause": 0, "resume": 0}
-    stats = {"batches": 0, "multi": 0, "max": 0, "reordered": 0, "wakeups": 0, "spurious": 0}
+    stats = {"batches": 0, "multi": 0, "max": 0, "reordered": 0, "wakeups": 0, "spurious": 0,
+             "rechecks": 0}
 
     def dump(*_):
         with open(f"/tmp/pytap-{minor}.ops", "w") as f:
@@ -348,13 +360,36 @@ def main():
             inner.register(fd, select.EPOLLIN)
             ep.register(inner.fileno(), select.EPOLLIN)
         say(f"registered ({epoll_mode})")
+
+        def arm():
+            """--req-event: before sleeping. True if the ring must be served first."""
+            if req_event == "ahead":
+                struct.pack_into("I", m, 4, (state["req_cons"] + 100000) & 0xFFFFFFFF)
+            if req_event != "armed":
+                return False
+            struct.pack_into("I", m, 4, (state["req_cons"] + 1) & 0xFFFFFFFF)
+            # (A Python peer has no fence instruction: the interpreter's work between this
+            # store and the loads below, and the kernel's full barrier, stand in for it.)
+            req_prod = struct.unpack_from("I", m, 0)[0]
+            return req_prod != state["req_cons"] or staged() != 0 or m[16] in (MSG_PAUSE, MSG_RESUME)
+
+        # Armed once after serving, not after an empty wait: a lost wake-up then stalls the
+        # disk instead of being made up for by the next look.
+        fresh = True
         while running():
+            if fresh and arm():
+                stats["rechecks"] += 1
+                message()
+                answer(take())
+                continue
+            fresh = False
             if not ep.poll(0.2):
                 continue
             if inner is not None and not inner.poll(0):
                 stats["spurious"] += 1
                 continue
             stats["wakeups"] += 1
+            fresh = True
             message()
             answer(take())
     else:
@@ -407,6 +442,8 @@ def main():
         say("hold " + " ".join(f"{k}={stats[k]}" for k in ("batches", "multi", "max", "reordered")))
     if epoll_mode:
         say(f"epoll wakeups={stats['wakeups']} spurious={stats['spurious']}")
+    if req_event:
+        say(f"req_event rechecks={stats['rechecks']}")
     m.close()
     os.close(fd)
 

@@ -84,6 +84,9 @@ pub const DEVICE_RECOVERY: u64 = uapi::BLKTAP_DEVICE_RECOVERY as u64;
 /// `blktap_device_info.flags` (extension): write data is copied in tapdisk's context; a write
 /// waits, staged, until tapdisk polls the ring or calls `RESPOND` (the header's `staged`).
 pub const DEVICE_STAGED_WRITES: u64 = uapi::BLKTAP_DEVICE_STAGED_WRITES as u64;
+/// `blktap_device_info.flags` (extension): the kernel signals the ring's poll queue of new
+/// requests only when the header's `req_event` asks for it (wake-up suppression).
+pub const DEVICE_REQ_EVENT: u64 = uapi::BLKTAP_DEVICE_REQ_EVENT as u64;
 /// Largest discard in one request, in 512-byte sectors.
 pub const DISCARD_MAX_SECTORS: u64 = uapi::BLKTAP_DISCARD_MAX_SECTORS as u64;
 
@@ -190,9 +193,10 @@ mod tests {
                 DEVICE_DISCARD,
                 DEVICE_FUA,
                 DEVICE_RECOVERY,
-                DEVICE_STAGED_WRITES
+                DEVICE_STAGED_WRITES,
+                DEVICE_REQ_EVENT
             ],
-            [4, 8, 0x20, 0x40, 0x80]
+            [4, 8, 0x20, 0x40, 0x80, 0x100]
         );
         assert_eq!([OP_FLUSH, OP_DISCARD, OP_WRITE_FUA], [2, 3, 4]);
         assert_eq!(DISCARD_MAX_SECTORS, 1 << 21);

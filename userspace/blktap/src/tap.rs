@@ -43,6 +43,9 @@ pub struct TapOptions {
     /// Ask the kernel to copy write data in tapdisk's context (`DEVICE_STAGED_WRITES`), not on
     /// the submitter's CPU (with `extensions` only).
     pub staged_writes: bool,
+    /// Ask the kernel to signal the ring only when tapdisk sleeps (`DEVICE_REQ_EVENT`: the
+    /// header's `req_event`), not for every request while it polls (with `extensions` only).
+    pub req_event: bool,
 }
 
 impl Default for TapOptions {
@@ -51,6 +54,7 @@ impl Default for TapOptions {
             server: ServerOptions::default(),
             extensions: true,
             staged_writes: true,
+            req_event: true,
         }
     }
 }
@@ -548,6 +552,13 @@ impl<D: RingDevice> TapCore<D> {
         self.server().is_some_and(Server::has_new_requests)
     }
 
+    /// Before tapdisk sleeps: asks the kernel to signal the next request, where the disk
+    /// negotiated `DEVICE_REQ_EVENT` ([`Server::arm_wakeup`]). True if requests came meanwhile:
+    /// serve them instead of sleeping.
+    pub fn arm_wakeup(&self) -> bool {
+        self.server().is_some_and(Server::arm_wakeup)
+    }
+
     /// Whether the tap's image has I/O in flight (its completion comes on the backend's fd).
     pub fn backend_busy(&self) -> bool {
         self.server().is_some_and(|s| s.in_flight() > 0)
@@ -703,16 +714,27 @@ fn negotiate<D: RingDevice>(
     } else {
         0
     };
+    let req_event = if options.extensions && options.req_event {
+        abi::DEVICE_REQ_EVENT
+    } else {
+        0
+    };
     let refused = |e: &Error| matches!(Errno::from_raw(e.errno()), Errno::EINVAL | Errno::ENOTTY);
-    // The newest extension alone is dropped first: a kernel that knows the others but not
-    // staged writes (an earlier version of this module) keeps them.
-    let mut flags = ext | staged;
+    // The newest extension is dropped first: a kernel that knows the others but not the newest
+    // (an earlier version of this module) keeps them. Newest first: req_event, staged writes.
+    let mut flags = ext | staged | req_event;
     loop {
         params.flags = flags | recovery_flag;
         match ring.create_device(&params) {
             Ok(()) => return Ok(params.flags),
             Err(e) if flags != 0 && refused(&e) => {
-                let fewer = if flags & staged != 0 { ext } else { 0 };
+                let fewer = if flags & req_event != 0 {
+                    flags & !req_event
+                } else if flags & staged != 0 {
+                    ext
+                } else {
+                    0
+                };
                 log::warn!(
                     "tap {}: the kernel refused the extensions {flags:#x} ({e}); \
                      creating the disk with {fewer:#x}",
@@ -793,36 +815,54 @@ mod tests {
     fn extensions_are_negotiated_and_fall_back() {
         let all = abi::DEVICE_FLUSH | abi::DEVICE_FUA | abi::DEVICE_DISCARD;
         let staged = abi::DEVICE_STAGED_WRITES;
+        let ev = abi::DEVICE_REQ_EVENT;
         // A kernel that knows them.
         let k = SimKernel::new();
         let tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
-        assert_eq!(k.state().creates, [all | staged]);
-        assert_eq!(k.state().disk, Some((2048, all | staged)));
-        assert_eq!(tap.stats().device_flags, all | staged);
+        assert_eq!(k.state().creates, [all | staged | ev]);
+        assert_eq!(k.state().disk, Some((2048, all | staged | ev)));
+        assert_eq!(tap.stats().device_flags, all | staged | ev);
         assert_eq!(tap.state(), TapState::Open);
 
-        // A kernel that knows all but staged writes keeps the others.
+        // A kernel that knows all but req_event keeps the others.
+        let k = SimKernel::new();
+        k.state_mut().known_flags = all | staged | abi::DEVICE_RECOVERY;
+        let _tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
+        assert_eq!(k.state().creates, [all | staged | ev, all | staged]);
+        assert_eq!(k.state().disk, Some((2048, all | staged)));
+
+        // A kernel that knows neither staged writes nor req_event keeps the others.
         let k = SimKernel::new();
         k.state_mut().known_flags = all | abi::DEVICE_RECOVERY;
         let _tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
-        assert_eq!(k.state().creates, [all | staged, all]);
+        assert_eq!(k.state().creates, [all | staged | ev, all | staged, all]);
         assert_eq!(k.state().disk, Some((2048, all)));
 
         // An old kernel: EINVAL, then the old behaviour.
         let k = SimKernel::new();
         k.state_mut().known_flags = 0;
         let _tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
-        assert_eq!(k.state().creates, [all | staged, all, 0]);
+        assert_eq!(k.state().creates, [all | staged | ev, all | staged, all, 0]);
         assert_eq!(k.state().disk, Some((2048, 0)));
 
-        // Staged writes not asked for.
+        // Staged writes and req_event not asked for.
         let k = SimKernel::new();
         let options = TapOptions {
             staged_writes: false,
+            req_event: false,
             ..Default::default()
         };
         let _tap = open_tap(&k, options, ram(1 << 20));
         assert_eq!(k.state().creates, [all]);
+
+        // req_event alone not asked for.
+        let k = SimKernel::new();
+        let options = TapOptions {
+            req_event: false,
+            ..Default::default()
+        };
+        let _tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(k.state().creates, [all | staged]);
 
         // --no-extensions: never asked.
         let k = SimKernel::new();
@@ -833,7 +873,7 @@ mod tests {
         let _tap = open_tap(&k, options, ram(1 << 20));
         assert_eq!(k.state().creates, [0]);
 
-        // Recovery on an old kernel: refused three times, and opening fails clearly.
+        // Recovery on an old kernel: refused four times, and opening fails clearly.
         let k = SimKernel::new();
         k.state_mut().known_flags = 0;
         let mut tap = TapCore::attach(Rc::clone(&k.mem), TapOptions::default());
@@ -843,13 +883,50 @@ mod tests {
         assert!(e.to_string().contains("recovery is unavailable"), "{e}");
         assert_eq!(e.errno(), libc::EINVAL);
         let r = abi::DEVICE_RECOVERY;
-        assert_eq!(k.state().creates, [all | staged | r, all | r, r]);
+        assert_eq!(
+            k.state().creates,
+            [all | staged | ev | r, all | staged | r, all | r, r]
+        );
         assert_eq!(tap.state(), TapState::Attached);
         // A kernel that knows RECOVERY only.
         k.state_mut().known_flags = abi::DEVICE_RECOVERY;
         tap.open_backend(&open_args(true, false), "ram:1M", ram(1 << 20))
             .unwrap();
         assert_eq!(k.state().disk, Some((2048, abi::DEVICE_RECOVERY)));
+    }
+
+    #[test]
+    fn req_event_is_armed_before_sleeping_and_requests_seen_meanwhile_are_served() {
+        let mut k = SimKernel::new();
+        let mut tap = open_tap(&k, TapOptions::default(), ram(1 << 20));
+        // Nothing on the ring: armed for the next request (req_cons 0 + 1), sleep.
+        assert!(!tap.arm_wakeup());
+        assert_eq!(k.ring().req_event(), 1);
+        // A request published after arming (the kernel then signals) or before the last look
+        // (it may not): either way the look sees it, and tapdisk serves instead of sleeping.
+        k.submit(&SimKernel::request(R, 0, 8, &[(0, 7)]));
+        assert!(tap.arm_wakeup());
+        assert!(matches!(tap.on_ring(), TapEvent::Served));
+        assert_eq!(ids(&mut k), [(0, 0)]);
+        assert!(!tap.arm_wakeup());
+        assert_eq!(
+            k.ring().req_event(),
+            2,
+            "the next request after the one consumed"
+        );
+        // A staged write (nothing on the ring) is seen too.
+        k.submit(&SimKernel::request(W, 1, 8, &[(0, 7)]));
+        assert_eq!(k.staged(), 1);
+        assert!(tap.arm_wakeup());
+        // Without the flag, req_event is never written.
+        let k = SimKernel::new();
+        let options = TapOptions {
+            req_event: false,
+            ..Default::default()
+        };
+        let tap = open_tap(&k, options, ram(1 << 20));
+        assert!(!tap.arm_wakeup());
+        assert_eq!(k.ring().req_event(), 0);
     }
 
     #[test]

@@ -80,6 +80,12 @@ struct Cli {
     #[arg(long, value_name = "BOOL", default_value_t = true, env = "BLKTAP_STAGED_WRITES",
           action = clap::ArgAction::Set)]
     staged_writes: bool,
+    /// Whether to ask the kernel to signal the ring only when tapdisk is about to sleep (the
+    /// ring header's req_event), not for every request while it polls the ring (with the
+    /// other extensions only).
+    #[arg(long, value_name = "BOOL", default_value_t = true, env = "BLKTAP_REQ_EVENT",
+          action = clap::ArgAction::Set)]
+    req_event: bool,
     /// After answering requests, watch the rings for new ones for up to this many microseconds
     /// before sleeping in epoll (reading the ring's index in shared memory: a request that comes
     /// meanwhile is served without a wake-up or a system call); 0: sleep at once.
@@ -160,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 extensions: !cli.no_extensions,
                 staged_writes: cli.staged_writes,
+                req_event: cli.req_event,
             },
         };
         Daemon::new(&opts)

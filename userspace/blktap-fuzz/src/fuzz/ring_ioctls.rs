@@ -195,7 +195,7 @@ impl Fuzzer<'_> {
             1 => self.rng.next_u64() & (NEW_FLAGS | DEVICE_RO),
             2 => 1 << self.rng.below(64),
             3 => self.rng.next_u64(),
-            4 => self.rng.pick(&[0x02, 0x10, 0x80, 0x04 | 0x20, 0x20]),
+            4 => self.rng.pick(&[0x02, 0x10, 0x80, 0x100, 0x04 | 0x20, 0x20]),
             _ => 0,
         };
         let mut rsvd = [0u64; 4];

@@ -45,7 +45,8 @@ pub const EXTENSION_FLAGS: u64 = abi::DEVICE_FLUSH
     | abi::DEVICE_DISCARD
     | abi::DEVICE_FUA
     | abi::DEVICE_RECOVERY
-    | abi::DEVICE_STAGED_WRITES;
+    | abi::DEVICE_STAGED_WRITES
+    | abi::DEVICE_REQ_EVENT;
 
 /// The kernel side of a tap's ring, as a tap needs it: the ring's memory and the ring ioctls,
 /// and what sysfs says about the tap's disk. [`Ring`] is the real one; tests simulate it.

@@ -28,6 +28,7 @@ pub const RING_MESSAGE_PAUSE: u8 = abi::RING_MESSAGE_PAUSE;
 pub const RING_MESSAGE_RESUME: u8 = abi::RING_MESSAGE_RESUME;
 
 const REQ_PROD: usize = offset_of!(blktap_sring, req_prod);
+const REQ_EVENT: usize = offset_of!(blktap_sring, req_event);
 const RSP_PROD: usize = offset_of!(blktap_sring, rsp_prod);
 const MSG: usize = offset_of!(blktap_sring, msg);
 const STAGED: usize = offset_of!(blktap_sring, staged);
@@ -115,6 +116,18 @@ impl<'a> SharedRing<'a> {
     /// the ring at the next `RESPOND` or poll of the ring.
     pub fn staged(&self) -> u32 {
         self.u32_at(STAGED).load(Ordering::Acquire)
+    }
+
+    /// Asks the kernel to signal the ring's poll queue once `req_prod` reaches `index` (a disk
+    /// created with `DEVICE_REQ_EVENT`): set to `req_cons + 1` before sleeping, then
+    /// [`fence`](std::sync::atomic::fence) and look at the ring once more.
+    pub fn set_req_event(&self, index: u32) {
+        self.u32_at(REQ_EVENT).store(index, Ordering::Release);
+    }
+
+    /// The header's `req_event`, as the kernel reads it. For simulations and tests.
+    pub fn req_event(&self) -> u32 {
+        self.u32_at(REQ_EVENT).load(Ordering::Acquire)
     }
 
     /// Sets the staged count, as the kernel does. For simulations and tests.

@@ -358,6 +358,21 @@ impl<M: RingMemory> Server<M> {
         self.fault.is_none() && (self.ring.has_new() || self.staged() != 0)
     }
 
+    /// Before sleeping: on a disk created with `DEVICE_REQ_EVENT`, asks the kernel to signal
+    /// the ring at the next request (`req_event = req_cons + 1`), then, after a full barrier,
+    /// looks at the ring once more. True if requests (or staged writes) came meanwhile: serve
+    /// them instead of sleeping (the kernel may not signal them). Without the flag the kernel
+    /// signals every request, and this does nothing (false).
+    pub fn arm_wakeup(&self) -> bool {
+        if self.device_flags & abi::DEVICE_REQ_EVENT == 0 {
+            return false;
+        }
+        let shared = SharedRing::new(self.ring.memory());
+        shared.set_req_event(self.ring.req_cons().wrapping_add(1));
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.has_new_requests()
+    }
+
     /// The writes the kernel has staged (a disk with staged writes; always 0 otherwise: the
     /// field is padding the kernel leaves zero).
     fn staged(&self) -> u32 {
