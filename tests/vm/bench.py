@@ -78,12 +78,14 @@ SETTLE_S = 0.3
 # Every device is used over the same 256 MiB (the ram: tap holds it in tapdisk's memory).
 SPAN = "256M"
 DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapdev-null-nopoll",
-           "tapdev-null-nostage"]
+           "tapdev-null-nostage", "tapdev-null-noreqev"]
 # What `make bench` runs; the others only when named (--devices): tapdev-null-nopoll is
 # tapdev-null with tapdisk sleeping in epoll as soon as it has answered (BLKTAP_POLL_US=0), to
 # measure what watching the ring after answering brings; tapdev-null-nostage is tapdev-null
 # without staged writes (BLKTAP_STAGED_WRITES=false: the kernel copies write data in queue_rq,
-# on fio's CPU), to measure what staging brings.
+# on fio's CPU), to measure what staging brings; tapdev-null-noreqev is tapdev-null without
+# wake-up suppression (BLKTAP_REQ_EVENT=false: the kernel signals the ring's poll queue for
+# every request, while tapdisk polls too), to measure what req_event brings.
 DEFAULT_DEVICES = DEVICES[:5]
 # A device that may be missing, with the reason printed instead of numbers.
 OPTIONAL = {"rnull"}
@@ -284,7 +286,9 @@ def make_device(name):
             "tapdev-null-nopoll": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nopoll",
                                                  {"BLKTAP_POLL_US": "0"}),
             "tapdev-null-nostage": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nostage",
-                                                  {"BLKTAP_STAGED_WRITES": "false"})}[name]()
+                                                  {"BLKTAP_STAGED_WRITES": "false"}),
+            "tapdev-null-noreqev": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-noreqev",
+                                                  {"BLKTAP_REQ_EVENT": "false"})}[name]()
 
 
 def no_scheduler(path):
@@ -533,9 +537,10 @@ def measure_memory(n):
 # (its wake-ups: each time it slept and was woken) come from /proc, thread by thread. Counting
 # costs a little per system call, so these runs are apart from the measured ones.
 
-COUNTER_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqwrite-44k-qd32"]
+COUNTER_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqwrite-44k-qd32", "seqread-1m-qd8",
+                "randrw70-4k-qd16x2"]
 COUNTER_DEVICES = ["tapdev-null", "ublk-null", "null_blk", "tapdev-null-nopoll",
-                   "tapdev-null-nostage"]
+                   "tapdev-null-nostage", "tapdev-null-noreqev"]
 SYSCALL_EVENT = "raw_syscalls:sys_enter"
 
 
@@ -679,7 +684,11 @@ def system_ctxt():
     return int(re.search(r"^ctxt (\d+)", Path("/proc/stat").read_text(), re.M).group(1))
 
 
-def profile_device(devname, runtime):
+# The jobs --profile looks at, those of them in the run (all of them if none is).
+PROFILE_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "randrw70-4k-qd16x2"]
+
+
+def profile_device(devname, runtime, jobs):
     d = make_device(devname)
     path, _ = d.setup()
     try:
@@ -687,7 +696,7 @@ def profile_device(devname, runtime):
         pids = d.server_pids()
         pin_servers(pids, SERVER_CPU)
         hz = os.sysconf("SC_CLK_TCK")
-        for job in ("randread-4k-qd1", "randread-4k-qd32"):
+        for job in [j for j in PROFILE_JOBS if j in jobs] or PROFILE_JOBS:
             rec = {"device": devname, "job": job, "server_pids": pids}
             # 1. counters
             t0, i0, c0, x0 = task_counters(pids), interrupts(), cpu_ticks(), system_ctxt()
@@ -731,11 +740,14 @@ def perf_profile(path, job, runtime):
     if rec.returncode != 0:
         return {"error": f"perf record exited {rec.returncode}: {err.strip()[-300:]}"}
     out = {"ios": r["ios"], "iops": r["iops"], "seconds": runtime, "cpus": os.cpu_count()}
-    for key, sort in (("by_comm", "comm"), ("by_symbol", "comm,sym")):
+    # The whole system by process and by symbol; then fio's own symbols, finer (what the
+    # submitter pays per I/O is where a block driver differs most on fio's side).
+    for key, sort, extra, limit in (("by_comm", "comm", [], "1.5"), ("by_symbol", "comm,sym", [], "1.5"),
+                                    ("fio_symbols", "sym", ["--comms", "fio"], "0.4")):
         p = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", sort,
-                            "--percent-limit", "1.5"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                           text=True)
-        out[key] = [l.rstrip() for l in p.stdout.splitlines() if l.strip() and not l.startswith("#")][:30]
+                            *extra, "--percent-limit", limit], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+        out[key] = [l.rstrip() for l in p.stdout.splitlines() if l.strip() and not l.startswith("#")][:40]
     return out
 
 
@@ -1136,7 +1148,7 @@ def run(args):
         for name in ("tapdev-null", "ublk-null"):
             note(f"profile: {name}")
             try:
-                profile_device(name, runtime)
+                profile_device(name, runtime, jobs)
             except Exception as e:  # noqa: BLE001
                 emit("profile", device=name, error=str(e))
                 failed += 1
