@@ -236,16 +236,6 @@ pub fn revert(image: &Path, journal: &Path) -> Result<(), VhdError> {
         .metadata()
         .map_err(|e| VhdError::io("cannot stat", image, e))?
         .len();
-    if len < j.len {
-        return Err(VhdError::invalid(
-            image,
-            format!(
-                "is {len} bytes, shorter than the {} the journal {} recorded: not the journal's image?",
-                j.len,
-                journal.display()
-            ),
-        ));
-    }
     // The UUID is in the footer copy (a resize rewrites it with the same UUID).
     let mut fb = [0u8; FOOTER_SIZE];
     file.read_exact_at(&mut fb, 0)
@@ -262,6 +252,16 @@ pub fn revert(image: &Path, journal: &Path) -> Result<(), VhdError> {
                 ),
             ));
         }
+    }
+    if len < j.len {
+        return Err(VhdError::invalid(
+            image,
+            format!(
+                "is {len} bytes, shorter than the {} the journal {} recorded: not the journal's image?",
+                j.len,
+                journal.display()
+            ),
+        ));
     }
     for (at, bytes) in &j.records {
         file.write_all_at(bytes, *at)
