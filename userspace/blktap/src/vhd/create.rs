@@ -196,7 +196,8 @@ pub fn dynamic_image_bytes(size: u64) -> Result<Vec<u8>, VhdError> {
 
 /// Writes the sectors `child` holds into its parent (a VHD, allocating blocks in it, or a raw
 /// file), then makes the parent durable. A parent smaller than the child is grown to the
-/// child's size first ([`VhdImage::grow`]; a raw file is extended). The child is left as it
+/// child's size first ([`VhdImage::resize`], under the journal `<parent>.journal` if its BAT
+/// must grow past its room; a raw file is extended). The child is left as it
 /// was. Returns the bytes copied.
 pub fn coalesce(child: &Path) -> Result<u64, VhdError> {
     let chain = Chain::open(child, false)?;
@@ -216,9 +217,10 @@ pub fn coalesce(child: &Path) -> Result<u64, VhdError> {
         p.grow(source.size())?;
         target_raw = Some(p);
     } else {
+        journal::refuse_existing(&parent_path, &journal::default_path(&parent_path))?;
         let mut p = VhdImage::open(&parent_path, true)?;
         if p.size() < source.size() {
-            p.grow(source.size())?;
+            p.resize(source.size(), &journal::default_path(&parent_path))?;
         }
         target_vhd = Some(p);
     }

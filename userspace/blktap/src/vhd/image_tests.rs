@@ -1536,8 +1536,18 @@ fn a_child_grown_past_its_bat_room_keeps_its_locators_and_data() {
     drop(chain);
     assert!(check(&child).is_empty(), "{:?}", check(&child));
     written.check_reads(&child, 16 << 20, false, &mut rng);
-    // The base is left as it was.
+    // The base is left as it was, until the child is coalesced into it: then it grows past
+    // its BAT's room too.
     assert_eq!(VhdImage::open(&base, false).unwrap().size(), 16 << 20);
+    let far = Written::write(&child, &[((4 << 30) - (1 << 20), 1 << 20)], &mut rng);
+    let mut written = written;
+    written.0.extend(far.0);
+    coalesce(&child).unwrap();
+    assert!(!super::journal::default_path(&base).exists());
+    assert_eq!(VhdImage::open(&base, false).unwrap().size(), 4 << 30);
+    assert!(check(&base).is_empty(), "{:?}", check(&base));
+    written.check_reads(&base, 16 << 20, false, &mut rng);
+    written.check_reads(&child, 16 << 20, false, &mut rng);
 }
 
 /// Plays a crash after each step of a resize of `image` to `size`: the image is a valid VHD
