@@ -1,6 +1,7 @@
 //! `vhd-util`: the VHD tool of Xen's storage manager, with the original's commands and flags
 //! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `repair`, `set`,
-//! `resize` (growing within the BAT's room).
+//! `resize` (growing the BAT past its room under a journal) and `revert` (undoing a resize cut
+//! short, from its journal).
 //!
 //! Errors go to stderr and the exit status is the errno (as the original tools).
 
@@ -9,7 +10,10 @@ use std::process::ExitCode;
 
 use blktap::vhd::chain::{find_parent, Chain};
 use blktap::vhd::check::check;
-use blktap::vhd::create::{coalesce, create_dynamic, create_fixed, resize, snapshot};
+use blktap::vhd::create::{
+    coalesce, create_dynamic, create_fixed, resize_with_journal, revert, snapshot,
+};
+use blktap::vhd::journal::default_path;
 use blktap::vhd::repair::repair;
 use blktap::vhd::{VhdError, VhdImage};
 use clap::{Parser, Subcommand};
@@ -89,7 +93,7 @@ enum Command {
         #[arg(short = 'n')]
         name: PathBuf,
     },
-    /// Grow a dynamic or differencing VHD (within the room of its BAT: create -S).
+    /// Grow a dynamic or differencing VHD (past the room of its BAT under a journal).
     Resize {
         /// The image.
         #[arg(short = 'n')]
@@ -97,8 +101,17 @@ enum Command {
         /// The new virtual size in MiB (not smaller than the current one).
         #[arg(short = 's')]
         size_mb: u64,
-        /// The original's journal file: accepted and not used (growing within the BAT's room
-        /// is crash-safe without one).
+        /// The journal (default NAME.journal): written, and removed when done, if the BAT must
+        /// grow past its room; it must not exist (revert undoes a resize cut short).
+        #[arg(short = 'j')]
+        journal: Option<PathBuf>,
+    },
+    /// Undo a resize cut short, from its journal, and remove the journal.
+    Revert {
+        /// The image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// The journal (default NAME.journal).
         #[arg(short = 'j')]
         journal: Option<PathBuf>,
     },
@@ -212,9 +225,14 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Resize {
             name,
             size_mb,
-            journal: _,
+            journal,
         } => {
-            resize(&name, mb(&name, size_mb)?)?;
+            let journal = journal.unwrap_or_else(|| default_path(&name));
+            resize_with_journal(&name, mb(&name, size_mb)?, &journal)?;
+        }
+        Command::Revert { name, journal } => {
+            let journal = journal.unwrap_or_else(|| default_path(&name));
+            revert(&name, &journal)?;
         }
         Command::Repair { name } => {
             if let Some(done) = repair(&name)? {

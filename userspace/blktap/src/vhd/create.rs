@@ -12,6 +12,7 @@ use super::header::{
     encode_locator, relative_path, Header, Locator, HEADER_SIZE, PLAT_MACX, PLAT_W2KU, PLAT_W2RU,
 };
 use super::image::{bit, VhdImage};
+use super::journal;
 use super::{VhdError, DEFAULT_BLOCK_SIZE, MAX_CHAIN, UNALLOCATED, VHD_EPOCH_OFFSET};
 
 fn create_file(path: &Path) -> Result<File, VhdError> {
@@ -165,9 +166,25 @@ pub fn snapshot(child: &Path, parent: &Path, raw_parent: bool) -> Result<Footer,
     Ok(footer)
 }
 
-/// Grows the VHD at `path` to `size` bytes ([`VhdImage::grow`]).
+/// Grows the VHD at `path` to `size` bytes ([`VhdImage::resize`]), under the journal
+/// `<path>.journal` ([`journal::default_path`]) should the BAT have to grow past its room.
 pub fn resize(path: &Path, size: u64) -> Result<(), VhdError> {
-    VhdImage::open(path, true)?.grow(size)
+    resize_with_journal(path, size, &journal::default_path(path))
+}
+
+/// Grows the VHD at `path` to `size` bytes ([`VhdImage::resize`]), under the journal `journal`
+/// should the BAT have to grow past its room. Refuses while `journal` (or the default journal,
+/// `<path>.journal`) exists: a resize was cut short and `revert` must undo it first.
+pub fn resize_with_journal(path: &Path, size: u64, journal: &Path) -> Result<(), VhdError> {
+    journal::refuse_existing(path, &journal::default_path(path))?;
+    journal::refuse_existing(path, journal)?;
+    VhdImage::open(path, true)?.resize(size, journal)
+}
+
+/// Undoes the resize of the VHD at `path` that the journal `journal` recorded, then removes
+/// the journal ([`journal::revert`]).
+pub fn revert(path: &Path, journal: &Path) -> Result<(), VhdError> {
+    journal::revert(path, journal)
 }
 
 /// Creates an empty dynamic disk (the layout [`create_dynamic`] writes) and returns its bytes;
@@ -179,7 +196,8 @@ pub fn dynamic_image_bytes(size: u64) -> Result<Vec<u8>, VhdError> {
 
 /// Writes the sectors `child` holds into its parent (a VHD, allocating blocks in it, or a raw
 /// file), then makes the parent durable. A parent smaller than the child is grown to the
-/// child's size first ([`VhdImage::grow`]; a raw file is extended). The child is left as it
+/// child's size first ([`VhdImage::resize`], under the journal `<parent>.journal` if its BAT
+/// must grow past its room; a raw file is extended). The child is left as it
 /// was. Returns the bytes copied.
 pub fn coalesce(child: &Path) -> Result<u64, VhdError> {
     let chain = Chain::open(child, false)?;
@@ -199,9 +217,10 @@ pub fn coalesce(child: &Path) -> Result<u64, VhdError> {
         p.grow(source.size())?;
         target_raw = Some(p);
     } else {
+        journal::refuse_existing(&parent_path, &journal::default_path(&parent_path))?;
         let mut p = VhdImage::open(&parent_path, true)?;
         if p.size() < source.size() {
-            p.grow(source.size())?;
+            p.resize(source.size(), &journal::default_path(&parent_path))?;
         }
         target_vhd = Some(p);
     }

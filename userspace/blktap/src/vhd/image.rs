@@ -28,6 +28,11 @@ use super::header::{Header, Locator, HEADER_SIZE, MAX_LOCATOR};
 use super::shared::LeafState;
 use super::{VhdError, UNALLOCATED};
 
+mod grow;
+
+#[cfg(test)]
+pub(crate) use grow::Step;
+
 /// Where a run of the virtual disk is: in this image at a file offset, or not here.
 pub type Run = (u64, Option<u64>);
 
@@ -685,44 +690,24 @@ impl VhdImage {
     /// a disk is resized after its snapshot: the new sectors are unallocated (in a differencing
     /// disk they read as its parent's, or zeros past the parent's end). Only a dynamic or
     /// differencing disk whose BAT has room (its `max_table_entries`, or the rest of the BAT's
-    /// last sector: `vhd-util create -S` makes room) can grow; the BAT is never moved.
+    /// last sector: `vhd-util create -S` makes room) grows here; the BAT is never moved (see
+    /// [`VhdImage::resize`] for growing past the room).
     ///
     /// Crash-safe order: the new BAT entries (`0xFFFFFFFF`) and the header's
     /// `max_table_entries`, durable; then the trailing footer with the new size, durable; then
     /// its copy at offset 0. A crash leaves the old size, or the new one with a stale copy that
     /// `check` reports and `repair` rewrites.
     pub fn grow(&mut self, size: u64) -> Result<(), VhdError> {
-        if !self.writable {
-            return Err(VhdError::ReadOnly {
-                path: self.path.clone(),
-            });
-        }
-        let old = self.size();
-        if !size.is_multiple_of(512) || size < old {
-            return Err(VhdError::invalid(
-                &self.path,
-                format!(
-                    "cannot resize from {old} to {size} bytes (only growing, in whole sectors)"
-                ),
-            ));
-        }
-        if size == old {
+        let Some((header, blocks)) = self.growth(size)? else {
             return Ok(());
-        }
-        let Some(header) = self.header.clone() else {
-            return Err(VhdError::invalid(
-                &self.path,
-                "a fixed disk cannot be resized",
-            ));
         };
         let (bs, entries) = (self.block_size, u64::from(header.max_table_entries));
-        let blocks = size.div_ceil(bs);
-        let room = (entries * 4).next_multiple_of(512) / 4;
-        if blocks > room || blocks > super::MAX_BLOCKS {
+        let room = Self::room(&header);
+        if blocks > room {
             return Err(VhdError::invalid(
                 &self.path,
                 format!(
-                    "its BAT has room for {room} blocks of {bs} bytes ({} bytes); {size} bytes need {blocks} (make room with create -S)",
+                    "its BAT has room for {room} blocks of {bs} bytes ({} bytes); {size} bytes need {blocks} (make room with create -S, or resize with a journal)",
                     room.saturating_mul(bs)
                 ),
             ));
@@ -735,23 +720,9 @@ impl VhdImage {
         }
         let have = self.bat.len() as u64;
         if blocks > have {
+            self.refuse_used_tail(&header, blocks)?;
             let at = header.table_offset + have * 4;
-            let mut raw = vec![0u8; ((blocks - have) * 4) as usize];
-            read_exact(&self.file, &self.path, &mut raw, at)?;
-            for (i, c) in raw.chunks_exact(4).enumerate() {
-                let index = have + i as u64;
-                let entry = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-                if index < entries && entry != UNALLOCATED {
-                    return Err(VhdError::BadBat {
-                        path: self.path.clone(),
-                        // CAST: below `entries`, a `u32`.
-                        block: index as u32,
-                        sector: entry,
-                        detail: "lies past the disk's end and is in use: not growing over it",
-                    });
-                }
-            }
-            raw.fill(0xff);
+            let raw = vec![0xffu8; ((blocks - have) * 4) as usize];
             self.write_file(at, &raw)?;
         }
         if blocks > entries {
@@ -769,9 +740,7 @@ impl VhdImage {
             }
         }
         self.barrier()?;
-        let mut footer = self.footer.clone();
-        footer.current_size = size;
-        footer.geometry = super::footer::Geometry::for_size(size);
+        let footer = self.grown_footer(size);
         let b = footer.to_bytes();
         self.write_file(self.footer_offset, &b)?;
         self.barrier()?;
@@ -781,6 +750,125 @@ impl VhdImage {
         self.bat.resize(blocks as usize, UNALLOCATED);
         self.footer = footer;
         Ok(())
+    }
+
+    /// Grows the virtual disk to `size` bytes as [`VhdImage::grow`] does, and past the BAT's
+    /// room too, as XenServer's `vhd-util resize` does: the BAT then grows in place, the blocks
+    /// and parent locators' data in its way moving to the end of the file, under the journal
+    /// `journal` ([`super::journal`]), which must not exist (it would be the trace of a resize
+    /// cut short: `vhd-util revert` undoes it). An image with a batmap is refused when its BAT
+    /// must grow past its room.
+    ///
+    /// Crash-safe order: the journal (the original length, UUID and bytes of every region of
+    /// the image the resize overwrites), durable; the old footer at the new end and the copies
+    /// of what moves, past the old end, durable; the moved blocks' BAT entries and the
+    /// locators' offsets repointed, durable; the grown BAT over the old places, durable; the
+    /// header's `max_table_entries`, durable; the trailing footer with the new size, durable;
+    /// its copy at offset 0, durable; the journal removed. Every state before the last is a
+    /// valid image (the old one until the trailing footer is written) and the journal restores
+    /// the old one byte for byte. A failure on the way reverts from the journal at once.
+    pub fn resize(&mut self, size: u64, journal: &Path) -> Result<(), VhdError> {
+        self.resize_stopping(size, journal, None)
+    }
+
+    /// [`VhdImage::resize`], stopping (as if the process died) after step `stop_after`.
+    pub(crate) fn resize_stopping(
+        &mut self,
+        size: u64,
+        journal: &Path,
+        stop_after: Option<grow::Step>,
+    ) -> Result<(), VhdError> {
+        super::journal::refuse_existing(&self.path, journal)?;
+        let Some((header, blocks)) = self.growth(size)? else {
+            return Ok(());
+        };
+        if blocks <= Self::room(&header) {
+            return self.grow(size);
+        }
+        self.grow_moving(size, journal, &header, blocks, stop_after)
+    }
+
+    /// Checks that the disk can grow to `size` bytes: none if that is its size, else its header
+    /// and the blocks `size` needs.
+    fn growth(&self, size: u64) -> Result<Option<(Header, u64)>, VhdError> {
+        if !self.writable {
+            return Err(VhdError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let old = self.size();
+        if !size.is_multiple_of(512) || size < old {
+            return Err(VhdError::invalid(
+                &self.path,
+                format!(
+                    "cannot resize from {old} to {size} bytes (only growing, in whole sectors)"
+                ),
+            ));
+        }
+        if size == old {
+            return Ok(None);
+        }
+        let Some(header) = self.header.clone() else {
+            return Err(VhdError::invalid(
+                &self.path,
+                "a fixed disk cannot be resized",
+            ));
+        };
+        let (bs, blocks) = (self.block_size, size.div_ceil(self.block_size));
+        if blocks > super::MAX_BLOCKS {
+            return Err(VhdError::invalid(
+                &self.path,
+                format!(
+                    "{size} bytes need {blocks} blocks of {bs} bytes, more than {}",
+                    super::MAX_BLOCKS
+                ),
+            ));
+        }
+        Ok(Some((header, blocks)))
+    }
+
+    /// The blocks the BAT's sectors have room for.
+    fn room(header: &Header) -> u64 {
+        (u64::from(header.max_table_entries) * 4).next_multiple_of(512) / 4
+    }
+
+    /// Refuses to grow the disk to `blocks` blocks over BAT entries past its end that are in use
+    /// (only entries below `max_table_entries` count: the rest of the BAT's last sector is
+    /// padding).
+    fn refuse_used_tail(&self, header: &Header, blocks: u64) -> Result<(), VhdError> {
+        let have = self.bat.len() as u64;
+        let upto = blocks.min(u64::from(header.max_table_entries));
+        if upto <= have {
+            return Ok(());
+        }
+        let mut raw = vec![0u8; ((upto - have) * 4) as usize];
+        read_exact(
+            &self.file,
+            &self.path,
+            &mut raw,
+            header.table_offset + have * 4,
+        )?;
+        for (i, c) in raw.chunks_exact(4).enumerate() {
+            let entry = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+            if entry != UNALLOCATED {
+                return Err(VhdError::BadBat {
+                    path: self.path.clone(),
+                    // CAST: below `max_table_entries`, a `u32`.
+                    block: (have + i as u64) as u32,
+                    sector: entry,
+                    detail: "lies past the disk's end and is in use: not growing over it",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The footer with the virtual size `size`.
+    fn grown_footer(&self, size: u64) -> Footer {
+        let mut footer = self.footer.clone();
+        footer.current_size = size;
+        footer.geometry = super::footer::Geometry::for_size(size);
+        footer
     }
 
     /// The footer copy at offset 0 (dynamic and differencing disks).

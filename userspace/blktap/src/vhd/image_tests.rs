@@ -1202,7 +1202,7 @@ fn a_raw_parent_smaller_than_its_child_reads_zeros_and_grows_at_coalesce() {
 }
 
 #[test]
-fn resize_grows_only_within_the_bat_and_keeps_the_data() {
+fn grow_stays_within_the_bat_and_keeps_the_data() {
     let dir = scratch("resize");
     let mut rng = Rng::new(15);
     let d = dir.join("d.vhd");
@@ -1214,7 +1214,11 @@ fn resize_grows_only_within_the_bat_and_keeps_the_data() {
     let all = read_all(&d);
     assert!(all[..4 << 20] == data[..] && all[4 << 20..].iter().all(|&b| b == 0));
     assert!(check(&d).is_empty(), "{:?}", check(&d));
-    let e = resize(&d, (256 << 20) + (2 << 20)).unwrap_err();
+    // `grow` never moves the BAT (`resize` does, under a journal: tests below).
+    let e = VhdImage::open(&d, true)
+        .unwrap()
+        .grow((256 << 20) + (2 << 20))
+        .unwrap_err();
     assert!(e.to_string().contains("room"), "{e}");
     let e = resize(&d, 8 << 20).unwrap_err();
     assert!(e.to_string().contains("only growing"), "{e}");
@@ -1245,4 +1249,412 @@ fn resize_grows_only_within_the_bat_and_keeps_the_data() {
             "{info}"
         );
     }
+}
+
+/// Ranges written into a disk (offset, bytes; a later one over an earlier one), to check reads of a large disk
+/// without holding all of it.
+struct Written(Vec<(u64, Vec<u8>)>);
+
+impl Written {
+    /// Writes `ranges` (offset, length) of pattern data through the chain of `path`.
+    fn write(path: &Path, ranges: &[(u64, usize)], rng: &mut Rng) -> Written {
+        let mut chain = Chain::open(path, true).unwrap();
+        let mut out = Vec::new();
+        for &(off, len) in ranges {
+            let data = pattern(rng, len);
+            chain.write(off, &data).unwrap();
+            out.push((off, data));
+        }
+        chain.flush().unwrap();
+        Written(out)
+    }
+
+    /// What `[off, off + len)` holds: zeros but for the ranges written.
+    fn expected(&self, off: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        let end = off + len as u64;
+        for (at, data) in &self.0 {
+            let (a, b) = ((*at).max(off), (at + data.len() as u64).min(end));
+            if a < b {
+                v[(a - off) as usize..(b - off) as usize]
+                    .copy_from_slice(&data[(a - at) as usize..(b - at) as usize]);
+            }
+        }
+        v
+    }
+
+    /// Checks reads of `path`: every range written and its surroundings, then the whole disk
+    /// (`full`) or pieces of it (the start, around `old_size`, the end, random places).
+    fn check_reads(&self, path: &Path, old_size: u64, full: bool, rng: &mut Rng) {
+        let mut chain = Chain::open(path, false).unwrap();
+        let size = chain.size();
+        let mut places: Vec<(u64, usize)> = self
+            .0
+            .iter()
+            .map(|(at, d)| {
+                let a = at.saturating_sub(4096);
+                (a, ((at + d.len() as u64 + 4096).min(size) - a) as usize)
+            })
+            .collect();
+        if full {
+            let chunk = 32u64 << 20;
+            places.extend((0..size.div_ceil(chunk)).map(|i| {
+                let a = i * chunk;
+                (a, chunk.min(size - a) as usize)
+            }));
+        } else {
+            places.push((0, 1 << 20));
+            let at = old_size - (1 << 20);
+            places.push((at, (2 << 20).min(size - at) as usize));
+            places.push((size - (4 << 20), 4 << 20));
+            for _ in 0..16 {
+                places.push((rng.below((size >> 20) - 1) << 20, 1 << 20));
+            }
+        }
+        for (off, len) in places {
+            let mut buf = vec![0u8; len];
+            chain.read(off, &mut buf).unwrap();
+            assert!(
+                buf == self.expected(off, len),
+                "{}: {len} bytes at {off:#x}",
+                path.display()
+            );
+        }
+    }
+
+    /// Checks that qemu-img reads `path` as this: converted to raw (`convert`), or compared with
+    /// a sparse raw model (a disk too large to convert quickly).
+    fn check_with_qemu(&self, path: &Path, size: u64, convert: bool) {
+        let raw = path.with_extension("raw");
+        let _ = std::fs::remove_file(&raw);
+        if convert {
+            run(Command::new("qemu-img")
+                .args(["convert", "-f", "vpc", "-O", "raw"])
+                .arg(path)
+                .arg(&raw));
+            let f = std::fs::File::open(&raw).unwrap();
+            assert_eq!(f.metadata().unwrap().len(), size);
+            let chunk = 32u64 << 20;
+            let mut buf = vec![0u8; chunk as usize];
+            for i in 0..size.div_ceil(chunk) {
+                let n = chunk.min(size - i * chunk) as usize;
+                f.read_exact_at(&mut buf[..n], i * chunk).unwrap();
+                assert!(
+                    buf[..n] == self.expected(i * chunk, n)[..],
+                    "qemu-img reads {} differently in {n} bytes at {:#x}",
+                    path.display(),
+                    i * chunk
+                );
+            }
+        } else {
+            let f = std::fs::File::create(&raw).unwrap();
+            f.set_len(size).unwrap();
+            for (at, data) in &self.0 {
+                f.write_all_at(data, *at).unwrap();
+            }
+            drop(f);
+            run(Command::new("qemu-img")
+                .args(["compare", "-f", "vpc", "-F", "raw"])
+                .arg(path)
+                .arg(&raw));
+        }
+        std::fs::remove_file(&raw).unwrap();
+    }
+}
+
+/// The end of the BAT of the image at `path`.
+fn bat_end(path: &Path) -> u64 {
+    let image = VhdImage::open(path, false).unwrap();
+    let h = image.header().unwrap();
+    h.table_offset + (u64::from(h.max_table_entries) * 4).next_multiple_of(512)
+}
+
+/// A dynamic disk of 16 MiB with data in four blocks, allocated so that block 3 lies right
+/// after the BAT, then blocks 0, 7 (the disk's last bytes) and 5.
+fn dynamic_with_data(path: &Path, rng: &mut Rng) -> Written {
+    const MB: u64 = 1 << 20;
+    create_dynamic(path, 16 * MB, None).unwrap();
+    let written = Written::write(
+        path,
+        &[
+            (6 * MB + 4096, 64 << 10),
+            (0, 2 << 20),
+            (16 * MB - 8192, 8192),
+            (10 * MB + 512, 512),
+        ],
+        rng,
+    );
+    let image = VhdImage::open(path, false).unwrap();
+    assert_eq!(
+        u64::from(image.bat()[3]) * 512,
+        (bat_end(path) + 512).next_multiple_of(4096) - 512,
+        "block 3 is right after the BAT"
+    );
+    written
+}
+
+#[test]
+fn resize_past_the_bat_room_moves_the_blocks_in_its_way() {
+    let dir = scratch("grow");
+    let mut rng = Rng::new(16);
+    let orig = dir.join("orig.vhd");
+    let written = dynamic_with_data(&orig, &mut rng);
+    let old_bat_end = bat_end(&orig);
+    let first_block = VhdImage::open(&orig, false).unwrap().bat()[3];
+    // 4 GiB: a BAT of 8 KiB moves block 3; 64 GiB: 128 KiB, block 3; 1.5 TiB: 3 MiB, blocks 3
+    // and 0.
+    for (size, moved) in [(4u64 << 30, 1usize), (64 << 30, 1), (1536 << 30, 2)] {
+        let d = dir.join(format!("d{}g.vhd", size >> 30));
+        std::fs::copy(&orig, &d).unwrap();
+        let before = VhdImage::open(&d, false).unwrap().bat().to_vec();
+        resize(&d, size).unwrap();
+        assert!(
+            !super::journal::default_path(&d).exists(),
+            "the journal is removed"
+        );
+        let image = VhdImage::open(&d, false).unwrap();
+        assert_eq!(image.size(), size);
+        let blocks = size / (2 << 20);
+        assert_eq!(u64::from(image.header().unwrap().max_table_entries), blocks);
+        let end = bat_end(&d);
+        assert!(end > old_bat_end);
+        let bat = image.bat();
+        assert_eq!(bat.len() as u64, blocks);
+        assert!(bat[8..].iter().all(|&e| e == super::UNALLOCATED));
+        let changed = (0..8).filter(|&i| bat[i] != before[i]).count();
+        assert_eq!(changed, moved, "blocks moved out of the BAT's way");
+        assert!(bat[3] != first_block && u64::from(bat[3]) * 512 >= end);
+        assert!(
+            (u64::from(bat[3]) * 512 + 512).is_multiple_of(4096),
+            "a moved block's data is 4 KiB aligned"
+        );
+        drop(image);
+        assert!(check(&d).is_empty(), "{:?}", check(&d));
+        written.check_reads(&d, 16 << 20, size <= 4 << 30, &mut rng);
+        if qemu_img() {
+            written.check_with_qemu(&d, size, size <= 4 << 30);
+        }
+    }
+    // A grown image takes writes past its old end and grows again.
+    let d = dir.join("d4g.vhd");
+    let mut more = Written::write(
+        &d,
+        &[
+            (3 << 30, 1 << 20),
+            ((4 << 30) - 4096, 4096),
+            (8 << 20, 4096),
+        ],
+        &mut rng,
+    );
+    // Later ranges over earlier ones: `expected` lays them in order.
+    let mut all = written;
+    all.0.append(&mut more.0);
+    let more = all;
+    resize(&d, 256 << 30).unwrap();
+    assert!(check(&d).is_empty(), "{:?}", check(&d));
+    more.check_reads(&d, 4 << 30, false, &mut rng);
+    if qemu_img() {
+        more.check_with_qemu(&d, 256 << 30, false);
+    }
+}
+
+/// Each locator of differencing image `child` names `parent`.
+fn locators_name(child: &Path, parent: &Path) {
+    let image = VhdImage::open(child, false).unwrap();
+    let parent = std::fs::canonicalize(parent).unwrap();
+    let dir = child.parent().unwrap();
+    let mut n = 0;
+    for l in image
+        .header()
+        .unwrap()
+        .locators
+        .iter()
+        .filter(|l| l.code != 0)
+    {
+        let text = image
+            .locator_data(l)
+            .and_then(|d| l.decode(&d))
+            .unwrap_or_else(|| panic!("locator {l:?} does not decode"));
+        let p = Path::new(&text);
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            dir.join(p)
+        };
+        assert_eq!(
+            std::fs::canonicalize(&p).ok(),
+            Some(parent.clone()),
+            "{l:?}"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 3);
+}
+
+/// A base of 16 MiB with data, and a child with data of its own whose first block lies right
+/// after its locators.
+fn child_with_data(dir: &Path, rng: &mut Rng) -> (PathBuf, PathBuf, Written) {
+    let base = dir.join("base.vhd");
+    let mut written = dynamic_with_data(&base, rng);
+    let child = dir.join("child.vhd");
+    snapshot(&child, &base, false).unwrap();
+    let mine = Written::write(&child, &[(6 << 20, 8192), (14 << 20, 1 << 20)], rng);
+    written.0.extend(mine.0);
+    (base, child, written)
+}
+
+#[test]
+fn a_child_grown_past_its_bat_room_keeps_its_locators_and_data() {
+    let dir = scratch("grow-child");
+    let mut rng = Rng::new(17);
+    let (base, child, written) = child_with_data(&dir, &mut rng);
+    let image = VhdImage::open(&child, false).unwrap();
+    let old_locators = image.header().unwrap().locators;
+    drop(image);
+    resize(&child, 4 << 30).unwrap();
+    let image = VhdImage::open(&child, false).unwrap();
+    let end = bat_end(&child);
+    for (old, new) in old_locators
+        .iter()
+        .zip(&image.header().unwrap().locators)
+        .filter(|(l, _)| l.code != 0)
+    {
+        assert!(
+            old.data_offset < end && new.data_offset >= end,
+            "the locator moved out of the BAT's way: {old:?} {new:?}"
+        );
+        assert_eq!(
+            (old.code, old.data_len, old.data_space),
+            (new.code, new.data_len, new.data_space)
+        );
+    }
+    drop(image);
+    locators_name(&child, &base);
+    let chain = Chain::open(&child, false).unwrap();
+    assert_eq!(chain.layers().len(), 2);
+    assert_eq!(chain.size(), 4 << 30);
+    drop(chain);
+    assert!(check(&child).is_empty(), "{:?}", check(&child));
+    written.check_reads(&child, 16 << 20, false, &mut rng);
+    // The base is left as it was, until the child is coalesced into it: then it grows past
+    // its BAT's room too.
+    assert_eq!(VhdImage::open(&base, false).unwrap().size(), 16 << 20);
+    let far = Written::write(&child, &[((4 << 30) - (1 << 20), 1 << 20)], &mut rng);
+    let mut written = written;
+    written.0.extend(far.0);
+    coalesce(&child).unwrap();
+    assert!(!super::journal::default_path(&base).exists());
+    assert_eq!(VhdImage::open(&base, false).unwrap().size(), 4 << 30);
+    assert!(check(&base).is_empty(), "{:?}", check(&base));
+    written.check_reads(&base, 16 << 20, false, &mut rng);
+    written.check_reads(&child, 16 << 20, false, &mut rng);
+}
+
+/// Plays a crash after each step of a resize of `image` to `size`: the image is a valid VHD
+/// at every step, a resize refuses while the journal is there, and reverting restores it byte
+/// for byte. Then the resize run to its end leaves the new image and no journal.
+fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut Rng) {
+    use super::image::Step;
+    let orig = std::fs::read(image).unwrap();
+    let old_size = VhdImage::open(image, false).unwrap().size();
+    let journal = super::journal::default_path(image);
+    for step in Step::ALL {
+        VhdImage::open(image, true)
+            .unwrap()
+            .resize_stopping(size, &journal, Some(step))
+            .unwrap();
+        assert!(journal.exists(), "{step:?}: the journal is there");
+        let grown = matches!(step, Step::Footer | Step::FooterCopy);
+        let now = VhdImage::open(image, false).unwrap_or_else(|e| panic!("{step:?}: {e}"));
+        assert_eq!(now.size(), if grown { size } else { old_size }, "{step:?}");
+        drop(now);
+        if step == Step::Journal {
+            assert!(
+                std::fs::read(image).unwrap() == orig,
+                "the image is untouched"
+            );
+        }
+        if step == Step::FooterCopy {
+            assert!(check(image).is_empty(), "{:?}", check(image));
+        }
+        written.check_reads(image, old_size, false, rng);
+        let e = resize(image, size).unwrap_err();
+        assert!(e.to_string().contains("vhd-util revert"), "{e}");
+        super::create::revert(image, &journal).unwrap();
+        assert!(!journal.exists(), "{step:?}: revert removes the journal");
+        assert!(
+            std::fs::read(image).unwrap() == orig,
+            "{step:?}: revert restores the image byte for byte"
+        );
+    }
+    resize(image, size).unwrap();
+    assert!(!journal.exists());
+    assert_eq!(VhdImage::open(image, false).unwrap().size(), size);
+    assert!(check(image).is_empty(), "{:?}", check(image));
+    written.check_reads(image, old_size, false, rng);
+}
+
+#[test]
+fn a_resize_cut_short_after_any_step_reverts_byte_for_byte() {
+    let dir = scratch("grow-crash");
+    let mut rng = Rng::new(18);
+    let d = dir.join("d.vhd");
+    let written = dynamic_with_data(&d, &mut rng);
+    crash_after_each_step(&d, 4 << 30, &written, &mut rng);
+    let (_, child, written) = child_with_data(&dir, &mut rng);
+    crash_after_each_step(&child, 64 << 30, &written, &mut rng);
+    // An empty image: nothing moves, the grown BAT covers the old footer.
+    let e = dir.join("e.vhd");
+    create_dynamic(&e, 4 << 20, None).unwrap();
+    crash_after_each_step(&e, 1 << 30, &Written(Vec::new()), &mut rng);
+}
+
+#[test]
+fn revert_refuses_a_damaged_journal_or_another_image() {
+    let dir = scratch("journal");
+    let mut rng = Rng::new(19);
+    let d = dir.join("d.vhd");
+    let written = dynamic_with_data(&d, &mut rng);
+    let orig = std::fs::read(&d).unwrap();
+    let j = dir.join("j");
+    VhdImage::open(&d, true)
+        .unwrap()
+        .resize_stopping(1 << 30, &j, Some(super::image::Step::Bat))
+        .unwrap();
+    // Another image (another UUID) is not reverted with it.
+    let other = dir.join("o.vhd");
+    create_dynamic(&other, 16 << 20, None).unwrap();
+    let e = super::create::revert(&other, &j).unwrap_err();
+    assert!(e.to_string().contains("UUID"), "{e}");
+    // Nor is a damaged journal used.
+    let good = std::fs::read(&j).unwrap();
+    let mut bad = good.clone();
+    bad[100] ^= 1;
+    std::fs::write(&j, &bad).unwrap();
+    let e = super::create::revert(&d, &j).unwrap_err();
+    assert!(e.to_string().contains("damaged"), "{e}");
+    std::fs::write(&j, &good[..good.len() - 3]).unwrap();
+    let e = super::create::revert(&d, &j).unwrap_err();
+    assert!(e.to_string().contains("damaged"), "{e}");
+    assert!(j.exists(), "a journal that cannot be used is kept");
+    std::fs::write(&j, &good).unwrap();
+    super::create::revert(&d, &j).unwrap();
+    assert!(std::fs::read(&d).unwrap() == orig);
+    written.check_reads(&d, 16 << 20, true, &mut rng);
+}
+
+#[test]
+fn a_bat_with_a_batmap_is_not_moved() {
+    let dir = scratch("grow-batmap");
+    let p = dir.join("b.vhd");
+    image_with_batmap(&p, 8 << 20);
+    let orig = std::fs::read(&p).unwrap();
+    let e = resize(&p, 1 << 30).unwrap_err();
+    assert!(e.to_string().contains("batmap"), "{e}");
+    assert!(!super::journal::default_path(&p).exists());
+    assert!(std::fs::read(&p).unwrap() == orig);
+    // Nor are its entries grown within the room (as before).
+    let e = resize(&p, 64 << 20).unwrap_err();
+    assert!(e.to_string().contains("batmap"), "{e}");
+    assert!(std::fs::read(&p).unwrap() == orig);
 }

@@ -8,7 +8,8 @@
 //! - [`image`]: one image file opened and checked: BAT, per-block sector bitmaps, reads and
 //!   allocating writes;
 //! - [`chain`]: an image and its parents, found through the parent locators, read as one disk;
-//! - [`create`]: new images (dynamic, fixed, differencing children) and coalescing.
+//! - [`create`]: new images (dynamic, fixed, differencing children), resizing and coalescing;
+//! - [`journal`]: the journal of a resize that moves the BAT, and reverting one cut short.
 //!
 //! Every field is big-endian. Files are hostile: every offset and size read from one is checked
 //! against the file before it is used, and a problem is a [`VhdError`], never a panic.
@@ -22,6 +23,7 @@ pub mod create;
 pub mod footer;
 pub mod header;
 pub mod image;
+pub mod journal;
 pub mod repair;
 pub mod shared;
 
