@@ -78,14 +78,14 @@ SETTLE_S = 0.3
 # Every device is used over the same 256 MiB (the ram: tap holds it in tapdisk's memory).
 SPAN = "256M"
 DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapdev-null-nopoll",
-           "tapdev-null-nostage", "tapdev-null-noreqev"]
+           "tapdev-null-nostage", "tapdev-null-reqev"]
 # What `make bench` runs; the others only when named (--devices): tapdev-null-nopoll is
 # tapdev-null with tapdisk sleeping in epoll as soon as it has answered (BLKTAP_POLL_US=0), to
 # measure what watching the ring after answering brings; tapdev-null-nostage is tapdev-null
 # without staged writes (BLKTAP_STAGED_WRITES=false: the kernel copies write data in queue_rq,
-# on fio's CPU), to measure what staging brings; tapdev-null-noreqev is tapdev-null without
-# wake-up suppression (BLKTAP_REQ_EVENT=false: the kernel signals the ring's poll queue for
-# every request, while tapdisk polls too), to measure what req_event brings.
+# on fio's CPU), to measure what staging brings; tapdev-null-reqev is tapdev-null with
+# wake-up suppression (BLKTAP_REQ_EVENT=true: the kernel signals the ring's poll queue only
+# when tapdisk is about to sleep; off by default, bench/reqev), to measure what it brings.
 DEFAULT_DEVICES = DEVICES[:5]
 # A device that may be missing, with the reason printed instead of numbers.
 OPTIONAL = {"rnull"}
@@ -287,8 +287,8 @@ def make_device(name):
                                                  {"BLKTAP_POLL_US": "0"}),
             "tapdev-null-nostage": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nostage",
                                                   {"BLKTAP_STAGED_WRITES": "false"}),
-            "tapdev-null-noreqev": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-noreqev",
-                                                  {"BLKTAP_REQ_EVENT": "false"})}[name]()
+            "tapdev-null-reqev": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-reqev",
+                                                {"BLKTAP_REQ_EVENT": "true"})}[name]()
 
 
 def no_scheduler(path):
@@ -540,7 +540,7 @@ def measure_memory(n):
 COUNTER_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqwrite-44k-qd32", "seqread-1m-qd8",
                 "randrw70-4k-qd16x2"]
 COUNTER_DEVICES = ["tapdev-null", "ublk-null", "null_blk", "tapdev-null-nopoll",
-                   "tapdev-null-nostage", "tapdev-null-noreqev"]
+                   "tapdev-null-nostage", "tapdev-null-reqev"]
 SYSCALL_EVENT = "raw_syscalls:sys_enter"
 
 

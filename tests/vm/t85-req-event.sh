@@ -1,7 +1,7 @@
 # Wake-up suppression (BLKTAP_DEVICE_REQ_EVENT, 0x100): the kernel signals the ring's poll queue
 # of new requests only when the header's req_event asks for it (in (old, new] of what it
 # publishes; req_prod + 1 for a staged write; always while req_event is 0).
-# (a) the Rust tapdisk negotiates it (not with BLKTAP_REQ_EVENT=false): two verifying fio jobs
+# (a) the Rust tapdisk negotiates it with BLKTAP_REQ_EVENT=true (not by default): two verifying fio jobs
 #     at full speed, and two paced ones (a pause before every request: tapdisk sleeps between
 #     them and each must wake it), with and without; suppressed signals are counted (`quiet`)
 #     only with it;
@@ -59,10 +59,10 @@ paced2() {
 }
 
 # --- (a) the Rust tapdisk --------------------------------------------------------------------
-for setting in default false; do
+for setting in true default; do
     case $setting in
-        default) dev=$($TAPCTL create -a ram:32M); want=1 ;;
-        false) dev=$(BLKTAP_REQ_EVENT=false $TAPCTL create -a ram:32M); want=0 ;;
+        true) dev=$(BLKTAP_REQ_EVENT=true $TAPCTL create -a ram:32M); want=1 ;;
+        default) dev=$($TAPCTL create -a ram:32M); want=0 ;;
     esac
     check "tapdisk ($setting): req_event=$want in debug" req_event_is $want
     verify2 "tapdisk ($setting)" $dev
