@@ -91,6 +91,13 @@ struct blktap2_params {
  *             A tapdisk about to sleep sets req_event = req_cons + 1, issues a full barrier,
  *             and looks at req_prod and staged once more; while it polls the ring it leaves
  *             req_event behind, and nobody signals it. See Documentation/blktap2.rst.
+ *   LARGE_REQUESTS
+ *             READ, WRITE and WRITE_FUA requests of up to S pages each, where S is the pages
+ *             per slot of the tapdisk's mapping (below), 12 .. BLKTAP_SEGMENT_MAX_LARGE: a
+ *             request of more than 11 pages has nr_segments = its page count and nr_sectors =
+ *             its length in 512-byte sectors; its data fills pages 0 .. nr_segments - 1 of its
+ *             slot from the first byte on, seg[0..11] describing the first 11. CREATE_DEVICE
+ *             answers EINVAL if the mapping has 11 pages per slot.
  * (FLUSH and DISCARD have the values of the OpenXT dialect's FLUSH and TRIM.)
  */
 #define BLKTAP_DEVICE_FLUSH 0x04UL
@@ -99,6 +106,7 @@ struct blktap2_params {
 #define BLKTAP_DEVICE_RECOVERY 0x40UL
 #define BLKTAP_DEVICE_STAGED_WRITES 0x80UL
 #define BLKTAP_DEVICE_REQ_EVENT 0x100UL
+#define BLKTAP_DEVICE_LARGE_REQUESTS 0x200UL
 
 /* CREATE_DEVICE argument. */
 struct blktap_device_info {
@@ -109,9 +117,15 @@ struct blktap_device_info {
 	unsigned long __rsvd[4];
 };
 
-/* The shared ring: page 0 of the ring mapping. */
+/*
+ * The ring mapping: page 0 is the ring, then S data pages per slot: page j of slot i is page
+ * 1 + S * i + j. Tapdisk chooses S by the mapping's length, 1 + 32 * S pages: S = 11
+ * (BLKTAP_MMAP_PAGES) is every tapdisk's mapping; a larger S, up to BLKTAP_SEGMENT_MAX_LARGE, only
+ * for LARGE_REQUESTS. While the tap has a disk, a new mapping must have the disk's S.
+ */
 #define BLKTAP_RING_SIZE 32
 #define BLKTAP_SEGMENT_MAX 11
+#define BLKTAP_SEGMENT_MAX_LARGE 128
 #define BLKTAP_RING_PAGES 1
 #define BLKTAP_DATA_PAGES (BLKTAP_RING_SIZE * BLKTAP_SEGMENT_MAX)
 #define BLKTAP_MMAP_PAGES (BLKTAP_RING_PAGES + BLKTAP_DATA_PAGES)
@@ -151,7 +165,7 @@ struct blktap_segment {
 struct blktap_request {
 	__u8 operation;
 	__u8 nr_segments;
-	__u16 __pad;
+	__u16 nr_sectors;        /* LARGE_REQUESTS with nr_segments > 11 only, else 0 */
 	__u32 __pad2;
 	__u64 id;
 	__u64 sector_number;
