@@ -427,6 +427,11 @@ impl QueueLimits {
         self.c.write_cache && self.c.fua
     }
 
+    /// The largest request, in 512-byte sectors.
+    pub fn request_sectors(&self) -> u32 {
+        self.c.max_hw_sectors
+    }
+
     /// The largest discard, in sectors (0: none).
     pub fn discard_sectors(&self) -> u32 {
         self.c.max_discard_sectors

@@ -36,8 +36,7 @@ use crate::{
     },
     protocol::{
         DeviceInfo,
-        MAX_REQUEST_BYTES,
-        SECTOR_SIZE, //
+        SECTORS_PER_PAGE, //
     },
     tap::{
         DiskControl,
@@ -90,17 +89,19 @@ impl DiskControl for Disk<TapDisk> {
     }
 }
 
-/// The queue limits of a disk described by `info`.
+/// The queue limits of a disk described by `info`, whose requests have at most `pages` pages.
 ///
 /// # Errors
 ///
 /// `EINVAL` for limits the block layer would refuse.
-fn limits(info: &DeviceInfo) -> Result<QueueLimits> {
+fn limits(info: &DeviceInfo, pages: usize) -> Result<QueueLimits> {
+    let pages = pages.clamp(uapi::SEGMENT_MAX, uapi::SEGMENT_MAX_LARGE);
     let mut lim = QueueLimits::new(info.capacity, info.sector_size)
         .physical_block_size(info.physical_sector_size)
-        .max_hw_sectors(MAX_REQUEST_BYTES / SECTOR_SIZE)
-        // CAST: 11 fits `u16`.
-        .max_segments(uapi::SEGMENT_MAX as u16);
+        // CAST: at most 128 pages of 8 sectors.
+        .max_hw_sectors(pages as u32 * SECTORS_PER_PAGE)
+        // CAST: at most 128.
+        .max_segments(pages as u16);
     if info.read_only {
         lim = lim.read_only();
     }
@@ -133,7 +134,7 @@ pub(crate) fn new(link: DiskLink, major: u32, info: &DeviceInfo) -> Result<KBox<
         name: disk_name(link.minor(), &mut name),
         major,
         minor: link.minor(),
-        limits: limits(info)?,
+        limits: limits(info, link.request_pages())?,
     };
     let disk = Disk::new(tagset, &params, Arc::new(link, GFP_KERNEL)?)?;
     Ok(KBox::new(disk, GFP_KERNEL)?)
@@ -164,7 +165,11 @@ pub(crate) fn disk_name(minor: u32, out: &mut [u8; 32]) -> &CStr {
 #[kunit_tests(blktap_disk)]
 mod tests {
     use super::*;
-    use crate::protocol::Features;
+    use crate::protocol::{
+        Features,
+        MAX_REQUEST_BYTES,
+        SECTOR_SIZE, //
+    };
 
     #[test]
     fn disk_names_count_like_sd() {
@@ -188,18 +193,22 @@ mod tests {
             features: Features::default(),
             recovery: false,
         };
-        let lim = limits(&info)?;
+        let lim = limits(&info, uapi::SEGMENT_MAX)?;
         assert!(!lim.has_write_cache() && !lim.has_fua() && lim.discard_sectors() == 0);
+        assert_eq!(lim.request_sectors(), MAX_REQUEST_BYTES / SECTOR_SIZE);
         info.features = Features {
             flush: true,
             fua: true,
             discard: true,
             staged_writes: true,
             req_event: true,
+            large: true,
         };
-        let lim = limits(&info)?;
+        let lim = limits(&info, 64)?;
         assert!(lim.has_write_cache() && lim.has_fua());
         assert_eq!(lim.discard_sectors(), uapi::DISCARD_MAX_SECTORS);
+        assert_eq!(lim.request_sectors(), 64 * 8);
+        assert_eq!(limits(&info, 1000)?.request_sectors(), 128 * 8);
         Ok(())
     }
 }

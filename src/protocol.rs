@@ -4,10 +4,12 @@
 //! tapdisk hands the kernel must pass before the kernel uses it (responses, `rsp_prod`, device
 //! descriptions). Pure functions, KUnit-tested here; no state.
 //!
-//! A request of `n` bytes (a multiple of 512, at most 44 KiB) fills the 11 data pages of its slot
-//! linearly: segment `j` holds bytes `4096 * j ..` of the request, from sector 0 of its page. The
-//! block layer's own segment geometry never reaches tapdisk; the kernel copies the data between
-//! the request and the slot's pages.
+//! A request of `n` bytes (a multiple of 512, at most 11 pages, or with
+//! [`uapi::DEVICE_LARGE_REQUESTS`] as many as the mapping has per slot) fills its slot's data
+//! pages linearly: page `j` holds bytes `4096 * j ..` of the request, from sector 0 of its page.
+//! The entry describes the first 11 pages in `seg`; a request of more pages has `nr_segments`
+//! pages and `nr_sectors` sectors. The block layer's own segment geometry never reaches tapdisk;
+//! the kernel copies the data between the request and the slot's pages.
 
 use kernel::prelude::*;
 
@@ -23,37 +25,46 @@ use crate::{
 /// Bytes in a sector.
 pub(crate) const SECTOR_SIZE: u32 = 512;
 /// Sectors in a data page.
-const SECTORS_PER_PAGE: u32 = 4096 / SECTOR_SIZE;
-/// The largest request, in bytes.
+pub(crate) const SECTORS_PER_PAGE: u32 = 4096 / SECTOR_SIZE;
+/// The largest request without [`uapi::DEVICE_LARGE_REQUESTS`], in bytes.
 pub(crate) const MAX_REQUEST_BYTES: u32 = 4096 * uapi::SEGMENT_MAX as u32;
 
-/// The segments of a request of `bytes` bytes: `(segments, count)`.
+/// Checks the length of a read or a write for slots of `pages` data pages.
 ///
 /// # Errors
 ///
-/// `EINVAL` if `bytes` is 0, not a multiple of 512, or more than 44 KiB.
-pub(crate) fn segments(bytes: u32) -> Result<([Segment; uapi::SEGMENT_MAX], u8)> {
-    if bytes == 0 || bytes % SECTOR_SIZE != 0 || bytes > MAX_REQUEST_BYTES {
+/// `EINVAL` if `bytes` is 0, not a multiple of 512, or more than `pages` pages (at most
+/// [`uapi::SEGMENT_MAX_LARGE`]).
+pub(crate) fn check_transfer(bytes: u32, pages: usize) -> Result {
+    let max = 4096 * pages.min(uapi::SEGMENT_MAX_LARGE) as u32;
+    if bytes == 0 || bytes % SECTOR_SIZE != 0 || bytes > max {
         return Err(EINVAL);
     }
-    Ok(fill_segments(bytes))
+    Ok(())
 }
 
-/// The segments of a request of `bytes` bytes, checked by the caller (at most 44 KiB; more is
-/// cut to 44 KiB).
-fn fill_segments(bytes: u32) -> ([Segment; uapi::SEGMENT_MAX], u8) {
+/// The entry fields describing a transfer of `bytes` bytes, checked by the caller
+/// ([`check_transfer`]; more than the largest request is cut to it): `(seg, nr_segments,
+/// nr_sectors)`. `nr_sectors` is 0 for at most 11 pages, as an old tapdisk expects.
+fn transfer_fields(bytes: u32) -> ([Segment; uapi::SEGMENT_MAX], u8, u16) {
     let mut seg = [Segment::default(); uapi::SEGMENT_MAX];
-    let sectors = bytes.min(MAX_REQUEST_BYTES) / SECTOR_SIZE;
-    let count = sectors.div_ceil(SECTORS_PER_PAGE);
-    for (j, s) in seg.iter_mut().enumerate().take(count as usize) {
+    let sectors = (bytes / SECTOR_SIZE).min(uapi::SEGMENT_MAX_LARGE as u32 * SECTORS_PER_PAGE);
+    let pages = sectors.div_ceil(SECTORS_PER_PAGE);
+    for (j, s) in seg.iter_mut().enumerate().take(pages as usize) {
         // CAST: `j < 11`.
         let in_page = (sectors - j as u32 * SECTORS_PER_PAGE).min(SECTORS_PER_PAGE);
         s.first_sect = 0;
         // CAST: `in_page` is 1..=8.
         s.last_sect = (in_page - 1) as u8;
     }
-    // CAST: `count <= 11`.
-    (seg, count as u8)
+    let nr_sectors = if pages as usize > uapi::SEGMENT_MAX {
+        // CAST: at most 128 * 8 sectors.
+        sectors as u16
+    } else {
+        0
+    };
+    // CAST: at most 128 pages.
+    (seg, pages as u8, nr_sectors)
 }
 
 /// How many new responses tapdisk published: `rsp_prod - rsp_cons`, if that is at most a ring.
@@ -115,6 +126,9 @@ pub(crate) struct Features {
     /// Tapdisk is signalled of new requests only when the header's `req_event` asks for it
     /// ([`uapi::DEVICE_REQ_EVENT`]).
     pub(crate) req_event: bool,
+    /// Requests of up to as many pages as the mapping has per slot
+    /// ([`uapi::DEVICE_LARGE_REQUESTS`]).
+    pub(crate) large: bool,
 }
 
 /// Whether tapdisk, whose ring header says `req_event` (read once), must be signalled after
@@ -154,7 +168,7 @@ pub(crate) fn ring_op(op: Op, fua: bool, features: Features) -> Option<u8> {
 /// # Invariants
 ///
 /// `op` is a ring operation. For `OP_READ`, `OP_WRITE` and `OP_WRITE_FUA`, `bytes` is a
-/// multiple of 512 in `512..=MAX_REQUEST_BYTES`; for `OP_DISCARD`, a multiple of 512 of
+/// multiple of 512 of at most [`uapi::SEGMENT_MAX_LARGE`] pages; for `OP_DISCARD`, a multiple of 512 of
 /// `1..=DISCARD_MAX_SECTORS` sectors; for `OP_FLUSH` it is not used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct RingRequest {
@@ -164,15 +178,17 @@ pub(crate) struct RingRequest {
 }
 
 impl RingRequest {
-    /// The request of `bytes` bytes at `sector` with ring operation `op`.
+    /// The request of `bytes` bytes at `sector` with ring operation `op`, for slots of `pages`
+    /// data pages. (The queue's limits keep requests to 11 pages unless tapdisk negotiated
+    /// [`uapi::DEVICE_LARGE_REQUESTS`]; this bound keeps the copy inside the slot.)
     ///
     /// # Errors
     ///
     /// `EINVAL` if `op` is not a ring operation or `bytes` does not fit it.
-    pub(crate) fn new(op: u8, sector: u64, bytes: u32) -> Result<Self> {
+    pub(crate) fn new(op: u8, sector: u64, bytes: u32, pages: usize) -> Result<Self> {
         match op {
             uapi::OP_READ | uapi::OP_WRITE | uapi::OP_WRITE_FUA => {
-                segments(bytes)?;
+                check_transfer(bytes, pages)?;
             }
             uapi::OP_FLUSH => {}
             uapi::OP_DISCARD => {
@@ -223,10 +239,11 @@ impl RingRequest {
             },
             // By the type invariants, a read or a write of a valid size.
             _ => {
-                let (seg, nr_segments) = fill_segments(self.bytes);
+                let (seg, nr_segments, nr_sectors) = transfer_fields(self.bytes);
                 uapi::Request {
                     operation: self.op,
                     nr_segments,
+                    nr_sectors,
                     id,
                     sector_number: self.sector,
                     seg,
@@ -289,6 +306,7 @@ impl DeviceInfo {
                 discard: flags & uapi::DEVICE_DISCARD != 0,
                 staged_writes: flags & uapi::DEVICE_STAGED_WRITES != 0,
                 req_event: flags & uapi::DEVICE_REQ_EVENT != 0,
+                large: flags & uapi::DEVICE_LARGE_REQUESTS != 0,
             },
             recovery: flags & uapi::DEVICE_RECOVERY != 0,
         }
@@ -341,6 +359,7 @@ mod tests {
         discard: true,
         staged_writes: false,
         req_event: false,
+        large: false,
     };
 
     #[test]
@@ -364,7 +383,7 @@ mod tests {
     #[test]
     fn entries() -> Result {
         let ring_entry = |op, slot, sector, bytes| -> Result<uapi::Request> {
-            Ok(RingRequest::new(op, sector, bytes)?.entry(slot))
+            Ok(RingRequest::new(op, sector, bytes, uapi::SEGMENT_MAX)?.entry(slot))
         };
         let e = ring_entry(uapi::OP_WRITE_FUA, 5, 100, 8192)?;
         assert_eq!(
@@ -392,7 +411,7 @@ mod tests {
         assert!(ring_entry(uapi::OP_READ, 0, 0, 0).is_err());
         assert!(ring_entry(9, 0, 0, 512).is_err());
         // The same request, written for another slot (a recovering tap), differs by its id.
-        let r = RingRequest::new(uapi::OP_WRITE, 64, 44 * 1024)?;
+        let r = RingRequest::new(uapi::OP_WRITE, 64, 44 * 1024, uapi::SEGMENT_MAX)?;
         let (a, b) = (r.entry(1), r.entry(30));
         assert_eq!(
             (a.id, b.id, a.nr_segments, b.sector_number),
@@ -403,37 +422,65 @@ mod tests {
         Ok(())
     }
 
+    /// `(seg, nr_segments, nr_sectors)` of a checked transfer for slots of `pages` pages.
+    fn fields(bytes: u32, pages: usize) -> Result<([Segment; uapi::SEGMENT_MAX], u8, u16)> {
+        check_transfer(bytes, pages)?;
+        Ok(transfer_fields(bytes))
+    }
+
     #[test]
     fn one_sector() -> Result {
-        let (seg, n) = segments(512)?;
-        assert_eq!(n, 1);
+        let (seg, n, sectors) = fields(512, uapi::SEGMENT_MAX)?;
+        assert_eq!((n, sectors), (1, 0));
         assert_eq!((seg[0].first_sect, seg[0].last_sect), (0, 0));
         Ok(())
     }
 
     #[test]
     fn pages_fill_linearly() -> Result {
-        let (seg, n) = segments(4096)?;
+        let (seg, n, _) = fields(4096, uapi::SEGMENT_MAX)?;
         assert_eq!(n, 1);
         assert_eq!(seg[0].last_sect, 7);
-        let (seg, n) = segments(4096 + 1024)?;
+        let (seg, n, _) = fields(4096 + 1024, uapi::SEGMENT_MAX)?;
         assert_eq!(n, 2);
         assert_eq!(
             (seg[0].last_sect, seg[1].first_sect, seg[1].last_sect),
             (7, 0, 1)
         );
-        let (seg, n) = segments(MAX_REQUEST_BYTES)?;
-        assert_eq!(n, 11);
+        let (seg, n, sectors) = fields(MAX_REQUEST_BYTES, uapi::SEGMENT_MAX)?;
+        assert_eq!((n, sectors), (11, 0));
         assert!(seg.iter().all(|s| s.first_sect == 0 && s.last_sect == 7));
         Ok(())
     }
 
     #[test]
+    fn large_requests_count_pages_and_sectors() -> Result {
+        // 12 pages, the last one holding one sector: the 11 first described, all full.
+        let (seg, n, sectors) = fields(MAX_REQUEST_BYTES + 512, 12)?;
+        assert_eq!((n, sectors), (12, 89));
+        assert!(seg.iter().all(|s| s.first_sect == 0 && s.last_sect == 7));
+        let (_, n, sectors) = fields(512 * 1024, uapi::SEGMENT_MAX_LARGE)?;
+        assert_eq!((n, sectors), (128, 1024));
+        // In an entry: `nr_sectors` at byte 2, 0 for a request of at most 11 pages.
+        let e = RingRequest::new(uapi::OP_READ, 8, 64 * 1024, 16)?.entry(2);
+        assert_eq!((e.nr_segments, e.nr_sectors), (16, 128));
+        assert_eq!(&e.as_bytes()[2..4], &128u16.to_ne_bytes());
+        let e = RingRequest::new(uapi::OP_READ, 8, 44 * 1024, 16)?.entry(2);
+        assert_eq!((e.nr_segments, e.nr_sectors), (11, 0));
+        Ok(())
+    }
+
+    #[test]
     fn bad_sizes_are_refused() {
-        assert!(segments(0).is_err());
-        assert!(segments(511).is_err());
-        assert!(segments(4097).is_err());
-        assert!(segments(MAX_REQUEST_BYTES + 512).is_err());
+        let s = uapi::SEGMENT_MAX;
+        assert!(check_transfer(0, s).is_err());
+        assert!(check_transfer(511, s).is_err());
+        assert!(check_transfer(4097, s).is_err());
+        assert!(check_transfer(MAX_REQUEST_BYTES + 512, s).is_err());
+        // More than the slot's pages, or than the largest slot.
+        assert!(check_transfer(16 * 4096 + 512, 16).is_err());
+        assert!(check_transfer(129 * 4096, 200).is_err());
+        assert!(RingRequest::new(uapi::OP_WRITE, 0, 12 * 4096, s).is_err());
     }
 
     #[test]
@@ -536,6 +583,7 @@ mod tests {
                 discard: true,
                 staged_writes: false,
                 req_event: false,
+                large: false,
             }
         );
         assert!(d.recovery);
@@ -543,7 +591,9 @@ mod tests {
         assert!(d.features.staged_writes && !d.features.flush);
         let d = DeviceInfo::from_info(&info(8, 512, 512, uapi::DEVICE_REQ_EVENT))?;
         assert!(d.features.req_event && !d.features.staged_writes);
-        assert!(DeviceInfo::from_info(&info(8, 512, 512, 0x200)).is_err());
+        let d = DeviceInfo::from_info(&info(8, 512, 512, uapi::DEVICE_LARGE_REQUESTS))?;
+        assert!(d.features.large && !d.features.req_event);
+        assert!(DeviceInfo::from_info(&info(8, 512, 512, 0x400)).is_err());
         let d = DeviceInfo::from_info(&info(8, 512, 512, uapi::DEVICE_DISCARD))?;
         assert!(d.features.discard && !d.features.flush && !d.features.fua);
         Ok(())
@@ -558,7 +608,7 @@ mod tests {
             info(8, 1000, 1024, 0),
             info(8, 512, 100, 0),
             info(8, 512, 0, 0),
-            info(8, 512, 512, 0x200),
+            info(8, 512, 512, 0x400),
             info(8, 512, 512, 0x2),
             info(8, 512, 512, uapi::DEVICE_FUA),
             info(u64::MAX, 512, 512, 0),

@@ -35,7 +35,10 @@ use crate::{
     },
     driver::Blktap,
     protocol::DeviceInfo,
-    ring::state::Readiness,
+    ring::{
+        pages::RingPages,
+        state::Readiness, //
+    },
     tap::Tap,
     task::{
         self,
@@ -84,13 +87,18 @@ impl RingFile {
     }
 
     fn mmap(&self, vma: &VmaNew) -> Result {
-        if vma.end() - vma.start() != uapi::MMAP_PAGES * PAGE_SIZE || vma::pgoff(vma) != 0 {
-            return Err(EINVAL);
-        }
+        // The length chooses the slots' pages: 11 (every tapdisk), or more for large requests.
+        let len = vma.end() - vma.start();
+        let per_slot = RingPages::per_slot_of_mapping(len / PAGE_SIZE)
+            .filter(|_| len % PAGE_SIZE == 0 && vma::pgoff(vma) == 0)
+            .ok_or(EINVAL)?;
         if self.mapped.swap(true, Ordering::Relaxed) {
             return Err(EBUSY);
         }
-        let pages = self.tap.pages()?;
+        let pages = self.tap.pages(per_slot).inspect_err(|_| {
+            // Refused: the file may be mapped again, as an mmap refused for its length may.
+            self.mapped.store(false, Ordering::Relaxed);
+        })?;
         vma.set_dontcopy();
         vma.set_dontexpand();
         vma.set_dontdump();

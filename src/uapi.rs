@@ -57,10 +57,13 @@ pub(crate) const IOCTL_RESUME: u32 = 206;
 
 /// Request slots in the ring.
 pub(crate) const RING_SIZE: usize = 32;
-/// Segments (pages) per request.
+/// Segments (pages) per request, and data pages per slot of the standard mapping.
 pub(crate) const SEGMENT_MAX: usize = 11;
-/// Pages of a ring mapping: the ring page, then one data page per slot and segment.
+/// Pages of the standard ring mapping: the ring page, then one data page per slot and segment.
 pub(crate) const MMAP_PAGES: usize = 1 + RING_SIZE * SEGMENT_MAX;
+/// The most data pages per slot (and per request, with [`DEVICE_LARGE_REQUESTS`]) a mapping may
+/// have: a mapping of `1 + RING_SIZE * S` pages has `S` per slot, `SEGMENT_MAX..=` this.
+pub(crate) const SEGMENT_MAX_LARGE: usize = 128;
 /// Bytes before the first ring entry.
 pub(crate) const RING_HEADER_SIZE: usize = 64;
 /// Bytes of a ring entry (a request or a response).
@@ -107,6 +110,9 @@ pub(crate) const DEVICE_STAGED_WRITES: usize = 0x80;
 /// `blktap_device_info.flags`: the kernel signals tapdisk of new requests only when the ring
 /// header's `req_event` asks for it (wake-up suppression, as Xen rings do).
 pub(crate) const DEVICE_REQ_EVENT: usize = 0x100;
+/// `blktap_device_info.flags`: requests of up to as many pages as the mapping has per slot
+/// (more than [`SEGMENT_MAX`]): `nr_segments` pages, `Request::nr_sectors` sectors.
+pub(crate) const DEVICE_LARGE_REQUESTS: usize = 0x200;
 /// Flags this driver knows.
 pub(crate) const DEVICE_FLAGS_KNOWN: usize = DEVICE_RO
     | DEVICE_FLUSH
@@ -114,7 +120,8 @@ pub(crate) const DEVICE_FLAGS_KNOWN: usize = DEVICE_RO
     | DEVICE_FUA
     | DEVICE_RECOVERY
     | DEVICE_STAGED_WRITES
-    | DEVICE_REQ_EVENT;
+    | DEVICE_REQ_EVENT
+    | DEVICE_LARGE_REQUESTS;
 
 /// `ALLOC_TAP` result.
 #[repr(C)]
@@ -161,7 +168,9 @@ pub(crate) struct Segment {
 pub(crate) struct Request {
     pub(crate) operation: u8,
     pub(crate) nr_segments: u8,
-    pub(crate) pad: u16,
+    /// With [`DEVICE_LARGE_REQUESTS`], for more than [`SEGMENT_MAX`] segments: the length in
+    /// 512-byte sectors; else 0.
+    pub(crate) nr_sectors: u16,
     pub(crate) pad2: u32,
     pub(crate) id: u64,
     pub(crate) sector_number: u64,
@@ -313,6 +322,9 @@ mod tests {
         // The ring size is the largest power of two that fits.
         assert_eq!(RING_SIZE, 1 << (usize::BITS - 1 - fit.leading_zeros()));
         assert_eq!(MMAP_PAGES, 353);
+        // A largest request's page count fits `nr_segments`, its sectors `nr_sectors`.
+        assert!(SEGMENT_MAX_LARGE <= u8::MAX as usize);
+        assert!(SEGMENT_MAX_LARGE * 8 <= u16::MAX as usize);
     }
 
     #[test]

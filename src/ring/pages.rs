@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The pages a tap shares with its tapdisk: the ring page (header and entries) and 32 x 11 data
-//! pages. Allocated at a tap's first mapping and kept until the tap is freed; nothing is
-//! allocated or mapped on the I/O path.
+//! The pages a tap shares with its tapdisk: the ring page (header and entries) and 32 x `S` data
+//! pages, `S` the pages per slot the mapping asked for (11, or up to 128 for large requests).
+//! Allocated at a tap's first mapping and kept until the tap is freed (or, while it has no disk,
+//! until a mapping asks for another `S`); nothing is allocated or mapped on the I/O path.
 //!
 //! Every access to the ring page is one volatile read or write of a whole field or entry: what
 //! tapdisk writes is read once, into a copy, and checked before use (`protocol.rs`).
@@ -32,27 +33,56 @@ use crate::{
 ///
 /// # Invariants
 ///
-/// `data` holds `RING_SIZE * SEGMENT_MAX` pages.
+/// `per_slot` is in `SEGMENT_MAX..=SEGMENT_MAX_LARGE`, and `data` holds `RING_SIZE * per_slot`
+/// pages.
 pub(crate) struct RingPages {
     ring: LowmemPage,
     data: KVec<Page>,
+    per_slot: usize,
 }
 
 impl RingPages {
-    /// Allocates the ring page and the data pages, zeroed.
+    /// The data pages per slot of a mapping of `pages` pages (`1 + RING_SIZE * S`), if it is a
+    /// mapping a tapdisk may make.
+    pub(crate) fn per_slot_of_mapping(pages: usize) -> Option<usize> {
+        let data = pages.checked_sub(1)?;
+        let per_slot = data / uapi::RING_SIZE;
+        (data % uapi::RING_SIZE == 0
+            && (uapi::SEGMENT_MAX..=uapi::SEGMENT_MAX_LARGE).contains(&per_slot))
+        .then_some(per_slot)
+    }
+
+    /// Allocates the ring page and `per_slot` data pages per slot, zeroed.
     ///
     /// # Errors
     ///
-    /// `ENOMEM`.
-    pub(crate) fn new() -> Result<Self> {
+    /// `EINVAL` if `per_slot` is not in `SEGMENT_MAX..=SEGMENT_MAX_LARGE`, `ENOMEM`.
+    pub(crate) fn new(per_slot: usize) -> Result<Self> {
+        if !(uapi::SEGMENT_MAX..=uapi::SEGMENT_MAX_LARGE).contains(&per_slot) {
+            return Err(EINVAL);
+        }
         let ring = LowmemPage::alloc_zeroed()?;
-        let n = uapi::RING_SIZE * uapi::SEGMENT_MAX;
+        let n = uapi::RING_SIZE * per_slot;
         let mut data = KVec::with_capacity(n, GFP_KERNEL)?;
         for _ in 0..n {
             data.push(Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?, GFP_KERNEL)?;
         }
-        // INVARIANT: `data` holds every data page.
-        Ok(Self { ring, data })
+        // INVARIANT: `per_slot` is checked above; `data` holds every data page.
+        Ok(Self {
+            ring,
+            data,
+            per_slot,
+        })
+    }
+
+    /// Data pages per slot.
+    pub(crate) fn per_slot(&self) -> usize {
+        self.per_slot
+    }
+
+    /// Pages of the mapping: the ring page and the data pages.
+    pub(crate) fn mapping_pages(&self) -> usize {
+        1 + self.data.len()
     }
 
     /// The ring page.
@@ -67,8 +97,9 @@ impl RingPages {
 
     /// The data pages of slot `slot` (< 32).
     pub(crate) fn slot(&self, slot: usize) -> &[Page] {
-        let first = (slot % uapi::RING_SIZE) * uapi::SEGMENT_MAX;
-        &self.data[first..first + uapi::SEGMENT_MAX]
+        let first = (slot % uapi::RING_SIZE) * self.per_slot;
+        // By the type invariants, `first + per_slot <= data.len()`.
+        self.data.get(first..first + self.per_slot).unwrap_or(&[])
     }
 
     /// Zeroes the ring page (at each new mapping).
@@ -146,8 +177,9 @@ mod tests {
 
     #[test]
     fn entries_and_header_fields_fit_the_ring_page() -> Result {
-        let pages = RingPages::new()?;
+        let pages = RingPages::new(uapi::SEGMENT_MAX)?;
         assert_eq!(pages.data_pages().len(), uapi::MMAP_PAGES - 1);
+        assert_eq!(pages.mapping_pages(), uapi::MMAP_PAGES);
         for i in [0u32, 31, 32, u32::MAX] {
             let e = uapi::Request {
                 id: u64::from(i),
@@ -170,6 +202,35 @@ mod tests {
         pages.zero_ring();
         assert_eq!(pages.msg(), 0);
         assert_eq!(pages.slot(31).len(), uapi::SEGMENT_MAX);
+        Ok(())
+    }
+
+    #[test]
+    fn the_mapping_length_gives_the_pages_per_slot() -> Result {
+        let per_slot = RingPages::per_slot_of_mapping;
+        assert_eq!(per_slot(uapi::MMAP_PAGES), Some(uapi::SEGMENT_MAX));
+        assert_eq!(per_slot(1 + 32 * 64), Some(64));
+        assert_eq!(per_slot(1 + 32 * 128), Some(128));
+        for bad in [
+            0,
+            1,
+            1 + 32 * 10,
+            uapi::MMAP_PAGES + 1,
+            1 + 32 * 129,
+            usize::MAX,
+        ] {
+            assert_eq!(per_slot(bad), None);
+        }
+        assert!(RingPages::new(10).is_err() && RingPages::new(129).is_err());
+        // Slots of a large mapping are disjoint and follow each other.
+        let pages = RingPages::new(16)?;
+        assert_eq!(pages.mapping_pages(), 1 + 32 * 16);
+        assert_eq!(pages.slot(1).len(), 16);
+        assert!(core::ptr::eq(&pages.slot(1)[0], &pages.data_pages()[16]));
+        assert!(core::ptr::eq(
+            &pages.slot(31)[15],
+            &pages.data_pages()[32 * 16 - 1]
+        ));
         Ok(())
     }
 }

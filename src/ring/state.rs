@@ -714,7 +714,7 @@ mod tests {
         assert!(!ring.accepts());
         ring.end_removing();
         assert!(!ring.recovery() && !ring.accepts());
-        let pages = Arc::new(RingPages::new()?, GFP_KERNEL)?;
+        let pages = Arc::new(RingPages::new(crate::uapi::SEGMENT_MAX)?, GFP_KERNEL)?;
         assert_eq!(ring.map(mm, pages), 0);
         assert!(ring.accepts());
         assert_eq!(ring.readiness(), Readiness::Idle);
@@ -733,7 +733,7 @@ mod tests {
     fn the_last_vma_ends_the_mapping() -> Result {
         let anchor = 0u8;
         let mut ring = RingState::new(120);
-        let pages = Arc::new(RingPages::new()?, GFP_KERNEL)?;
+        let pages = Arc::new(RingPages::new(crate::uapi::SEGMENT_MAX)?, GFP_KERNEL)?;
         ring.map(MmId::from_ptr(core::ptr::from_ref(&anchor)), pages);
         ring.vma_opened();
         assert!(!ring.vma_closed());

@@ -67,6 +67,15 @@ impl DiskLink {
         self.tap.minor()
     }
 
+    /// The most pages a request may have: the slots' pages with large requests, else 11.
+    pub(crate) fn request_pages(&self) -> usize {
+        if self.features.large {
+            self.pages.per_slot()
+        } else {
+            uapi::SEGMENT_MAX
+        }
+    }
+
     /// `queue_rq`: as [`Tap::queue`].
     pub(crate) fn queue(&self, rq: Request, last: bool) -> Queued {
         self.tap.queue(&self.pages, self.features, rq, last)
@@ -132,14 +141,17 @@ impl Tap {
         publish: bool,
         stage: bool,
     ) -> bool {
-        let ready = RingRequest::new(op, rq.sector(), rq.bytes()).and_then(|req| {
-            let len = req.bytes() as usize;
-            if !stage && req.carries_write_data() && rq.copy_to_pages(pages.slot(slot), len) != len
-            {
-                return Err(EIO);
-            }
-            Ok(req)
-        });
+        let ready =
+            RingRequest::new(op, rq.sector(), rq.bytes(), pages.per_slot()).and_then(|req| {
+                let len = req.bytes() as usize;
+                if !stage
+                    && req.carries_write_data()
+                    && rq.copy_to_pages(pages.slot(slot), len) != len
+                {
+                    return Err(EIO);
+                }
+                Ok(req)
+            });
         let put = match ready {
             Ok(req) if stage => {
                 let p = Pending { rq, req };

@@ -318,17 +318,26 @@ impl Tap {
 
     // ---- the mapping -------------------------------------------------------------------------
 
-    /// The shared pages, allocated at the tap's first mapping and kept until it is freed.
+    /// The shared pages for a mapping of `per_slot` data pages per slot: allocated at the tap's
+    /// first mapping and kept until it is freed; allocated again when a mapping asks for another
+    /// `per_slot` while the tap has no disk.
     ///
     /// # Errors
     ///
-    /// `ENOMEM`.
-    pub(crate) fn pages(&self) -> Result<Arc<RingPages>> {
+    /// `EINVAL` if the tap has a disk made on pages of another `per_slot` (its queue's limits
+    /// and its kept requests are the old pages'), or if `per_slot` is not a mapping's; `ENOMEM`.
+    pub(crate) fn pages(&self, per_slot: usize) -> Result<Arc<RingPages>> {
         let mut inner = self.inner.lock();
         if let Some(p) = &inner.pages {
-            return Ok(p.clone());
+            if p.per_slot() == per_slot {
+                return Ok(p.clone());
+            }
+            if !matches!(inner.disk, DiskState::None) {
+                return Err(EINVAL);
+            }
         }
-        let p = Arc::new(RingPages::new()?, GFP_KERNEL)?;
+        let p = Arc::new(RingPages::new(per_slot)?, GFP_KERNEL)?;
+        // The old pages, if any, go with their last user (no disk holds them).
         inner.pages = Some(p.clone());
         Ok(p)
     }
@@ -411,7 +420,8 @@ impl Tap {
     /// # Errors
     ///
     /// `EEXIST` if the tap has a disk, `EBUSY` while one is being removed, `ENXIO` if the ring
-    /// was never mapped, or what `make` answers.
+    /// was never mapped, `EINVAL` for large requests on a mapping with 11 pages per slot, or
+    /// what `make` answers.
     pub(crate) fn create_disk(
         tap: &Arc<Self>,
         info: &DeviceInfo,
@@ -424,6 +434,9 @@ impl Tap {
             DiskState::Removing => return Err(EBUSY),
         }
         let pages = inner.pages.clone().ok_or(ENXIO)?;
+        if info.features.large && pages.per_slot() == uapi::SEGMENT_MAX {
+            return Err(EINVAL);
+        }
         let disk = make(DiskLink::new(tap.clone(), pages, info.features))?;
         let deadline = tap.ring.lock().deadline();
         disk.set_timeout_ms(deadline.saturating_mul(1000));
@@ -608,16 +621,20 @@ impl Tap {
                 writeln!(out, "paused: {paused}")?;
                 writeln!(
                     out,
-                    "features: flush={} fua={} discard={} staged_writes={} req_event={}",
+                    "features: flush={} fua={} discard={} staged_writes={} req_event={} large={}",
                     u8::from(f.flush),
                     u8::from(f.fua),
                     u8::from(f.discard),
                     u8::from(f.staged_writes),
-                    u8::from(f.req_event)
+                    u8::from(f.req_event),
+                    u8::from(f.large)
                 )?;
             }
             DiskState::Removing => writeln!(out, "disk: removing")?,
             DiskState::None => writeln!(out, "disk: none")?,
+        }
+        if let Some(p) = &inner.pages {
+            writeln!(out, "slot_pages: {}", p.per_slot())?;
         }
         let ring = self.ring.lock();
         let mapped = if ring.is_mapped() { "yes" } else { "no" };

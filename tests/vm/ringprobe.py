@@ -65,7 +65,7 @@ out("create-capacity-0", res(lambda: ioctl(fd, 208, info(0))))
 out("create-sector-1000", res(lambda: ioctl(fd, 208, info(2048, 1000, 1024))))
 out("create-sector-8192", res(lambda: ioctl(fd, 208, info(2048, 8192, 8192))))
 out("create-physical-256", res(lambda: ioctl(fd, 208, info(2048, 512, 256))))
-out("create-unknown-flag", res(lambda: ioctl(fd, 208, info(2048, flags=0x200))))
+out("create-unknown-flag", res(lambda: ioctl(fd, 208, info(2048, flags=0x400))))
 out("create-bad-pointer", res(lambda: ioctl(fd, 208, ctypes.c_void_p(16))))
 # The byte size must fit loff_t, and be a whole number of logical blocks.
 out("create-capacity-loff-max", res(lambda: ioctl(fd, 208, info((2**63 - 1) // 512 + 1))))

@@ -50,7 +50,7 @@ check "a negotiating peer's disk appears" wait_node
 check "write cache advertised" is "$(cat /sys/block/tda/queue/write_cache)" "write back"
 check "FUA advertised" is "$(cat /sys/block/tda/queue/fua)" 1
 check "discard advertised, 1 GiB at most" is "$(cat /sys/block/tda/queue/discard_max_hw_bytes)" 1073741824
-check "debug shows the features" debug_is "features: flush=1 fua=1 discard=1 staged_writes=0 req_event=0"
+check "debug shows the features" debug_is "features: flush=1 fua=1 discard=1 staged_writes=0 req_event=0 large=0"
 check "write data" dd if=/dev/urandom of=$D bs=44k count=100 oflag=direct status=none
 check "fsync reaches the peer as FLUSH" python3 -c "import os; fd=os.open('$D', os.O_RDWR); os.write(fd, b'x'*4096); os.fsync(fd)"
 check "O_DSYNC direct writes reach the peer as FUA" dd if=/dev/zero of=$D bs=4k count=4 oflag=direct,dsync status=none

@@ -69,7 +69,7 @@ check "blkdiscard is refused" fails blkdiscard "$dev"
 check "fsync still works" python3 -c "import os; fd=os.open('$dev', os.O_RDWR); os.write(fd, b'z'*4096); os.fsync(fd)"
 check "O_DSYNC still works" dd if=/dev/zero of="$dev" bs=4k count=8 oflag=direct,dsync status=none
 check "the tapdisk saw only READ and WRITE" sh -c "test $(stat $pid 0 flushes) = 0 && test $(stat $pid 0 fua_writes) = 0 && test $(stat $pid 0 discards) = 0 && test $(stat $pid 0 unsupported) = 0"
-check "debug shows no features" grep -qx 'features: flush=0 fua=0 discard=0 staged_writes=0 req_event=0' "$CLASS/blktap!blktap0/debug"
+check "debug shows no features" grep -qx 'features: flush=0 fua=0 discard=0 staged_writes=0 req_event=0 large=0' "$CLASS/blktap!blktap0/debug"
 check "destroy" $TAPCTL destroy -m 0
 check "rmmod" unload
 finish

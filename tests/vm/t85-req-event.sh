@@ -17,7 +17,7 @@ T="$CLASS/blktap!blktap0"
 D=$DEVDIR/tapdev0
 counter() { sed -n "s/^$1: //p" "$T/debug"; }
 # req_event_is N: the disk was made with req_event (1) or without (0).
-req_event_is() { grep -q "^features: .* req_event=$1\$" "$T/debug" || { cat "$T/debug"; false; }; }
+req_event_is() { grep -q "^features: .* req_event=$1 " "$T/debug" || { cat "$T/debug"; false; }; }
 both_ok() { fio_ok s1 && fio_ok s2; }
 wait_node() { i=0; while [ ! -b $D ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; test -b $D; }
 gone() { i=0; while [ -b $D ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; test ! -b $D; }
