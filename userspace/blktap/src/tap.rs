@@ -828,6 +828,7 @@ mod tests {
     use crate::backend::immediate::Synchronous;
     use crate::backend::ram::RamBackend;
     use crate::backend::{Completion, ImageKind, Io};
+    use crate::ring::EXTENSION_FLAGS;
     use crate::testkit::{SimDevice, SimKernel};
 
     const R: u8 = abi::OP_READ;
@@ -950,6 +951,133 @@ mod tests {
         tap.open_backend(&open_args(true, false), "ram:1M", ram(1 << 20))
             .unwrap();
         assert_eq!(k.state().disk, Some((2048, abi::DEVICE_RECOVERY)));
+    }
+
+    #[test]
+    fn large_requests_are_negotiated_with_a_larger_ring_and_fall_back_to_the_standard_one() {
+        use crate::ring::RingMemory;
+        let all = abi::DEVICE_FLUSH | abi::DEVICE_FUA | abi::DEVICE_DISCARD;
+        let staged = abi::DEVICE_STAGED_WRITES;
+        let large = abi::DEVICE_LARGE_REQUESTS;
+        let options = TapOptions {
+            max_segments: 64,
+            ..Default::default()
+        };
+        assert_eq!(options.pages_per_slot(), 64);
+        assert_eq!(TapOptions::default().pages_per_slot(), 11);
+        let off = TapOptions {
+            extensions: false,
+            ..options
+        };
+        assert_eq!(off.pages_per_slot(), 11);
+        let huge = TapOptions {
+            max_segments: 4096,
+            ..options
+        };
+        assert_eq!(huge.pages_per_slot(), 128);
+
+        // A kernel that knows large requests, a ring of 64 pages per slot.
+        let mut k = SimKernel::with_pages_per_slot(64);
+        let mut tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(k.state().creates, [large | all | staged]);
+        assert_eq!((k.state().disk_pages, k.mem.pages_per_slot()), (64, 64));
+        assert!(k.state().remaps.is_empty());
+        assert_eq!(tap.stats().device_flags & large, large);
+        // A request of 64 pages is served.
+        for j in 0..64 {
+            k.fill(5, j, |i| (i + j) as u8);
+        }
+        k.submit(&SimKernel::transfer(W, 5, 0, 64 * 8));
+        tap.on_ring();
+        assert_eq!(ids(&mut k), [(5, 0)]);
+        k.submit(&SimKernel::transfer(R, 6, 0, 64 * 8));
+        tap.on_ring();
+        assert_eq!(ids(&mut k), [(6, 0)]);
+        assert!((0..64).all(|j| k.page(6, j) == k.page(5, j)));
+
+        // A kernel that refuses LARGE_REQUESTS at CREATE_DEVICE: the ring is mapped again with
+        // 11 pages per slot, and the other extensions negotiated as before.
+        let mut k = SimKernel::with_pages_per_slot(64);
+        k.state_mut().known_flags = EXTENSION_FLAGS & !large;
+        let mut tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(k.state().creates, [large | all | staged, all | staged]);
+        assert_eq!(k.state().remaps, [11]);
+        assert_eq!((k.state().disk_pages, k.mem.pages_per_slot()), (11, 11));
+        assert_eq!(tap.stats().device_flags & large, 0);
+        // Requests of more than 11 pages are invalid then.
+        k.submit(&SimKernel::transfer(R, 1, 0, 12 * 8));
+        k.submit(&SimKernel::transfer(R, 2, 0, 11 * 8));
+        tap.on_ring();
+        assert_eq!(sorted_ids(&mut k), [(1, abi::RSP_ERROR), (2, 0)]);
+
+        // An old kernel refuses every extension: down to no flags, on the standard ring.
+        let k = SimKernel::with_pages_per_slot(128);
+        k.state_mut().known_flags = 0;
+        let _tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(
+            k.state().creates,
+            [large | all | staged, all | staged, all, 0]
+        );
+        assert_eq!(k.state().remaps, [11]);
+        assert_eq!(k.state().disk, Some((2048, 0)));
+
+        // Without the extensions a larger ring is mapped again before CREATE_DEVICE.
+        let k = SimKernel::with_pages_per_slot(64);
+        let _tap = open_tap(&k, off, ram(1 << 20));
+        assert_eq!(
+            (k.state().remaps.clone(), k.state().creates.clone()),
+            (vec![11], vec![0])
+        );
+
+        // A standard ring never asks for large requests.
+        let k = SimKernel::new();
+        let _tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(k.state().creates, [all | staged]);
+        assert!(k.state().remaps.is_empty());
+    }
+
+    #[test]
+    fn a_recovering_tapdisk_serves_large_requests_on_a_ring_of_the_disks_pages() {
+        let mut k = SimKernel::with_pages_per_slot(128);
+        let options = TapOptions {
+            max_segments: 128,
+            ..Default::default()
+        };
+        let (backend, _gate) = gated(1 << 20);
+        let mut first = TapCore::attach(Rc::clone(&k.mem), options);
+        first
+            .open_backend(&open_args(true, false), "ram:1M", backend)
+            .unwrap();
+        let flags = k.state().disk.unwrap().1;
+        assert_eq!(
+            flags & abi::DEVICE_LARGE_REQUESTS,
+            abi::DEVICE_LARGE_REQUESTS
+        );
+        for j in 0..128 {
+            k.fill(0, j, |i| (i / 512 + j) as u8);
+        }
+        k.submit(&SimKernel::transfer(W, 0, 64, 1024));
+        first.on_ring();
+        drop(first);
+        assert_eq!(k.pending(), 1);
+
+        // The disk's pages per slot and no other.
+        // SAFETY: no view or pointer into the simulated ring is kept across the call.
+        let e = unsafe { crate::ring::RingDevice::remap(&*k.mem, 11) }.unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        // SAFETY: as above.
+        unsafe { crate::ring::RingDevice::remap(&*k.mem, 128) }.unwrap();
+        k.reattach();
+        let mut second = TapCore::attach(Rc::clone(&k.mem), options);
+        second
+            .open_backend(&open_args(false, true), "ram:1M", ram(1 << 20))
+            .unwrap();
+        assert_eq!(second.stats().device_flags, abi::DEVICE_LARGE_REQUESTS);
+        assert_eq!(sorted_ids(&mut k), [(0, 0)]);
+        k.submit(&SimKernel::transfer(R, 9, 64, 1024));
+        second.on_ring();
+        assert_eq!(ids(&mut k), [(9, 0)]);
+        assert!((0..128).all(|j| k.page(9, j) == k.page(0, j)));
     }
 
     #[test]
