@@ -6,7 +6,7 @@
                            [--epoll | --epoll-et | --epoll-mod | --epoll-nested]
                            [--register-late SECONDS] [--open-retry SECONDS] [--free-alloc]
                            [--ignore-sector S] [--guess-staged S] [--poll-only | --no-poll]
-                           [--req-event armed|never|ahead]
+                           [--req-event armed|never|ahead] [--max-segments N [--no-large-flag]]
 
 Maps the ring of an allocated tap, creates its disk, serves it from memory (or from --file),
 and on SIGTERM (or after --for seconds) removes the disk and exits. Used by the VM tests to
@@ -69,12 +69,27 @@ Modes for the concurrency tests:
               hostile peer that keeps req_event far ahead of the ring, so the kernel never
               signals it (its requests reach their deadline).
 
+--max-segments N
+              (11..128, default 11) maps the ring with N data pages per slot (1 + 32 * N pages:
+              page j of slot i is page 1 + N * i + j) and, above 11, adds LARGE_REQUESTS
+              (0x200) to the flags (--no-large-flag leaves it out: for the kernel's refusal).
+              A request of more than 11 pages must then have nr_segments = its pages (12..N)
+              and nr_sectors in ((pages - 1) * 8, pages * 8], seg[0..11] whole pages; its data
+              fills the slot's pages from byte 0 on. A failed mmap prints `pytap: mmap: ERRNO`
+              and exits 3 (no fallback: the caller chooses N).
+
+Every request is checked against the ring's rules (id a slot, nr_segments 1..11, or 12..N with
+LARGE_REQUESTS, nr_sectors 0 for up to 11 pages and fitting the pages above, segments inside
+their page, sectors inside the disk, none for FLUSH and DISCARD): a violation prints `pytap:
+VIOLATION: ...`, is answered -1 and makes the peer exit 4 (after removing the disk).
+
 A failed CREATE_DEVICE prints `pytap: create: ERRNO` and exits 3.
 """
 import ctypes, errno, mmap, os, random, select, signal, struct, sys, time
 
 PAGE = 4096
-RING_SIZE, SEGS = 32, 11
+RING_SIZE, SEGS, SEGS_LARGE = 32, 11, 128
+LARGE_REQUESTS = 0x200
 READ, WRITE, FLUSH, DISCARD, WRITE_FUA = 0, 1, 2, 3, 4
 MSG_PAUSE, MSG_RESUME = 1, 2
 IOCTL_RESPOND, IOCTL_PAUSE, IOCTL_RESUME = 1, 204, 206
@@ -176,6 +191,13 @@ def main():
                        if a in ("--epoll", "--epoll-et", "--epoll-mod", "--epoll-nested")), None)
     register_late = opt("--register-late", float, 0.0)
     req_event = opt("--req-event", str, None)
+    pages = opt("--max-segments", int, SEGS)  # data pages per slot
+    if not SEGS <= pages <= SEGS_LARGE:
+        say(f"--max-segments {pages}: not in {SEGS}..{SEGS_LARGE}")
+        sys.exit(2)
+    if pages > SEGS and "--no-large-flag" not in sys.argv:
+        flags |= LARGE_REQUESTS
+    violations = []
     store = Store(sectors, opt("--file", str, None))
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
@@ -195,7 +217,14 @@ def main():
         free_and_allocate(minor, opt("--open-retry", float, 10.0))
     say(f"opening the ring of tap {minor}")
     fd = open_ring(minor, opt("--open-retry", float, 0.0))
-    m = mmap.mmap(fd, PAGE * (1 + RING_SIZE * SEGS), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        m = mmap.mmap(fd, PAGE * (1 + RING_SIZE * pages), mmap.MAP_SHARED,
+                      mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        say(f"mmap: {errno.errorcode.get(e.errno, e.errno)}")
+        sys.exit(3)
+    if pages != SEGS:
+        say(f"mapped {pages} pages per slot")
     try:
         if recover:
             pass
@@ -210,6 +239,7 @@ def main():
         say(f"create: {errno.errorcode.get(e.errno, e.errno)}")
         sys.exit(3)
     ops = {READ: 0, WRITE: 0, FLUSH: 0, DISCARD: 0, WRITE_FUA: 0, "other": 0, "pause": 0, "resume": 0}
+    ops_large = [0]  # large requests (more than 11 pages) seen valid
     stats = {"batches": 0, "multi": 0, "max": 0, "reordered": 0, "wakeups": 0, "spurious": 0,
              "rechecks": 0}
 
@@ -257,6 +287,48 @@ def main():
         say(f"guessed slot {gid}: {result}")
         guessing["done"] = True
 
+    def violation(text):
+        violations.append(text)
+        say(f"VIOLATION: {text}")
+
+    def check(op, nseg, nsec, rid, sector, off):
+        """The request's transfer as [(mapping offset, length)], or None (a violation, told)."""
+        what = f"op {op} id {rid} sector {sector} nr_segments {nseg} nr_sectors {nsec}"
+        if rid >= RING_SIZE:
+            return violation(f"{what}: id is not a slot")
+        if op not in (READ, WRITE, WRITE_FUA):
+            if nseg != 0:
+                return violation(f"{what}: segments on a request without data")
+            return []
+        large = nseg > SEGS
+        if nseg == 0:
+            return violation(f"{what}: a transfer without segments")
+        if large and not flags & LARGE_REQUESTS:
+            return violation(f"{what}: more than {SEGS} segments without LARGE_REQUESTS")
+        if nseg > pages:
+            return violation(f"{what}: more segments than the slot's {pages} pages")
+        if not large and nsec != 0:
+            return violation(f"{what}: nr_sectors set on a request of at most {SEGS} pages")
+        if large and not (nseg - 1) * 8 < nsec <= nseg * 8:
+            return violation(f"{what}: nr_sectors does not fit nr_segments")
+        parts = []
+        base = PAGE * (1 + rid * pages)
+        for j in range(min(nseg, SEGS)):
+            first, last = struct.unpack_from("BB", m, off + 24 + 8 * j + 4)
+            if first > last or last > 7:
+                return violation(f"{what}: segment {j} sectors {first}..{last}")
+            if large and (first, last) != (0, 7):
+                return violation(f"{what}: segment {j} of a large request is {first}..{last}")
+            parts.append((base + PAGE * j + first * 512, (last - first + 1) * 512))
+        if large:
+            # Contiguous from byte 0 of page 0: one run in the mapping.
+            parts = [(base, nsec * 512)]
+            ops_large[0] += 1
+        length = sum(ln for _, ln in parts)
+        if sector * 512 + length > sectors * 512:
+            return violation(f"{what}: beyond the disk's {sectors} sectors")
+        return parts
+
     def take():
         """Serves every request on the ring not seen yet; returns their answers (id, op, status)."""
         if guess_sector is None or guessing["done"]:
@@ -266,21 +338,21 @@ def main():
         req_cons = state["req_cons"]
         while req_cons != req_prod:
             off = 64 + (req_cons % RING_SIZE) * 112
-            op, nseg, rid, sector = struct.unpack_from("BBxxxxxxQQ", m, off)
+            op, nseg, nsec, rid, sector = struct.unpack_from("BBHxxxxQQ", m, off)
             ops[op if op in ops else "other"] += 1
             status = 0
             pos = sector * 512
-            if op == DISCARD and flags & 0x8:
+            parts = check(op, nseg, nsec, rid, sector, off)
+            if parts is None:
+                status = -1
+            elif op == DISCARD and flags & 0x8:
                 (count,) = struct.unpack_from("Q", m, off + 24)
                 store.write(pos, bytes(count * 512))
             elif op == FLUSH and flags & 0x4:
                 if store.fd is not None:
                     os.fdatasync(store.fd)
             elif op in (READ, WRITE) or (op == WRITE_FUA and flags & 0x20):
-                for j in range(nseg):
-                    first, last = struct.unpack_from("BB", m, off + 24 + 8 * j + 4)
-                    page = PAGE * (1 + rid * SEGS + j)
-                    a, ln = page + first * 512, (last - first + 1) * 512
+                for a, ln in parts:
                     if op == READ:
                         m[a:a + ln] = store.read(pos, ln)
                     elif not ro:
@@ -444,8 +516,12 @@ def main():
         say(f"epoll wakeups={stats['wakeups']} spurious={stats['spurious']}")
     if req_event:
         say(f"req_event rechecks={stats['rechecks']}")
+    if pages != SEGS or violations:
+        say(f"large={ops_large[0]} violations={len(violations)}")
     m.close()
     os.close(fd)
+    if violations:
+        sys.exit(4)
 
 
 def names(ops):

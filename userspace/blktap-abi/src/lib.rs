@@ -63,7 +63,10 @@ pub const IOCTL_RESUME: u32 = uapi::BLKTAP2_IOCTL_RESUME;
 pub const RING_SIZE: usize = uapi::BLKTAP_RING_SIZE as usize;
 /// Segments (pages) per request.
 pub const SEGMENT_MAX: usize = uapi::BLKTAP_SEGMENT_MAX as usize;
-/// Pages of the whole ring mapping: the ring page then the data pages.
+/// Segments (pages) per request and data pages per slot of a mapping made for
+/// [`DEVICE_LARGE_REQUESTS`], at most.
+pub const SEGMENT_MAX_LARGE: usize = uapi::BLKTAP_SEGMENT_MAX_LARGE as usize;
+/// Pages of the standard ring mapping: the ring page then 11 data pages per slot.
 pub const MMAP_PAGES: usize = uapi::BLKTAP_MMAP_PAGES as usize;
 /// The ring header's `msg` value by which the kernel asks tapdisk to pause the tap.
 pub const RING_MESSAGE_PAUSE: u8 = uapi::BLKTAP2_RING_MESSAGE_PAUSE as u8;
@@ -87,6 +90,10 @@ pub const DEVICE_STAGED_WRITES: u64 = uapi::BLKTAP_DEVICE_STAGED_WRITES as u64;
 /// `blktap_device_info.flags` (extension): the kernel signals the ring's poll queue of new
 /// requests only when the header's `req_event` asks for it (wake-up suppression).
 pub const DEVICE_REQ_EVENT: u64 = uapi::BLKTAP_DEVICE_REQ_EVENT as u64;
+/// `blktap_device_info.flags` (extension): read and write requests of up to S pages, S the
+/// data pages per slot of the mapping (12..=[`SEGMENT_MAX_LARGE`]); a request of more than
+/// [`SEGMENT_MAX`] pages has `nr_segments` = its pages and `nr_sectors` = its sectors.
+pub const DEVICE_LARGE_REQUESTS: u64 = uapi::BLKTAP_DEVICE_LARGE_REQUESTS as u64;
 /// Largest discard in one request, in 512-byte sectors.
 pub const DISCARD_MAX_SECTORS: u64 = uapi::BLKTAP_DISCARD_MAX_SECTORS as u64;
 
@@ -167,6 +174,9 @@ mod tests {
         // (4096 - 64) / 112 = 36 entries fit; the ring uses the largest power of two below.
         assert_eq!(RING_SIZE, 32);
         assert_eq!(MMAP_PAGES, 1 + 32 * 11);
+        // LARGE_REQUESTS: the former padding after nr_segments holds the sectors.
+        assert_eq!(offset_of!(blktap_request, nr_sectors), 2);
+        assert_eq!((SEGMENT_MAX_LARGE, DEVICE_LARGE_REQUESTS), (128, 0x200));
     }
 
     #[test]

@@ -7,9 +7,14 @@
 //! - Opening negotiates the extensions: `CREATE_DEVICE` with `FLUSH|FUA` and `DISCARD` where the
 //!   backend does them (unless [`TapOptions::extensions`] is off) and `RECOVERY` if asked; a
 //!   kernel that answers `EINVAL` (or `ENOTTY`) is asked again without `FLUSH|FUA|DISCARD`; if it
-//!   refuses `RECOVERY` too, opening fails: recovery is unavailable.
+//!   refuses `RECOVERY` too, opening fails: recovery is unavailable. A ring mapped with more
+//!   than 11 pages per slot ([`TapOptions::max_segments`]) asks for `LARGE_REQUESTS` first; a
+//!   kernel that refuses it gets the ring mapped again with 11 pages per slot, and the other
+//!   extensions as before.
 //! - Recovering (`recover`) serves a disk that already exists (its requests were kept by the
-//!   kernel for a new tapdisk): no `CREATE_DEVICE`; the image must have the disk's size.
+//!   kernel for a new tapdisk): no `CREATE_DEVICE`; the image must have the disk's size, and the
+//!   ring the disk's pages per slot (the kernel maps no other): more than 11 means the disk has
+//!   large requests.
 //! - Pausing: `PAUSE`, then the ring is served until every request the kernel handed out is
 //!   answered and the backend has nothing in flight; then the image is closed. Unpausing opens
 //!   the image again (or another of the same size), then `RESUME`. No request is failed because
@@ -25,7 +30,7 @@ use crate::backend::{self, Backend, Features, ImageSpec};
 use crate::ctl::{TapEntry, TapState, TapStats};
 use crate::ring::{
     DiskParams, RingDevice, SharedRing, RING_MESSAGE_CLOSE, RING_MESSAGE_PAUSE,
-    RING_MESSAGE_RESUME, SECTOR_SIZE,
+    RING_MESSAGE_RESUME, SECTOR_SIZE, STANDARD_PAGES_PER_SLOT,
 };
 use crate::server::{
     disk_sectors, ExternalIo, IoStats, RingFault, ServeError, Server, ServerOptions,
@@ -47,6 +52,23 @@ pub struct TapOptions {
     /// header's `req_event`), not for every request while it polls (with `extensions` only).
     /// Off by default: measured alone it brought nothing (`Documentation/benchmarks.rst`).
     pub req_event: bool,
+    /// The most pages per request to ask for: 11 (the default) is the standard ring; 12..=128
+    /// maps the ring with that many data pages per slot and asks for `DEVICE_LARGE_REQUESTS`
+    /// (with `extensions` only; see [`TapOptions::pages_per_slot`]).
+    pub max_segments: usize,
+}
+
+impl TapOptions {
+    /// The data pages per slot to map a tap's ring with: `max_segments` (clamped to 11..=128)
+    /// with the extensions, 11 without.
+    pub fn pages_per_slot(&self) -> usize {
+        if self.extensions {
+            self.max_segments
+                .clamp(STANDARD_PAGES_PER_SLOT, abi::SEGMENT_MAX_LARGE)
+        } else {
+            STANDARD_PAGES_PER_SLOT
+        }
+    }
 }
 
 impl Default for TapOptions {
@@ -56,6 +78,7 @@ impl Default for TapOptions {
             extensions: true,
             staged_writes: true,
             req_event: false,
+            max_segments: STANDARD_PAGES_PER_SLOT,
         }
     }
 }
@@ -255,6 +278,11 @@ impl<D: RingDevice> TapCore<D> {
                         ),
                         Errno::EINVAL,
                     ))
+                }
+                // The kernel maps a ring with more than 11 pages per slot only for a disk
+                // created with large requests and that mapping: it sends them.
+                Some(_) if ring.pages_per_slot() > STANDARD_PAGES_PER_SLOT => {
+                    abi::DEVICE_LARGE_REQUESTS
                 }
                 Some(_) => 0,
             }
@@ -697,6 +725,11 @@ pub fn extension_flags(features: Features) -> u64 {
 
 /// `CREATE_DEVICE` with the extensions, falling back as the kernel asks. Returns the flags the
 /// disk was created with.
+///
+/// With a ring mapped with more than 11 pages per slot, `LARGE_REQUESTS` is asked for first,
+/// with the rest; a refusal maps the ring again with 11 pages per slot (the kernel maps a larger
+/// ring only for large requests) before the ladder goes on without it. The ring is mapped
+/// again, too, when the extensions are off.
 fn negotiate<D: RingDevice>(
     ring: &D,
     mut params: DiskParams,
@@ -720,16 +753,28 @@ fn negotiate<D: RingDevice>(
     } else {
         0
     };
+    let large_ring = ring.pages_per_slot() > STANDARD_PAGES_PER_SLOT;
+    let large = if options.extensions && large_ring {
+        abi::DEVICE_LARGE_REQUESTS
+    } else {
+        if large_ring {
+            standard_ring(ring)?;
+        }
+        0
+    };
     let refused = |e: &Error| matches!(Errno::from_raw(e.errno()), Errno::EINVAL | Errno::ENOTTY);
     // The newest extension is dropped first: a kernel that knows the others but not the newest
-    // (an earlier version of this module) keeps them. Newest first: req_event, staged writes.
-    let mut flags = ext | staged | req_event;
+    // (an earlier version of this module) keeps them. Newest first: large requests, req_event,
+    // staged writes.
+    let mut flags = large | ext | staged | req_event;
     loop {
         params.flags = flags | recovery_flag;
         match ring.create_device(&params) {
             Ok(()) => return Ok(params.flags),
             Err(e) if flags != 0 && refused(&e) => {
-                let fewer = if flags & req_event != 0 {
+                let fewer = if flags & large != 0 {
+                    flags & !large
+                } else if flags & req_event != 0 {
                     flags & !req_event
                 } else if flags & staged != 0 {
                     ext
@@ -741,11 +786,22 @@ fn negotiate<D: RingDevice>(
                      creating the disk with {fewer:#x}",
                     ring.minor()
                 );
+                if flags & large != 0 {
+                    standard_ring(ring)?;
+                }
                 flags = fewer;
             }
             Err(e) => return Err(recovery_error(e, recovery, ring.minor())),
         }
     }
+}
+
+/// Maps `ring` again with the standard 11 pages per slot (before its disk is created).
+fn standard_ring<D: RingDevice>(ring: &D) -> Result<()> {
+    // SAFETY: called while the tap is only attached, before its disk is created: no server
+    // exists, so no I/O is in flight into the ring's memory and no view or pointer into it is
+    // kept (`SharedRing`s live only inside the calls that make them).
+    unsafe { ring.remap(STANDARD_PAGES_PER_SLOT) }
 }
 
 fn recovery_error(e: Error, recovery: bool, minor: u32) -> Error {
@@ -772,6 +828,7 @@ mod tests {
     use crate::backend::immediate::Synchronous;
     use crate::backend::ram::RamBackend;
     use crate::backend::{Completion, ImageKind, Io};
+    use crate::ring::EXTENSION_FLAGS;
     use crate::testkit::{SimDevice, SimKernel};
 
     const R: u8 = abi::OP_READ;
@@ -894,6 +951,133 @@ mod tests {
         tap.open_backend(&open_args(true, false), "ram:1M", ram(1 << 20))
             .unwrap();
         assert_eq!(k.state().disk, Some((2048, abi::DEVICE_RECOVERY)));
+    }
+
+    #[test]
+    fn large_requests_are_negotiated_with_a_larger_ring_and_fall_back_to_the_standard_one() {
+        use crate::ring::RingMemory;
+        let all = abi::DEVICE_FLUSH | abi::DEVICE_FUA | abi::DEVICE_DISCARD;
+        let staged = abi::DEVICE_STAGED_WRITES;
+        let large = abi::DEVICE_LARGE_REQUESTS;
+        let options = TapOptions {
+            max_segments: 64,
+            ..Default::default()
+        };
+        assert_eq!(options.pages_per_slot(), 64);
+        assert_eq!(TapOptions::default().pages_per_slot(), 11);
+        let off = TapOptions {
+            extensions: false,
+            ..options
+        };
+        assert_eq!(off.pages_per_slot(), 11);
+        let huge = TapOptions {
+            max_segments: 4096,
+            ..options
+        };
+        assert_eq!(huge.pages_per_slot(), 128);
+
+        // A kernel that knows large requests, a ring of 64 pages per slot.
+        let mut k = SimKernel::with_pages_per_slot(64);
+        let mut tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(k.state().creates, [large | all | staged]);
+        assert_eq!((k.state().disk_pages, k.mem.pages_per_slot()), (64, 64));
+        assert!(k.state().remaps.is_empty());
+        assert_eq!(tap.stats().device_flags & large, large);
+        // A request of 64 pages is served.
+        for j in 0..64 {
+            k.fill(5, j, |i| (i + j) as u8);
+        }
+        k.submit(&SimKernel::transfer(W, 5, 0, 64 * 8));
+        tap.on_ring();
+        assert_eq!(ids(&mut k), [(5, 0)]);
+        k.submit(&SimKernel::transfer(R, 6, 0, 64 * 8));
+        tap.on_ring();
+        assert_eq!(ids(&mut k), [(6, 0)]);
+        assert!((0..64).all(|j| k.page(6, j) == k.page(5, j)));
+
+        // A kernel that refuses LARGE_REQUESTS at CREATE_DEVICE: the ring is mapped again with
+        // 11 pages per slot, and the other extensions negotiated as before.
+        let mut k = SimKernel::with_pages_per_slot(64);
+        k.state_mut().known_flags = EXTENSION_FLAGS & !large;
+        let mut tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(k.state().creates, [large | all | staged, all | staged]);
+        assert_eq!(k.state().remaps, [11]);
+        assert_eq!((k.state().disk_pages, k.mem.pages_per_slot()), (11, 11));
+        assert_eq!(tap.stats().device_flags & large, 0);
+        // Requests of more than 11 pages are invalid then.
+        k.submit(&SimKernel::transfer(R, 1, 0, 12 * 8));
+        k.submit(&SimKernel::transfer(R, 2, 0, 11 * 8));
+        tap.on_ring();
+        assert_eq!(sorted_ids(&mut k), [(1, abi::RSP_ERROR), (2, 0)]);
+
+        // An old kernel refuses every extension: down to no flags, on the standard ring.
+        let k = SimKernel::with_pages_per_slot(128);
+        k.state_mut().known_flags = 0;
+        let _tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(
+            k.state().creates,
+            [large | all | staged, all | staged, all, 0]
+        );
+        assert_eq!(k.state().remaps, [11]);
+        assert_eq!(k.state().disk, Some((2048, 0)));
+
+        // Without the extensions a larger ring is mapped again before CREATE_DEVICE.
+        let k = SimKernel::with_pages_per_slot(64);
+        let _tap = open_tap(&k, off, ram(1 << 20));
+        assert_eq!(
+            (k.state().remaps.clone(), k.state().creates.clone()),
+            (vec![11], vec![0])
+        );
+
+        // A standard ring never asks for large requests.
+        let k = SimKernel::new();
+        let _tap = open_tap(&k, options, ram(1 << 20));
+        assert_eq!(k.state().creates, [all | staged]);
+        assert!(k.state().remaps.is_empty());
+    }
+
+    #[test]
+    fn a_recovering_tapdisk_serves_large_requests_on_a_ring_of_the_disks_pages() {
+        let mut k = SimKernel::with_pages_per_slot(128);
+        let options = TapOptions {
+            max_segments: 128,
+            ..Default::default()
+        };
+        let (backend, _gate) = gated(1 << 20);
+        let mut first = TapCore::attach(Rc::clone(&k.mem), options);
+        first
+            .open_backend(&open_args(true, false), "ram:1M", backend)
+            .unwrap();
+        let flags = k.state().disk.unwrap().1;
+        assert_eq!(
+            flags & abi::DEVICE_LARGE_REQUESTS,
+            abi::DEVICE_LARGE_REQUESTS
+        );
+        for j in 0..128 {
+            k.fill(0, j, |i| (i / 512 + j) as u8);
+        }
+        k.submit(&SimKernel::transfer(W, 0, 64, 1024));
+        first.on_ring();
+        drop(first);
+        assert_eq!(k.pending(), 1);
+
+        // The disk's pages per slot and no other.
+        // SAFETY: no view or pointer into the simulated ring is kept across the call.
+        let e = unsafe { crate::ring::RingDevice::remap(&*k.mem, 11) }.unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        // SAFETY: as above.
+        unsafe { crate::ring::RingDevice::remap(&*k.mem, 128) }.unwrap();
+        k.reattach();
+        let mut second = TapCore::attach(Rc::clone(&k.mem), options);
+        second
+            .open_backend(&open_args(false, true), "ram:1M", ram(1 << 20))
+            .unwrap();
+        assert_eq!(second.stats().device_flags, abi::DEVICE_LARGE_REQUESTS);
+        assert_eq!(sorted_ids(&mut k), [(0, 0)]);
+        k.submit(&SimKernel::transfer(R, 9, 64, 1024));
+        second.on_ring();
+        assert_eq!(ids(&mut k), [(9, 0)]);
+        assert!((0..128).all(|j| k.page(9, j) == k.page(0, j)));
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl<M: RingMemory> Chaos<M> {
             Ok(valid) => {
                 if valid.op == Op::Read {
                     let ring = self.ring();
-                    for (j, seg) in valid.segments().iter().enumerate() {
+                    for (j, seg) in valid.segments().enumerate() {
                         if let Some(page) = ring.data_page(valid.slot, j) {
                             // SAFETY: a validated segment lies inside its data page, inside the
                             // ring mapping; only raw pointers reach it.

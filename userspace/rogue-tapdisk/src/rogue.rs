@@ -156,7 +156,7 @@ impl<M: RingMemory> Rogue<M> {
         }
         let ring = self.ring();
         let mut sector = valid.sector;
-        for (j, seg) in valid.segments().iter().enumerate() {
+        for (j, seg) in valid.segments().enumerate() {
             let Some(page) = ring.data_page(valid.slot, j) else {
                 continue;
             };

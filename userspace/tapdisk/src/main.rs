@@ -86,6 +86,14 @@ struct Cli {
     #[arg(long, value_name = "BOOL", default_value_t = false, env = "BLKTAP_REQ_EVENT",
           action = clap::ArgAction::Set)]
     req_event: bool,
+    /// The most pages (of 4 KiB) per request: 11, the default, is the standard ring; 12 to 128
+    /// map each ring with that many data pages per request slot (N * 128 KiB per tap) and ask
+    /// the kernel for requests that large (with the other extensions only). A kernel that
+    /// refuses gets the standard ring. A tapdisk taking over a tap (recovery) needs the value
+    /// the disk was created with.
+    #[arg(long, value_name = "N", default_value_t = 11, env = "BLKTAP_MAX_SEGMENTS",
+          value_parser = clap::value_parser!(u8).range(11..=128))]
+    max_segments: u8,
     /// After answering requests, watch the rings for new ones for up to this many microseconds
     /// before sleeping in epoll (reading the ring's index in shared memory: a request that comes
     /// meanwhile is served without a wake-up or a system call); 0: sleep at once.
@@ -167,6 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 extensions: !cli.no_extensions,
                 staged_writes: cli.staged_writes,
                 req_event: cli.req_event,
+                max_segments: cli.max_segments.into(),
             },
         };
         Daemon::new(&opts)

@@ -9,8 +9,10 @@ pub use blktap::tap::TapEvent;
 /// A tap: its ring, and its image once one is open.
 pub type Tap = TapCore<Ring>;
 
-/// Opens and maps the ring of tap `minor`. For a disk created with `RECOVERY` whose tapdisk
+/// Opens and maps the ring of tap `minor`, with the data pages per slot of `options` (or the
+/// standard 11, if the kernel refuses more). For a disk created with `RECOVERY` whose tapdisk
 /// died, this mapping is when the kernel publishes the requests it kept.
 pub fn attach(minor: u32, options: TapOptions) -> Result<Tap> {
-    Ok(TapCore::attach(Ring::open(minor)?, options))
+    let ring = Ring::open_with(minor, options.pages_per_slot())?;
+    Ok(TapCore::attach(ring, options))
 }

@@ -1,5 +1,6 @@
 //! A tap's ring device: `/dev/xen/blktap-2/blktapN`, opened and mapped, and its ioctls.
 
+use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -9,7 +10,9 @@ use std::ptr::NonNull;
 use blktap_abi::{self as abi, blktap2_params, blktap_device_info};
 use nix::errno::Errno;
 
-use super::memory::{RingMemory, MAP_SIZE, PAGE_SIZE};
+use super::memory::{
+    map_size, valid_pages_per_slot, RingMemory, PAGE_SIZE, STANDARD_PAGES_PER_SLOT,
+};
 use crate::control::ensure_char_node;
 use crate::mapping::Mapping;
 use crate::sysfs::{self, DeviceKind};
@@ -46,7 +49,8 @@ pub const EXTENSION_FLAGS: u64 = abi::DEVICE_FLUSH
     | abi::DEVICE_FUA
     | abi::DEVICE_RECOVERY
     | abi::DEVICE_STAGED_WRITES
-    | abi::DEVICE_REQ_EVENT;
+    | abi::DEVICE_REQ_EVENT
+    | abi::DEVICE_LARGE_REQUESTS;
 
 /// The kernel side of a tap's ring, as a tap needs it: the ring's memory and the ring ioctls,
 /// and what sysfs says about the tap's disk. [`Ring`] is the real one; tests simulate it.
@@ -63,6 +67,17 @@ pub trait RingDevice: RingMemory {
     fn resume(&self) -> Result<()>;
     /// The capacity in sectors of the tap's disk, if it has one (for recovery).
     fn existing_disk(&self) -> Result<Option<u64>>;
+    /// Unmaps the ring and maps it again with `pages_per_slot` data pages per slot (11..=128),
+    /// before the disk is created: to fall back to the standard mapping when the kernel refuses
+    /// `DEVICE_LARGE_REQUESTS`. On failure the ring keeps a mapping of its former size (its
+    /// memory may have moved even so).
+    ///
+    /// # Safety
+    ///
+    /// The ring's memory may move and change size: no pointer into it obtained before the call
+    /// ([`RingMemory::base`], a [`SharedRing`](super::SharedRing), a data page) may be used
+    /// after it, and no I/O into it may be in flight.
+    unsafe fn remap(&self, pages_per_slot: usize) -> Result<()>;
 }
 
 /// The disk to create on a tap.
@@ -125,16 +140,28 @@ impl DiskParams {
 /// An open, mapped ring device. Dropping it unmaps the ring and closes the device.
 #[derive(Debug)]
 pub struct Ring {
-    // Fields drop in order: unmap, then close.
-    map: Mapping,
+    // Fields drop in order: unmap, then close. Replaced only by `remap`.
+    map: RefCell<Mapping>,
+    /// Data pages per slot of `map`.
+    pages_per_slot: Cell<usize>,
     file: File,
     minor: u32,
     path: PathBuf,
 }
 
 impl Ring {
-    /// Opens and maps the ring of tap `minor`, making its node first if it is missing.
+    /// Opens and maps the ring of tap `minor` (the standard mapping), making its node first if
+    /// it is missing.
     pub fn open(minor: u32) -> Result<Self> {
+        Self::open_with(minor, STANDARD_PAGES_PER_SLOT)
+    }
+
+    /// Opens and maps the ring of tap `minor` with `pages_per_slot` data pages per slot
+    /// (11..=128; more than 11 for `DEVICE_LARGE_REQUESTS`), making its node first if it is
+    /// missing. A kernel that refuses the larger mapping (`EINVAL`: one without large requests,
+    /// or a tap whose disk exists with 11 pages per slot) gets the standard one instead: see
+    /// [`Ring::pages_per_slot`].
+    pub fn open_with(minor: u32, pages_per_slot: usize) -> Result<Self> {
         if minor >= abi::MAX_MINORS {
             return Err(Error::os(
                 format!("tap {minor} is out of range (0..{})", abi::MAX_MINORS),
@@ -146,11 +173,23 @@ impl Ring {
             let major = sysfs::major(DeviceKind::Char, abi::RING_REGION_NAME)?;
             ensure_char_node(&path, major.into(), minor.into())?;
         }
-        Self::open_path(&path, minor)
+        Self::open_path_with(&path, minor, pages_per_slot)
     }
 
-    /// Opens and maps the ring device at `path`, for tap `minor`.
+    /// Opens and maps the ring device at `path`, for tap `minor` (the standard mapping).
     pub fn open_path(path: &Path, minor: u32) -> Result<Self> {
+        Self::open_path_with(path, minor, STANDARD_PAGES_PER_SLOT)
+    }
+
+    /// Opens and maps the ring device at `path`, for tap `minor`, with `pages_per_slot` data
+    /// pages per slot, as [`Ring::open_with`].
+    pub fn open_path_with(path: &Path, minor: u32, pages_per_slot: usize) -> Result<Self> {
+        if !valid_pages_per_slot(pages_per_slot) {
+            return Err(Error::invalid(format!(
+                "{pages_per_slot} data pages per slot (11..={})",
+                abi::SEGMENT_MAX_LARGE
+            )));
+        }
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
             .flatten();
@@ -176,10 +215,10 @@ impl Ring {
                 Errno::ENODEV,
             ));
         }
-        let map = Mapping::shared(file.as_fd(), MAP_SIZE)
-            .map_err(|e| Error::os(format!("map the ring of tap {minor}"), e))?;
+        let (map, pages_per_slot) = map_ring(file.as_fd(), minor, pages_per_slot)?;
         Ok(Self {
-            map,
+            map: RefCell::new(map),
+            pages_per_slot: Cell::new(pages_per_slot),
             file,
             minor,
             path: path.into(),
@@ -194,6 +233,11 @@ impl Ring {
     /// The device node.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Data pages per slot of the mapping: 11, or more when the kernel mapped a larger one.
+    pub fn pages_per_slot(&self) -> usize {
+        self.pages_per_slot.get()
     }
 
     /// The ring fd, to poll for requests.
@@ -271,11 +315,43 @@ impl Ring {
     }
 }
 
-// SAFETY: the mapping is MAP_SIZE bytes from mmap (page-aligned), lives as long as the `Ring`,
-// and is only reached through raw pointers and atomics.
+/// Maps the ring on `fd` with `pages` data pages per slot or, if the kernel refuses that with
+/// `EINVAL`, with the standard 11.
+fn map_ring(fd: BorrowedFd<'_>, minor: u32, pages: usize) -> Result<(Mapping, usize)> {
+    let standard = STANDARD_PAGES_PER_SLOT;
+    match Mapping::shared(fd, map_size(pages)) {
+        Ok(map) => return Ok((map, pages)),
+        Err(Errno::EINVAL) if pages != standard => {
+            log::warn!(
+                "tap {minor}: the kernel refused a ring of {pages} pages per slot (EINVAL: no \
+                 large requests, or the tap's disk has a standard ring); mapping {standard}"
+            );
+        }
+        Err(e) => return Err(Error::os(format!("map the ring of tap {minor}"), e)),
+    }
+    match Mapping::shared(fd, map_size(standard)) {
+        Ok(map) => Ok((map, standard)),
+        Err(e) => Err(Error::os(
+            format!(
+                "map the ring of tap {minor} ({e}: a tap whose disk exists needs the ring's \
+                 pages per slot it was created with, tapdisk's --max-segments)"
+            ),
+            e,
+        )),
+    }
+}
+
+// SAFETY: the mapping is map_size(pages_per_slot) bytes from mmap (page-aligned; pages_per_slot
+// checked in 11..=128), lives as long as the `Ring` (or until `remap`, an unsafe operation whose
+// callers promise that no pointer into it survives), and is only reached through raw pointers
+// and atomics.
 unsafe impl RingMemory for Ring {
     fn base(&self) -> NonNull<u8> {
-        self.map.as_ptr()
+        self.map.borrow().as_ptr()
+    }
+
+    fn pages_per_slot(&self) -> usize {
+        self.pages_per_slot.get()
     }
 
     fn kick(&self) -> Result<()> {
@@ -307,6 +383,11 @@ impl<D: RingDevice + ?Sized> RingDevice for std::rc::Rc<D> {
     fn existing_disk(&self) -> Result<Option<u64>> {
         (**self).existing_disk()
     }
+
+    unsafe fn remap(&self, pages_per_slot: usize) -> Result<()> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).remap(pages_per_slot) }
+    }
 }
 
 impl RingDevice for Ring {
@@ -332,6 +413,46 @@ impl RingDevice for Ring {
 
     fn existing_disk(&self) -> Result<Option<u64>> {
         sysfs::disk_capacity(self.minor)
+    }
+
+    unsafe fn remap(&self, pages_per_slot: usize) -> Result<()> {
+        if !valid_pages_per_slot(pages_per_slot) {
+            return Err(Error::invalid(format!(
+                "{pages_per_slot} data pages per slot (11..={})",
+                abi::SEGMENT_MAX_LARGE
+            )));
+        }
+        let minor = self.minor;
+        let old = self.pages_per_slot.get();
+        // The kernel has one mapping of a ring at a time: the old one goes first. Meanwhile
+        // (and for good, if no mapping can be made again) anonymous memory of the old size
+        // stands in, so that the ring's memory stays valid for its pages per slot.
+        let stand_in = Mapping::anonymous(map_size(old))
+            .map_err(|e| Error::os(format!("remap the ring of tap {minor}"), e))?;
+        let mut map = self.map.borrow_mut();
+        drop(std::mem::replace(&mut *map, stand_in));
+        let fd = self.file.as_fd();
+        match Mapping::shared(fd, map_size(pages_per_slot)) {
+            Ok(new) => {
+                *map = new;
+                self.pages_per_slot.set(pages_per_slot);
+                Ok(())
+            }
+            Err(e) => {
+                let restored = Mapping::shared(fd, map_size(old)).map(|back| *map = back);
+                Err(Error::os(
+                    format!(
+                        "map the ring of tap {minor} with {pages_per_slot} pages per slot{}",
+                        if restored.is_ok() {
+                            ""
+                        } else {
+                            " (and the former mapping cannot be made again)"
+                        }
+                    ),
+                    e,
+                ))
+            }
+        }
     }
 }
 
@@ -387,6 +508,18 @@ mod tests {
         let err = Ring::open_path(Path::new("/nonexistent/blktap7"), 7).unwrap_err();
         assert_eq!(err.errno(), Errno::ENOENT as i32);
         assert!(err.to_string().contains("ENOENT"), "{err}");
+    }
+
+    #[test]
+    fn mappings_have_11_to_128_pages_per_slot() {
+        for pages in [0, 10, 129, 1000] {
+            let err =
+                Ring::open_path_with(Path::new("/nonexistent/blktap7"), 7, pages).unwrap_err();
+            assert_eq!(err.errno(), Errno::EINVAL as i32, "{pages}");
+        }
+        // In range, the path is looked at (and missing).
+        let err = Ring::open_path_with(Path::new("/nonexistent/blktap7"), 7, 128).unwrap_err();
+        assert_eq!(err.errno(), Errno::ENOENT as i32);
     }
 
     #[test]

@@ -16,8 +16,13 @@ use crate::Result;
 
 /// Page size the ring layout is defined with.
 pub const PAGE_SIZE: usize = 4096;
-/// Size of the whole ring mapping: the ring page, then 32 x 11 data pages.
+/// Size of the standard ring mapping: the ring page, then 32 x 11 data pages.
 pub const MAP_SIZE: usize = abi::MMAP_PAGES * PAGE_SIZE;
+/// Data pages per slot of the standard mapping (and the most pages of a request without
+/// `DEVICE_LARGE_REQUESTS`).
+pub const STANDARD_PAGES_PER_SLOT: usize = abi::SEGMENT_MAX;
+/// The most data pages per slot a mapping may have (with `DEVICE_LARGE_REQUESTS`).
+pub const MAX_PAGES_PER_SLOT: usize = abi::SEGMENT_MAX_LARGE;
 /// Size of one ring entry (a request or a response).
 pub const ENTRY_SIZE: usize = size_of::<blktap_ring_entry>();
 /// Value of the header's `msg` byte by which the kernel asks tapdisk to shut the tap down.
@@ -39,17 +44,51 @@ const _: () = assert!(ENTRIES == 64 && ENTRY_SIZE == 112);
 const _: () = assert!(ENTRIES + abi::RING_SIZE * ENTRY_SIZE <= PAGE_SIZE);
 const _: () = assert!(abi::RING_SIZE.is_power_of_two());
 const _: () = assert!(ENTRY_SIZE & 7 == 0 && ENTRIES & 7 == 0);
+const _: () = assert!(map_size(STANDARD_PAGES_PER_SLOT) == MAP_SIZE);
+const _: () = assert!(MAX_PAGES_PER_SLOT <= u8::MAX as usize);
 
-/// Memory laid out like a blktap ring mapping ([`MAP_SIZE`] bytes: ring page, then data pages).
+/// Whether a mapping may have `pages` data pages per slot: 11 (the standard mapping) up to
+/// [`MAX_PAGES_PER_SLOT`] (with `DEVICE_LARGE_REQUESTS`).
+pub const fn valid_pages_per_slot(pages: usize) -> bool {
+    pages >= STANDARD_PAGES_PER_SLOT && pages <= MAX_PAGES_PER_SLOT
+}
+
+/// Size in bytes of a ring mapping with `pages_per_slot` data pages per slot: the ring page,
+/// then 32 x `pages_per_slot` data pages.
+pub const fn map_size(pages_per_slot: usize) -> usize {
+    (1 + abi::RING_SIZE * pages_per_slot) * PAGE_SIZE
+}
+
+/// Index in the mapping of data page `page` of slot `slot`, for a mapping with
+/// `pages_per_slot` pages per slot (`1 + pages_per_slot * slot + page`), or `None` if the slot
+/// or the page is out of range.
+pub const fn data_page_index(pages_per_slot: usize, slot: usize, page: usize) -> Option<usize> {
+    if slot >= abi::RING_SIZE || page >= pages_per_slot {
+        return None;
+    }
+    Some(1 + pages_per_slot * slot + page)
+}
+
+/// Memory laid out like a blktap ring mapping ([`map_size`]`(pages_per_slot())` bytes: ring
+/// page, then data pages).
 ///
 /// # Safety
 ///
-/// Implementors guarantee that [`RingMemory::base`] is page-aligned and valid for reads and
-/// writes of [`MAP_SIZE`] bytes for as long as the implementor lives, and that no Rust reference
-/// to that memory exists (only raw pointers and atomics reach it).
+/// Implementors guarantee that [`RingMemory::pages_per_slot`] is in 11..=128 (see
+/// [`valid_pages_per_slot`]), that [`RingMemory::base`] is page-aligned and valid for reads and
+/// writes of [`map_size`]`(pages_per_slot())` bytes for as long as the implementor lives (an
+/// implementor that can be mapped anew documents when base and size may change, and makes that
+/// an `unsafe` operation), and that no Rust reference to that memory exists (only raw pointers
+/// and atomics reach it).
 pub unsafe trait RingMemory {
     /// The first byte of the ring page.
     fn base(&self) -> NonNull<u8>;
+
+    /// Data pages per slot of the mapping: 11 for the standard mapping, up to 128 for one made
+    /// for `DEVICE_LARGE_REQUESTS`.
+    fn pages_per_slot(&self) -> usize {
+        STANDARD_PAGES_PER_SLOT
+    }
 
     /// Tells the other side that new responses were published (the `RESPOND` ioctl on a device).
     fn kick(&self) -> Result<()>;
@@ -61,6 +100,10 @@ unsafe impl<M: RingMemory + ?Sized> RingMemory for Rc<M> {
         (**self).base()
     }
 
+    fn pages_per_slot(&self) -> usize {
+        (**self).pages_per_slot()
+    }
+
     fn kick(&self) -> Result<()> {
         (**self).kick()
     }
@@ -70,6 +113,7 @@ unsafe impl<M: RingMemory + ?Sized> RingMemory for Rc<M> {
 #[derive(Clone, Copy)]
 pub struct SharedRing<'a> {
     base: NonNull<u8>,
+    pages_per_slot: usize,
     _memory: PhantomData<&'a ()>,
 }
 
@@ -78,8 +122,14 @@ impl<'a> SharedRing<'a> {
     pub fn new<M: RingMemory + ?Sized>(memory: &'a M) -> Self {
         Self {
             base: memory.base(),
+            pages_per_slot: memory.pages_per_slot(),
             _memory: PhantomData,
         }
+    }
+
+    /// Data pages per slot of the mapping (see [`RingMemory::pages_per_slot`]).
+    pub fn pages_per_slot(&self) -> usize {
+        self.pages_per_slot
     }
 
     fn u32_at(&self, offset: usize) -> &'a AtomicU32 {
@@ -211,14 +261,14 @@ impl<'a> SharedRing<'a> {
         }
     }
 
-    /// The data page of segment `seg` of slot `slot`, or `None` if either is out of range.
+    /// Data page `seg` of slot `slot` (mapping page `1 + pages_per_slot * slot + seg`), or
+    /// `None` if either is out of range.
     pub fn data_page(&self, slot: usize, seg: usize) -> Option<NonNull<u8>> {
-        if slot >= abi::RING_SIZE || seg >= abi::SEGMENT_MAX {
-            return None;
-        }
-        let page = 1 + slot * abi::SEGMENT_MAX + seg;
-        debug_assert!(page < abi::MMAP_PAGES);
-        // SAFETY: page < MMAP_PAGES, so the page lies inside the MAP_SIZE-byte mapping.
+        let page = data_page_index(self.pages_per_slot, slot, seg)?;
+        debug_assert!((page + 1) * PAGE_SIZE <= map_size(self.pages_per_slot));
+        // SAFETY: slot < 32 and seg < pages_per_slot, so page < 1 + 32 * pages_per_slot: the
+        // page lies inside the mapping of map_size(pages_per_slot) bytes (the `RingMemory`
+        // contract).
         NonNull::new(unsafe { self.base.as_ptr().add(page * PAGE_SIZE) })
     }
 }
@@ -295,5 +345,43 @@ mod tests {
         assert_eq!(addr(31, 10), Some((abi::MMAP_PAGES - 1) * PAGE_SIZE));
         assert_eq!(addr(32, 0), None);
         assert_eq!(addr(0, 11), None);
+    }
+
+    #[test]
+    fn data_page_addresses_follow_the_pages_per_slot() {
+        // The standard mapping: 353 pages.
+        assert_eq!(map_size(11), 353 * PAGE_SIZE);
+        assert_eq!(map_size(11), MAP_SIZE);
+        assert_eq!(data_page_index(11, 0, 0), Some(1));
+        assert_eq!(data_page_index(11, 1, 0), Some(12));
+        assert_eq!(data_page_index(11, 31, 10), Some(352));
+        assert_eq!(data_page_index(11, 0, 11), None);
+        // The largest: 1 + 32 * 128 pages (16 MiB of data).
+        assert_eq!(map_size(128), (1 + 4096) * PAGE_SIZE);
+        assert_eq!(data_page_index(128, 0, 127), Some(128));
+        assert_eq!(data_page_index(128, 1, 0), Some(129));
+        assert_eq!(data_page_index(128, 2, 5), Some(1 + 256 + 5));
+        assert_eq!(data_page_index(128, 31, 127), Some(4096));
+        assert_eq!(data_page_index(128, 0, 128), None);
+        assert_eq!(data_page_index(128, 32, 0), None);
+        assert!(!valid_pages_per_slot(10) && !valid_pages_per_slot(129));
+        assert!(valid_pages_per_slot(11) && valid_pages_per_slot(12) && valid_pages_per_slot(128));
+
+        // Through a view of memory mapped with 128 pages per slot.
+        let mem = AnonRing::with_pages_per_slot(128).unwrap();
+        let ring = SharedRing::new(&mem);
+        assert_eq!(ring.pages_per_slot(), 128);
+        let base = mem.base().as_ptr() as usize;
+        let addr = |s, j| ring.data_page(s, j).map(|p| p.as_ptr() as usize - base);
+        assert_eq!(addr(0, 0), Some(PAGE_SIZE));
+        assert_eq!(addr(0, 11), Some(12 * PAGE_SIZE));
+        assert_eq!(addr(3, 100), Some((1 + 128 * 3 + 100) * PAGE_SIZE));
+        assert_eq!(addr(31, 127), Some(map_size(128) - PAGE_SIZE));
+        assert_eq!(addr(0, 128), None);
+        assert_eq!(addr(32, 0), None);
+        // The last byte of the last page is writable.
+        let last = ring.data_page(31, 127).unwrap().as_ptr();
+        // SAFETY: the last byte of the mapping's last page, which `mem` maps for the test.
+        unsafe { last.add(PAGE_SIZE - 1).write_volatile(1) };
     }
 }

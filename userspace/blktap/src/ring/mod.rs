@@ -16,8 +16,11 @@ pub mod request;
 
 pub use device::{DiskParams, Ring, RingDevice, EXTENSION_FLAGS};
 pub use memory::{
-    RingMemory, SharedRing, ENTRY_SIZE, MAP_SIZE, PAGE_SIZE, RING_MESSAGE_CLOSE,
-    RING_MESSAGE_PAUSE, RING_MESSAGE_RESUME,
+    data_page_index, map_size, valid_pages_per_slot, RingMemory, SharedRing, ENTRY_SIZE, MAP_SIZE,
+    MAX_PAGES_PER_SLOT, PAGE_SIZE, RING_MESSAGE_CLOSE, RING_MESSAGE_PAUSE, RING_MESSAGE_RESUME,
+    STANDARD_PAGES_PER_SLOT,
 };
 pub use protocol::{BackRing, NoRequest, RingCorrupt};
-pub use request::{discard_view, validate, Invalid, Op, Request, Segment, SECTOR_SIZE};
+pub use request::{
+    discard_view, validate, validate_with, Invalid, Op, Request, Segment, Segments, SECTOR_SIZE,
+};

@@ -89,6 +89,10 @@ impl Segment {
 }
 
 /// A validated request: every field is in range and may be used to index.
+///
+/// A request of up to 11 pages keeps its segments as the ring gave them; a large one (more than
+/// 11 pages, `DEVICE_LARGE_REQUESTS`) fills its pages from the first byte on, so its segments
+/// beyond the 11 of the entry are computed from its page and sector counts, not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     /// What to do.
@@ -97,24 +101,56 @@ pub struct Request {
     pub slot: usize,
     /// First sector on the image.
     pub sector: u64,
+    /// Data pages (segments) of the request, 0 for a flush or discard.
     nr_segments: usize,
+    /// The segments of the entry (`nr_segments.min(11)` of them used).
     segments: [Segment; abi::SEGMENT_MAX],
-    /// For a discard, its length in sectors.
-    discard_sectors: u64,
+    /// Total sectors: of the segments, or a discard's length.
+    sectors: u64,
 }
 
 impl Request {
-    /// The segments, in disk order: segment j starts where segment j-1 ended.
-    pub fn segments(&self) -> &[Segment] {
-        &self.segments[..self.nr_segments]
+    /// The segments, in disk order: segment j (page j of the slot) starts where segment j-1
+    /// ended.
+    pub fn segments(&self) -> Segments<'_> {
+        Segments { req: self, next: 0 }
+    }
+
+    /// Segment `j` (of data page `j` of the slot), if the request has that many.
+    pub fn segment(&self, j: usize) -> Option<Segment> {
+        if j >= self.nr_segments {
+            return None;
+        }
+        if let Some(seg) = self.segments.get(j) {
+            return Some(*seg);
+        }
+        // A large request: every page full but the last.
+        let last_sect = if j + 1 == self.nr_segments {
+            // Validated: (pages - 1) * 8 < sectors <= pages * 8, so this is 0..=7.
+            let before = (self.nr_segments as u64 - 1) * u64::from(SECTORS_PER_PAGE);
+            (self.sectors - before - 1) as u8
+        } else {
+            SECTORS_PER_PAGE - 1
+        };
+        Some(Segment {
+            first_sect: 0,
+            last_sect,
+        })
+    }
+
+    /// Number of data pages (segments) the request uses, from page 0 of its slot.
+    pub fn pages(&self) -> usize {
+        self.nr_segments
+    }
+
+    /// Whether the request has more pages than an entry describes (`DEVICE_LARGE_REQUESTS`).
+    pub fn is_large(&self) -> bool {
+        self.nr_segments > abi::SEGMENT_MAX
     }
 
     /// Total sectors the request covers (a discard's range; 0 for a flush).
     pub fn sectors(&self) -> u64 {
-        match self.op {
-            Op::Discard => self.discard_sectors,
-            _ => self.segments().iter().map(|s| s.sectors()).sum(),
-        }
+        self.sectors
     }
 
     /// Total bytes the request covers.
@@ -128,6 +164,30 @@ impl Request {
     }
 }
 
+/// The segments of a [`Request`], in order (see [`Request::segments`]).
+#[derive(Debug, Clone)]
+pub struct Segments<'a> {
+    req: &'a Request,
+    next: usize,
+}
+
+impl Iterator for Segments<'_> {
+    type Item = Segment;
+
+    fn next(&mut self) -> Option<Segment> {
+        let seg = self.req.segment(self.next)?;
+        self.next += 1;
+        Some(seg)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.req.nr_segments.saturating_sub(self.next);
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Segments<'_> {}
+
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
@@ -137,9 +197,23 @@ pub enum Invalid {
     /// The operation is none of READ, WRITE, FLUSH, DISCARD, WRITE_FUA.
     #[error("unknown operation {0}")]
     UnknownOp(u8),
-    /// Zero segments, or more than 11, for a transfer; any segment for a flush or discard.
-    #[error("{0} segments (1..={max} for a transfer, 0 for a flush or discard)", max = abi::SEGMENT_MAX)]
+    /// Zero segments for a transfer, or more than 11 (more than the slot's pages, with large
+    /// requests); any segment for a flush or discard.
+    #[error(
+        "{0} segments (1..={max} for a transfer, or up to the slot's pages with large \
+         requests; 0 for a flush or discard)",
+        max = abi::SEGMENT_MAX
+    )]
     BadSegmentCount(u8),
+    /// A large request's `nr_sectors` does not fit its pages (`(pages - 1) * 8 < nr_sectors <=
+    /// pages * 8`), or a request of up to 11 pages has one (it must be 0).
+    #[error("{sectors} sectors in {pages} pages (a large request's pages hold it to the last)")]
+    BadSectorCount {
+        /// The request's `nr_segments`.
+        pages: u8,
+        /// Its `nr_sectors`.
+        sectors: u16,
+    },
     /// A discard of no sectors, or of more than `BLKTAP_DISCARD_MAX_SECTORS`.
     #[error("discard of {0} sectors (1..={max})", max = abi::DISCARD_MAX_SECTORS)]
     BadDiscard(u64),
@@ -188,8 +262,23 @@ pub fn discard_view(raw: &blktap_request) -> blktap_request_discard {
     unsafe { std::ptr::read((raw as *const blktap_request).cast::<blktap_request_discard>()) }
 }
 
-/// Validates the copy `raw` of a ring entry for an image of `capacity` sectors.
+/// Validates the copy `raw` of a ring entry for an image of `capacity` sectors, on a disk
+/// without large requests (at most 11 pages per request).
 pub fn validate(raw: &blktap_request, capacity: u64) -> Result<Request, Invalid> {
+    validate_with(raw, capacity, abi::SEGMENT_MAX)
+}
+
+/// Validates the copy `raw` of a ring entry for an image of `capacity` sectors, where a request
+/// may have up to `max_pages` pages: 11 for a disk without `DEVICE_LARGE_REQUESTS` (values
+/// below are taken as 11), the mapping's pages per slot for one with it (values above 128 are
+/// taken as 128).
+pub fn validate_with(
+    raw: &blktap_request,
+    capacity: u64,
+    max_pages: usize,
+) -> Result<Request, Invalid> {
+    let max_pages = max_pages.clamp(abi::SEGMENT_MAX, abi::SEGMENT_MAX_LARGE);
+    let large_requests = max_pages > abi::SEGMENT_MAX;
     let slot = usize::try_from(raw.id)
         .ok()
         .filter(|&s| s < abi::RING_SIZE)
@@ -202,7 +291,7 @@ pub fn validate(raw: &blktap_request, capacity: u64) -> Result<Request, Invalid>
         sector: raw.sector_number,
         nr_segments: 0,
         segments: [Segment::default(); abi::SEGMENT_MAX],
-        discard_sectors: 0,
+        sectors: 0,
     };
     if !op.has_data() {
         if nr_segments != 0 {
@@ -217,25 +306,48 @@ pub fn validate(raw: &blktap_request, capacity: u64) -> Result<Request, Invalid>
         if !(1..=abi::DISCARD_MAX_SECTORS).contains(&n) {
             return Err(Invalid::BadDiscard(n));
         }
-        request.discard_sectors = n;
+        request.sectors = n;
     } else {
-        if !(1..=abi::SEGMENT_MAX).contains(&nr_segments) {
+        if !(1..=max_pages).contains(&nr_segments) {
             return Err(Invalid::BadSegmentCount(raw.nr_segments));
         }
+        let large = nr_segments > abi::SEGMENT_MAX;
+        let bad_sectors = Invalid::BadSectorCount {
+            pages: raw.nr_segments,
+            sectors: raw.nr_sectors,
+        };
+        // Before LARGE_REQUESTS the field was padding: only a disk with it must have it 0.
+        if large_requests && !large && raw.nr_sectors != 0 {
+            return Err(bad_sectors);
+        }
+        let mut sectors = 0;
         for (index, (seg, raw_seg)) in request.segments.iter_mut().zip(&raw.seg).enumerate() {
             if index == nr_segments {
                 break;
             }
             let (first, last) = (raw_seg.first_sect, raw_seg.last_sect);
-            if first > last || last >= SECTORS_PER_PAGE {
+            // The entry's segments of a large request are its first 11 pages, all full.
+            let whole = first == 0 && last == SECTORS_PER_PAGE - 1;
+            if first > last || last >= SECTORS_PER_PAGE || (large && !whole) {
                 return Err(Invalid::BadSegment { index, first, last });
             }
             *seg = Segment {
                 first_sect: first,
                 last_sect: last,
             };
+            sectors += seg.sectors();
+        }
+        if large {
+            let n = u64::from(raw.nr_sectors);
+            let pages = nr_segments as u64;
+            let per_page = u64::from(SECTORS_PER_PAGE);
+            if n <= (pages - 1) * per_page || n > pages * per_page {
+                return Err(bad_sectors);
+            }
+            sectors = n;
         }
         request.nr_segments = nr_segments;
+        request.sectors = sectors;
     }
     let count = request.sectors();
     let in_range = raw
@@ -269,9 +381,12 @@ mod tests {
         assert_eq!(r.bytes(), 20 * 512);
         assert_eq!(r.offset(), 10 * 512);
         assert_eq!(r.segments().len(), 3);
-        assert_eq!(r.segments()[2].page_offset(), 1024);
-        assert_eq!(r.segments()[2].len(), 2048);
-        assert!(r.segments().iter().all(|s| !s.is_empty()));
+        assert_eq!(r.pages(), 3);
+        assert!(!r.is_large());
+        assert_eq!(r.segment(2).unwrap().page_offset(), 1024);
+        assert_eq!(r.segment(2).unwrap().len(), 2048);
+        assert_eq!(r.segment(3), None);
+        assert!(r.segments().all(|s| !s.is_empty()));
         // Exactly up to the end of the image.
         assert!(validate(&raw(0, 0, 80, &[(0, 7); 11][..]), 168).is_ok());
         assert!(validate(&raw(0, 0, 81, &[(0, 7); 11][..]), 168).is_err());
@@ -365,7 +480,7 @@ mod tests {
     fn flushes_carry_no_segments_and_no_range() {
         let r = validate(&raw(abi::OP_FLUSH, 4, 12345, &[]), 100).unwrap();
         assert_eq!((r.op, r.slot, r.sectors(), r.sector), (Op::Flush, 4, 0, 0));
-        assert!(r.segments().is_empty());
+        assert_eq!(r.segments().len(), 0);
         assert_eq!(
             validate(&raw(abi::OP_FLUSH, 4, 0, &[(0, 7)]), 100),
             Err(Invalid::BadSegmentCount(1))
@@ -386,7 +501,7 @@ mod tests {
         );
         assert_eq!(r.bytes(), 1 << 20);
         assert_eq!(r.offset(), 4096);
-        assert!(r.segments().is_empty());
+        assert_eq!(r.segments().len(), 0);
         // The largest discard, up to the end of the image.
         let max = abi::DISCARD_MAX_SECTORS;
         assert!(validate(&discard(0, cap - max, max), cap).is_ok());
@@ -413,6 +528,185 @@ mod tests {
         let mut segs = discard(0, 0, 8);
         segs.nr_segments = 1;
         assert_eq!(validate(&segs, cap), Err(Invalid::BadSegmentCount(1)));
+    }
+
+    /// A transfer of `sectors` sectors laid out as the kernel does (from byte 0 of page 0).
+    fn transfer(op: u8, id: u64, sector: u64, sectors: u16) -> blktap_request {
+        crate::testkit::SimKernel::transfer(op, id, sector, sectors)
+    }
+
+    #[test]
+    fn large_requests_of_12_pages() {
+        let cap = 1 << 20;
+        for n in 89..=96u16 {
+            let r = validate_with(&transfer(abi::OP_WRITE, 5, 8, n), cap, 12).unwrap();
+            assert_eq!((r.op, r.slot, r.sector), (Op::Write, 5, 8));
+            assert_eq!(
+                (r.pages(), r.sectors(), r.bytes()),
+                (12, n.into(), u64::from(n) * 512)
+            );
+            assert!(r.is_large());
+            let segs: Vec<_> = r.segments().collect();
+            assert_eq!(segs.len(), 12);
+            assert!(segs[..11]
+                .iter()
+                .all(|s| (s.first_sect, s.last_sect) == (0, 7)));
+            assert_eq!(
+                (segs[11].first_sect, segs[11].last_sect),
+                (0, (n - 89) as u8)
+            );
+            assert_eq!(segs.iter().map(|s| s.sectors()).sum::<u64>(), u64::from(n));
+            assert_eq!(r.segment(12), None);
+        }
+        // nr_sectors out of the pages' bounds, both sides.
+        for n in [0, 1, 87, 88, 97, 98, 1024, u16::MAX] {
+            let mut raw = transfer(abi::OP_READ, 0, 0, 96);
+            raw.nr_sectors = n;
+            assert_eq!(
+                validate_with(&raw, cap, 12),
+                Err(Invalid::BadSectorCount {
+                    pages: 12,
+                    sectors: n
+                }),
+                "{n}"
+            );
+        }
+        // The entry's segments of a large request are whole pages.
+        let mut raw = transfer(abi::OP_READ, 0, 0, 96);
+        raw.seg[3].last_sect = 6;
+        assert_eq!(
+            validate_with(&raw, cap, 12),
+            Err(Invalid::BadSegment {
+                index: 3,
+                first: 0,
+                last: 6
+            })
+        );
+        raw.seg[3] = blktap_abi::blktap_segment {
+            first_sect: 1,
+            last_sect: 7,
+            ..Default::default()
+        };
+        assert!(matches!(
+            validate_with(&raw, cap, 12),
+            Err(Invalid::BadSegment { index: 3, .. })
+        ));
+        // Inside the image, to the last sector.
+        assert!(validate_with(&transfer(abi::OP_READ, 0, cap - 96, 96), cap, 12).is_ok());
+        assert_eq!(
+            validate_with(&transfer(abi::OP_READ, 0, cap - 95, 96), cap, 12),
+            Err(Invalid::OutOfRange {
+                sector: cap - 95,
+                count: 96,
+                capacity: cap
+            })
+        );
+    }
+
+    #[test]
+    fn large_requests_of_128_pages() {
+        let cap = 1 << 20;
+        let r = validate_with(&transfer(abi::OP_WRITE_FUA, 31, 0, 1024), cap, 128).unwrap();
+        assert_eq!(
+            (r.op, r.slot, r.pages(), r.sectors()),
+            (Op::WriteFua, 31, 128, 1024)
+        );
+        assert_eq!(r.bytes(), 512 * 1024);
+        assert_eq!(r.segments().len(), 128);
+        assert!(r
+            .segments()
+            .all(|s| s.page_offset() == 0 && s.len() == 4096));
+        let r = validate_with(&transfer(abi::OP_READ, 0, 0, 1017), cap, 128).unwrap();
+        assert_eq!(r.segment(127).map(|s| s.len()), Some(512));
+        assert_eq!(r.segments().map(|s| s.len()).sum::<usize>(), 1017 * 512);
+        let mut it = r.segments();
+        it.nth(100);
+        assert_eq!(it.len(), 27);
+        for n in [1016, 1025] {
+            let mut raw = transfer(abi::OP_READ, 0, 0, 1024);
+            raw.nr_sectors = n;
+            assert_eq!(
+                validate_with(&raw, cap, 128),
+                Err(Invalid::BadSectorCount {
+                    pages: 128,
+                    sectors: n
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn large_requests_beyond_the_slot_or_not_negotiated_are_refused() {
+        let cap = 1 << 20;
+        // More pages than the slot has.
+        let raw = transfer(abi::OP_READ, 0, 0, 13 * 8);
+        assert_eq!(raw.nr_segments, 13);
+        assert_eq!(
+            validate_with(&raw, cap, 12),
+            Err(Invalid::BadSegmentCount(13))
+        );
+        assert!(validate_with(&raw, cap, 13).is_ok());
+        let mut raw = transfer(abi::OP_READ, 0, 0, 1024);
+        raw.nr_segments = 129;
+        raw.nr_sectors = 129 * 8;
+        assert_eq!(
+            validate_with(&raw, cap, 128),
+            Err(Invalid::BadSegmentCount(129))
+        );
+        // A limit above the largest mapping is the largest.
+        assert_eq!(
+            validate_with(&raw, cap, 1000),
+            Err(Invalid::BadSegmentCount(129))
+        );
+        raw.nr_segments = 255;
+        assert_eq!(
+            validate_with(&raw, cap, 128),
+            Err(Invalid::BadSegmentCount(255))
+        );
+        // Without LARGE_REQUESTS: at most 11 pages, whatever nr_sectors says.
+        let raw = transfer(abi::OP_WRITE, 0, 0, 96);
+        assert_eq!(validate(&raw, cap), Err(Invalid::BadSegmentCount(12)));
+        assert_eq!(
+            validate_with(&raw, cap, 11),
+            Err(Invalid::BadSegmentCount(12))
+        );
+        assert_eq!(
+            validate_with(&raw, cap, 0),
+            Err(Invalid::BadSegmentCount(12))
+        );
+        // Flushes and discards stay without segments.
+        let mut flush = raw;
+        flush.operation = abi::OP_FLUSH;
+        assert_eq!(
+            validate_with(&flush, cap, 128),
+            Err(Invalid::BadSegmentCount(12))
+        );
+    }
+
+    #[test]
+    fn requests_of_up_to_11_pages_are_unchanged_by_large_requests() {
+        let cap = 1 << 20;
+        let raw = transfer(abi::OP_READ, 2, 0, 88);
+        assert_eq!((raw.nr_segments, raw.nr_sectors), (11, 0));
+        let small = validate(&raw, cap).unwrap();
+        assert_eq!(validate_with(&raw, cap, 128), Ok(small));
+        assert!(!small.is_large());
+        // Partial pages and offsets inside pages, as before.
+        let raw = self::raw(abi::OP_WRITE, 1, 0, &[(3, 7), (0, 7), (0, 2)]);
+        let r = validate_with(&raw, cap, 128).unwrap();
+        assert_eq!((r.pages(), r.sectors()), (3, 16));
+        // Their nr_sectors is 0 on a disk with large requests; the padding it was is ignored
+        // without them.
+        let mut odd = raw;
+        odd.nr_sectors = 16;
+        assert_eq!(
+            validate_with(&odd, cap, 128),
+            Err(Invalid::BadSectorCount {
+                pages: 3,
+                sectors: 16
+            })
+        );
+        assert_eq!(validate(&odd, cap).map(|r| r.sectors()), Ok(16));
     }
 
     #[test]

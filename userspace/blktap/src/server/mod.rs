@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Completion, Features, Io};
 use crate::mapping::AlignedBuf;
 use crate::ring::{
-    validate, BackRing, Invalid, Op, Request, RingCorrupt, RingMemory, SharedRing, PAGE_SIZE,
-    RING_MESSAGE_CLOSE, SECTOR_SIZE,
+    validate_with, BackRing, Invalid, Op, Request, RingCorrupt, RingMemory, SharedRing, PAGE_SIZE,
+    RING_MESSAGE_CLOSE, SECTOR_SIZE, STANDARD_PAGES_PER_SLOT,
 };
 use crate::{Error, Result};
 
@@ -250,11 +250,20 @@ pub struct Server<M: RingMemory> {
     /// read of all of it from a backend that reads zeros succeeded, and stops being so when any
     /// request other than a read arrives in its slot (the kernel copies write data in first).
     /// Reads into pages known to hold zeros are queued with [`Backend::queue_read_into_zeros`].
-    unzeroed: [u16; abi::RING_SIZE],
+    unzeroed: [u128; abi::RING_SIZE],
 }
 
-/// Every data page of a slot.
-const ALL_PAGES: u16 = (1 << abi::SEGMENT_MAX) - 1;
+/// Every data page of a slot (of up to 128 pages; the bits beyond a slot's pages are unused).
+const ALL_PAGES: u128 = u128::MAX;
+const _: () = assert!(abi::SEGMENT_MAX_LARGE <= u128::BITS as usize);
+
+/// The bits of pages `0..n` of a slot (n <= 128).
+fn first_pages(n: usize) -> u128 {
+    match u32::try_from(n) {
+        Ok(n) if n < u128::BITS => (1u128 << n) - 1,
+        _ => ALL_PAGES,
+    }
+}
 
 impl<M: RingMemory> Server<M> {
     /// Serves the ring in `memory` from `backend`, which holds image `image` (`type:path`, for
@@ -344,6 +353,16 @@ impl<M: RingMemory> Server<M> {
     /// Records the flags the disk was created with.
     pub fn set_device_flags(&mut self, flags: u64) {
         self.device_flags = flags;
+    }
+
+    /// The most pages a request may have: the mapping's pages per slot on a disk created with
+    /// `DEVICE_LARGE_REQUESTS`, 11 otherwise.
+    pub fn max_request_pages(&self) -> usize {
+        if self.device_flags & abi::DEVICE_LARGE_REQUESTS != 0 {
+            self.ring.memory().pages_per_slot()
+        } else {
+            STANDARD_PAGES_PER_SLOT
+        }
     }
 
     /// Bytes of storage the image takes up, when the backend knows.
@@ -692,7 +711,7 @@ impl<M: RingMemory> Server<M> {
                 *pages = ALL_PAGES;
             }
         }
-        let req = match validate(raw, self.capacity) {
+        let req = match validate_with(raw, self.capacity, self.max_request_pages()) {
             Ok(req) => req,
             Err(invalid) => return self.refuse(raw, invalid),
         };
@@ -753,7 +772,7 @@ impl<M: RingMemory> Server<M> {
                 0
             },
         };
-        let pages = (1u16 << req.segments().len()) - 1;
+        let pages = first_pages(req.pages());
         let into_zeros = self.reads_zeros && req.op == Op::Read && self.unzeroed[slot] & pages == 0;
         // SAFETY: the buffers are inside the request's data pages (bounds-checked by
         // `data_page` and `validate`), in the ring memory this server owns. That memory outlives
@@ -783,11 +802,13 @@ impl<M: RingMemory> Server<M> {
         self.respond(raw.id, raw.operation, invalid.status());
     }
 
-    /// The request's buffers: one per segment, merged where segments are adjacent in memory.
+    /// The request's buffers: one per segment, merged where segments are adjacent in memory (a
+    /// slot's pages are, so a large request, whose pages are full but the last, makes one).
     fn iovecs(&self, req: &Request) -> Option<Vec<libc::iovec>> {
         let shared = self.ring.shared();
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(req.segments().len());
-        for (j, seg) in req.segments().iter().enumerate() {
+        let mut iov: Vec<libc::iovec> =
+            Vec::with_capacity(req.pages().min(STANDARD_PAGES_PER_SLOT));
+        for (j, seg) in req.segments().enumerate() {
             let page = shared.data_page(req.slot, j)?;
             // SAFETY: page_offset() + len() <= PAGE_SIZE for a validated segment, so the
             // pointer stays inside the data page.
@@ -834,9 +855,9 @@ impl<M: RingMemory> Server<M> {
             Ok(()) => {
                 if op == Op::Read && self.reads_zeros {
                     // The pages the read filled whole hold zeros now.
-                    for (j, seg) in done.req.segments().iter().enumerate() {
+                    for (j, seg) in done.req.segments().enumerate() {
                         if seg.page_offset() == 0 && seg.len() == PAGE_SIZE {
-                            self.unzeroed[slot] &= !(1 << j);
+                            self.unzeroed[slot] &= !(1u128 << j);
                         }
                     }
                 }

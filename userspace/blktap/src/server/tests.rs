@@ -1266,3 +1266,309 @@ fn null_a_read_of_part_of_a_page_does_not_make_the_page_known_zero() {
         "a page read in part was taken for zeros"
     );
 }
+
+/// A server on a ring of `pages` pages per slot whose disk has large requests.
+fn large_server(k: &SimKernel, backend: Box<dyn Backend>, image: &str) -> Server<Rc<SimDevice>> {
+    let mut server = Server::new(Rc::clone(&k.mem), backend, image.into(), false);
+    server.set_device_flags(abi::DEVICE_LARGE_REQUESTS);
+    server
+}
+
+/// Sectors of the request in slot `slot` of `large_requests_...`: 12 to 128 pages, most with a
+/// partial last page.
+fn large_sectors(slot: usize) -> u16 {
+    match slot {
+        0 => 1024,
+        1 => 89,
+        _ => (89 + slot as u16 * 31).min(1024),
+    }
+}
+
+#[test]
+fn large_writes_and_reads_at_128_pages_per_slot_land_in_the_right_pages() {
+    const SLOT_SECTORS: u64 = 1024;
+    let mut k = SimKernel::with_pages_per_slot(128);
+    let backend = Box::new(Synchronous::new(RamBackend::new(32 << 20).unwrap()));
+    let mut server = large_server(&k, backend, "ram:32M");
+    assert_eq!(server.max_request_pages(), 128);
+    let pages = |n: u16| usize::from(n).div_ceil(8);
+    // 32 writes at once, of 12 to 128 pages each.
+    for slot in 0..32usize {
+        let n = large_sectors(slot);
+        for j in 0..pages(n) {
+            k.fill(slot, j, |i| pattern(slot, j, i));
+        }
+        let req = SimKernel::transfer(W, slot as u64, slot as u64 * SLOT_SECTORS, n);
+        assert!(req.nr_segments > 11 && req.nr_sectors == n);
+        k.push_raw(&req);
+    }
+    let got = serve(&mut k, &mut server);
+    assert_eq!(got, (0..32).map(|s| (s, W, 0)).collect::<Vec<_>>());
+    let written: u64 = (0..32).map(|s| u64::from(large_sectors(s)) * 512).sum();
+    assert_eq!(server.stats().bytes_written, written);
+
+    // Read each back into another slot, over pages that hold something else: the request's
+    // bytes land from the first byte of page 0 on, and not one byte further.
+    for slot in 0..32usize {
+        let from = 31 - slot;
+        for j in 0..128 {
+            k.fill(slot, j, |_| 0xee);
+        }
+        let n = large_sectors(from);
+        k.push_raw(&SimKernel::transfer(
+            R,
+            slot as u64,
+            from as u64 * SLOT_SECTORS,
+            n,
+        ));
+    }
+    let got = serve(&mut k, &mut server);
+    assert_eq!(got, (0..32).map(|s| (s, R, 0)).collect::<Vec<_>>());
+    for slot in 0..32usize {
+        let from = 31 - slot;
+        let bytes = usize::from(large_sectors(from)) * 512;
+        for j in 0..128 {
+            let page = k.page(slot, j);
+            for (i, &b) in page.iter().enumerate() {
+                let want = if j * PAGE_SIZE + i < bytes {
+                    pattern(from, j, i)
+                } else {
+                    0xee
+                };
+                assert_eq!(b, want, "slot {slot} (data of {from}), page {j}, byte {i}");
+            }
+        }
+    }
+
+    // Writes and reads of disjoint ranges in flight together: even slots write over what odd
+    // slots wrote, odd slots read what even slots wrote.
+    for slot in 0..32usize {
+        let n = large_sectors(slot);
+        if slot % 2 == 0 {
+            for j in 0..pages(n) {
+                k.fill(slot, j, |i| pattern(slot + 100, j, i));
+            }
+            let req = SimKernel::transfer(W, slot as u64, (slot as u64 + 1) * SLOT_SECTORS, n);
+            k.push_raw(&req);
+        } else {
+            let n = large_sectors(slot - 1);
+            let req = SimKernel::transfer(R, slot as u64, (slot as u64 - 1) * SLOT_SECTORS, n);
+            k.push_raw(&req);
+        }
+    }
+    let mut got = serve(&mut k, &mut server);
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (0..32)
+            .map(|s| (s, if s % 2 == 0 { W } else { R }, 0))
+            .collect::<Vec<_>>()
+    );
+    for slot in (1..32usize).step_by(2) {
+        let from = slot - 1;
+        let bytes = usize::from(large_sectors(from)) * 512;
+        for j in 0..pages(large_sectors(from)) {
+            let page = k.page(slot, j);
+            let end = (bytes - j * PAGE_SIZE).min(PAGE_SIZE);
+            assert!(
+                page[..end]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == pattern(from, j, i)),
+                "slot {slot}, page {j}"
+            );
+        }
+    }
+    // And what the even slots wrote is on the image.
+    for slot in (0..32usize).step_by(2) {
+        let n = large_sectors(slot);
+        k.push_raw(&SimKernel::transfer(
+            R,
+            1,
+            (slot as u64 + 1) * SLOT_SECTORS,
+            n,
+        ));
+        assert_eq!(serve(&mut k, &mut server), vec![(1, R, 0)]);
+        let bytes = usize::from(n) * 512;
+        for j in 0..pages(n) {
+            let end = (bytes - j * PAGE_SIZE).min(PAGE_SIZE);
+            let page = k.page(1, j);
+            assert!(
+                page[..end]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == pattern(slot + 100, j, i)),
+                "image after slot {slot}'s write, page {j}"
+            );
+        }
+    }
+    let s = server.stats();
+    assert_eq!((s.errors, s.invalid, server.in_flight()), (0, 0, 0));
+}
+
+#[test]
+fn large_requests_are_refused_without_the_flag_beyond_the_slot_or_with_bad_sectors() {
+    let mut k = SimKernel::with_pages_per_slot(64);
+    let backend = Box::new(Synchronous::new(RamBackend::new(1 << 20).unwrap()));
+    let mut server = Server::new(Rc::clone(&k.mem), backend, "ram:1M".into(), false);
+    // A ring of 64 pages per slot, but a disk without large requests: 11 pages at most.
+    assert_eq!(server.max_request_pages(), 11);
+    k.fill(2, 0, |_| 0xee);
+    k.push_raw(&SimKernel::transfer(R, 2, 0, 12 * 8));
+    assert_eq!(serve(&mut k, &mut server), vec![(2, R, abi::RSP_ERROR)]);
+    assert!(
+        k.page(2, 0).iter().all(|&b| b == 0xee),
+        "a refused read wrote"
+    );
+    k.push_raw(&SimKernel::transfer(R, 2, 0, 88));
+    assert_eq!(serve(&mut k, &mut server), vec![(2, R, 0)]);
+
+    server.set_device_flags(abi::DEVICE_LARGE_REQUESTS);
+    assert_eq!(server.max_request_pages(), 64);
+    k.fill(2, 0, |_| 0xee);
+    // More pages than the slot has.
+    k.push_raw(&SimKernel::transfer(R, 2, 0, 65 * 8));
+    // nr_sectors that does not fit nr_segments, both sides.
+    let mut short = SimKernel::transfer(R, 3, 0, 64 * 8);
+    short.nr_sectors = 63 * 8;
+    k.push_raw(&short);
+    let mut long = SimKernel::transfer(W, 4, 0, 20 * 8);
+    long.nr_sectors = 20 * 8 + 1;
+    k.push_raw(&long);
+    // Past the end of the disk.
+    k.push_raw(&SimKernel::transfer(W, 5, 2048 - 511, 512));
+    // The largest that fits, to the last sector.
+    k.push_raw(&SimKernel::transfer(W, 6, 2048 - 512, 512));
+    let mut got = serve(&mut k, &mut server);
+    got.sort_unstable();
+    let e = abi::RSP_ERROR;
+    assert_eq!(got, [(2, R, e), (3, R, e), (4, W, e), (5, W, e), (6, W, 0)]);
+    assert!(
+        k.page(2, 0).iter().all(|&b| b == 0xee),
+        "a refused read wrote"
+    );
+    let s = server.stats();
+    assert_eq!((s.invalid, s.errors), (5, 5));
+    assert_eq!(s.bytes_written, 512 * 512);
+}
+
+#[test]
+fn null_large_reads_zero_every_page_once_and_only_whole_ones_are_known_zero() {
+    let mut k = SimKernel::with_pages_per_slot(64);
+    let backend = Box::new(Synchronous::new(crate::backend::null::NullBackend::new(
+        1 << 20,
+    )));
+    let mut server = large_server(&k, backend, "null:1M");
+    for j in 0..64 {
+        k.fill(3, j, |_| 0xa5);
+    }
+    // 63 pages and one sector of the 64th.
+    k.push_raw(&SimKernel::transfer(R, 3, 0, 63 * 8 + 1));
+    assert_eq!(serve(&mut k, &mut server), vec![(3, R, 0)]);
+    assert!((0..63).all(|j| k.page(3, j).iter().all(|&b| b == 0)));
+    let last = k.page(3, 63);
+    assert!(last[..512].iter().all(|&b| b == 0));
+    assert!(last[512..].iter().all(|&b| b == 0xa5));
+    // Pages 0..63 are known to hold zeros: a byte planted behind the server's back in page
+    // 40 survives the next read of them.
+    k.fill(3, 40, |i| if i == 100 { 0x5a } else { 0 });
+    k.push_raw(&SimKernel::transfer(R, 3, 8, 63 * 8));
+    assert_eq!(serve(&mut k, &mut server), vec![(3, R, 0)]);
+    assert_eq!(
+        k.page(3, 40)[100],
+        0x5a,
+        "a known-zero page was written again"
+    );
+    // Page 63 was read in part: a read of it zeros it all.
+    k.fill(3, 40, |_| 0);
+    k.push_raw(&SimKernel::transfer(R, 3, 8, 64 * 8));
+    assert_eq!(serve(&mut k, &mut server), vec![(3, R, 0)]);
+    assert!(
+        k.page(3, 63).iter().all(|&b| b == 0),
+        "a page read in part was taken for zeros"
+    );
+    // A large write brought data into every page: all are zeroed by the next read.
+    for j in 0..64 {
+        k.fill(3, j, |_| 0x77);
+    }
+    k.push_raw(&SimKernel::transfer(W, 3, 0, 64 * 8));
+    assert_eq!(serve(&mut k, &mut server), vec![(3, W, 0)]);
+    k.push_raw(&SimKernel::transfer(R, 3, 0, 64 * 8));
+    assert_eq!(serve(&mut k, &mut server), vec![(3, R, 0)]);
+    assert!((0..64).all(|j| k.page(3, j).iter().all(|&b| b == 0)));
+}
+
+#[test]
+fn serves_large_requests_from_an_aio_image() {
+    let path = std::env::temp_dir().join(format!("server-aio-large-{}.img", std::process::id()));
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let mut k = SimKernel::with_pages_per_slot(128);
+    let backend = Box::new(AioBackend::open(&path, false).unwrap());
+    let mut server = large_server(&k, backend, "aio");
+    let wait = |server: &mut Server<Rc<SimDevice>>, k: &mut SimKernel, n: usize| {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < n {
+            assert!(Instant::now() < deadline, "no completion");
+            let fd = server.backend_fd().unwrap();
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)).unwrap();
+            server.serve_backend().unwrap();
+            got.extend(k.responses());
+        }
+        got
+    };
+    for slot in 0..32usize {
+        for j in 0..128 {
+            k.fill(slot, j, |i| pattern(slot, j, i));
+        }
+        k.push_raw(&SimKernel::transfer(
+            W,
+            slot as u64,
+            slot as u64 * 1024,
+            1024,
+        ));
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = wait(&mut server, &mut k, 32);
+    assert!(rsps.iter().all(|r| r.status == 0), "{rsps:?}");
+    for slot in 0..32usize {
+        for j in 0..128 {
+            k.fill(slot, j, |_| 0);
+        }
+        // 100 pages and 3 sectors, from page 1 of the other slot's write.
+        k.push_raw(&SimKernel::transfer(
+            R,
+            slot as u64,
+            (31 - slot) as u64 * 1024 + 8,
+            803,
+        ));
+    }
+    k.publish();
+    server.serve_ring().unwrap();
+    let rsps = wait(&mut server, &mut k, 32);
+    assert!(rsps.iter().all(|r| r.status == 0 && r.operation == R));
+    for slot in 0..32usize {
+        for j in [0, 57, 99] {
+            let page = k.page(slot, j);
+            assert!(
+                page.iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == pattern(31 - slot, j + 1, i)),
+                "slot {slot}, page {j}"
+            );
+        }
+        let page = k.page(slot, 100);
+        assert!(page[..1536]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(31 - slot, 101, i)));
+        assert!(page[1536..].iter().all(|&b| b == 0));
+    }
+    drop(server);
+    std::fs::remove_file(path).unwrap();
+}

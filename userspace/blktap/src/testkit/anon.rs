@@ -4,7 +4,8 @@ use std::cell::Cell;
 use std::ptr::NonNull;
 
 use crate::mapping::Mapping;
-use crate::ring::{RingMemory, MAP_SIZE};
+use crate::ring::memory::{map_size, valid_pages_per_slot, STANDARD_PAGES_PER_SLOT};
+use crate::ring::RingMemory;
 use crate::{Error, Result};
 
 /// Ring memory in an anonymous mapping, for simulations and tests: the caller plays the kernel.
@@ -13,15 +14,28 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct AnonRing {
     map: Mapping,
+    pages_per_slot: usize,
     kicks: Cell<u64>,
 }
 
 impl AnonRing {
-    /// A zeroed ring mapping.
+    /// A zeroed standard ring mapping (11 data pages per slot).
     pub fn new() -> Result<Self> {
-        let map = Mapping::anonymous(MAP_SIZE).map_err(|e| Error::os("map ring memory", e))?;
+        Self::with_pages_per_slot(STANDARD_PAGES_PER_SLOT)
+    }
+
+    /// A zeroed ring mapping with `pages_per_slot` data pages per slot (11..=128).
+    pub fn with_pages_per_slot(pages_per_slot: usize) -> Result<Self> {
+        if !valid_pages_per_slot(pages_per_slot) {
+            return Err(Error::invalid(format!(
+                "{pages_per_slot} data pages per slot (11..=128)"
+            )));
+        }
+        let map = Mapping::anonymous(map_size(pages_per_slot))
+            .map_err(|e| Error::os("map ring memory", e))?;
         Ok(Self {
             map,
+            pages_per_slot,
             kicks: Cell::new(0),
         })
     }
@@ -32,11 +46,15 @@ impl AnonRing {
     }
 }
 
-// SAFETY: the mapping is MAP_SIZE bytes, page-aligned (mmap), lives as long as `self`, and is
-// only reached through raw pointers.
+// SAFETY: the mapping is map_size(pages_per_slot) bytes (pages_per_slot checked in 11..=128),
+// page-aligned (mmap), lives as long as `self`, and is only reached through raw pointers.
 unsafe impl RingMemory for AnonRing {
     fn base(&self) -> NonNull<u8> {
         self.map.as_ptr()
+    }
+
+    fn pages_per_slot(&self) -> usize {
+        self.pages_per_slot
     }
 
     fn kick(&self) -> Result<()> {

@@ -3,7 +3,10 @@
 //! does not know with `EINVAL`), `REMOVE_DEVICE`, `PAUSE` and `RESUME` (requests submitted while
 //! paused wait in a backlog, as in the block layer, and reach the ring on resume; both clear a
 //! PAUSE/RESUME message), and the recovery re-attach (the ring page is zeroed and every request
-//! not answered is published again from index 0). On a disk created with staged writes, a write
+//! not answered is published again from index 0). The ring's data pages per slot are chosen by
+//! the "mapping" ([`SimKernel::with_pages_per_slot`], [`RingDevice::remap`]): more than 11 only
+//! up to [`SimState::max_pages`] and with `LARGE_REQUESTS`, which needs more than 11, as in the
+//! module. On a disk created with staged writes, a write
 //! submitted waits, staged (counted in the header's `staged`), until `RESPOND`, `PAUSE` or
 //! `REMOVE_DEVICE` puts it on the ring, as the module does (its poll does too: not simulated).
 
@@ -15,6 +18,7 @@ use std::rc::Rc;
 use blktap_abi::{self as abi, blktap_request, blktap_request_discard, blktap_response};
 use nix::errno::Errno;
 
+use crate::ring::request::SECTORS_PER_PAGE;
 use crate::ring::{
     DiskParams, RingDevice, RingMemory, SharedRing, EXTENSION_FLAGS, PAGE_SIZE, RING_MESSAGE_PAUSE,
     RING_MESSAGE_RESUME,
@@ -29,6 +33,13 @@ pub struct SimState {
     pub known_flags: u64,
     /// The disk: capacity and flags.
     pub disk: Option<(u64, u64)>,
+    /// The data pages per slot of the ring when the disk was created.
+    pub disk_pages: usize,
+    /// The most data pages per slot a mapping may have (11: a kernel without large requests,
+    /// which refuses any other mapping).
+    pub max_pages: usize,
+    /// The pages per slot of every mapping made again ([`RingDevice::remap`]).
+    pub remaps: Vec<usize>,
     /// Whether requests are held back.
     pub paused: bool,
     /// The flags of every CREATE_DEVICE call.
@@ -51,7 +62,9 @@ pub struct SimState {
 /// A tap's ring device, simulated.
 #[derive(Debug)]
 pub struct SimDevice {
+    /// Memory for the largest mapping; `pages` of it are the ring's.
     ring: AnonRing,
+    pages: Cell<usize>,
     minor: u32,
     pub st: RefCell<SimState>,
     kicks: Cell<u64>,
@@ -64,7 +77,7 @@ impl SimDevice {
     }
 
     fn shared(&self) -> SharedRing<'_> {
-        SharedRing::new(&self.ring)
+        SharedRing::new(self)
     }
 
     fn clear_msg(&self) {
@@ -101,10 +114,15 @@ impl SimDevice {
     }
 }
 
-// SAFETY: the ring memory is the AnonRing's, which lives as long as the device.
+// SAFETY: the ring memory is the AnonRing's, which lives as long as the device and holds the
+// largest mapping (128 pages per slot), so it is valid for any `pages` (kept in 11..=128).
 unsafe impl RingMemory for SimDevice {
     fn base(&self) -> NonNull<u8> {
         self.ring.base()
+    }
+
+    fn pages_per_slot(&self) -> usize {
+        self.pages.get()
     }
 
     fn kick(&self) -> Result<()> {
@@ -132,7 +150,13 @@ impl RingDevice for SimDevice {
         if params.flags & !EXTENSION_FLAGS != 0 || params.flags & !st.known_flags != 0 {
             return Err(errno("create", Errno::EINVAL));
         }
+        // Large requests need a larger mapping, and a larger mapping is only for them.
+        let large = params.flags & abi::DEVICE_LARGE_REQUESTS != 0;
+        if large != (self.pages.get() > abi::SEGMENT_MAX) {
+            return Err(errno("create", Errno::EINVAL));
+        }
         st.disk = Some((params.capacity, params.flags));
+        st.disk_pages = self.pages.get();
         Ok(())
     }
 
@@ -178,6 +202,21 @@ impl RingDevice for SimDevice {
     fn existing_disk(&self) -> Result<Option<u64>> {
         Ok(self.st.borrow().disk.map(|(capacity, _)| capacity))
     }
+
+    unsafe fn remap(&self, pages_per_slot: usize) -> Result<()> {
+        let mut st = self.st.borrow_mut();
+        st.remaps.push(pages_per_slot);
+        let known = pages_per_slot == abi::SEGMENT_MAX
+            || (pages_per_slot > abi::SEGMENT_MAX && pages_per_slot <= st.max_pages);
+        let fits_disk = st.disk.is_none() || st.disk_pages == pages_per_slot;
+        if !known || !fits_disk || pages_per_slot > abi::SEGMENT_MAX_LARGE {
+            return Err(errno("mmap", Errno::EINVAL));
+        }
+        self.pages.set(pages_per_slot);
+        // Each mapping starts with a zeroed ring page.
+        self.shared().clear();
+        Ok(())
+    }
 }
 
 /// The kernel's side of a ring.
@@ -192,14 +231,24 @@ impl Default for SimKernel {
 }
 
 impl SimKernel {
-    /// A fresh ring of tap 0, knowing every extension; hand `mem` (a clone) to the server.
+    /// A fresh ring of tap 0 (the standard mapping), knowing every extension; hand `mem` (a
+    /// clone) to the server.
     pub fn new() -> Self {
+        Self::with_pages_per_slot(abi::SEGMENT_MAX)
+    }
+
+    /// A fresh ring of tap 0 mapped with `pages` data pages per slot (11..=128), knowing every
+    /// extension.
+    pub fn with_pages_per_slot(pages: usize) -> Self {
+        assert!((abi::SEGMENT_MAX..=abi::SEGMENT_MAX_LARGE).contains(&pages));
         Self {
             mem: Rc::new(SimDevice {
-                ring: AnonRing::new().unwrap(),
+                ring: AnonRing::with_pages_per_slot(abi::SEGMENT_MAX_LARGE).unwrap(),
+                pages: Cell::new(pages),
                 minor: 0,
                 st: RefCell::new(SimState {
                     known_flags: EXTENSION_FLAGS,
+                    max_pages: abi::SEGMENT_MAX_LARGE,
                     ..Default::default()
                 }),
                 kicks: Cell::new(0),
@@ -231,6 +280,33 @@ impl SimKernel {
         for (s, &(first, last)) in req.seg.iter_mut().zip(segs) {
             s.first_sect = first;
             s.last_sect = last;
+        }
+        req
+    }
+
+    /// A read or write of `sectors` sectors (1..=1024) at `sector`, laid out as the kernel
+    /// does: from the first byte of page 0 of the slot on, every page full but the last; more
+    /// than 11 pages make a large request (`nr_segments` its pages, `nr_sectors` its sectors,
+    /// the entry's 11 segments its first 11 pages).
+    pub fn transfer(op: u8, id: u64, sector: u64, sectors: u16) -> blktap_request {
+        let per_page = u16::from(SECTORS_PER_PAGE);
+        let pages = sectors.div_ceil(per_page);
+        let mut req = blktap_request {
+            operation: op,
+            nr_segments: pages as u8,
+            nr_sectors: if usize::from(pages) > abi::SEGMENT_MAX {
+                sectors
+            } else {
+                0
+            },
+            id,
+            sector_number: sector,
+            ..Default::default()
+        };
+        for (j, s) in req.seg.iter_mut().enumerate().take(usize::from(pages)) {
+            let in_page = (sectors - j as u16 * per_page).min(per_page);
+            s.first_sect = 0;
+            s.last_sect = (in_page - 1) as u8;
         }
         req
     }
