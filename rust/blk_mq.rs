@@ -67,6 +67,7 @@ mod ffi {
             rq: *mut bindings::request,
             pages: *const *mut bindings::page,
             npages: u32,
+            skip: usize,
             len: usize,
             to_pages: bool,
         ) -> usize;
@@ -186,21 +187,43 @@ impl Request {
     }
 
     /// Copies `len` bytes from `pages`, as one linear buffer, into the request's data.
-    /// Returns the bytes copied.
+    /// Returns the bytes copied: less than `len` if the request or the pages are shorter.
     pub fn copy_from_pages(&self, pages: &[Page], len: usize) -> usize {
         self.copy(pages, len, false)
     }
 
     fn copy(&self, pages: &[Page], len: usize, to_pages: bool) -> usize {
-        let mut raw = [core::ptr::null_mut::<bindings::page>(); 16];
-        let n = pages.len().min(raw.len());
-        for (slot, page) in raw.iter_mut().zip(&pages[..n]) {
-            *slot = page.as_ptr();
+        /// Pages handed to the helper at a time (their pointers are on the stack).
+        const CHUNK: usize = 16;
+        let mut done = 0;
+        for chunk in pages.chunks(CHUNK) {
+            if done == len {
+                break;
+            }
+            let mut raw = [core::ptr::null_mut::<bindings::page>(); CHUNK];
+            for (slot, page) in raw.iter_mut().zip(chunk) {
+                *slot = page.as_ptr();
+            }
+            let want = (len - done).min(chunk.len() * kernel::page::PAGE_SIZE);
+            // SAFETY: By the type invariants the request is live; `raw[..chunk.len()]` are valid
+            // pages that `pages` keeps alive during the call.
+            // CAST: `chunk.len() <= 16`.
+            let n = unsafe {
+                ffi::blktap_rq_copy(
+                    self.ptr.as_ptr(),
+                    raw.as_ptr(),
+                    chunk.len() as u32,
+                    done,
+                    want,
+                    to_pages,
+                )
+            };
+            done += n;
+            if n < want {
+                break;
+            }
         }
-        // SAFETY: By the type invariants the request is live; `raw[..n]` are valid pages that
-        // `pages` keeps alive during the call.
-        // CAST: `n <= 16`.
-        unsafe { ffi::blktap_rq_copy(self.ptr.as_ptr(), raw.as_ptr(), n as u32, len, to_pages) }
+        done
     }
 
     /// Ends the request: success, or an error (`EOPNOTSUPP` is reported as not supported, any

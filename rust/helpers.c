@@ -58,11 +58,12 @@ void *blktap_rq_queuedata(struct request *rq)
 }
 
 /*
- * Copies the first @len bytes of @rq's data from (@to_pages false) or to (@to_pages true) the
- * linear buffer made of @npages pages. Returns the bytes copied.
+ * Copies bytes @skip .. @skip + @len of @rq's data from (@to_pages false) or to (@to_pages true)
+ * the linear buffer made of @npages pages (the buffer's byte 0 is the data's byte @skip).
+ * Returns the bytes copied.
  */
 size_t blktap_rq_copy(struct request *rq, struct page *const *pages, unsigned int npages,
-		      size_t len, bool to_pages)
+		      size_t skip, size_t len, bool to_pages)
 {
 	struct req_iterator iter;
 	struct bio_vec bv;
@@ -72,6 +73,13 @@ size_t blktap_rq_copy(struct request *rq, struct page *const *pages, unsigned in
 		size_t left = bv.bv_len;
 		size_t bv_off = 0;
 
+		if (skip >= left) {
+			skip -= left;
+			continue;
+		}
+		bv_off = skip;
+		left -= skip;
+		skip = 0;
 		while (left && done < len) {
 			unsigned int pg = done >> PAGE_SHIFT;
 			size_t pg_off = done & ~PAGE_MASK;
@@ -90,6 +98,8 @@ size_t blktap_rq_copy(struct request *rq, struct page *const *pages, unsigned in
 			bv_off += n;
 			left -= n;
 		}
+		if (done == len)
+			break;
 	}
 	return done;
 }

@@ -35,7 +35,7 @@ bool blktap_rq_fua(struct request *rq);
 void *blktap_rq_queuedata(struct request *rq);
 
 size_t blktap_rq_copy(struct request *rq, struct page *const *pages, unsigned int npages,
-		      size_t len, bool to_pages);
+		      size_t skip, size_t len, bool to_pages);
 
 int blktap_disk_openers(struct gendisk *disk);
 

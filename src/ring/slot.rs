@@ -2,7 +2,8 @@
 
 //! The ring's slots, and the requests that wait for one.
 //!
-//! A slot is an id tapdisk answers with (0..32) and the 11 data pages that go with it. Its life:
+//! A slot is an id tapdisk answers with (0..32) and the data pages that go with it (11, or as many
+//! as a mapping for large requests has per slot). Its life:
 //!
 //! ```text
 //!            reserve             put_on_ring                answer              complete

@@ -78,14 +78,16 @@ SETTLE_S = 0.3
 # Every device is used over the same 256 MiB (the ram: tap holds it in tapdisk's memory).
 SPAN = "256M"
 DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapdev-null-nopoll",
-           "tapdev-null-nostage", "tapdev-null-reqev"]
+           "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large"]
 # What `make bench` runs; the others only when named (--devices): tapdev-null-nopoll is
 # tapdev-null with tapdisk sleeping in epoll as soon as it has answered (BLKTAP_POLL_US=0), to
 # measure what watching the ring after answering brings; tapdev-null-nostage is tapdev-null
 # without staged writes (BLKTAP_STAGED_WRITES=false: the kernel copies write data in queue_rq,
 # on fio's CPU), to measure what staging brings; tapdev-null-reqev is tapdev-null with
 # wake-up suppression (BLKTAP_REQ_EVENT=true: the kernel signals the ring's poll queue only
-# when tapdisk is about to sleep; off by default, bench/reqev), to measure what it brings.
+# when tapdisk is about to sleep; off by default, bench/reqev), to measure what it brings;
+# tapdev-null-large is tapdev-null with large requests (BLKTAP_MAX_SEGMENTS=128: requests of up
+# to 512 KiB instead of 44, 16 MiB of ring pages per tap), to measure what they bring.
 DEFAULT_DEVICES = DEVICES[:5]
 # A device that may be missing, with the reason printed instead of numbers.
 OPTIONAL = {"rnull"}
@@ -288,7 +290,9 @@ def make_device(name):
             "tapdev-null-nostage": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nostage",
                                                   {"BLKTAP_STAGED_WRITES": "false"}),
             "tapdev-null-reqev": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-reqev",
-                                                {"BLKTAP_REQ_EVENT": "true"})}[name]()
+                                                {"BLKTAP_REQ_EVENT": "true"}),
+            "tapdev-null-large": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-large",
+                                                {"BLKTAP_MAX_SEGMENTS": "128"})}[name]()
 
 
 def no_scheduler(path):
@@ -540,7 +544,7 @@ def measure_memory(n):
 COUNTER_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqwrite-44k-qd32", "seqread-1m-qd8",
                 "randrw70-4k-qd16x2"]
 COUNTER_DEVICES = ["tapdev-null", "ublk-null", "null_blk", "tapdev-null-nopoll",
-                   "tapdev-null-nostage", "tapdev-null-reqev"]
+                   "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large"]
 SYSCALL_EVENT = "raw_syscalls:sys_enter"
 
 
