@@ -141,17 +141,15 @@ impl Tap {
         publish: bool,
         stage: bool,
     ) -> bool {
-        let ready =
-            RingRequest::new(op, rq.sector(), rq.bytes(), pages.per_slot()).and_then(|req| {
-                let len = req.bytes() as usize;
-                if !stage
-                    && req.carries_write_data()
-                    && rq.copy_to_pages(pages.slot(slot), len) != len
-                {
-                    return Err(EIO);
-                }
-                Ok(req)
-            });
+        let per_slot = pages.per_slot();
+        let ready = RingRequest::new(op, rq.sector(), rq.bytes(), per_slot).and_then(|req| {
+            let len = req.bytes() as usize;
+            if !stage && req.carries_write_data() && rq.copy_to_pages(pages.slot(slot), len) != len
+            {
+                return Err(EIO);
+            }
+            Ok(req)
+        });
         let put = match ready {
             Ok(req) if stage => {
                 let p = Pending { rq, req };
