@@ -96,6 +96,15 @@ check "a corrupt VHD is refused with a clear error" sh -c \
     "cp base.vhd bad.vhd && printf 'xxxxxxxx' | dd of=bad.vhd bs=1 seek=0 conv=notrunc status=none &&
      truncate -s -512 bad.vhd && ! $TAPCTL create -a vhd:/tmp/bad.vhd 2> bad.err && cat bad.err && test -s bad.err"
 check "and no tap is left" is "$($TAPCTL list)" ""
+# A resize cut short leaves NAME.journal: tapdisk refuses the image, naming the way out.
+check "an image beside a leftover resize journal is refused, naming vhd-util revert" sh -c \
+    "echo left-over > base.vhd.journal && ! $TAPCTL create -a vhd:/tmp/base.vhd 2> jr.err && cat jr.err &&
+     grep -q 'vhd-util revert' jr.err"
+check "vhd-util check fails, naming the journal" sh -c \
+    "if $VHDUTIL check -n base.vhd > jr.out 2>&1; then false; else cat jr.out; grep -q journal jr.out; fi"
+check "without the journal it opens again" sh -c \
+    "rm base.vhd.journal && $TAPCTL create -a vhd:/tmp/base.vhd > /dev/null && $TAPCTL destroy -m 0"
+check "and no tap is left after them" is "$($TAPCTL list)" ""
 
 # --- A tap's NBD export -----------------------------------------------------------------------
 truncate -s 64M ex.raw

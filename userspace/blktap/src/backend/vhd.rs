@@ -45,8 +45,16 @@ pub struct VhdBackend {
 
 impl VhdBackend {
     /// Opens the chain whose leaf is `path`.
+    ///
+    /// Refuses a chain with an image whose resize (or a coalesce that grew it) was cut short:
+    /// its journal is still beside it and the image may be half moved until `vhd-util revert`
+    /// undoes it, as `vhd-util` itself refuses it.
     pub fn open(path: &std::path::Path, readonly: bool) -> Result<Self, VhdError> {
         let chain = Chain::open(path, !readonly)?;
+        for layer in chain.layers() {
+            let image = layer.path();
+            crate::vhd::journal::refuse_existing(image, &crate::vhd::journal::default_path(image))?;
+        }
         let size = chain.size();
         Ok(Self {
             chain,
@@ -385,6 +393,25 @@ impl Backend for Vhd {
 mod tests {
     use super::*;
     use crate::backend::threaded::tests::io;
+
+    #[test]
+    fn an_image_left_with_a_resize_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vhd");
+        let leaf = dir.path().join("leaf.vhd");
+        crate::vhd::create::create_dynamic(&base, 8 << 20, None).unwrap();
+        crate::vhd::create::snapshot(&leaf, &base, false).unwrap();
+        VhdBackend::open(&leaf, false).unwrap();
+        // A journal beside the parent (a coalesce's grow cut short), then beside the leaf.
+        for image in [&base, &leaf] {
+            let journal = crate::vhd::journal::default_path(image);
+            std::fs::write(&journal, b"left over").unwrap();
+            let err = VhdBackend::open(&leaf, false).unwrap_err().to_string();
+            assert!(err.contains("interrupted") && err.contains("vhd-util revert"), "{err}");
+            std::fs::remove_file(&journal).unwrap();
+        }
+        VhdBackend::open(&leaf, true).unwrap();
+    }
 
     #[test]
     fn the_reused_bounce_buffer_never_shows_an_earlier_transfer() {

@@ -11,6 +11,10 @@ use super::image::VhdImage;
 /// The problems found in the image at `path` (and its chain); empty if it is valid.
 pub fn check(path: &Path) -> Vec<String> {
     let mut problems = Vec::new();
+    // A resize (or a coalesce's grow) cut short: the image may be half moved.
+    if let Err(e) = super::journal::refuse_existing(path, &super::journal::default_path(path)) {
+        problems.push(e.to_string());
+    }
     match VhdImage::open(path, false) {
         Err(e) => {
             problems.push(e.to_string());

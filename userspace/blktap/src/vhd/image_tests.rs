@@ -103,6 +103,16 @@ fn dynamic_images_read_back_what_was_written() {
     }
     assert!(read_all(&path) == model, "read back after reopening");
     assert!(check(&path).is_empty(), "{:?}", check(&path));
+    // A resize journal left beside it is a problem `check` names, with the way out.
+    let journal = super::journal::default_path(&path);
+    std::fs::write(&journal, b"left over").unwrap();
+    let problems = check(&path);
+    assert!(
+        problems.len() == 1 && problems[0].contains("vhd-util revert"),
+        "{problems:?}"
+    );
+    std::fs::remove_file(&journal).unwrap();
+    assert!(check(&path).is_empty());
     let image = VhdImage::open(&path, false).unwrap();
     let allocated = image
         .bat()
@@ -1574,8 +1584,14 @@ fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut R
                 "the image is untouched"
             );
         }
+        // The image is whole after the last step, but the journal is left: `check` names it
+        // (and only it), as `tapdisk` refuses it.
         if step == Step::FooterCopy {
-            assert!(check(image).is_empty(), "{:?}", check(image));
+            let problems = check(image);
+            assert!(
+                problems.len() == 1 && problems[0].contains("vhd-util revert"),
+                "{problems:?}"
+            );
         }
         written.check_reads(image, old_size, false, rng);
         let e = resize(image, size).unwrap_err();
