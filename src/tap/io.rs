@@ -102,15 +102,11 @@ impl Tap {
             rq.end(Err(EOPNOTSUPP));
             return Queued::Taken;
         };
-        let stage = features.staged_writes && protocol::carries_write_data(op);
-        if stage || !protocol::carries_write_data(op) {
-            self.queue_without_copy(pages, rq, op, last, stage);
-            return Queued::Taken;
-        }
         let admitted = self.ring.lock().admit(rq, op);
         match admitted {
             Ok(Some((slot, rq))) => {
-                if self.fill(pages, slot, rq, op, last) {
+                let stage = features.staged_writes && protocol::carries_write_data(op);
+                if self.fill(pages, slot, rq, op, last, stage) {
                     self.poll.notify_all();
                 }
             }
@@ -131,63 +127,34 @@ impl Tap {
         Queued::Taken
     }
 
-    /// Queues a request that copies nothing in `queue_rq` (a read, a flush, a discard, or a
-    /// staged write): its slot is reserved and its entry put on the ring (or the write staged)
-    /// in one hold of the ring lock, where a write copied here needs two (the copy is made
-    /// between them, without the lock). As [`Tap::queue`] otherwise.
-    fn queue_without_copy(&self, pages: &RingPages, rq: Request, op: u8, last: bool, stage: bool) {
-        let req = match RingRequest::new(op, rq.sector(), rq.bytes(), pages.per_slot()) {
-            Ok(req) => req,
-            Err(_) => {
-                rq.end(Err(EIO));
-                if last {
-                    self.commit();
-                }
-                return;
-            }
-        };
-        let (failed, wake) = {
-            let mut ring = self.ring.lock();
-            match ring.admit(rq, op) {
-                Ok(Some((slot, rq))) => {
-                    let p = Pending { rq, req };
-                    let put = if stage {
-                        ring.stage(slot, p, last)
-                    } else {
-                        ring.put_on_ring(slot, p, last)
-                    };
-                    match put {
-                        Ok(wake) => (None, wake),
-                        Err(rq) => (Some(rq), false),
-                    }
-                }
-                // Parked or refused: publish the batch's earlier requests if this is its last.
-                Ok(None) => (None, last && ring.publish()),
-                Err(rq) => (Some(rq), last && ring.publish()),
-            }
-        };
-        if wake {
-            self.poll.notify_all();
-        }
-        if let Some(rq) = failed {
-            rq.end(Err(EIO));
-        }
-    }
-
     /// Puts `rq` in `slot`, which the caller reserved for it: copies a write's data into the
     /// slot's pages (without the lock: the reserved slot is the request's alone), then puts its
-    /// entry on the ring, or keeps it while the tap recovers. Ends the request with an I/O error
+    /// entry on the ring, or keeps it while the tap recovers; or, with `stage` (a write on a
+    /// disk with staged writes), stages it without copying. Ends the request with an I/O error
     /// if it cannot go. With `publish`, publishes the batch; returns whether to wake tapdisk.
-    fn fill(&self, pages: &RingPages, slot: usize, rq: Request, op: u8, publish: bool) -> bool {
+    fn fill(
+        &self,
+        pages: &RingPages,
+        slot: usize,
+        rq: Request,
+        op: u8,
+        publish: bool,
+        stage: bool,
+    ) -> bool {
         let per_slot = pages.per_slot();
         let ready = RingRequest::new(op, rq.sector(), rq.bytes(), per_slot).and_then(|req| {
             let len = req.bytes() as usize;
-            if req.carries_write_data() && rq.copy_to_pages(pages.slot(slot), len) != len {
+            if !stage && req.carries_write_data() && rq.copy_to_pages(pages.slot(slot), len) != len
+            {
                 return Err(EIO);
             }
             Ok(req)
         });
         let put = match ready {
+            Ok(req) if stage => {
+                let p = Pending { rq, req };
+                self.ring.lock().stage(slot, p, publish)
+            }
             Ok(req) => {
                 let p = Pending { rq, req };
                 self.ring.lock().put_on_ring(slot, p, publish)
@@ -216,7 +183,7 @@ impl Tap {
                 break;
             };
             // Copied here, in the context that freed the slot: no staging.
-            self.fill(pages, slot, w.rq, w.op, false);
+            self.fill(pages, slot, w.rq, w.op, false, false);
         }
         failed.fail_all();
         if self.ring.lock().publish() {
