@@ -407,7 +407,10 @@ mod tests {
             let journal = crate::vhd::journal::default_path(image);
             std::fs::write(&journal, b"left over").unwrap();
             let err = VhdBackend::open(&leaf, false).unwrap_err().to_string();
-            assert!(err.contains("interrupted") && err.contains("vhd-util revert"), "{err}");
+            assert!(
+                err.contains("interrupted") && err.contains("vhd-util revert"),
+                "{err}"
+            );
             std::fs::remove_file(&journal).unwrap();
         }
         VhdBackend::open(&leaf, true).unwrap();
