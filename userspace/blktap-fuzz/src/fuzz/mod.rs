@@ -59,9 +59,9 @@ const CONTROL_CMDS: [u32; 2] = [ALLOC_TAP, FREE_TAP];
 const RING_CMDS: [u32; 6] = [RESPOND, CREATE_COMPAT, PAUSE, RESUME, REMOVE, CREATE];
 
 const DEVICE_RO: u64 = abi::DEVICE_RO;
-/// Flags the kernel will negotiate (FLUSH, DISCARD, FUA, RECOVERY, STAGED_WRITES, REQ_EVENT): OK
-/// or EINVAL.
-const NEW_FLAGS: u64 = 0x04 | 0x08 | 0x20 | 0x40 | 0x80 | 0x100;
+/// Flags the kernel will negotiate (FLUSH, DISCARD, FUA, RECOVERY, STAGED_WRITES, REQ_EVENT,
+/// LARGE_REQUESTS: the last is EINVAL on the fuzzer's standard mappings): OK or EINVAL.
+const NEW_FLAGS: u64 = 0x04 | 0x08 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200;
 
 const INFO_LEN: u64 = size_of::<abi::blktap_info>() as u64;
 const DEVICE_INFO_LEN: u64 = size_of::<abi::blktap_device_info>() as u64;
