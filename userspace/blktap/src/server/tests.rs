@@ -334,6 +334,26 @@ fn images_smaller_than_a_sector_make_no_disk() {
     assert_eq!(statuses(&k.responses()), [(0, R, -1)]);
 }
 
+/// Serves the backend's completions until `n` responses are on the ring, within `limit`.
+fn wait_backend(
+    server: &mut Server<Rc<SimDevice>>,
+    k: &mut SimKernel,
+    limit: Duration,
+    n: usize,
+) -> Vec<blktap_response> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + limit;
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "no completion");
+        let fd = server.backend_fd().unwrap();
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)).unwrap();
+        server.serve_backend().unwrap();
+        got.extend(k.responses());
+    }
+    got
+}
+
 #[test]
 fn serves_an_aio_image_end_to_end() {
     let path = std::env::temp_dir().join(format!("server-aio-{}.img", std::process::id()));
@@ -344,19 +364,6 @@ fn serves_an_aio_image_end_to_end() {
     let mut k = SimKernel::new();
     let backend = Box::new(AioBackend::open(&path, false).unwrap());
     let mut server = Server::new(Rc::clone(&k.mem), backend, "aio".into(), false);
-    let wait = |server: &mut Server<Rc<SimDevice>>, k: &mut SimKernel, n: usize| {
-        let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while got.len() < n {
-            assert!(Instant::now() < deadline, "no completion");
-            let fd = server.backend_fd().unwrap();
-            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)).unwrap();
-            server.serve_backend().unwrap();
-            got.extend(k.responses());
-        }
-        got
-    };
     for slot in 0..32usize {
         for j in 0..11 {
             k.fill(slot, j, |i| pattern(slot, j, i));
@@ -365,7 +372,7 @@ fn serves_an_aio_image_end_to_end() {
     }
     k.publish();
     server.serve_ring().unwrap();
-    let rsps = wait(&mut server, &mut k, 32);
+    let rsps = wait_backend(&mut server, &mut k, Duration::from_secs(10), 32);
     assert!(rsps.iter().all(|r| r.status == 0), "{rsps:?}");
     assert!(k.mem.kicks() <= 32);
 
@@ -375,7 +382,7 @@ fn serves_an_aio_image_end_to_end() {
     }
     k.publish();
     server.serve_ring().unwrap();
-    let rsps = wait(&mut server, &mut k, 32);
+    let rsps = wait_backend(&mut server, &mut k, Duration::from_secs(10), 32);
     assert!(rsps.iter().all(|r| r.status == 0 && r.operation == R));
     for slot in 0..32usize {
         // Sector 8 of request 31 - slot is the start of its segment 1.
@@ -410,19 +417,6 @@ fn serves_a_vhd_chain_end_to_end() {
     let backend = crate::backend::open(&spec, false).unwrap();
     assert_eq!(backend.kind(), ImageKind::Vhd);
     let mut server = Server::new(Rc::clone(&k.mem), backend, spec.to_string(), false);
-    let wait = |server: &mut Server<Rc<SimDevice>>, k: &mut SimKernel, n: usize| {
-        let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while got.len() < n {
-            assert!(Instant::now() < deadline, "no completion");
-            let fd = server.backend_fd().unwrap();
-            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)).unwrap();
-            server.serve_backend().unwrap();
-            got.extend(k.responses());
-        }
-        got
-    };
     // Writes 263 sectors apart over the first three 2 MiB blocks of the child: the first in a
     // block allocates it, the others set bits in its bitmap.
     let sector = |slot: usize| slot as u64 * 263;
@@ -434,7 +428,7 @@ fn serves_a_vhd_chain_end_to_end() {
     }
     k.publish();
     server.serve_ring().unwrap();
-    let rsps = wait(&mut server, &mut k, 32);
+    let rsps = wait_backend(&mut server, &mut k, Duration::from_secs(20), 32);
     assert!(rsps.iter().all(|r| r.status == 0), "{rsps:?}");
 
     for slot in 0..32usize {
@@ -451,7 +445,7 @@ fn serves_a_vhd_chain_end_to_end() {
     }
     k.publish();
     server.serve_ring().unwrap();
-    let rsps = wait(&mut server, &mut k, 32);
+    let rsps = wait_backend(&mut server, &mut k, Duration::from_secs(20), 32);
     assert!(
         rsps.iter().all(|r| r.status == 0 && r.operation == R),
         "{rsps:?}"
@@ -1508,19 +1502,6 @@ fn serves_large_requests_from_an_aio_image() {
     let mut k = SimKernel::with_pages_per_slot(128);
     let backend = Box::new(AioBackend::open(&path, false).unwrap());
     let mut server = large_server(&k, backend, "aio");
-    let wait = |server: &mut Server<Rc<SimDevice>>, k: &mut SimKernel, n: usize| {
-        let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while got.len() < n {
-            assert!(Instant::now() < deadline, "no completion");
-            let fd = server.backend_fd().unwrap();
-            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)).unwrap();
-            server.serve_backend().unwrap();
-            got.extend(k.responses());
-        }
-        got
-    };
     for slot in 0..32usize {
         for j in 0..128 {
             k.fill(slot, j, |i| pattern(slot, j, i));
@@ -1534,7 +1515,7 @@ fn serves_large_requests_from_an_aio_image() {
     }
     k.publish();
     server.serve_ring().unwrap();
-    let rsps = wait(&mut server, &mut k, 32);
+    let rsps = wait_backend(&mut server, &mut k, Duration::from_secs(10), 32);
     assert!(rsps.iter().all(|r| r.status == 0), "{rsps:?}");
     for slot in 0..32usize {
         for j in 0..128 {
@@ -1550,7 +1531,7 @@ fn serves_large_requests_from_an_aio_image() {
     }
     k.publish();
     server.serve_ring().unwrap();
-    let rsps = wait(&mut server, &mut k, 32);
+    let rsps = wait_backend(&mut server, &mut k, Duration::from_secs(10), 32);
     assert!(rsps.iter().all(|r| r.status == 0 && r.operation == R));
     for slot in 0..32usize {
         for j in [0, 57, 99] {
