@@ -4,33 +4,11 @@ line per probe: `NAME RESULT` (OK or the errno name, or a value). The caller is 
 
     largeprobe.py MINOR
 """
-import ctypes, errno, mmap, os, struct, sys
+import errno, mmap, os, sys
 
-PAGE = 4096
+from probe import PAGE, info, ioctl, out, res
+
 LARGE, RECOVERY = 0x200, 0x40
-libc = ctypes.CDLL(None, use_errno=True)
-
-
-def res(f):
-    try:
-        f()
-        return "OK"
-    except OSError as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
-
-
-def ioctl(fd, cmd, arg=0):
-    if libc.ioctl(fd, ctypes.c_ulong(cmd), arg) < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def info(flags=0, capacity=2048):
-    return ctypes.create_string_buffer(struct.pack("QIIQ4Q", capacity, 512, 512, flags, 0, 0, 0, 0))
-
-
-def out(name, r):
-    print(f"{name} {r}", flush=True)
 
 
 def pages(s):
@@ -65,7 +43,7 @@ for name, length in [("mmap-10-per-slot", pages(10)), ("mmap-129-per-slot", page
 # A refused length leaves the file mappable.
 m = with_map(fd, 11)
 out("mmap-11-after-refusals", "OK" if isinstance(m, mmap.mmap) else m)
-out("create-large-on-11", res(lambda: ioctl(fd, 208, info(LARGE))))
+out("create-large-on-11", res(lambda: ioctl(fd, 208, info(flags=LARGE))))
 out("create-plain-on-11", res(lambda: ioctl(fd, 208, info())))
 out("max-kib-plain-11", open(f"{disk}/max_hw_sectors_kb").read().strip())
 out("remove-plain-11", res(lambda: ioctl(fd, 207)))
@@ -79,7 +57,7 @@ out("mmap-64", "OK" if isinstance(m, mmap.mmap) else m)
 out("slot-pages-64", debug_line("slot_pages"))
 # The data pages of slot 31 are the last 64 pages, zeroed.
 out("data-pages-zeroed", "OK" if m[PAGE * (pages(64) - 64):] == bytes(PAGE * 64) else "DIRTY")
-out("create-large-64", res(lambda: ioctl(fd, 208, info(LARGE | RECOVERY))))
+out("create-large-64", res(lambda: ioctl(fd, 208, info(flags=LARGE | RECOVERY))))
 out("max-kib-large-64", open(f"{disk}/max_hw_sectors_kb").read().strip())
 out("features-large", debug_line("features"))
 m.close()

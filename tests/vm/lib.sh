@@ -111,6 +111,41 @@ run_fio() {
     } &
 }
 
+# The tap under test: $T its sysfs directory, $D its block node (set by the script).
+
+# counter NAME: the value of "NAME: N" in the tap's debug attribute ($T/debug).
+counter() { sed -n "s/^$1: //p" "${T:?}/debug"; }
+
+# wait_node [DEV]: DEV (tapdev0) appears within 30 s.
+wait_node() {
+    _n=${1:-$DEVDIR/tapdev0}
+    _i=0; while [ ! -b "$_n" ] && [ $_i -lt 300 ]; do sleep 0.1; _i=$((_i + 1)); done
+    test -b "$_n"
+}
+
+# node_gone [DEV]: DEV (tapdev0) is gone within 20 s.
+node_gone() {
+    _n=${1:-$DEVDIR/tapdev0}
+    _i=0; while [ -e "$_n" ] && [ $_i -lt 200 ]; do sleep 0.1; _i=$((_i + 1)); done
+    test ! -e "$_n"
+}
+
+# stop_peer PID: SIGTERM, up to 10 s to exit, then SIGKILL; reaped.
+stop_peer() {
+    kill "$1" 2>/dev/null
+    _i=0; while kill -0 "$1" 2>/dev/null && [ $_i -lt 100 ]; do sleep 0.1; _i=$((_i + 1)); done
+    kill -9 "$1" 2>/dev/null
+    wait "$1" 2>/dev/null
+}
+
+# wait_fio_pair A B SECONDS LABEL: the run_fio jobs A and B end within SECONDS (a stalled disk
+# keeps them running: says so, and their fio_ok then fails).
+wait_fio_pair() {
+    _i=0; while { [ ! -s /tmp/fio-$1.rc ] || [ ! -s /tmp/fio-$2.rc ]; } && [ $_i -lt $(($3 * 10)) ]; do
+        sleep 0.1; _i=$((_i + 1)); done
+    [ $_i -lt $(($3 * 10)) ] || echo "# $4: fio still running after $3 s"
+}
+
 load() { insmod "$KO"; }
 unload() { rmmod blktap; }
 

@@ -7,27 +7,12 @@ RESULT is OK or the errno name. The caller (t65-ring-errors.sh) compares them wi
 """
 import ctypes, errno, mmap, os, select, struct, sys
 
-PAGE = 4096
+from probe import PAGE, info, ioctl, libc, out, res
+
 PAGES = 1 + 32 * 11
-libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-
-
-def res(f):
-    try:
-        f()
-        return "OK"
-    except OSError as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
-
-
-def ioctl(fd, cmd, arg=0):
-    r = libc.ioctl(fd, ctypes.c_ulong(cmd), arg)
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def mmap_raw(fd, length, offset=0):
@@ -36,14 +21,6 @@ def mmap_raw(fd, length, offset=0):
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return addr
-
-
-def info(capacity, ss=512, pss=512, flags=0):
-    return ctypes.create_string_buffer(struct.pack("QIIQ4Q", capacity, ss, pss, flags, 0, 0, 0, 0))
-
-
-def out(name, r):
-    print(f"{name} {r}", flush=True)
 
 
 minor = int(sys.argv[1])

@@ -4,7 +4,6 @@
 load
 $TAPCTL allocate >/dev/null
 
-wait_node() { i=0; while [ ! -b $DEVDIR/tapdev0 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; test -b $DEVDIR/tapdev0; }
 python3 tests/vm/pytap.py 0 65536 > /tmp/pytap.log 2>&1 &
 peer=$!
 check "the disk appears" wait_node

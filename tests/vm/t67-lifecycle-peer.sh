@@ -7,9 +7,7 @@ $TAPCTL allocate >/dev/null
 T="$CLASS/blktap!blktap0"
 D=$DEVDIR/tapdev0
 
-wait_node() { i=0; while [ ! -b $D ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; test -b $D; }
 debug_is() { grep -qx "$1" "$T/debug" || { cat "$T/debug"; false; }; }
-stop_peer() { kill "$1"; wait "$1"; }
 ops() { kill -USR1 "$1"; sleep 0.3; cat /tmp/pytap-0.ops; }
 
 # --- Negotiation -----------------------------------------------------------------------------

@@ -11,8 +11,6 @@ T="$CLASS/blktap!blktap0"
 D=$DEVDIR/tapdev0
 CTL=/tmp/errpeer-0.ctl
 
-wait_node() { i=0; while [ ! -b $D ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; test -b $D; }
-wait_gone() { i=0; while [ -e $D ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; test ! -e $D; }
 debug_is() { grep -qx "$1" "$T/debug" || { cat "$T/debug"; false; }; }
 # debug_becomes LINE: waits up to 10 s for a line of debug.
 debug_becomes() { i=0; while ! grep -qx "$1" "$T/debug" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; debug_is "$1"; }
@@ -110,7 +108,7 @@ echo 1 > $T/deadline
 check "a held read fails at the deadline" is "$(dio read 0 4096)" EIO
 check "its slot stays late" debug_is "late: 1"
 kill -9 $peer; wait $peer 2>/dev/null
-check "the disk goes with the ring" wait_gone
+check "the disk goes with the ring" node_gone
 check "the ring's death frees the late slot" debug_is "late: 0"
 
 # --- Requests waiting for a slot -------------------------------------------------------------
@@ -165,7 +163,7 @@ check "the peer resumes the disk" debug_becomes "paused: no"
 check "at RESUME the waiting request gets a slot and ends" ended $r 10
 check "with its data" is "$(cat /tmp/parked.out)" "OK 00"
 kill $peer; wait $peer
-check "the peer removed the disk" wait_gone
+check "the peer removed the disk" node_gone
 
 # --- A recovery tapdisk's death ends a pause and frees late slots -----------------------------
 start_peer --flags 0x6c
@@ -187,7 +185,7 @@ peer=$!
 check "a new peer attaches" debug_becomes "recovery: on"
 check "and serves I/O at once" sh -c "timeout 10 python3 tests/vm/dio.py $D write 0 4096 77 | grep -qx OK"
 kill $peer; wait $peer
-check "the disk is removed" wait_gone
+check "the disk is removed" node_gone
 
 # --- A read-only disk ------------------------------------------------------------------------
 start_peer --flags 0x1
@@ -195,7 +193,7 @@ check "read-only" is "$(cat /sys/block/tda/ro)" 1
 check "refuses writes" fails dd if=/dev/zero of=$D bs=4k count=1 oflag=direct status=none
 check "serves reads" is "$(dio read 0 4096)" "OK 00"
 kill $peer; wait $peer
-wait_gone
+node_gone
 
 check "free the tap" $TAPCTL free -m 0
 check "rmmod" unload

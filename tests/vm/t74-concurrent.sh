@@ -114,7 +114,6 @@ check "ram: destroy" $TAPCTL destroy -m 0
 echo "# ram: $(elapsed $t) s"
 
 # --- the Python peer, plain and holding answers ------------------------------------------------
-wait_node() { i=0; while [ ! -b $DEVDIR/tapdev0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; test -b $DEVDIR/tapdev0; }
 $TAPCTL allocate >/dev/null
 for mode in plain "hold 16" "hold 32"; do
     t=$(date +%s)

@@ -24,7 +24,6 @@ FIO_BOUND=$((6 * DL + 8))
 within() { le "$(since $2)" $1; }
 # le ELAPSED SECONDS: ELAPSED is at most SECONDS.
 le() { awk -v s="$1" -v m="$2" 'BEGIN { exit !(s <= m) }' || { echo "took $1 s, more than $2 s"; false; }; }
-counter() { sed -n "s/^$1: //p" "$T/debug"; }
 
 # stuck_reads LABEL DEV: fio at depth 64 must end with EIO, and then 64 direct 4 KiB reads at
 # once (64 dd processes) must each end with EIO; each within BOUND seconds.

@@ -20,24 +20,15 @@
 load
 T="$CLASS/blktap!blktap0"
 D=$DEVDIR/tapdev0
-counter() { sed -n "s/^$1: //p" "$T/debug"; }
 # staged_is N: the disk was made with staged writes (1) or without (0).
 staged_is() { grep -q "^features: .* staged_writes=$1 " "$T/debug" || { cat "$T/debug"; false; }; }
 both_ok() { fio_ok s1 && fio_ok s2; }
-wait_node() { i=0; while [ ! -b $D ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; test -b $D; }
-gone() { i=0; while [ -b $D ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; test ! -b $D; }
 # bg_dd ARGS...: dd in the background; its status goes to /tmp/dd.rc, its messages to /tmp/dd.err.
 bg_dd() { rm -f /tmp/dd.rc; ( dd "$@" status=none 2>/tmp/dd.err; echo $? > /tmp/dd.rc ) & }
 # dd_done SECONDS: waits up to SECONDS for it; prints its status (124 if still running).
 dd_done() {
     i=0; while [ ! -s /tmp/dd.rc ] && [ $i -lt $(($1 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
     cat /tmp/dd.rc 2>/dev/null || echo 124
-}
-stop_peer() {
-    kill $1 2>/dev/null
-    i=0; while kill -0 $1 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-    kill -9 $1 2>/dev/null
-    wait $1 2>/dev/null
 }
 
 # verify2 LABEL DEV: a verifying writer (io_uring, QD16) and a verifying randrw job (libaio,
@@ -46,14 +37,10 @@ verify2() {
     rm -f /tmp/fio-s1.rc /tmp/fio-s2.rc
     run_fio s1 --filename=$2 --ioengine=io_uring --direct=1 --rw=randwrite --bsrange=4k-44k \
         --iodepth=16 --offset=0 --size=6M --verify=crc32c --verify_fatal=1
-    a=$!
     run_fio s2 --filename=$2 --ioengine=libaio --direct=1 --rw=randrw --bsrange=512-44k \
         --iodepth=32 --offset=8M --size=6M --verify=crc32c --verify_backlog=8 --verify_fatal=1
-    b=$!
     # Bounded: a staged write nobody fetches would stall them.
-    i=0; while { [ ! -s /tmp/fio-s1.rc ] || [ ! -s /tmp/fio-s2.rc ]; } && [ $i -lt 1200 ]; do
-        sleep 0.1; i=$((i + 1)); done
-    [ $i -lt 1200 ] || echo "# $1: fio still running after 120 s"
+    wait_fio_pair s1 s2 120 "$1"
     check "$1: a verifying writer and a verifying randrw job at once, within 120 s" both_ok
 }
 
@@ -90,7 +77,7 @@ for mode in plain "epoll-et --poll-only" "hold 16"; do
     stop_peer $peer
     sed 's/^/# /' /tmp/pytap.log
     check "pytap $mode: the peer saw the writes" grep -Eq 'ops read=[1-9][0-9]* write=[1-9]' /tmp/pytap.log
-    check "pytap $mode: the disk is gone with the peer" gone
+    check "pytap $mode: the disk is gone with the peer" node_gone
 done
 
 # --- (c) a peer that answers a staged write's slot before the write is on the ring -----------
@@ -118,7 +105,7 @@ check "guess: the write's data reads back" \
     sh -c "dd if=$D bs=4k skip=200 count=1 iflag=direct status=none | cmp - /tmp/w4k"
 check "guess: nothing staged or pending" sh -c "test $(counter staged) = 0 && test $(counter pending) = 0"
 stop_peer $peer
-check "guess: the disk is gone with the peer" gone
+check "guess: the disk is gone with the peer" node_gone
 
 # --- (d) a silent peer: staged writes time out and are never carried out ----------------------
 head -c 64K /dev/urandom > /tmp/old
@@ -128,7 +115,7 @@ peer=$!
 check "silent: the disk appears" wait_node
 check "silent: write the old data" dd if=/tmp/old of=$D bs=64K seek=16 oflag=direct status=none
 stop_peer $peer
-check "silent: the disk is gone" gone
+check "silent: the disk is gone" node_gone
 python3 tests/vm/pytap.py 0 32768 --flags 0x80 --file /tmp/st.img --silent > /tmp/pytap.log 2>&1 &
 peer=$!
 check "silent: the disk appears again" wait_node
@@ -149,7 +136,7 @@ check "silent: once the peer serves, the region still holds the old data" \
     sh -c "dd if=$D bs=64K skip=16 count=1 iflag=direct status=none | cmp - /tmp/old"
 verify2 "silent, woken" $D
 stop_peer $peer
-check "silent: the disk is gone with the peer" gone
+check "silent: the disk is gone with the peer" node_gone
 
 # --- (e) the peer dies with writes staged ---------------------------------------------------
 python3 tests/vm/pytap.py 0 32768 --flags 0x80 --silent > /tmp/pytap.log 2>&1 &
@@ -165,7 +152,7 @@ el=$(since $t)
 echo "# death: the writer ended $el s after the peer's death, status $rc: $(cat /tmp/dd.err)"
 check "death: the staged write fails with EIO, at once" \
     sh -c "test $rc = 1 && grep -q 'Input/output error' /tmp/dd.err && awk 'BEGIN { exit !($el <= 10) }'"
-check "death: the disk goes" gone
+check "death: the disk goes" node_gone
 
 # --- (f) recovery: staged writes wait for the next peer ----------------------------------------
 head -c 256K /dev/urandom > /tmp/rec

@@ -8,7 +8,6 @@
 . tests/vm/lib.sh
 load
 ROGUE=$REPO/userspace/target/release/rogue-tapdisk
-wait_node() { i=0; while [ ! -b $DEVDIR/tapdev0 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; test -b $DEVDIR/tapdev0; }
 debug_is() { grep -qx "$1" "$CLASS/blktap!blktap0/debug" || { cat "$CLASS/blktap!blktap0/debug"; false; }; }
 # The good answer's data for sectors 0..N-1 (rogue-tapdisk's `pattern`).
 pattern() {

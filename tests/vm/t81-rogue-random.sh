@@ -6,7 +6,6 @@
 . tests/vm/stress.sh
 load
 ROGUE=$REPO/userspace/target/release/rogue-tapdisk
-wait_node() { i=0; while [ ! -b $DEVDIR/tapdev0 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; test -b $DEVDIR/tapdev0; }
 RUNS=$(scaled 3)
 BASE=${BLKTAP_FUZZ_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
 for r in $(seq 1 $RUNS); do

@@ -15,24 +15,9 @@
 load
 T="$CLASS/blktap!blktap0"
 D=$DEVDIR/tapdev0
-counter() { sed -n "s/^$1: //p" "$T/debug"; }
 # req_event_is N: the disk was made with req_event (1) or without (0).
 req_event_is() { grep -q "^features: .* req_event=$1 " "$T/debug" || { cat "$T/debug"; false; }; }
 both_ok() { fio_ok s1 && fio_ok s2; }
-wait_node() { i=0; while [ ! -b $D ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; test -b $D; }
-gone() { i=0; while [ -b $D ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; test ! -b $D; }
-stop_peer() {
-    kill $1 2>/dev/null
-    i=0; while kill -0 $1 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-    kill -9 $1 2>/dev/null
-    wait $1 2>/dev/null
-}
-# wait_both LABEL: both jobs done within 120 s (a lost signal stalls them).
-wait_both() {
-    i=0; while { [ ! -s /tmp/fio-s1.rc ] || [ ! -s /tmp/fio-s2.rc ]; } && [ $i -lt 1200 ]; do
-        sleep 0.1; i=$((i + 1)); done
-    [ $i -lt 1200 ] || echo "# $1: fio still running after 120 s"
-}
 
 # verify2 LABEL DEV: a verifying writer (io_uring, QD16) and a verifying randrw job (libaio,
 # QD32) at once on disjoint regions, both with crc32c.
@@ -42,7 +27,7 @@ verify2() {
         --iodepth=16 --offset=0 --size=6M --verify=crc32c --verify_fatal=1
     run_fio s2 --filename=$2 --ioengine=libaio --direct=1 --rw=randrw --bsrange=512-44k \
         --iodepth=32 --offset=8M --size=6M --verify=crc32c --verify_backlog=8 --verify_fatal=1
-    wait_both "$1"
+    wait_fio_pair s1 s2 120 "$1"
     check "$1: a verifying writer and a verifying randrw job at once, within 120 s" both_ok
 }
 
@@ -54,7 +39,7 @@ paced2() {
         --iodepth=1 --offset=16M --size=512K --thinktime=3000 --verify=crc32c --verify_fatal=1
     run_fio s2 --filename=$2 --ioengine=libaio --direct=1 --rw=randrw --bs=4k --iodepth=2 \
         --offset=20M --size=512K --thinktime=3000 --verify=crc32c --verify_backlog=4 --verify_fatal=1
-    wait_both "$1"
+    wait_fio_pair s1 s2 120 "$1"
     check "$1: two paced verifying jobs (each request after a pause), within 120 s" both_ok
 }
 
@@ -99,7 +84,7 @@ for flags in 0x100 0x180; do
     sed 's/^/# /' /tmp/pytap.log
     check "pytap $flags: the peer was woken, and found requests when it looked once more" \
         sh -c "grep -Eq 'epoll wakeups=[1-9]' /tmp/pytap.log && grep -Eq 'req_event rechecks=[0-9]+' /tmp/pytap.log"
-    check "pytap $flags: the disk is gone with the peer" gone
+    check "pytap $flags: the disk is gone with the peer" node_gone
 done
 
 # --- (c) a peer that never writes req_event --------------------------------------------------
@@ -112,7 +97,7 @@ paced2 "never" $D
 check "never: every request signalled (none suppressed), none timed out" \
     sh -c "test $(counter quiet) = $q0 && test $(counter timed_out) = $t0"
 stop_peer $peer
-check "never: the disk is gone with the peer" gone
+check "never: the disk is gone with the peer" node_gone
 
 # --- (d) a hostile peer that keeps req_event ahead: never signalled ------------------------------
 python3 tests/vm/pytap.py 0 65536 --flags 0x100 --epoll-et --req-event ahead > /tmp/pytap.log 2>&1 &
@@ -133,7 +118,7 @@ check "ahead: ... after the deadline, within 2 x deadline + 5 s" awk "BEGIN { ex
 check "ahead: it timed out unanswered (counted, logged), the signals suppressed" \
     sh -c "test $(counter timed_out) -gt $t0 && test $(counter quiet) -gt $q0 && dmesg | grep -q 'blktap0: request in slot [0-9]* (op 0) timed out after 3 s (tapdisk has not answered)'"
 stop_peer $peer
-check "ahead: the disk is gone with the peer" gone
+check "ahead: the disk is gone with the peer" node_gone
 check "free the tap" $TAPCTL free -m 0
 check "no tap left" no_taps_left
 check "rmmod" unload

@@ -13,22 +13,8 @@
 load
 T="$CLASS/blktap!blktap0"
 D=$DEVDIR/tapdev0
-counter() { sed -n "s/^$1: //p" "$T/debug"; }
 large_is() { grep -q "^features: .* large=$1\$" "$T/debug" || { cat "$T/debug"; false; }; }
 both_ok() { fio_ok l1 && fio_ok l2; }
-wait_node() { i=0; while [ ! -b $D ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; test -b $D; }
-gone() { i=0; while [ -b $D ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; test ! -b $D; }
-stop_peer() {
-    kill $1 2>/dev/null
-    i=0; while kill -0 $1 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-    kill -9 $1 2>/dev/null
-    wait $1 2>/dev/null
-}
-wait_both() {
-    i=0; while { [ ! -s /tmp/fio-l1.rc ] || [ ! -s /tmp/fio-l2.rc ]; } && [ $i -lt 1800 ]; do
-        sleep 0.1; i=$((i + 1)); done
-    [ $i -lt 1800 ] || echo "# $1: fio still running after 180 s"
-}
 # mean_kib R|W: the block layer's mean request size so far, in KiB, for reads or writes
 # (/sys/block/tda/stat: read I/Os and sectors are fields 1 and 3, writes 5 and 7).
 mean_kib() {
@@ -44,7 +30,7 @@ large2() {
         --offset=0 --size=16M --loops=2 --verify=crc32c --verify_backlog=4 --verify_fatal=1
     run_fio l2 --filename=$2 --ioengine=libaio --direct=1 --rw=randrw --bsrange=4k-1M \
         --iodepth=8 --offset=24M --size=24M --verify=crc32c --verify_backlog=8 --verify_fatal=1
-    wait_both "$1"
+    wait_fio_pair l1 l2 180 "$1"
     check "$1: a 1 MiB verifying writer and a verifying randrw job (4 KiB - 1 MiB) at once" both_ok
 }
 
@@ -115,7 +101,7 @@ for flags in 0x200 0x280; do
     sed 's/^/# /' /tmp/pytap.log | tail -n 5
     check "pytap $flags: the peer saw requests of more than 11 pages, each well formed" \
         sh -c "grep -Eq 'large=[1-9][0-9]* violations=0' /tmp/pytap.log && ! grep -q VIOLATION /tmp/pytap.log"
-    check "pytap $flags: the disk is gone with the peer" gone
+    check "pytap $flags: the disk is gone with the peer" node_gone
 done
 check "free the tap" $TAPCTL free -m 0
 check "no tap left" no_taps_left
