@@ -3,7 +3,9 @@
 //! `resize` (growing the BAT past its room under a journal) and `revert` (undoing a resize cut
 //! short, from its journal).
 //!
-//! Errors go to stderr and the exit status is the errno (as the original tools).
+//! Errors go to stderr and the exit status is the errno (as the original tools). `--debug`,
+//! which Xen's storage manager passes to every command (the original turns on logging to syslog
+//! with it), is accepted anywhere and ignored.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -253,7 +255,7 @@ fn run(command: Command) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(std::env::args_os().filter(|a| a != "--debug"));
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(msg, errno)) => {

@@ -71,6 +71,9 @@ fn create_query_and_set() {
     let d = dir.join("d.vhd");
     ok(&["create", "-n", s(&d), "-s", "20"]);
     assert_eq!(ok(&["query", "-n", s(&d), "-v"]), "20\n");
+    // --debug (SM passes it to every command) is ignored, wherever it stands.
+    assert_eq!(ok(&["query", "--debug", "-n", s(&d), "-v"]), "20\n");
+    assert_eq!(ok(&["query", "-n", s(&d), "-v", "--debug"]), "20\n");
     let phys: u64 = ok(&["query", "-n", s(&d), "-s"]).trim().parse().unwrap();
     assert_eq!(phys, std::fs::metadata(&d).unwrap().len());
     assert_eq!(
