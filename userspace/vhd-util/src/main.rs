@@ -1,7 +1,7 @@
 //! `vhd-util`: the VHD tool of Xen's storage manager, with the original's commands and flags
 //! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `repair`, `set`,
-//! `resize` (growing the BAT past its room under a journal) and `revert` (undoing a resize cut
-//! short, from its journal).
+//! `resize` (growing the BAT past its room under a journal), `revert` (undoing a resize cut
+//! short, from its journal) and `modify -p` (re-parenting a differencing image).
 //!
 //! Errors go to stderr and the exit status is the errno (as the original tools). `--debug`,
 //! which Xen's storage manager passes to every command (the original turns on logging to syslog
@@ -16,6 +16,7 @@ use blktap::vhd::create::{
     coalesce, create_dynamic, create_fixed, resize_with_journal, revert, snapshot,
 };
 use blktap::vhd::journal::default_path;
+use blktap::vhd::modify::set_parent;
 use blktap::vhd::repair::repair;
 use blktap::vhd::{VhdError, VhdImage};
 use clap::{Parser, Subcommand};
@@ -116,6 +117,24 @@ enum Command {
         /// The journal (default NAME.journal).
         #[arg(short = 'j')]
         journal: Option<PathBuf>,
+    },
+    /// Set the parent of a differencing VHD (re-parent it), in place.
+    Modify {
+        /// The differencing image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// The new parent (a VHD; a raw file or device with -m).
+        #[arg(short = 'p')]
+        parent: Option<PathBuf>,
+        /// The new parent is raw.
+        #[arg(short = 'm')]
+        raw_parent: bool,
+        /// Set the physical size (not supported).
+        #[arg(short = 's')]
+        physical_size: Option<String>,
+        /// Zero the BAT, forgetting the data (not supported).
+        #[arg(short = 'z')]
+        zero: bool,
     },
     /// Set a field of the footer.
     Set {
@@ -240,6 +259,27 @@ fn run(command: Command) -> Result<(), Failure> {
             if let Some(done) = repair(&name)? {
                 println!("{}: {done}", name.display());
             }
+        }
+        Command::Modify {
+            name,
+            parent,
+            raw_parent,
+            physical_size,
+            zero,
+        } => {
+            if physical_size.is_some() || zero {
+                return Err(Failure(
+                    "modify: -s (physical size) and -z (zeroing) are not supported; only -p".into(),
+                    libc::ENOSYS,
+                ));
+            }
+            let Some(parent) = parent else {
+                return Err(Failure(
+                    "modify: -p PARENT is needed (the only change supported)".into(),
+                    libc::EINVAL,
+                ));
+            };
+            set_parent(&name, &parent, raw_parent)?;
         }
         Command::Set { name, field, value } => {
             if field != "hidden" {
