@@ -659,3 +659,264 @@ fn qemu_img_reads_a_reparented_child() {
     // qemu's vpc driver has no check ("This image format does not support checks", exit 63):
     // nothing to ask it there.
 }
+
+fn len(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+/// `vhd=` line of an image as scan prints it.
+fn scan_line(name: &str, capacity: u64, size: u64, hidden: u8, parent: &str) -> String {
+    format!("vhd={name} capacity={capacity} size={size} hidden={hidden} parent={parent}")
+}
+
+#[test]
+fn scan_prints_one_line_per_vhd() {
+    let dir = scratch("scan");
+    let d = |n: &str| dir.join(n);
+    ok(&["create", "-n", s(&d("base.vhd")), "-s", "8"]);
+    ok(&["create", "-n", s(&d("fixed.vhd")), "-s", "4", "-r"]);
+    ok(&[
+        "snapshot",
+        "-n",
+        s(&d("child.vhd")),
+        "-p",
+        s(&d("base.vhd")),
+    ]);
+    ok(&[
+        "snapshot",
+        "-n",
+        s(&d("grand.vhd")),
+        "-p",
+        s(&d("child.vhd")),
+    ]);
+    ok(&["set", "-n", s(&d("base.vhd")), "-f", "hidden", "-v", "1"]);
+    // Written into, so that the physical sizes differ.
+    let mut model = vec![0u8; 8 << 20];
+    write_random(&d("grand.vhd"), &mut Rng::new(5), &mut model);
+    // Not matched: another extension, a leading dot.
+    std::fs::write(d("notes.txt"), b"x").unwrap();
+    std::fs::copy(d("base.vhd"), d(".dot.vhd")).unwrap();
+    let pattern = format!("{}/*.vhd", s(&dir));
+    let lines = [
+        scan_line("base.vhd", 8 << 20, len(&d("base.vhd")), 1, "none"),
+        scan_line("child.vhd", 8 << 20, len(&d("child.vhd")), 0, "base.vhd"),
+        scan_line("fixed.vhd", 4 << 20, (4 << 20) + 512, 0, "none"),
+        scan_line("grand.vhd", 8 << 20, len(&d("grand.vhd")), 0, "child.vhd"),
+    ];
+    let expected = lines.join("\n") + "\n";
+    for flags in [vec!["-f"], vec![], vec!["-f", "-c"], vec!["-fc"]] {
+        let mut args = vec!["scan"];
+        args.extend(flags);
+        args.extend(["-m", &pattern]);
+        assert_eq!(ok(&args), expected, "{args:?}");
+    }
+    // SM's call, with --debug.
+    assert_eq!(
+        ok(&["scan", "--debug", "-f", "-c", "-m", &pattern]),
+        expected
+    );
+    // Files named on the command line, after the pattern's; -v prints whole paths.
+    assert_eq!(
+        ok(&["scan", "-v", s(&d("grand.vhd")), s(&d("fixed.vhd"))]),
+        format!(
+            "{}\n{}\n",
+            scan_line(
+                s(&d("grand.vhd")),
+                8 << 20,
+                len(&d("grand.vhd")),
+                0,
+                s(&std::fs::canonicalize(d("child.vhd")).unwrap())
+            ),
+            scan_line(s(&d("fixed.vhd")), 4 << 20, (4 << 20) + 512, 0, "none"),
+        )
+    );
+    // Nothing matches: nothing printed, success.
+    assert_eq!(
+        ok(&["scan", "-f", "-m", &format!("{}/*.vhdx", s(&dir))]),
+        ""
+    );
+    assert_eq!(
+        ok(&["scan", "-f", "-m", &format!("{}/nowhere/*.vhd", s(&dir))]),
+        ""
+    );
+    // ? and [...] too.
+    assert_eq!(
+        ok(&["scan", "-f", "-m", &format!("{}/[bc]?[si]*.vhd", s(&dir))]),
+        format!("{}\n{}\n", lines[0], lines[1])
+    );
+
+    // -p: trees, children indented by three spaces under their parent.
+    ok(&["create", "-n", s(&d("solo.vhd")), "-s", "2"]);
+    ok(&["snapshot", "-n", s(&d("sib.vhd")), "-p", s(&d("child.vhd"))]);
+    ok(&["set", "-n", s(&d("child.vhd")), "-f", "hidden", "-v", "1"]);
+    let tree = ok(&["scan", "-p", "-m", &pattern]);
+    let sz = |n: &str| len(&d(n));
+    assert_eq!(
+        tree,
+        [
+            scan_line("base.vhd", 8 << 20, sz("base.vhd"), 1, "none"),
+            format!(
+                "   {}",
+                scan_line("child.vhd", 8 << 20, sz("child.vhd"), 1, "base.vhd")
+            ),
+            format!(
+                "      {}",
+                scan_line("grand.vhd", 8 << 20, sz("grand.vhd"), 0, "child.vhd")
+            ),
+            format!(
+                "      {}",
+                scan_line("sib.vhd", 8 << 20, sz("sib.vhd"), 0, "child.vhd")
+            ),
+            scan_line("fixed.vhd", 4 << 20, sz("fixed.vhd"), 0, "none"),
+            scan_line("solo.vhd", 2 << 20, sz("solo.vhd"), 0, "none"),
+        ]
+        .join("\n")
+            + "\n"
+    );
+    // A parent outside the scan is said so.
+    assert_eq!(
+        ok(&["scan", "-p", s(&d("grand.vhd"))]),
+        format!(
+            "{} (not found in scan)\n",
+            scan_line("grand.vhd", 8 << 20, sz("grand.vhd"), 0, "child.vhd")
+        )
+    );
+
+    // -a: the parents are scanned too (with -f, found next to the child by their name).
+    let grand = d("grand.vhd");
+    for fast in [true, false] {
+        let mut args = vec!["scan", "-a"];
+        if fast {
+            args.push("-f");
+        }
+        args.extend(["-m", s(&grand)]);
+        assert_eq!(
+            ok(&args),
+            [
+                scan_line("grand.vhd", 8 << 20, sz("grand.vhd"), 0, "child.vhd"),
+                scan_line("child.vhd", 8 << 20, sz("child.vhd"), 1, "base.vhd"),
+                scan_line("base.vhd", 8 << 20, sz("base.vhd"), 1, "none"),
+            ]
+            .join("\n")
+                + "\n",
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn scan_reports_what_it_cannot_read() {
+    let dir = scratch("scan-errors");
+    let d = |n: &str| dir.join(n);
+    ok(&["create", "-n", s(&d("a.vhd")), "-s", "2"]);
+    std::fs::write(d("junk.vhd"), vec![7u8; 4096]).unwrap();
+    ok(&["create", "-n", s(&d("z.vhd")), "-s", "2"]);
+    let pattern = format!("{}/*.vhd", s(&dir));
+    let a = scan_line("a.vhd", 2 << 20, len(&d("a.vhd")), 0, "none");
+    let z = scan_line("z.vhd", 2 << 20, len(&d("z.vhd")), 0, "none");
+    let junk = format!(
+        "vhd={} scan-error=-{} error-message='opening file'",
+        s(&d("junk.vhd")),
+        libc::EINVAL
+    );
+    // The scan stops at the first image it cannot read, with its errno...
+    let out = vhd_util(&["scan", "-f", "-m", &pattern]);
+    assert_eq!(out.status.code(), Some(libc::EINVAL));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{a}\n{junk}\n")
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("bad cookie"), "{err}");
+    // ...or with -c goes on and succeeds.
+    assert_eq!(
+        ok(&["scan", "-f", "-c", "-m", &pattern]),
+        format!("{a}\n{junk}\n{z}\n")
+    );
+    // In a tree the error lines come first, with canonical names.
+    assert_eq!(
+        ok(&["scan", "-p", "-c", "-m", &pattern]),
+        format!(
+            "vhd={} scan-error=-{} error-message='opening file'\n{a}\n{z}\n",
+            s(&std::fs::canonicalize(d("junk.vhd")).unwrap()),
+            libc::EINVAL
+        )
+    );
+    // A damaged trailing footer: scan reads the copy at offset 0 (as the original does).
+    let torn = d("torn/t.vhd");
+    std::fs::create_dir_all(d("torn")).unwrap();
+    std::fs::copy(d("a.vhd"), &torn).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&torn).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], len(&torn) - 512).unwrap();
+    drop(f);
+    assert!(!vhd_util(&["check", "-n", s(&torn)]).status.success());
+    for fast in ["-f", "-c"] {
+        assert_eq!(
+            ok(&["scan", fast, s(&torn)]),
+            format!("{}\n", scan_line("t.vhd", 2 << 20, len(&torn), 0, "none"))
+        );
+    }
+    // A named file that does not exist.
+    let missing = d("missing.vhd");
+    let out = vhd_util(&["scan", s(&missing)]);
+    assert_eq!(out.status.code(), Some(libc::ENOENT));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "vhd={} scan-error=-{} error-message='failure scanning target'\n",
+            s(&missing),
+            libc::ENOENT
+        )
+    );
+
+    // A parent that is missing: found by no locator, its name is the one a locator holds (the
+    // relative MACX path); -p says it is not in the scan; -a says it cannot scan it.
+    let b = d("sub/b.vhd");
+    std::fs::create_dir_all(d("sub")).unwrap();
+    ok(&["create", "-n", s(&b), "-s", "2"]);
+    let c = d("c.vhd");
+    ok(&["snapshot", "-n", s(&c), "-p", s(&b)]);
+    std::fs::remove_file(&b).unwrap();
+    let line = scan_line("c.vhd", 2 << 20, len(&c), 0, "b.vhd");
+    assert_eq!(ok(&["scan", s(&c)]), format!("{line}\n"));
+    assert_eq!(
+        ok(&["scan", "-v", s(&c)]),
+        format!("{}\n", scan_line(s(&c), 2 << 20, len(&c), 0, "./sub/b.vhd"))
+    );
+    assert_eq!(
+        ok(&["scan", "-p", s(&c)]),
+        format!("{line} (not found in scan)\n")
+    );
+    assert_eq!(
+        ok(&["scan", "-a", s(&c)]),
+        format!(
+            "{line}\nvhd={} scan-error=-{} error-message='failure scanning target'\n",
+            s(&d("sub/b.vhd")),
+            libc::ENOENT
+        )
+    );
+
+    // A raw parent, scanned by -a: its length, hidden.
+    let raw = d("disk.raw");
+    std::fs::write(&raw, vec![1u8; 3 << 20]).unwrap();
+    let r = d("r.vhd");
+    ok(&["snapshot", "-n", s(&r), "-p", s(&raw), "-m"]);
+    assert_eq!(
+        ok(&["scan", "-a", s(&r)]),
+        format!(
+            "{}\n{}\n",
+            scan_line("r.vhd", 3 << 20, len(&r), 0, "disk.raw"),
+            scan_line("disk.raw", 3 << 20, 3 << 20, 1, "none")
+        )
+    );
+
+    // What is not supported, or missing, is refused.
+    refused(
+        &["scan", "-f", "-l", "VG_XenStorage", "-m", "*"],
+        libc::ENOSYS,
+        "LVM",
+    );
+    refused(&["scan", "-M", "-m", &pattern], libc::ENOSYS, "markers");
+    refused(&["scan", "-f"], libc::EINVAL, "pattern");
+}
