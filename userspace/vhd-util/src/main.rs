@@ -1,9 +1,14 @@
 //! `vhd-util`: the VHD tool of Xen's storage manager, with the original's commands and flags
 //! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `repair`, `set`,
-//! `resize` (growing the BAT past its room under a journal) and `revert` (undoing a resize cut
-//! short, from its journal).
+//! `resize` (growing the BAT past its room under a journal), `revert` (undoing a resize cut
+//! short, from its journal), `modify -p` (re-parenting a differencing image) and `scan` (listing
+//! the VHDs among files, [`scan`]).
 //!
-//! Errors go to stderr and the exit status is the errno (as the original tools).
+//! Errors go to stderr and the exit status is the errno (as the original tools). `--debug`,
+//! which Xen's storage manager passes to every command (the original turns on logging to syslog
+//! with it), is accepted anywhere and ignored.
+
+mod scan;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,6 +19,7 @@ use blktap::vhd::create::{
     coalesce, create_dynamic, create_fixed, resize_with_journal, revert, snapshot,
 };
 use blktap::vhd::journal::default_path;
+use blktap::vhd::modify::set_parent;
 use blktap::vhd::repair::repair;
 use blktap::vhd::{VhdError, VhdImage};
 use clap::{Parser, Subcommand};
@@ -114,6 +120,53 @@ enum Command {
         /// The journal (default NAME.journal).
         #[arg(short = 'j')]
         journal: Option<PathBuf>,
+    },
+    /// Set the parent of a differencing VHD (re-parent it), in place.
+    Modify {
+        /// The differencing image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// The new parent (a VHD; a raw file or device with -m).
+        #[arg(short = 'p')]
+        parent: Option<PathBuf>,
+        /// The new parent is raw.
+        #[arg(short = 'm')]
+        raw_parent: bool,
+        /// Set the physical size (not supported).
+        #[arg(short = 's')]
+        physical_size: Option<String>,
+        /// Zero the BAT, forgetting the data (not supported).
+        #[arg(short = 'z')]
+        zero: bool,
+    },
+    /// Print one line per VHD among files (a glob pattern's matches and those named).
+    Scan {
+        /// A glob pattern (`*`, `?`, `[...]`) of the files to scan.
+        #[arg(short = 'm')]
+        pattern: Option<String>,
+        /// Fast: the parent's name from the header (not found through the locators).
+        #[arg(short = 'f')]
+        fast: bool,
+        /// Go on after an image that cannot be read (and exit 0).
+        #[arg(short = 'c')]
+        keep_going: bool,
+        /// Scan the logical volumes of this LVM volume group (not supported).
+        #[arg(short = 'l')]
+        volume_group: Option<String>,
+        /// Print trees of parents and children.
+        #[arg(short = 'p')]
+        pretty: bool,
+        /// Scan the images' parents too.
+        #[arg(short = 'a')]
+        parents: bool,
+        /// Whole paths, not file names.
+        #[arg(short = 'v')]
+        verbose: bool,
+        /// Show markers (not supported).
+        #[arg(short = 'M')]
+        markers: bool,
+        /// Files to scan.
+        files: Vec<PathBuf>,
     },
     /// Set a field of the footer.
     Set {
@@ -239,6 +292,59 @@ fn run(command: Command) -> Result<(), Failure> {
                 println!("{}: {done}", name.display());
             }
         }
+        Command::Modify {
+            name,
+            parent,
+            raw_parent,
+            physical_size,
+            zero,
+        } => {
+            if physical_size.is_some() || zero {
+                return Err(Failure(
+                    "modify: -s (physical size) and -z (zeroing) are not supported; only -p".into(),
+                    libc::ENOSYS,
+                ));
+            }
+            let Some(parent) = parent else {
+                return Err(Failure(
+                    "modify: -p PARENT is needed (the only change supported)".into(),
+                    libc::EINVAL,
+                ));
+            };
+            set_parent(&name, &parent, raw_parent)?;
+        }
+        Command::Scan {
+            pattern,
+            fast,
+            keep_going,
+            volume_group,
+            pretty,
+            parents,
+            verbose,
+            markers,
+            files,
+        } => {
+            if volume_group.is_some() {
+                return Err(Failure(
+                    "scan: LVM volume groups (-l) are not supported; only files".into(),
+                    libc::ENOSYS,
+                ));
+            }
+            if markers {
+                return Err(Failure(
+                    "scan: markers (-M) are not supported".into(),
+                    libc::ENOSYS,
+                ));
+            }
+            let opts = scan::Options {
+                fast,
+                keep_going,
+                pretty,
+                parents,
+                verbose,
+            };
+            scan::run(pattern.as_deref(), &files, opts).map_err(|(m, e)| Failure(m, e))?;
+        }
         Command::Set { name, field, value } => {
             if field != "hidden" {
                 return Err(Failure(
@@ -253,7 +359,7 @@ fn run(command: Command) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(std::env::args_os().filter(|a| a != "--debug"));
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(msg, errno)) => {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::header::{PLAT_MACX, PLAT_W2KU, PLAT_W2RU};
+use super::header::{Header, Locator, PLAT_MACX, PLAT_W2KU, PLAT_W2RU};
 use super::image::VhdImage;
 use super::{uuid_string, VhdError, MAX_CHAIN};
 
@@ -153,17 +153,28 @@ impl ChainReads {
 /// Where the parent of differencing image `child` is: the paths its locators name, in order of
 /// preference (relative first), then its recorded name next to it.
 pub fn parent_candidates(child: &VhdImage) -> Vec<PathBuf> {
-    let dir = match child.path().parent() {
+    match child.header() {
+        Some(header) => candidates(child.path(), header, |l| child.locator_data(l)),
+        None => Vec::new(),
+    }
+}
+
+/// Where the parent of the differencing image at `child`, whose header is `header`, is: the
+/// paths its locators name (their bytes read by `read`), `W2RU` first, then `MACX` and `W2KU`,
+/// relative ones against the child's directory, then its recorded name next to it.
+pub(crate) fn candidates(
+    child: &Path,
+    header: &Header,
+    read: impl Fn(&Locator) -> Option<Vec<u8>>,
+) -> Vec<PathBuf> {
+    let dir = match child.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let mut out = Vec::new();
-    let Some(header) = child.header() else {
-        return out;
-    };
     for code in [PLAT_W2RU, PLAT_MACX, PLAT_W2KU] {
         for l in header.locators.iter().filter(|l| l.code == code) {
-            let Some(text) = child.locator_data(l).and_then(|d| l.decode(&d)) else {
+            let Some(text) = read(l).and_then(|d| l.decode(&d)) else {
                 continue;
             };
             if text.is_empty() {

@@ -97,58 +97,108 @@ fn mtime_timestamp(path: &Path) -> Result<u32, VhdError> {
     Ok(u32::try_from(secs.saturating_sub(VHD_EPOCH_OFFSET)).unwrap_or(u32::MAX))
 }
 
-/// Creates `child`, an empty differencing disk over `parent` (a VHD, or a raw file or device
-/// when `raw_parent`). The parent chain is opened and checked first.
-pub fn snapshot(child: &Path, parent: &Path, raw_parent: bool) -> Result<Footer, VhdError> {
-    let parent_abs =
-        std::fs::canonicalize(parent).map_err(|e| VhdError::io("cannot find", parent, e))?;
-    let (size, block_size, uuid, timestamp) = if raw_parent {
-        let raw = RawImage::open(&parent_abs, false)?;
-        (
-            raw.size(),
-            DEFAULT_BLOCK_SIZE,
-            [0; 16],
-            mtime_timestamp(&parent_abs)?,
-        )
-    } else {
-        let mut chain = Chain::open(&parent_abs, false)?;
-        if chain.layers().len() >= MAX_CHAIN {
-            return Err(VhdError::BadChain {
-                path: parent_abs,
-                detail: format!("has {MAX_CHAIN} images already"),
-            });
-        }
-        let leaf = chain.leaf();
-        let bs = match leaf.block_size() {
-            0 => DEFAULT_BLOCK_SIZE,
-            b => b as u32,
-        };
-        (leaf.size(), bs, leaf.footer().uuid, leaf.footer().timestamp)
+/// What a differencing child records of its parent, and what it takes from it.
+#[derive(Debug)]
+pub(crate) struct ParentLink {
+    /// The parent's canonical path.
+    pub abs: PathBuf,
+    /// The parent's virtual size (a raw parent's length).
+    pub size: u64,
+    /// The parent's block size (the default for a raw parent or a fixed disk).
+    pub block_size: u32,
+    /// The parent's UUID (zero for a raw parent).
+    pub uuid: [u8; 16],
+    /// The parent timestamp the child records: the parent footer's timestamp, or a raw
+    /// parent's modification time.
+    pub timestamp: u32,
+    /// The files of the parent's chain, the parent first (the parent alone if raw).
+    pub chain: Vec<PathBuf>,
+}
+
+impl ParentLink {
+    /// The parent's file name, as the header's parent name.
+    pub fn name(&self) -> String {
+        self.abs
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Reads what a child of `parent` (a VHD, whose whole chain is opened and checked, or a raw
+/// file or device when `raw_parent`) records of it.
+pub(crate) fn parent_link(parent: &Path, raw_parent: bool) -> Result<ParentLink, VhdError> {
+    let abs = std::fs::canonicalize(parent).map_err(|e| VhdError::io("cannot find", parent, e))?;
+    if raw_parent {
+        let raw = RawImage::open(&abs, false)?;
+        return Ok(ParentLink {
+            size: raw.size(),
+            block_size: DEFAULT_BLOCK_SIZE,
+            uuid: [0; 16],
+            timestamp: mtime_timestamp(&abs)?,
+            chain: vec![abs.clone()],
+            abs,
+        });
+    }
+    let mut chain = Chain::open(&abs, false)?;
+    if chain.layers().len() >= MAX_CHAIN {
+        return Err(VhdError::BadChain {
+            path: abs,
+            detail: format!("has {MAX_CHAIN} images already"),
+        });
+    }
+    let files = chain
+        .layers()
+        .iter()
+        .map(|l| l.path().to_path_buf())
+        .collect();
+    let leaf = chain.leaf();
+    let block_size = match leaf.block_size() {
+        0 => DEFAULT_BLOCK_SIZE,
+        b => b as u32,
     };
-    check_size(child, size)?;
-    let (mut footer, mut header, mut image) =
-        layout(DiskType::Differencing, size, None, block_size)?;
-    footer.disk_type = DiskType::Differencing;
-    header.parent_uuid = uuid;
-    header.parent_timestamp = timestamp;
-    header.parent_name = parent_abs
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    Ok(ParentLink {
+        size: leaf.size(),
+        block_size,
+        uuid: leaf.footer().uuid,
+        timestamp: leaf.footer().timestamp,
+        chain: files,
+        abs,
+    })
+}
+
+/// The parent locators a child at `child` writes for the parent at `parent_abs` (canonical),
+/// in the order of the header's entries: `W2RU` and `MACX` relative to the child's directory
+/// (`./` first), `W2KU` absolute.
+pub(crate) fn locator_texts(
+    child: &Path,
+    parent_abs: &Path,
+) -> Result<[(u32, String); 3], VhdError> {
     let child_dir = match child.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let child_dir = std::fs::canonicalize(&child_dir)
         .map_err(|e| VhdError::io("cannot find", &child_dir, e))?;
-    let rel = relative_path(&child_dir, &parent_abs);
+    let rel = relative_path(&child_dir, parent_abs);
     let rel = format!("./{}", rel.display());
     let abs = parent_abs.display().to_string();
-    for (i, (code, text)) in [(PLAT_W2RU, &rel), (PLAT_MACX, &rel), (PLAT_W2KU, &abs)]
-        .into_iter()
-        .enumerate()
-    {
-        let data = encode_locator(code, text);
+    Ok([(PLAT_W2RU, rel.clone()), (PLAT_MACX, rel), (PLAT_W2KU, abs)])
+}
+
+/// Creates `child`, an empty differencing disk over `parent` (a VHD, or a raw file or device
+/// when `raw_parent`). The parent chain is opened and checked first.
+pub fn snapshot(child: &Path, parent: &Path, raw_parent: bool) -> Result<Footer, VhdError> {
+    let link = parent_link(parent, raw_parent)?;
+    check_size(child, link.size)?;
+    let (mut footer, mut header, mut image) =
+        layout(DiskType::Differencing, link.size, None, link.block_size)?;
+    footer.disk_type = DiskType::Differencing;
+    header.parent_uuid = link.uuid;
+    header.parent_timestamp = link.timestamp;
+    header.parent_name = link.name();
+    for (i, (code, text)) in locator_texts(child, &link.abs)?.into_iter().enumerate() {
+        let data = encode_locator(code, &text);
         let space = (data.len() as u64).next_multiple_of(512).max(512);
         let at = image.len() as u64;
         image.extend_from_slice(&data);

@@ -9,7 +9,9 @@
 //!   allocating writes;
 //! - [`chain`]: an image and its parents, found through the parent locators, read as one disk;
 //! - [`create`]: new images (dynamic, fixed, differencing children), resizing and coalescing;
-//! - [`journal`]: the journal of a resize that moves the BAT, and reverting one cut short.
+//! - [`journal`]: the journal of a resize that moves the BAT, and reverting one cut short;
+//! - [`modify`]: re-parenting a differencing image;
+//! - [`probe`]: an image's footer and header alone, for listing many images.
 //!
 //! Every field is big-endian. Files are hostile: every offset and size read from one is checked
 //! against the file before it is used, and a problem is a [`VhdError`], never a panic.
@@ -24,6 +26,8 @@ pub mod footer;
 pub mod header;
 pub mod image;
 pub mod journal;
+pub mod modify;
+pub mod probe;
 pub mod repair;
 pub mod shared;
 
