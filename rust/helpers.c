@@ -61,6 +61,12 @@ void *blktap_rq_queuedata(struct request *rq)
  * Copies bytes @skip .. @skip + @len of @rq's data from (@to_pages false) or to (@to_pages true)
  * the linear buffer made of @npages pages (the buffer's byte 0 is the data's byte @skip).
  * Returns the bytes copied.
+ *
+ * A whole page on both sides (a segment of PAGE_SIZE at offset 0 landing on a whole buffer
+ * page: every segment of page-aligned I/O) is copied with the kernel's page copy, which moves
+ * eight bytes at a time (rep movsq, or its unrolled loop) where memcpy may move one at a time
+ * (rep movsb on CPUs with FSRM: as fast in silicon, eight times the iterations for an emulated
+ * CPU such as the bench's).
  */
 size_t blktap_rq_copy(struct request *rq, struct page *const *pages, unsigned int npages,
 		      size_t skip, size_t len, bool to_pages)
@@ -88,12 +94,22 @@ size_t blktap_rq_copy(struct request *rq, struct page *const *pages, unsigned in
 
 			if (pg >= npages)
 				return done;
-			buf = kmap_local_page(pages[pg]);
-			if (to_pages)
-				memcpy_from_page(buf + pg_off, bv.bv_page, bv.bv_offset + bv_off, n);
-			else
-				memcpy_to_page(bv.bv_page, bv.bv_offset + bv_off, buf + pg_off, n);
-			kunmap_local(buf);
+			if (n == PAGE_SIZE) {
+				/* Then pg_off, bv.bv_offset and bv_off are all 0. */
+				if (to_pages) {
+					copy_highpage(pages[pg], bv.bv_page);
+				} else {
+					copy_highpage(bv.bv_page, pages[pg]);
+					flush_dcache_page(bv.bv_page);
+				}
+			} else {
+				buf = kmap_local_page(pages[pg]);
+				if (to_pages)
+					memcpy_from_page(buf + pg_off, bv.bv_page, bv.bv_offset + bv_off, n);
+				else
+					memcpy_to_page(bv.bv_page, bv.bv_offset + bv_off, buf + pg_off, n);
+				kunmap_local(buf);
+			}
 			done += n;
 			bv_off += n;
 			left -= n;
