@@ -45,6 +45,22 @@ pub struct Locator {
 }
 
 impl Locator {
+    /// Reads the locator's data from `file`, if it is of a sane length and ends by `limit`
+    /// (the first byte it may not reach).
+    pub fn read_data(&self, file: &std::fs::File, limit: u64) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        if self.data_len == 0 || self.data_len > MAX_LOCATOR {
+            return None;
+        }
+        let end = self.data_offset.checked_add(u64::from(self.data_len))?;
+        if end > limit {
+            return None;
+        }
+        let mut b = vec![0u8; self.data_len as usize];
+        file.read_exact_at(&mut b, self.data_offset).ok()?;
+        Some(b)
+    }
+
     /// Bytes reserved for the locator's data: `data_space` read as sectors when small, as
     /// bytes when it is a multiple of 512 (both are found in the wild), never less than its
     /// length.

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::footer::{DiskType, Footer, FOOTER_SIZE};
-use super::header::{Header, Locator, HEADER_SIZE, MAX_LOCATOR};
+use super::header::{Header, Locator, HEADER_SIZE};
 use super::shared::LeafState;
 use super::{VhdError, UNALLOCATED};
 
@@ -285,16 +285,7 @@ impl VhdImage {
 
     /// Reads the bytes of locator `l`, if they lie inside the file and are of a sane length.
     pub fn locator_data(&self, l: &Locator) -> Option<Vec<u8>> {
-        if l.data_len == 0 || l.data_len > MAX_LOCATOR {
-            return None;
-        }
-        let end = l.data_offset.checked_add(u64::from(l.data_len))?;
-        if end > self.footer_offset {
-            return None;
-        }
-        let mut b = vec![0u8; l.data_len as usize];
-        self.file.read_exact_at(&mut b, l.data_offset).ok()?;
-        Some(b)
+        l.read_data(&self.file, self.footer_offset)
     }
 
     /// The sector bitmap of allocated block `block`.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::chain::candidates;
 use super::footer::{DiskType, Footer, FOOTER_SIZE, NO_DATA_OFFSET};
-use super::header::{Header, Locator, HEADER_SIZE, MAX_LOCATOR, PLAT_MACX, PLAT_W2RU};
+use super::header::{Header, Locator, HEADER_SIZE, PLAT_MACX, PLAT_W2RU};
 use super::VhdError;
 
 /// An image's footer and header, read.
@@ -119,16 +119,7 @@ impl Probe {
 
     /// The bytes of locator `l`, if they lie inside the file and are of a sane length.
     pub fn locator_data(&self, l: &Locator) -> Option<Vec<u8>> {
-        if l.data_len == 0 || l.data_len > MAX_LOCATOR {
-            return None;
-        }
-        let end = l.data_offset.checked_add(u64::from(l.data_len))?;
-        if end > self.len {
-            return None;
-        }
-        let mut b = vec![0u8; l.data_len as usize];
-        self.file.read_exact_at(&mut b, l.data_offset).ok()?;
-        Some(b)
+        l.read_data(&self.file, self.len)
     }
 
     /// Where the parent is: the paths the locators name, then the recorded name next to the
