@@ -87,26 +87,53 @@ python3 tests/vm/pytap.py 0 65536 > /tmp/pytap.log 2>&1 &
 peer=$!
 wait_node
 check "pause reads 0 while running" is "$(cat $T/pause)" 0
-dd if=/dev/urandom of=/tmp/pdata bs=4k count=2048 status=none
-dd if=/tmp/pdata of=$D bs=4k oflag=direct status=none 2>/tmp/pdd.err &
-writer=$!
+dd if=/dev/urandom of=/tmp/pdata bs=4k count=3072 status=none
+dd if=/tmp/pdata of=$D bs=4k skip=2048 seek=2048 count=1024 oflag=direct status=none
+rm -f /tmp/resumed
+# Two writers (each its own 4 MiB) and a reader checking a third 4 MiB, each going round until
+# the tap has resumed, so that all three are mid-I/O when the pause lands however fast the guest
+# runs; any failed or short pass ends its loop with an error.
+pwriter() {
+    while :; do
+        dd if=/tmp/pdata of=$D bs=4k skip=$1 seek=$1 count=1024 oflag=direct conv=notrunc \
+            status=none || exit 1
+        [ -e /tmp/resumed ] && exit 0
+    done
+}
+preader() {
+    while :; do
+        dd if=$D bs=4k skip=2048 count=1024 iflag=direct status=none > /tmp/pread || exit 1
+        dd if=/tmp/pdata bs=4k skip=2048 count=1024 status=none | cmp - /tmp/pread || exit 1
+        [ -e /tmp/resumed ] && exit 0
+    done
+}
+pwriter 0 2>/tmp/pdd0.err &
+w0=$!
+pwriter 1024 2>/tmp/pdd1.err &
+w1=$!
+preader 2>/tmp/prd.err &
+r0=$!
 sleep 0.5
+check "the writers and the reader are running before the pause" kill -0 $w0 $w1 $r0
 echo 1 > $T/pause
 i=0; while [ "$(cat $T/pause)" != 1 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 check "the peer paused on the ring message" is "$(cat $T/pause)" 1
 check "debug shows it" debug_is "paused: yes"
 sleep 0.5
-a=$(ops $peer | sed 's/.*write=\([0-9]*\).*/\1/')
+a=$(ops $peer | sed 's/.*read=\([0-9]*\).*write=\([0-9]*\).*/\1 \2/')
 sleep 1.5
-b=$(ops $peer | sed 's/.*write=\([0-9]*\).*/\1/')
+b=$(ops $peer | sed 's/.*read=\([0-9]*\).*write=\([0-9]*\).*/\1 \2/')
 check "no request reaches the ring while paused" is "$b" "$a"
-check "the writer waits, it is not failed" kill -0 $writer
+check "the writers and the reader wait, none is failed" kill -0 $w0 $w1 $r0
 check "nothing pending on the ring" debug_is "pending: 0"
 echo 0 > $T/pause
 i=0; while [ "$(cat $T/pause)" != 0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 check "the peer resumed" is "$(cat $T/pause)" 0
-check "the writer finishes without an error" wait $writer
-check "the data is whole" sh -c "dd if=$D bs=4k count=2048 iflag=direct status=none | cmp - /tmp/pdata"
+touch /tmp/resumed
+check "the first writer finishes without an error" wait $w0
+check "the second writer finishes without an error" wait $w1
+check "the reader read its data whole throughout" wait $r0
+check "the data is whole" sh -c "dd if=$D bs=4k count=3072 iflag=direct status=none | cmp - /tmp/pdata"
 check "pause accepts only 0 and 1" is "$(write_attr $T/pause 2)" EINVAL
 stop_peer $peer
 check "pause without a ring mapped: ENXIO" is "$(write_attr $T/pause 1)" ENXIO
@@ -114,23 +141,26 @@ check "pause without a ring mapped: ENXIO" is "$(write_attr $T/pause 1)" ENXIO
 # --- Recovery --------------------------------------------------------------------------------
 echo 30 > $T/deadline
 truncate -s 32M /tmp/rec.img
-# The first peer answers each request 50 ms late, so the writer is surely mid-request when the
-# peer is killed; the second answers at once.
+# The first peer answers each request 50 ms late, so both writers (each its own half) are surely
+# mid-request when the peer is killed; the second answers at once.
 python3 tests/vm/pytap.py 0 65536 --flags 0x40 --file /tmp/rec.img --delay 0.05 > /tmp/pytap.log 2>&1 &
 peer=$!
 wait_node
 check "debug shows recovery on" debug_is "recovery: on"
 dd if=/dev/urandom of=/tmp/rdata bs=4k count=1024 status=none
-dd if=/tmp/rdata of=$D bs=4k oflag=direct status=none 2>/tmp/rdd.err &
+dd if=/tmp/rdata of=$D bs=4k count=512 oflag=direct status=none 2>/tmp/rdd.err &
 writer=$!
+dd if=/tmp/rdata of=$D bs=4k skip=512 seek=512 count=512 oflag=direct conv=notrunc status=none \
+    2>/tmp/rdd2.err &
+writer2=$!
 sleep 1
-check "the writer is running when the peer is killed" kill -0 $writer
+check "both writers are running when the peer is killed" kill -0 $writer $writer2
 kill -9 $peer; wait $peer 2>/dev/null
 sleep 0.5
 check "the disk stays when the peer dies" test -b $D
-check "a request is kept" sh -c "dmesg | grep -q 'keeping the disk and 1 requests for recovery'"
+check "the requests in flight are kept" sh -c "dmesg | grep -Eq 'keeping the disk and [12] requests for recovery'"
 check "debug waits for a tapdisk" debug_is "recovery: waiting for a tapdisk"
-check "the writer waits" kill -0 $writer
+check "the writers wait" kill -0 $writer $writer2
 python3 - <<'PY' > /tmp/rec.out 2>&1
 import ctypes, errno, mmap, os, struct
 libc = ctypes.CDLL(None, use_errno=True)
@@ -146,8 +176,9 @@ check "a peer that maps the ring gets the kept requests" grep -qx 'reissued [1-9
 check "and when it goes without answering, they are kept again" debug_is "recovery: waiting for a tapdisk"
 python3 tests/vm/pytap.py 0 65536 --recover --file /tmp/rec.img > /tmp/pytap2.log 2>&1 &
 peer=$!
-check "the writer finishes without an error after a new peer attaches" wait $writer
-check "it wrote everything" sh -c "! test -s /tmp/rdd.err"
+check "the first writer finishes without an error after a new peer attaches" wait $writer
+check "so does the second" wait $writer2
+check "they wrote everything" sh -c "! test -s /tmp/rdd.err && ! test -s /tmp/rdd2.err"
 check "every byte arrived" sh -c "dd if=$D bs=4k count=1024 iflag=direct status=none | cmp - /tmp/rdata"
 check "the kept requests were re-issued" sh -c "dmesg | grep -q 'blktap0: ring mapped again; re-issued'"
 check "debug shows recovery on again" debug_is "recovery: on"
