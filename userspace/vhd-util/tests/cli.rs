@@ -1535,3 +1535,68 @@ fn modify_s_sets_the_physical_size_and_z_forgets_every_block() {
     write_random(&d, &mut rng, &mut vec![0u8; 20 << 20]);
     assert_eq!(ok(&["check", "-n", s(&d)]), format!("{} is valid\n", s(&d)));
 }
+
+/// The VHD checksum: the ones' complement of the byte sum.
+fn vhd_sum(b: &[u8]) -> u32 {
+    !b.iter().fold(0u32, |s, &x| s.wrapping_add(u32::from(x)))
+}
+
+#[test]
+fn read_prints_a_batmap_and_modify_z_clears_it() {
+    // An 8 MiB image made by create (footer copy, header at 512, BAT at 1536: 2048 bytes of
+    // metadata), turned into one of XenServer's: creator tap 1.2, a batmap header after the BAT
+    // and one sector of map, blocks 0 and 2 marked full.
+    let dir = scratch("batmap");
+    let p = dir.join("b.vhd");
+    ok(&["create", "-n", s(&p), "-s", "8"]);
+    let mut b = std::fs::read(&p).unwrap();
+    assert_eq!(b.len(), 2560);
+    let mut footer = b[2048..].to_vec();
+    footer[32..36].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    footer[64..68].fill(0);
+    let sum = vhd_sum(&footer);
+    footer[64..68].copy_from_slice(&sum.to_be_bytes());
+    b.truncate(2048);
+    b[..512].copy_from_slice(&footer);
+    let mut map = [0u8; 512];
+    map[0] = 0xa0;
+    let mut header = [0u8; 512];
+    header[..8].copy_from_slice(b"tdbatmap");
+    header[8..16].copy_from_slice(&2560u64.to_be_bytes());
+    header[16..20].copy_from_slice(&1u32.to_be_bytes());
+    header[20..24].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    header[24..28].copy_from_slice(&vhd_sum(&map).to_be_bytes());
+    b.extend_from_slice(&header);
+    b.extend_from_slice(&map);
+    b.extend_from_slice(&footer);
+    std::fs::write(&p, &b).unwrap();
+    assert_eq!(ok(&["check", "-n", s(&p)]), format!("{} is valid\n", s(&p)));
+
+    let text = ok(&["read", "-n", s(&p), "-p"]);
+    let summary = format!(
+        "VHD Batmap Summary:\n-------------------\nBatmap offset       : 2560\nBatmap size (secs)  : 1\nBatmap version      : 0x00010002\nChecksum            : {0:#x}|{0:#x} (Good!)\n",
+        vhd_sum(&map)
+    );
+    assert!(text.contains(&summary), "{text}");
+    assert!(text.contains("Creator version     : Major: 1, Minor: 2\n"));
+    assert!(raw_stdout(&["read", "-n", s(&p), "-a"]) == map);
+    assert_eq!(
+        ok(&["read", "-n", s(&p), "-j", "0", "-c", "4"]),
+        "batmap for block 0: 1\nbatmap for block 1: 0\nbatmap for block 2: 1\nbatmap for block 3: 0\n"
+    );
+    refused(
+        &["read", "-n", s(&p), "-j", "3", "-c", "2"],
+        libc::ERANGE,
+        "block 5 past the end (4 blocks)",
+    );
+    // -z forgets the blocks and clears the map (its checksum rewritten).
+    ok(&["modify", "-n", s(&p), "-z"]);
+    assert!(raw_stdout(&["read", "-n", s(&p), "-a"]) == [0u8; 512]);
+    let text = ok(&["read", "-n", s(&p), "-p"]);
+    assert!(text.contains(&format!(
+        "Checksum            : {0:#x}|{0:#x} (Good!)\n",
+        vhd_sum(&[0u8; 512])
+    )));
+    assert_eq!(len(&p), 3072 + 512, "the metadata and the footer");
+    assert_eq!(ok(&["check", "-n", s(&p)]), format!("{} is valid\n", s(&p)));
+}
