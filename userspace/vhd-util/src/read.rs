@@ -347,9 +347,15 @@ fn dump_headers(w: &mut impl Write, name: &Path, hex: bool) -> io::Result<()> {
     if len < FOOTER_SIZE as u64 {
         return Ok(());
     }
-    writeln!(w, "\n{} appears invalid; dumping headers\n", name.display())?;
+    // Only writes fail this: a file that cannot be read (a directory) gets no dump.
     let mut fb = [0u8; FOOTER_SIZE];
-    file.read_exact_at(&mut fb, len - FOOTER_SIZE as u64)?;
+    if file
+        .read_exact_at(&mut fb, len - FOOTER_SIZE as u64)
+        .is_err()
+    {
+        return Ok(());
+    }
+    writeln!(w, "\n{} appears invalid; dumping headers\n", name.display())?;
     let mut copy = [0u8; FOOTER_SIZE];
     if &fb[..8] != b"conectix"
         && file.read_exact_at(&mut copy, 0).is_ok()

@@ -1341,6 +1341,10 @@ fn read_refuses_ranges_past_the_end_and_what_an_image_lacks() {
     for (args, errno, says) in &cases {
         refused(args, *errno, says);
     }
+    // A directory: no dump, one line.
+    let out = vhd_util(&["read", "-n", s(&dir), "-p"]);
+    assert_eq!(out.status.code(), Some(libc::EISDIR));
+    assert!(out.stdout.is_empty());
     // A fixed disk prints its footer and reads.
     let text = ok(&["read", "-n", f, "-p"]);
     assert!(text.contains("Disk type           : Fixed hard disk\n"));
