@@ -1,13 +1,16 @@
 //! `vhd-util`: the VHD tool of Xen's storage manager, with the original's commands and flags
 //! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `repair`, `set`,
 //! `resize` (growing the BAT past its room under a journal), `revert` (undoing a resize cut
-//! short, from its journal), `modify -p` (re-parenting a differencing image) and `scan` (listing
-//! the VHDs among files, [`scan`]).
+//! short, from its journal), `modify` (re-parenting a differencing image, setting its physical
+//! size, forgetting its blocks), `fill` (allocating every block), `read` (printing an image's
+//! structures and data, [`read`]) and `scan` (listing the VHDs among files, [`scan`]).
 //!
-//! Errors go to stderr and the exit status is the errno (as the original tools). `--debug`,
+//! Errors go to stderr, one line, and the exit status is the errno (as the original tools; a
+//! command line that does not parse is `EINVAL`, as the original's usage). `--debug`,
 //! which Xen's storage manager passes to every command (the original turns on logging to syslog
 //! with it), is accepted anywhere and ignored.
 
+mod read;
 mod scan;
 
 use std::path::{Path, PathBuf};
@@ -18,10 +21,12 @@ use blktap::vhd::check::check;
 use blktap::vhd::create::{
     coalesce, create_dynamic, create_fixed, resize_with_journal, revert, snapshot,
 };
+use blktap::vhd::fill::fill;
 use blktap::vhd::journal::default_path;
-use blktap::vhd::modify::set_parent;
+use blktap::vhd::modify::{set_parent, set_physical_size, zero_blocks};
 use blktap::vhd::repair::repair;
 use blktap::vhd::{VhdError, VhdImage};
+use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -121,9 +126,10 @@ enum Command {
         #[arg(short = 'j')]
         journal: Option<PathBuf>,
     },
-    /// Set the parent of a differencing VHD (re-parent it), in place.
+    /// Change an image in place: forget its blocks (-z), set its physical size (-s), set the
+    /// parent of a differencing VHD (-p); in that order.
     Modify {
-        /// The differencing image.
+        /// The image.
         #[arg(short = 'n')]
         name: PathBuf,
         /// The new parent (a VHD; a raw file or device with -m).
@@ -132,12 +138,81 @@ enum Command {
         /// The new parent is raw.
         #[arg(short = 'm')]
         raw_parent: bool,
-        /// Set the physical size (not supported).
+        /// The physical size in bytes: the trailing footer moves to end the file there.
         #[arg(short = 's')]
-        physical_size: Option<String>,
-        /// Zero the BAT, forgetting the data (not supported).
+        physical_size: Option<u64>,
+        /// Zero the BAT: forget every block (the data is lost).
         #[arg(short = 'z')]
         zero: bool,
+    },
+    /// Allocate every block of a dynamic or differencing VHD, with the data it reads.
+    Fill {
+        /// The image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// Initialise the BAT and bitmaps only (not supported).
+        #[arg(short = 'b')]
+        bat_only: bool,
+        /// From this sector, with -b (not supported).
+        #[arg(short = 'f')]
+        from: Option<u64>,
+        /// Up to this sector, with -b (not supported).
+        #[arg(short = 't')]
+        to: Option<u64>,
+        /// Ignore the 2 TiB limit, with -b (not supported).
+        #[arg(short = 'B')]
+        past_2tb: bool,
+    },
+    /// Print an image's structures and data.
+    Read {
+        /// The image.
+        #[arg(short = 'n')]
+        name: PathBuf,
+        /// Print the footer, header, parent locators and batmap header.
+        #[arg(short = 'p')]
+        headers: bool,
+        /// Translate sectors (from SEC) to their place in the file.
+        #[arg(short = 't', value_name = "SEC")]
+        translate: Option<u64>,
+        /// Print BAT entries (from BLK).
+        #[arg(short = 'b', value_name = "BLK")]
+        bat: Option<u64>,
+        /// Print the whole BAT as a bitmap (raw).
+        #[arg(short = 'B')]
+        bat_bitmap: bool,
+        /// Print blocks' sector bitmaps (from BLK, raw).
+        #[arg(short = 'm', value_name = "BLK")]
+        bitmap: Option<u64>,
+        /// Test sectors' bits (from SEC).
+        #[arg(short = 'i', value_name = "SEC")]
+        test_bitmap: Option<u64>,
+        /// Print the runs of sectors present (from SEC).
+        #[arg(short = 'e', value_name = "SEC")]
+        extents: Option<u64>,
+        /// Print the batmap (raw).
+        #[arg(short = 'a')]
+        batmap: bool,
+        /// Test blocks' batmap bits (from BLK).
+        #[arg(short = 'j', value_name = "BLK")]
+        test_batmap: Option<u64>,
+        /// Print blocks' data (from BLK, raw).
+        #[arg(short = 'd', value_name = "BLK")]
+        data: Option<u64>,
+        /// How many sectors, blocks or bytes.
+        #[arg(short = 'c', value_name = "NUM", default_value_t = 1)]
+        count: u64,
+        /// Read sectors of the disk (from SEC, raw, through its parents).
+        #[arg(short = 'r', value_name = "SEC")]
+        sectors: Option<u64>,
+        /// Read bytes of the disk (from BYTE, raw, through its parents).
+        #[arg(short = 'R', value_name = "BYTE")]
+        bytes: Option<u64>,
+        /// Numbers in hex.
+        #[arg(short = 'x')]
+        hex: bool,
+        /// Open with a cache (accepted, ignored).
+        #[arg(short = 'C')]
+        cache: bool,
     },
     /// Print one line per VHD among files (a glob pattern's matches and those named).
     Scan {
@@ -299,19 +374,87 @@ fn run(command: Command) -> Result<(), Failure> {
             physical_size,
             zero,
         } => {
-            if physical_size.is_some() || zero {
+            if raw_parent && parent.is_none() {
                 return Err(Failure(
-                    "modify: -s (physical size) and -z (zeroing) are not supported; only -p".into(),
+                    "modify: -m (a raw parent) goes with -p PARENT".into(),
+                    libc::EINVAL,
+                ));
+            }
+            if parent.is_none() && physical_size.is_none() && !zero {
+                return Err(Failure(
+                    "modify: nothing to do: give -z, -s SIZE or -p PARENT".into(),
+                    libc::EINVAL,
+                ));
+            }
+            if zero {
+                if VhdImage::open(&name, false)?.header().is_none() {
+                    return Err(Failure(
+                        format!(
+                            "{}: is a fixed disk: it has no BAT to zero (-z)",
+                            name.display()
+                        ),
+                        libc::ENOSYS,
+                    ));
+                }
+                zero_blocks(&name)?;
+            }
+            if let Some(size) = physical_size {
+                set_physical_size(&name, size)?;
+            }
+            if let Some(parent) = parent {
+                set_parent(&name, &parent, raw_parent)?;
+            }
+        }
+        Command::Fill {
+            name,
+            bat_only,
+            from,
+            to,
+            past_2tb,
+        } => {
+            if bat_only || from.is_some() || to.is_some() || past_2tb {
+                return Err(Failure(
+                    "fill: -b (the BAT and bitmaps without the data), -f, -t and -B are not supported; fill writes every block".into(),
                     libc::ENOSYS,
                 ));
             }
-            let Some(parent) = parent else {
-                return Err(Failure(
-                    "modify: -p PARENT is needed (the only change supported)".into(),
-                    libc::EINVAL,
-                ));
+            fill(&name)?;
+        }
+        Command::Read {
+            name,
+            headers,
+            translate,
+            bat,
+            bat_bitmap,
+            bitmap,
+            test_bitmap,
+            extents,
+            batmap,
+            test_batmap,
+            data,
+            count,
+            sectors,
+            bytes,
+            hex,
+            cache: _,
+        } => {
+            let opts = read::Options {
+                headers,
+                translate,
+                bat,
+                bat_bitmap,
+                bitmap,
+                test_bitmap,
+                extents,
+                batmap,
+                test_batmap,
+                data,
+                sectors,
+                bytes,
+                count,
+                hex,
             };
-            set_parent(&name, &parent, raw_parent)?;
+            read::run(&name, &opts).map_err(|(m, e)| Failure(m, e))?;
         }
         Command::Scan {
             pattern,
@@ -359,7 +502,10 @@ fn run(command: Command) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(std::env::args_os().filter(|a| a != "--debug"));
+    let cli = match Cli::try_parse_from(std::env::args_os().filter(|a| a != "--debug")) {
+        Ok(cli) => cli,
+        Err(e) => usage(e),
+    };
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(msg, errno)) => {
@@ -367,4 +513,26 @@ fn main() -> ExitCode {
             ExitCode::from(u8::try_from(errno).unwrap_or(1).max(1))
         }
     }
+}
+
+/// Help and version are printed as clap prints them; any other command line that does not parse
+/// is one line on stderr and `EINVAL` (the original's usage status).
+fn usage(e: clap::Error) -> ! {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.to_string();
+    let first = text.split("\n\n").next().unwrap_or_default();
+    let line: Vec<&str> = first.lines().map(str::trim).collect();
+    let line = line.join(" ");
+    eprintln!(
+        "vhd-util: {}",
+        line.strip_prefix("error: ").unwrap_or(&line)
+    );
+    std::process::exit(libc::EINVAL);
 }

@@ -574,13 +574,27 @@ fn modify_refuses_with_one_line_and_writes_nothing() {
             libc::EINVAL,
             "reserves 512 bytes",
         ),
-        (vec!["modify", "-n", c], libc::EINVAL, "-p PARENT is needed"),
+        (vec!["modify", "-n", c], libc::EINVAL, "nothing to do"),
+        (
+            vec!["modify", "-n", c, "-m"],
+            libc::EINVAL,
+            "goes with -p PARENT",
+        ),
         (
             vec!["modify", "-n", c, "-s", "1000000"],
-            libc::ENOSYS,
-            "not supported",
+            libc::EINVAL,
+            "not a multiple of 512",
         ),
-        (vec!["modify", "-n", c, "-z"], libc::ENOSYS, "not supported"),
+        (
+            vec!["modify", "-n", c, "-s", "1024"],
+            libc::EINVAL,
+            "would cut into its data",
+        ),
+        (
+            vec!["modify", "-n", c, "-s", "big"],
+            libc::EINVAL,
+            "invalid value 'big'",
+        ),
     ];
     for (args, errno, says) in &cases {
         refused(args, *errno, says);
@@ -919,4 +933,674 @@ fn scan_reports_what_it_cannot_read() {
     );
     refused(&["scan", "-M", "-m", &pattern], libc::ENOSYS, "markers");
     refused(&["scan", "-f"], libc::EINVAL, "pattern");
+}
+
+fn have_qemu() -> bool {
+    let have = ["qemu-img", "qemu-io"].iter().all(|p| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !have {
+        eprintln!("qemu-img or qemu-io is not installed: skipped");
+    }
+    have
+}
+
+/// Runs a qemu tool, which must succeed; its stdout.
+fn qemu(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The disk as qemu-img reads it (through its parents).
+fn qemu_raw(vhd: &Path) -> Vec<u8> {
+    let raw = vhd.with_extension("raw");
+    let _ = std::fs::remove_file(&raw);
+    qemu(
+        "qemu-img",
+        &["convert", "-f", "vpc", "-O", "raw", s(vhd), s(&raw)],
+    );
+    let bytes = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    bytes
+}
+
+/// qemu-img map's extents of the image alone (`start length offset`; offset none where the
+/// image does not hold the range).
+fn qemu_map(vhd: &Path) -> Vec<(u64, u64, Option<u64>)> {
+    let json = qemu("qemu-img", &["map", "-f", "vpc", "--output=json", s(vhd)]);
+    let field = |line: &str, name: &str| -> Option<u64> {
+        let at = line.find(&format!("\"{name}\": "))? + name.len() + 4;
+        let digits: String = line[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    json.lines()
+        .filter(|l| l.contains("\"start\""))
+        .map(|l| {
+            let depth0 = l.contains("\"depth\": 0");
+            let data = l.contains("\"data\": true");
+            let offset = field(l, "offset").filter(|_| depth0 && data);
+            (
+                field(l, "start").unwrap(),
+                field(l, "length").unwrap(),
+                offset,
+            )
+        })
+        .collect()
+}
+
+/// The file offset qemu maps the disk's byte `at` to, if the image holds it.
+fn qemu_offset(map: &[(u64, u64, Option<u64>)], at: u64) -> Option<u64> {
+    map.iter()
+        .find(|(start, len, _)| (*start..start + len).contains(&at))
+        .and_then(|(start, _, off)| off.map(|o| o + at - start))
+}
+
+fn raw_stdout(args: &[&str]) -> Vec<u8> {
+    let out = vhd_util(args);
+    assert!(
+        out.status.success(),
+        "vhd-util {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn uuid_text(b: &[u8]) -> String {
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+#[test]
+fn read_p_prints_the_footer_header_and_locators() {
+    let dir = scratch("read-p");
+    let base = dir.join("base.vhd");
+    ok(&["create", "-n", s(&base), "-s", "20"]);
+    let bytes = std::fs::read(&base).unwrap();
+    let footer = &bytes[bytes.len() - 512..];
+    let text = ok(&["read", "-n", s(&base), "-p"]);
+    for line in [
+        "VHD Footer Summary:".to_string(),
+        "Cookie              : conectix".into(),
+        "Features            : (0x00000002) <RESV>".into(),
+        "File format version : Major: 1, Minor: 0".into(),
+        "Data offset         : 512".into(),
+        "Creator Application : 'tap'".into(),
+        "Original disk size  : 20 MB (20971520 Bytes)".into(),
+        "Current disk size   : 20 MB (20971520 Bytes)".into(),
+        // The specification's geometry of 40960 sectors: 602 cylinders, 4 heads, 17 sectors.
+        "Geometry            : Cyl: 602, Hds: 4, Sctrs: 17".into(),
+        format!(
+            "                    : = {} MB ({} Bytes)",
+            (602 * 4 * 17) >> 11,
+            602 * 4 * 17 * 512
+        ),
+        "Disk type           : Dynamic hard disk".into(),
+        format!("UUID                : {}", uuid_text(&footer[68..84])),
+        "Saved state         : No".into(),
+        "Hidden              : 0".into(),
+        "VHD Header Summary:".into(),
+        "Cookie              : cxsparse".into(),
+        "Data offset (unusd) : 18446744073709551615".into(),
+        "Table offset        : 1536".into(),
+        "Header version      : 0x00010000".into(),
+        "Max BAT size        : 10".into(),
+        "Block size          : 2097152 (2 MB)".into(),
+        "Parent name         : ".into(),
+        "Parent UUID         : 00000000-0000-0000-0000-000000000000".into(),
+        "Parent timestamp    : Sat Jan  1 00:00:00 2000".into(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing in\n{text}"
+        );
+    }
+    let sum = u32::from_be_bytes(footer[64..68].try_into().unwrap());
+    assert!(text.contains(&format!(
+        "Checksum            : {sum:#x}|{sum:#x} (Good!)\n"
+    )));
+    assert_eq!(text.matches("(Good!)").count(), 2, "{text}");
+    assert!(!text.contains("Parent Locators"), "{text}");
+    // The timestamp, as ctime prints it: "Www Mmm dd hh:mm:ss yyyy".
+    let ts = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Timestamp           : "))
+        .unwrap();
+    assert_eq!(ts.len(), 24, "{ts:?}");
+    assert_eq!(ts.split_whitespace().count(), 5, "{ts:?}");
+    // -x: C's %#x.
+    let hex = ok(&["read", "-n", s(&base), "-p", "-x"]);
+    for line in [
+        "Data offset         : 0x200",
+        "Current disk size   : 0x14 MB (0x1400000 Bytes)",
+        "Table offset        : 0x600",
+        "Max BAT size        : 0xa",
+        "Block size          : 0x200000 (0x2 MB)",
+        "Data offset (unusd) : 0xffffffffffffffff",
+    ] {
+        assert!(hex.lines().any(|l| l == line), "{line:?} missing in\n{hex}");
+    }
+
+    // A child: its parent's name, UUID and locators.
+    let child = dir.join("child.vhd");
+    ok(&["snapshot", "-n", s(&child), "-p", s(&base)]);
+    let text = ok(&["read", "-n", s(&child), "-p"]);
+    assert!(text.contains("Disk type           : Differencing hard disk\n"));
+    assert!(text.contains("Parent name         : base.vhd\n"), "{text}");
+    assert!(text.contains(&format!(
+        "Parent UUID         : {}\n",
+        uuid_text(&footer[68..84])
+    )));
+    assert!(text.contains("VHD Parent Locators:\n--------------------\n"));
+    let canonical = std::fs::canonicalize(&base).unwrap();
+    for (i, code, name) in [
+        (0, "PLAT_CODE_W2RU", "./base.vhd".to_string()),
+        (1, "PLAT_CODE_MACX", "./base.vhd".into()),
+        (2, "PLAT_CODE_W2KU", s(&canonical).to_string()),
+    ] {
+        let block = format!(
+            "locator:            : {i}\n       code         : {code}\n       data_space   : 512\n"
+        );
+        assert!(text.contains(&block), "{block:?} missing in\n{text}");
+        let at = text.find(&block).unwrap();
+        assert!(
+            text[at..].contains(&format!("       decoded name : {name}\n")),
+            "{name} missing in\n{text}"
+        );
+    }
+    assert_eq!(text.matches("locator:  ").count(), 3);
+}
+
+#[test]
+fn read_maps_blocks_and_sectors_where_qemu_does() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = scratch("read-map");
+    let d = dir.join("d.vhd");
+    ok(&["create", "-n", s(&d), "-s", "20"]);
+    // qemu-io writes (its blocks' bitmaps wholly set): blocks 0, 1 and 7.
+    qemu(
+        "qemu-io",
+        &[
+            "-f",
+            "vpc",
+            "-c",
+            "write -P 0x5a 1M 3M",
+            "-c",
+            "write -P 0x11 15M 4k",
+            s(&d),
+        ],
+    );
+    let map = qemu_map(&d);
+    let bytes = std::fs::read(&d).unwrap();
+
+    // -b: each entry is the block's bitmap sector, its data one sector (the bitmap) further.
+    let text = ok(&["read", "-n", s(&d), "-b", "0", "-c", "10"]);
+    assert_eq!(text.lines().count(), 10);
+    for (block, line) in text.lines().enumerate() {
+        let at = (block as u64) << 21;
+        let expected = match qemu_offset(&map, at) {
+            Some(data) => format!("block: {block}: offset: {}", data - 512),
+            None => format!("block: {block}: offset: not allocated"),
+        };
+        assert_eq!(line, expected, "{text}");
+    }
+    assert_eq!(text.matches("not allocated").count(), 7);
+    let hex = ok(&["read", "-n", s(&d), "-b", "2", "-c", "1", "-x"]);
+    assert_eq!(hex, "block: 0x2: offset: not allocated\n");
+
+    // -t: sectors to their file offsets.
+    let text = ok(&["read", "-n", s(&d), "-t", "8191", "-c", "2"]);
+    let o = |sector: u64| qemu_offset(&map, sector * 512).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "logical sector 8191: block number: 1, sector offset: 4095, file offset: {}\n\
+             logical sector 8192: block number: 2, sector offset: 0, file offset: not allocated\n",
+            o(8191)
+        ),
+        "{text}"
+    );
+
+    // -B: one bit per block, most significant first: blocks 0, 1, 7.
+    assert_eq!(raw_stdout(&["read", "-n", s(&d), "-B"]), [0b1100_0001, 0]);
+    // -m: a block's bitmap (one sector, every bit set by qemu), or "not allocated".
+    let out = raw_stdout(&["read", "-n", s(&d), "-m", "1", "-c", "2"]);
+    assert_eq!(out.len(), 512 + "block 2 not allocated\n".len());
+    assert!(out[..512].iter().all(|&b| b == 0xff));
+    assert_eq!(&out[512..], b"block 2 not allocated\n");
+    // -d: a block's data, as in the file.
+    let data_at = o(15 << 11) as usize - (15 << 20) % (2 << 20);
+    let out = raw_stdout(&["read", "-n", s(&d), "-d", "7"]);
+    assert!(out == bytes[data_at..data_at + (2 << 20)]);
+    assert!(out[(1 << 20)..(1 << 20) + 4096].iter().all(|&b| b == 0x11));
+    // -r and -R: the disk as qemu reads it.
+    let disk = qemu_raw(&d);
+    let out = raw_stdout(&["read", "-n", s(&d), "-r", "2040", "-c", "4200"]);
+    assert!(out == disk[2040 * 512..(2040 + 4200) * 512]);
+    let out = raw_stdout(&["read", "-n", s(&d), "-R", "1048570", "-c", "3000000"]);
+    assert!(out == disk[1_048_570..1_048_570 + 3_000_000]);
+    let out = raw_stdout(&["read", "-n", s(&d), "-r", "40959"]);
+    assert!(out == disk[disk.len() - 512..]);
+
+    // A child holding a few sectors: -i and -e read its bitmaps; -r reads through the parent.
+    let child = dir.join("child.vhd");
+    ok(&["snapshot", "-n", s(&child), "-p", s(&d)]);
+    let mut chain = Chain::open(&child, true).unwrap();
+    chain.write(4094 * 512, &[7u8; 3 * 512]).unwrap();
+    chain.write(10 * 512, &[8u8; 512]).unwrap();
+    chain.flush().unwrap();
+    drop(chain);
+    assert_eq!(
+        ok(&["read", "-n", s(&child), "-e", "0", "-c", "40960"]),
+        "10 1\n4094 3\n"
+    );
+    assert_eq!(
+        ok(&["read", "-n", s(&child), "-e", "0", "-c", "40960", "-x"]),
+        "0xa 0x1\n0xffe 0x3\n"
+    );
+    assert_eq!(
+        ok(&["read", "-n", s(&child), "-i", "4095", "-c", "3"]),
+        "block 0: sec: 4095: 1\nblock 1: sec: 0: 1\nblock 1: sec: 1: 0\n"
+    );
+    assert_eq!(
+        ok(&["read", "-n", s(&child), "-i", "40000", "-c", "1"]),
+        "block 9: sec: 3136: 0\n"
+    );
+    let bitmap = raw_stdout(&["read", "-n", s(&child), "-m", "0"]);
+    assert_eq!(bitmap.len(), 512);
+    assert_eq!(bitmap[1], 0x20, "sector 10 is bit 5 of byte 1");
+    assert_eq!(bitmap[511], 0x03, "sectors 4094 and 4095");
+    assert_eq!(bitmap.iter().map(|b| b.count_ones()).sum::<u32>(), 3);
+    // qemu's vpc driver does not read a differencing image's parent: the expected disk is
+    // the parent as qemu reads it with the child's sectors over it.
+    let mut disk = qemu_raw(&d);
+    disk[4094 * 512..4097 * 512].fill(7);
+    disk[10 * 512..11 * 512].fill(8);
+    let out = raw_stdout(&["read", "-n", s(&child), "-r", "0", "-c", "40960"]);
+    assert!(out == disk);
+    assert_eq!(&out[4094 * 512..4097 * 512], &[7u8; 1536][..]);
+}
+
+#[test]
+fn read_refuses_ranges_past_the_end_and_what_an_image_lacks() {
+    let dir = scratch("read-refusals");
+    let d = dir.join("d.vhd");
+    ok(&["create", "-n", s(&d), "-s", "20"]);
+    let f = dir.join("f.vhd");
+    ok(&["create", "-n", s(&f), "-s", "4", "-r"]);
+    let missing = dir.join("missing.vhd");
+    let (d, f) = (s(&d), s(&f));
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["read", "-n", d, "-b", "9", "-c", "2"],
+            libc::ERANGE,
+            "block 11 past the end (10 blocks)",
+        ),
+        (
+            vec!["read", "-n", d, "-b", "10"],
+            libc::ERANGE,
+            "past the end",
+        ),
+        (
+            vec!["read", "-n", d, "-m", "10"],
+            libc::ERANGE,
+            "past the end",
+        ),
+        (
+            vec!["read", "-n", d, "-d", "18446744073709551615", "-c", "2"],
+            libc::ERANGE,
+            "past the end",
+        ),
+        (
+            vec!["read", "-n", d, "-t", "40960"],
+            libc::ERANGE,
+            "sector 40961 past the end (40960 sectors)",
+        ),
+        (
+            vec!["read", "-n", d, "-i", "40959", "-c", "2"],
+            libc::ERANGE,
+            "past the end",
+        ),
+        (
+            vec!["read", "-n", d, "-e", "0", "-c", "40961"],
+            libc::ERANGE,
+            "past the end",
+        ),
+        (
+            vec!["read", "-n", d, "-r", "40960"],
+            libc::ERANGE,
+            "past the end",
+        ),
+        (
+            vec!["read", "-n", d, "-R", "20971000", "-c", "1000"],
+            libc::ERANGE,
+            "byte 20972000 past the end",
+        ),
+        (vec!["read", "-n", d, "-a"], libc::EINVAL, "has no batmap"),
+        (
+            vec!["read", "-n", d, "-j", "0"],
+            libc::EINVAL,
+            "has no batmap",
+        ),
+        (
+            vec!["read", "-n", f, "-b", "0"],
+            libc::EINVAL,
+            "is a fixed disk: it has no BAT",
+        ),
+        (
+            vec!["read", "-n", f, "-t", "0"],
+            libc::EINVAL,
+            "is a fixed disk",
+        ),
+        (vec!["read", "-n", f, "-B"], libc::EINVAL, "is a fixed disk"),
+        (
+            vec!["read", "-n", d, "-b", "x"],
+            libc::EINVAL,
+            "invalid value 'x' for '-b <BLK>'",
+        ),
+        (
+            vec!["read", "-n", d, "-c", "-1", "-b", "0"],
+            libc::EINVAL,
+            "-1",
+        ),
+        (
+            vec!["read", "-n", d, "-q"],
+            libc::EINVAL,
+            "unexpected argument '-q'",
+        ),
+        (
+            vec!["read", "-p"],
+            libc::EINVAL,
+            "required arguments were not provided: -n <NAME>",
+        ),
+        (
+            vec!["read", "-n", s(&missing), "-p"],
+            libc::ENOENT,
+            "cannot open",
+        ),
+    ];
+    for (args, errno, says) in &cases {
+        refused(args, *errno, says);
+    }
+    // A directory: no dump, one line.
+    let out = vhd_util(&["read", "-n", s(&dir), "-p"]);
+    assert_eq!(out.status.code(), Some(libc::EISDIR));
+    assert!(out.stdout.is_empty());
+    // A fixed disk prints its footer and reads.
+    let text = ok(&["read", "-n", f, "-p"]);
+    assert!(text.contains("Disk type           : Fixed hard disk\n"));
+    assert!(!text.contains("Header Summary"));
+    assert_eq!(raw_stdout(&["read", "-n", f, "-R", "4194303"]), [0]);
+    // Nothing asked, nothing printed; -C (a cache) is accepted.
+    assert_eq!(ok(&["read", "-n", d]), "");
+    assert_eq!(
+        ok(&["read", "-n", d, "-C", "-b", "0"]),
+        "block: 0: offset: not allocated\n"
+    );
+    assert_eq!(ok(&["read", "-n", d, "-b", "0", "-c", "0"]), "");
+    // An image that does not open: its headers dumped as found, then the error.
+    let bad = dir.join("bad.vhd");
+    let mut bytes = std::fs::read(d).unwrap();
+    let n = bytes.len();
+    bytes[n - 512 + 70] ^= 1;
+    std::fs::write(&bad, &bytes).unwrap();
+    let out = vhd_util(&["read", "-n", s(&bad), "-p"]);
+    assert_eq!(out.status.code(), Some(libc::EINVAL));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{} appears invalid; dumping headers", s(&bad))));
+    assert!(text.contains("(Bad!)"), "{text}");
+    assert!(text.contains("VHD Header Summary:"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("checksum"), "{err}");
+}
+
+#[test]
+fn fill_allocates_every_block_and_qemu_reads_the_same_bytes() {
+    let dir = scratch("fill");
+    let mut rng = Rng::new(41);
+    let base = dir.join("base.vhd");
+    ok(&["create", "-n", s(&base), "-s", "20"]);
+    let mut model = vec![0u8; 20 << 20];
+    write_random(&base, &mut rng, &mut model);
+    let base_model = model.clone();
+    let child = dir.join("child.vhd");
+    ok(&["snapshot", "-n", s(&child), "-p", s(&base)]);
+    write_random(&child, &mut rng, &mut model);
+    let qemu = have_qemu();
+    for (p, model) in [(&child, &model), (&base, &base_model)] {
+        // qemu's vpc driver does not read a differencing image's parent (it reads zeros where
+        // the child holds nothing): the reference is the model, and qemu once the image holds
+        // every sector.
+        let before = read_all(p);
+        assert!(before == *model, "{}", p.display());
+        let out = vhd_util(&["fill", "-n", s(p)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout.is_empty() && out.stderr.is_empty());
+        let after = if qemu { qemu_raw(p) } else { read_all(p) };
+        assert!(
+            before == after,
+            "{}: the disk reads differently",
+            p.display()
+        );
+        assert_eq!(ok(&["check", "-n", s(p)]), format!("{} is valid\n", s(p)));
+        let bat = ok(&["read", "-n", s(p), "-b", "0", "-c", "10"]);
+        assert_eq!(bat.lines().count(), 10);
+        assert!(!bat.contains("not allocated"), "{bat}");
+        assert_eq!(
+            ok(&["read", "-n", s(p), "-e", "0", "-c", "40960"]),
+            "0 40960\n"
+        );
+        if qemu {
+            let map = qemu_map(p);
+            assert!(map.iter().all(|&(_, _, off)| off.is_some()), "{map:?}");
+            assert_eq!(map.iter().map(|m| m.1).sum::<u64>(), 20 << 20);
+        }
+    }
+    assert!(read_all(&child) == model);
+    // The child holds every sector: it reads the same without its parent.
+    std::fs::remove_file(&base).unwrap();
+    let mut image = blktap::vhd::VhdImage::open(&child, false).unwrap();
+    let runs = image.map(0, 20 << 20).unwrap();
+    assert!(runs.iter().all(|r| r.1.is_some()), "{runs:?}");
+
+    let f = dir.join("f.vhd");
+    ok(&["create", "-n", s(&f), "-s", "4", "-r"]);
+    let d = dir.join("d.vhd");
+    ok(&["create", "-n", s(&d), "-s", "4"]);
+    let missing = dir.join("missing.vhd");
+    let bytes = std::fs::read(&d).unwrap();
+    for (args, errno, says) in [
+        (vec!["fill", "-n", s(&f)], libc::EINVAL, "is a fixed disk"),
+        (vec!["fill", "-n", s(&child)], libc::ENOENT, "not found"),
+        (
+            vec!["fill", "-n", s(&d), "-b"],
+            libc::ENOSYS,
+            "not supported",
+        ),
+        (
+            vec!["fill", "-n", s(&d), "-b", "-f", "0", "-t", "100"],
+            libc::ENOSYS,
+            "not supported",
+        ),
+        (
+            vec!["fill", "-n", s(&d), "-B"],
+            libc::ENOSYS,
+            "not supported",
+        ),
+        (vec!["fill", "-n", s(&missing)], libc::ENOENT, "cannot open"),
+        (vec!["fill"], libc::EINVAL, "-n <NAME>"),
+    ] {
+        refused(&args, errno, says);
+    }
+    assert!(std::fs::read(&d).unwrap() == bytes);
+    let journal = dir.join("d.vhd.journal");
+    std::fs::write(&journal, b"x").unwrap();
+    refused(&["fill", "-n", s(&d)], libc::EINVAL, "vhd-util revert");
+    assert!(std::fs::read(&d).unwrap() == bytes);
+}
+
+#[test]
+fn modify_s_sets_the_physical_size_and_z_forgets_every_block() {
+    let dir = scratch("modify-sz");
+    let mut rng = Rng::new(42);
+    let d = dir.join("d.vhd");
+    ok(&["create", "-n", s(&d), "-s", "20"]);
+    let mut model = vec![0u8; 20 << 20];
+    write_random(&d, &mut rng, &mut model);
+    let qemu = have_qemu();
+    let reads = |p: &Path| if qemu { qemu_raw(p) } else { read_all(p) };
+    let before = reads(&d);
+    assert!(before == model);
+    let l = len(&d);
+    for size in [l + (3 << 20), l + 512, l] {
+        ok(&["modify", "-n", s(&d), "-s", &size.to_string()]);
+        assert_eq!(len(&d), size);
+        assert_eq!(ok(&["query", "-n", s(&d), "-s"]), format!("{size}\n"));
+        assert_eq!(ok(&["check", "-n", s(&d)]), format!("{} is valid\n", s(&d)));
+        assert!(reads(&d) == before);
+    }
+    // Below the end of its data: refused, nothing written.
+    let bytes = std::fs::read(&d).unwrap();
+    for size in [l - 512, 0] {
+        refused(
+            &["modify", "-n", s(&d), "-s", &size.to_string()],
+            libc::EINVAL,
+            "would cut into its data",
+        );
+    }
+    assert!(std::fs::read(&d).unwrap() == bytes);
+    let f = dir.join("f.vhd");
+    ok(&["create", "-n", s(&f), "-s", "4", "-r"]);
+    refused(
+        &["modify", "-n", s(&f), "-s", "8389120"],
+        libc::EINVAL,
+        "is a fixed disk",
+    );
+    refused(
+        &["modify", "-n", s(&f), "-z"],
+        libc::ENOSYS,
+        "no BAT to zero",
+    );
+
+    // -z: every block forgotten, the file cut after the metadata (footer copy, header, one
+    // sector of BAT: 2048 bytes) and its footer.
+    let child = dir.join("child.vhd");
+    ok(&["snapshot", "-n", s(&child), "-p", s(&d)]);
+    let snapshot_len = len(&child);
+    write_random(&child, &mut rng, &mut model);
+    // (qemu's vpc driver does not read a differencing image's parent: the library reads it.)
+    assert!(read_all(&child) == model);
+    ok(&["modify", "-n", s(&child), "-z"]);
+    assert!(read_all(&child) == before, "the child reads as its parent");
+    assert_eq!(
+        len(&child),
+        snapshot_len,
+        "cut after the locators (4096 bytes): the blocks are gone"
+    );
+    assert_eq!(
+        ok(&["check", "-n", s(&child)]),
+        format!("{} is valid\n", s(&child))
+    );
+    ok(&["modify", "-n", s(&d), "-z", "-s", "4096"]);
+    assert_eq!(len(&d), 4096);
+    assert!(reads(&d) == vec![0u8; 20 << 20]);
+    assert_eq!(ok(&["modify", "-n", s(&d), "-z"]), "");
+    assert_eq!(len(&d), 2560);
+    assert_eq!(
+        ok(&["read", "-n", s(&d), "-B"]),
+        String::from_utf8(vec![0u8; 2]).unwrap()
+    );
+    assert_eq!(ok(&["check", "-n", s(&d)]), format!("{} is valid\n", s(&d)));
+    // Writes allocate again after it.
+    write_random(&d, &mut rng, &mut vec![0u8; 20 << 20]);
+    assert_eq!(ok(&["check", "-n", s(&d)]), format!("{} is valid\n", s(&d)));
+}
+
+/// The VHD checksum: the ones' complement of the byte sum.
+fn vhd_sum(b: &[u8]) -> u32 {
+    !b.iter().fold(0u32, |s, &x| s.wrapping_add(u32::from(x)))
+}
+
+#[test]
+fn read_prints_a_batmap_and_modify_z_clears_it() {
+    // An 8 MiB image made by create (footer copy, header at 512, BAT at 1536: 2048 bytes of
+    // metadata), turned into one of XenServer's: creator tap 1.2, a batmap header after the BAT
+    // and one sector of map, blocks 0 and 2 marked full.
+    let dir = scratch("batmap");
+    let p = dir.join("b.vhd");
+    ok(&["create", "-n", s(&p), "-s", "8"]);
+    let mut b = std::fs::read(&p).unwrap();
+    assert_eq!(b.len(), 2560);
+    let mut footer = b[2048..].to_vec();
+    footer[32..36].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    footer[64..68].fill(0);
+    let sum = vhd_sum(&footer);
+    footer[64..68].copy_from_slice(&sum.to_be_bytes());
+    b.truncate(2048);
+    b[..512].copy_from_slice(&footer);
+    let mut map = [0u8; 512];
+    map[0] = 0xa0;
+    let mut header = [0u8; 512];
+    header[..8].copy_from_slice(b"tdbatmap");
+    header[8..16].copy_from_slice(&2560u64.to_be_bytes());
+    header[16..20].copy_from_slice(&1u32.to_be_bytes());
+    header[20..24].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    header[24..28].copy_from_slice(&vhd_sum(&map).to_be_bytes());
+    b.extend_from_slice(&header);
+    b.extend_from_slice(&map);
+    b.extend_from_slice(&footer);
+    std::fs::write(&p, &b).unwrap();
+    assert_eq!(ok(&["check", "-n", s(&p)]), format!("{} is valid\n", s(&p)));
+
+    let text = ok(&["read", "-n", s(&p), "-p"]);
+    let summary = format!(
+        "VHD Batmap Summary:\n-------------------\nBatmap offset       : 2560\nBatmap size (secs)  : 1\nBatmap version      : 0x00010002\nChecksum            : {0:#x}|{0:#x} (Good!)\n",
+        vhd_sum(&map)
+    );
+    assert!(text.contains(&summary), "{text}");
+    assert!(text.contains("Creator version     : Major: 1, Minor: 2\n"));
+    assert!(raw_stdout(&["read", "-n", s(&p), "-a"]) == map);
+    assert_eq!(
+        ok(&["read", "-n", s(&p), "-j", "0", "-c", "4"]),
+        "batmap for block 0: 1\nbatmap for block 1: 0\nbatmap for block 2: 1\nbatmap for block 3: 0\n"
+    );
+    refused(
+        &["read", "-n", s(&p), "-j", "3", "-c", "2"],
+        libc::ERANGE,
+        "block 5 past the end (4 blocks)",
+    );
+    // -z forgets the blocks and clears the map (its checksum rewritten).
+    ok(&["modify", "-n", s(&p), "-z"]);
+    assert!(raw_stdout(&["read", "-n", s(&p), "-a"]) == [0u8; 512]);
+    let text = ok(&["read", "-n", s(&p), "-p"]);
+    assert!(text.contains(&format!(
+        "Checksum            : {0:#x}|{0:#x} (Good!)\n",
+        vhd_sum(&[0u8; 512])
+    )));
+    assert_eq!(len(&p), 3072 + 512, "the metadata and the footer");
+    assert_eq!(ok(&["check", "-n", s(&p)]), format!("{} is valid\n", s(&p)));
 }

@@ -29,6 +29,7 @@ use super::shared::LeafState;
 use super::{VhdError, UNALLOCATED};
 
 mod grow;
+mod tail;
 
 #[cfg(test)]
 pub(crate) use grow::Step;

@@ -1674,3 +1674,165 @@ fn a_bat_with_a_batmap_is_not_moved() {
     assert!(e.to_string().contains("batmap"), "{e}");
     assert!(std::fs::read(&p).unwrap() == orig);
 }
+
+/// Whether every block of the image at `path` is allocated with every sector of the disk's
+/// blocks present.
+fn wholly_allocated(path: &Path) -> bool {
+    let mut image = VhdImage::open(path, false).unwrap();
+    let (size, bs) = (image.size(), image.block_size());
+    (0..image.bat().len() as u32).all(|b| {
+        let sectors = bs.min(size - u64::from(b) * bs) / 512;
+        image.bat()[b as usize] != super::UNALLOCATED
+            && (0..sectors).all(|s| super::image::bit(image.bitmap(b).unwrap(), s))
+    })
+}
+
+#[test]
+fn fill_allocates_every_block_and_the_disk_reads_the_same() {
+    use super::fill::fill;
+    let mut rng = Rng::new(31);
+    let dir = scratch("fill");
+    // A dynamic disk whose last block is partial, a chain of three, and a batmap image.
+    let d = dir.join("d.vhd");
+    create_dynamic(&d, (7 << 20) + 4096, None).unwrap();
+    let data = pattern(&mut rng, 8192);
+    Chain::open(&d, true)
+        .unwrap()
+        .write(3 << 20, &data)
+        .unwrap();
+    let (leaf, _) = build_chain(&dir, 2, &mut rng);
+    let b = dir.join("b.vhd");
+    image_with_batmap(&b, 8 << 20);
+    Chain::open(&b, true).unwrap().write(4096, &data).unwrap();
+    for p in [&d, &leaf, &b] {
+        let before = read_all(p);
+        let blocks = VhdImage::open(p, false).unwrap().bat().len() as u64;
+        assert!(fill(p).unwrap() > 0, "{}", p.display());
+        assert!(read_all(p) == before, "{}: reads differ", p.display());
+        assert!(wholly_allocated(p), "{}", p.display());
+        assert!(check(p).is_empty(), "{}: {:?}", p.display(), check(p));
+        // Filled, a differencing leaf reads nothing from its parents.
+        let mut chain = Chain::open(p, false).unwrap();
+        let mut buf = vec![0u8; chain.size() as usize];
+        chain.read(0, &mut buf).unwrap();
+        assert_eq!(chain.reads().sectors(0), chain.size() / 512);
+        assert!(chain.layers().len() == 1 || chain.reads().sectors(1) == 0);
+        // Again: nothing left to write.
+        assert_eq!(fill(p).unwrap(), 0, "{}", p.display());
+        assert_eq!(VhdImage::open(p, false).unwrap().bat().len() as u64, blocks);
+    }
+    // The batmap is never set (a clear bit never lies): its checksum still holds.
+    assert!(VhdImage::open(&b, false)
+        .unwrap()
+        .batmap()
+        .unwrap()
+        .problem
+        .is_none());
+    // A fixed disk is refused.
+    let f = dir.join("f.vhd");
+    create_fixed(&f, 1 << 20).unwrap();
+    let e = fill(&f).unwrap_err();
+    assert!(e.to_string().contains("fixed"), "{e}");
+}
+
+#[test]
+fn physical_size_moves_the_footer_and_refuses_to_cut_data() {
+    let mut rng = Rng::new(32);
+    let dir = scratch("physical");
+    let d = dir.join("d.vhd");
+    create_dynamic(&d, 8 << 20, None).unwrap();
+    let data = pattern(&mut rng, 4096);
+    Chain::open(&d, true)
+        .unwrap()
+        .write(5 << 20, &data)
+        .unwrap();
+    let before = read_all(&d);
+    let len = std::fs::metadata(&d).unwrap().len();
+    let least = VhdImage::open(&d, false).unwrap().end_of_data() + 512;
+    assert_eq!(
+        least, len,
+        "a file just written ends with its last block and footer"
+    );
+    for size in [len + (1 << 20), len + 512, len] {
+        let mut image = VhdImage::open(&d, true).unwrap();
+        image.set_physical_size(size).unwrap();
+        drop(image);
+        assert_eq!(std::fs::metadata(&d).unwrap().len(), size);
+        assert_eq!(VhdImage::open(&d, false).unwrap().physical_size(), size);
+        assert!(read_all(&d) == before);
+        assert!(check(&d).is_empty(), "{size}: {:?}", check(&d));
+    }
+    // The old footer of a longer file is zeroed.
+    let mut image = VhdImage::open(&d, true).unwrap();
+    image.set_physical_size(len + 4096).unwrap();
+    let mut old = [1u8; 512];
+    image.read_file(len - 512, &mut old).unwrap();
+    assert_eq!(old, [0u8; 512]);
+    // Writes after a padded end still allocate and read back.
+    Chain::open(&d, true).unwrap().write(0, &data).unwrap();
+    assert!(read_all(&d)[..4096] == data[..]);
+    assert!(check(&d).is_empty(), "{:?}", check(&d));
+    let mut image = VhdImage::open(&d, true).unwrap();
+    let least = image.end_of_data() + 512;
+    for bad in [least - 512, least + 100, 0] {
+        let e = image.set_physical_size(bad).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL, "{bad}: {e}");
+    }
+    let f = dir.join("f.vhd");
+    create_fixed(&f, 1 << 20).unwrap();
+    let e = VhdImage::open(&f, true)
+        .unwrap()
+        .set_physical_size(4 << 20)
+        .unwrap_err();
+    assert!(e.to_string().contains("fixed disk"), "{e}");
+    let e = VhdImage::open(&d, false)
+        .unwrap()
+        .set_physical_size(8 << 20)
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::EROFS);
+}
+
+#[test]
+fn zero_bat_forgets_every_block_and_cuts_the_file() {
+    let mut rng = Rng::new(33);
+    let dir = scratch("zero");
+    let (leaf, _) = build_chain(&dir, 1, &mut rng);
+    let parent = VhdImage::open(&leaf, false).unwrap();
+    let parent = super::chain::find_parent(&parent).unwrap();
+    let parent_reads = read_all(&parent);
+    let b = dir.join("b.vhd");
+    image_with_batmap(&b, 8 << 20);
+    Chain::open(&b, true)
+        .unwrap()
+        .write(0, &pattern(&mut rng, 4096))
+        .unwrap();
+    // Set a batmap bit (as XenServer's tapdisk would) and fix its checksum.
+    let mut map = [0u8; 512];
+    map[0] = 0x80;
+    corrupt(&b, 2560, &map);
+    corrupt(&b, 2072, &super::checksum(&map).to_be_bytes());
+    for (p, expected) in [(&leaf, parent_reads), (&b, vec![0u8; 8 << 20])] {
+        let mut image = VhdImage::open(p, true).unwrap();
+        assert!(image.bat().iter().any(|&e| e != super::UNALLOCATED));
+        image.zero_bat().unwrap();
+        let end = image.end_of_metadata();
+        drop(image);
+        assert!(read_all(p) == expected, "{}", p.display());
+        let image = VhdImage::open(p, false).unwrap();
+        assert!(image.bat().iter().all(|&e| e == super::UNALLOCATED));
+        assert_eq!(std::fs::metadata(p).unwrap().len(), end + 512);
+        assert!(check(p).is_empty(), "{}: {:?}", p.display(), check(p));
+    }
+    let bytes = std::fs::read(&b).unwrap();
+    assert_eq!(bytes[2560..3072], [0u8; 512], "the batmap is cleared");
+    assert!(VhdImage::open(&b, false)
+        .unwrap()
+        .batmap()
+        .unwrap()
+        .problem
+        .is_none());
+    let f = dir.join("f.vhd");
+    create_fixed(&f, 1 << 20).unwrap();
+    let e = VhdImage::open(&f, true).unwrap().zero_bat().unwrap_err();
+    assert!(e.to_string().contains("fixed disk"), "{e}");
+}

@@ -10,7 +10,9 @@
 //! - [`chain`]: an image and its parents, found through the parent locators, read as one disk;
 //! - [`create`]: new images (dynamic, fixed, differencing children), resizing and coalescing;
 //! - [`journal`]: the journal of a resize that moves the BAT, and reverting one cut short;
-//! - [`modify`]: re-parenting a differencing image;
+//! - [`fill`]: allocating every block of an image, its data as it reads;
+//! - [`modify`]: re-parenting a differencing image, setting its physical size, forgetting its
+//!   blocks;
 //! - [`probe`]: an image's footer and header alone, for listing many images.
 //!
 //! Every field is big-endian. Files are hostile: every offset and size read from one is checked
@@ -22,6 +24,7 @@ use std::path::PathBuf;
 pub mod chain;
 pub mod check;
 pub mod create;
+pub mod fill;
 pub mod footer;
 pub mod header;
 pub mod image;

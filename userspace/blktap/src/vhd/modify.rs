@@ -1,5 +1,7 @@
-//! Re-parenting a differencing image (`vhd-util modify -p`), as Xen's storage manager does after
-//! a coalesce: the child's header is made to name another parent.
+//! Changing an image in place (`vhd-util modify`): re-parenting a differencing image (`-p`), as
+//! Xen's storage manager does after a coalesce, the child's header made to name another parent;
+//! setting the physical size (`-s`, [`set_physical_size`]); forgetting every block (`-z`,
+//! [`zero_blocks`]).
 //!
 //! The new parent is recorded as [`super::create::snapshot`] records one: its UUID (zero for a
 //! raw parent), the parent timestamp (the parent footer's timestamp, a raw parent's modification
@@ -194,4 +196,19 @@ pub fn set_parent(child: &Path, parent: &Path, raw: bool) -> Result<(), VhdError
     file.write_all_at(&new.to_bytes(), header_at)
         .map_err(|e| VhdError::io("cannot write the header of", child, e))?;
     sync("cannot sync")
+}
+
+/// Sets the physical size of the dynamic or differencing image at `path` to `size` bytes: its
+/// trailing footer moves to end the file there ([`VhdImage::set_physical_size`]). Refused while a
+/// resize journal is beside it.
+pub fn set_physical_size(path: &Path, size: u64) -> Result<(), VhdError> {
+    journal::refuse_existing(path, &journal::default_path(path))?;
+    VhdImage::open(path, true)?.set_physical_size(size)
+}
+
+/// Forgets every block of the dynamic or differencing image at `path`
+/// ([`VhdImage::zero_bat`]). Refused while a resize journal is beside it.
+pub fn zero_blocks(path: &Path) -> Result<(), VhdError> {
+    journal::refuse_existing(path, &journal::default_path(path))?;
+    VhdImage::open(path, true)?.zero_bat()
 }
