@@ -202,9 +202,9 @@ impl AioBackend {
         }
     }
 
-    /// Queues a read from file `file` (0 the image, else the number [`AioBackend::add_reader`]
-    /// gave): as [`Backend::queue`] otherwise. Anything but a read, or an unknown file, fails
-    /// (`EINVAL`).
+    /// Queues a read from file `file` (the number [`AioBackend::add_reader`] gave), as
+    /// [`Backend::queue`] does on the image; anything but a read, or an unknown file, fails
+    /// (`EINVAL`). File 0 is the image: any I/O, as [`Backend::queue`].
     ///
     /// # Safety
     ///
