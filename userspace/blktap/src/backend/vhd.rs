@@ -510,6 +510,17 @@ mod tests {
     /// and writes into whole blocks, FUA writes, discards, flushes), against a model; every read
     /// checked, then the image reopened and read whole.
     fn exercise(path: &std::path::Path, model: &mut [u8], seed: u64, rounds: usize) -> u64 {
+        exercise_with(path, model, seed, rounds, 0)
+    }
+
+    /// [`exercise`], with `more_reads` more chances in 12 of an I/O being a read.
+    fn exercise_with(
+        path: &std::path::Path,
+        model: &mut [u8],
+        seed: u64,
+        rounds: usize,
+        more_reads: u64,
+    ) -> u64 {
         let discards = Vhd::open(path, true, false).unwrap().features().discard;
         let mut b = Vhd::open(path, false, false).unwrap();
         let size = model.len() as u64;
@@ -531,8 +542,8 @@ mod tests {
                     continue;
                 }
                 taken.push((off, len));
-                let op = match rnd(12) {
-                    0..=5 => Op::Read,
+                let op = match rnd(12 + more_reads) {
+                    0..=5 | 12.. => Op::Read,
                     6..=9 => Op::Write,
                     11 if discards => Op::Discard,
                     _ => Op::WriteFua,
@@ -625,6 +636,13 @@ mod tests {
             }
         }
         crate::vhd::create::snapshot(&leaf, &base, false).unwrap();
+        // Mostly reads first: the loop reads the parent's blocks where the leaf has none of
+        // them (the leaf's few writes fill no block of it whole).
+        let fast = exercise_with(&leaf, &mut model, 8, 60, 96);
+        assert!(
+            fast > 60,
+            "only {fast} reads of the parent took the loop's path"
+        );
         // Blocks of a differencing leaf become whole only once every sector was written; the
         // long writes (up to 300 KiB) fill few. Most I/O goes through the worker here.
         exercise(&leaf, &mut model, 9, 120);
@@ -672,8 +690,11 @@ mod tests {
     struct TestChain {
         _dir: tempfile::TempDir,
         leaf: std::path::PathBuf,
+        mid2: std::path::PathBuf,
         /// The disk's bytes.
         model: Vec<u8>,
+        /// The disk's bytes without the leaf's.
+        parents: Vec<u8>,
         /// Which image holds each sector (the leaf 0; `NONE`).
         owner: Vec<u8>,
     }
@@ -729,12 +750,15 @@ mod tests {
         crate::vhd::create::snapshot(&mid2, &mid1, false).unwrap();
         put(&mid2, 1, 9 * MIB, MIB, &mut model);
         put(&mid2, 1, 10 * MIB, 2 * MIB, &mut model);
+        let parents = model.clone();
         crate::vhd::create::snapshot(&leaf, &mid2, false).unwrap();
         put(&leaf, 0, 16 * MIB + (128 << 10), 64 << 10, &mut model);
         TestChain {
             _dir: dir,
             leaf,
+            mid2,
             model,
+            parents,
             owner,
         }
     }
@@ -821,5 +845,120 @@ mod tests {
                 .collect();
             assert_eq!(hits, want, "{base:?}");
         }
+    }
+
+    /// The model-based run over each chain: reads through the loop (from the leaf and from
+    /// the parents) and the worker, writes into blocks the parents hold among them; the image
+    /// reopened and read whole at the end.
+    #[test]
+    fn chains_of_parents_stay_right_with_the_loop_reading_them() {
+        for (i, (base, _)) in chains().into_iter().enumerate() {
+            let mut c = build_chain(base, 30 + i as u64);
+            // Mostly reads (a write into a block the parents hold sends its reads to the worker
+            // until the leaf holds all of it).
+            let fast = exercise_with(&c.leaf, &mut c.model, 40 + i as u64, 150, 96);
+            assert!(fast > 60, "{base:?}: only {fast} I/Os took the loop's path");
+            let problems = crate::vhd::check::check(&c.leaf);
+            assert!(problems.is_empty(), "{base:?}: {problems:?}");
+        }
+    }
+
+    /// Reads (the loop's, from the parents, where it may) and writes (the worker's) in flight
+    /// together in blocks the parents hold, never on the same sectors at once, every read
+    /// checked: each sees every write that completed before it was issued, the first write
+    /// into a block included (the loop stops reading the block from the parents before that
+    /// write completes), and a write's range is read back the moment it completes. A new
+    /// leaf each round, so that each round has first writes into the parents' blocks.
+    #[test]
+    fn reads_issued_after_a_write_into_a_parent_block_completes_see_it() {
+        let (bs, size) = (2 * MIB, 20 * MIB);
+        let c = build_chain(Base::Vhd, 50);
+        let mut rng = crate::rng::Rng::new(51);
+        let (mut from_loop, mut read_back) = (0, 0);
+        for round in 0..12 {
+            std::fs::remove_file(&c.leaf).unwrap();
+            crate::vhd::create::snapshot(&c.leaf, &c.mid2, false).unwrap();
+            let mut model = c.parents.clone();
+            let mut b = Vhd::open(&c.leaf, false, true).unwrap();
+            // The worker reads everything once: the loop knows the parents' blocks from now.
+            let mut all = vec![(Op::Read, 0, vec![0u8; size as usize])];
+            run(&mut b, &mut all);
+            let learnt = b.fast_ios();
+            let mut flight: HashMap<u64, (Op, u64, Vec<u8>)> = HashMap::new();
+            let mut written: Vec<(u64, u64)> = Vec::new();
+            let (mut tag, mut issued) = (0u64, 0);
+            while issued < 400 || !flight.is_empty() {
+                let mut attempts = 0;
+                while issued < 400 && flight.len() < 16 && attempts < 8 {
+                    attempts += 1;
+                    let (op, off, len) = match written.pop() {
+                        // What a write just completed, with a sector either side.
+                        Some((off, len)) => {
+                            let a = off.saturating_sub(512);
+                            (Op::Read, a, (off + len + 512).min(size) - a)
+                        }
+                        None => {
+                            let most = if rng.chance(1, 4) { 256 } else { 16 };
+                            let len = 512 * (1 + rng.below(most));
+                            let off =
+                                (rng.below(8) * bs + rng.below(bs / 512) * 512).min(size - len);
+                            let op = if rng.chance(1, 16) {
+                                Op::Write
+                            } else {
+                                Op::Read
+                            };
+                            (op, off, len)
+                        }
+                    };
+                    if flight
+                        .values()
+                        .any(|(_, a, buf)| off < a + buf.len() as u64 && *a < off + len)
+                    {
+                        continue;
+                    }
+                    let mut buf = vec![0xeeu8; len as usize];
+                    if op == Op::Write {
+                        rng.fill(&mut buf);
+                    } else if len > 0 {
+                        read_back += 1;
+                    }
+                    tag += 1;
+                    let entry = flight.entry(tag).or_insert((op, off, buf));
+                    // SAFETY: the buffer's heap block stays put in `flight` until the I/O's
+                    // completion is reaped below.
+                    unsafe { b.queue(io(tag, op, off, &mut entry.2)) };
+                    issued += 1;
+                }
+                b.submit().unwrap();
+                let fd = b.event_fd().unwrap();
+                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+                nix::poll::poll(&mut fds, 10000u16).unwrap();
+                let mut done = Vec::new();
+                b.reap(&mut done);
+                for c in done {
+                    let (op, off, buf) = flight.remove(&c.tag).unwrap();
+                    assert_eq!(c.result, Ok(()), "round {round}: {op:?} at {off}");
+                    let r = off as usize..off as usize + buf.len();
+                    if op == Op::Write {
+                        model[r].copy_from_slice(&buf);
+                        written.push((off, buf.len() as u64));
+                    } else {
+                        assert!(buf[..] == model[r.clone()], "round {round}: read {r:?}");
+                    }
+                }
+            }
+            from_loop += b.fast_ios() - learnt;
+            drop(b);
+            let mut b = Vhd::open(&c.leaf, true, true).unwrap();
+            let mut all = vec![(Op::Read, 0, vec![0u8; size as usize])];
+            run(&mut b, &mut all);
+            assert!(all[0].2 == model, "round {round}: the leaf reopened");
+            let problems = crate::vhd::check::check(&c.leaf);
+            assert!(problems.is_empty(), "{problems:?}");
+        }
+        assert!(
+            from_loop > 1000 && read_back > 2000,
+            "{from_loop} of {read_back} reads the loop's"
+        );
     }
 }
