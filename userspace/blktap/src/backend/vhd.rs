@@ -4,14 +4,35 @@
 //! sectors a layer lacks, writes go to the leaf and allocate its blocks in a crash-safe order
 //! (see [`crate::vhd::image`]).
 //!
-//! Two paths ([`Vhd`]): a read or write wholly inside blocks the leaf holds whole (and every
-//! sector of a fixed disk) is done by the event loop itself with io_uring, straight between the
-//! leaf file and the ring's pages (`aio:`'s engine, `O_DIRECT` where the file system allows it);
-//! everything else (allocations, partly present blocks, parents, flushes, FUA writes, discards) is
-//! done by a worker thread ([`super::threaded`]) with `pread`/`pwrite` through a bounce buffer.
-//! The worker tells the loop which blocks are whole ([`crate::vhd::shared::LeafState`]) once their
+//! Two paths ([`Vhd`]), and for each piece of an I/O (split at the leaf's block ends) one of
+//! three answers:
+//!
+//! 1. in a block the leaf holds whole (every sector's bit set; every sector of a fixed disk): a
+//!    read or plain write is done by the event loop itself with io_uring, straight between the
+//!    leaf file and the ring's pages (`aio:`'s engine, `O_DIRECT` where the file system allows
+//!    it);
+//! 2. in a block a differencing leaf lacks entirely (no BAT entry, or no sector's bit set) whose
+//!    every sector lies in a parent (none read as zeros: past a parent's end, or in no image):
+//!    a read is done by the loop too, from the parents' files (opened again, read-only, on the
+//!    same ring: `O_DIRECT` tried as for the leaf), split where the block's runs change image
+//!    (at most 32 runs; one, when the first ancestor holding the block holds it whole);
+//! 3. everything else (allocations, partly present blocks, the rest of the parents' sectors,
+//!    flushes, FUA writes, discards) is done by a worker thread ([`super::threaded`]) with
+//!    `pread`/`pwrite` through a bounce buffer.
+//!
+//! An I/O is the loop's only if each of its pieces is (1) (a write) or (1) or (2) (a read). The
+//! worker tells the loop which blocks are whole ([`crate::vhd::shared::LeafState`]) once their
 //! data, bitmap and BAT entry are written; its flushes (`fdatasync` of the leaf) cover the loop's
-//! writes too. FUA writes are a write and a flush, on the worker. Discard is done on a leaf without parent (fixed or dynamic), where
+//! writes too. FUA writes are a write and a flush, on the worker. Where the parents hold a block
+//! (2) the worker works out when it first reads the block (the loop's first read of it is the
+//! worker's); parents never change while open, so that holds until the leaf writes into the
+//! block: the worker withdraws it before it writes the first byte of such a write, so before
+//! the write's completion, and a read the loop starts after that completion goes to the worker
+//! (or to the leaf, once the block is whole). A withdrawn block stays so (a differencing leaf
+//! does not discard). Reopening (unpause) starts over with nothing known. The parents' entries
+//! in the `stats` count the sectors read from each, by the worker or the loop.
+//!
+//! Discard is done on a leaf without parent (fixed or dynamic), where
 //! a forgotten range reads as zeros and whole blocks are given back
 //! ([`crate::vhd::VhdImage::discard`]); a differencing leaf does not do it (its forgotten
 //! sectors would read as the parent's).
@@ -71,8 +92,9 @@ impl VhdBackend {
     }
 }
 
-/// The `vhd:` backend: the loop's io_uring path for data the leaf holds whole, the worker for
-/// the rest (see the module's documentation).
+/// The `vhd:` backend: the loop's io_uring path for data the leaf holds whole and for reads of
+/// blocks the parents hold (the leaf lacking them), the worker for the rest (see the module's
+/// documentation).
 pub struct Vhd {
     worker: Threaded,
     data: AioBackend,
