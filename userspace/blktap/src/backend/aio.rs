@@ -15,6 +15,10 @@
 //! mapped as raw page frames) or `EINVAL` (alignment the device does not accept), the image is
 //! reopened without `O_DIRECT` and the transfer, and every later one, goes through the page
 //! cache instead.
+//!
+//! Other files can be read through the same ring, opened read-only beside the image
+//! ([`AioBackend::add_reader`], [`AioBackend::queue_read`]; `O_DIRECT` and its fall-back each
+//! their own): the `vhd:` backend reads its chain's parents so.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -61,6 +65,8 @@ struct Pending {
     retries: u32,
     /// Last submitted on the `O_DIRECT` descriptor.
     direct: bool,
+    /// The file: 0 the image, `i` the `i`th one [`AioBackend::add_reader`] opened.
+    file: usize,
 }
 
 impl Pending {
@@ -105,6 +111,20 @@ pub struct AioBackend {
     active: usize,
     /// `io_uring_enter` calls made to submit.
     enters: u64,
+    /// Other files read through the same ring ([`AioBackend::add_reader`]).
+    readers: Vec<Reader>,
+}
+
+/// A file opened read-only beside the image, read through the same ring (the parents of a
+/// `vhd:` chain).
+#[derive(Debug)]
+struct Reader {
+    file: File,
+    /// As [`AioBackend`]'s `retired`.
+    retired: Option<File>,
+    path: PathBuf,
+    size: u64,
+    direct: bool,
 }
 
 impl std::fmt::Debug for AioBackend {
@@ -126,22 +146,7 @@ impl AioBackend {
 
     /// Opens the image at `path`; `O_DIRECT` is tried only if `try_direct`.
     pub fn open_with(path: &Path, readonly: bool, try_direct: bool) -> Result<Self> {
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(!readonly);
-        let direct_open = if try_direct {
-            opts.clone().custom_flags(libc::O_DIRECT).open(path)
-        } else {
-            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
-        };
-        let (file, direct) = match direct_open {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
-                opts.open(path)
-                    .map_err(|e| Error::io("cannot open", path, e))?,
-                false,
-            ),
-            Err(e) => return Err(Error::io("cannot open", path, e)),
-        };
+        let (file, direct) = open_file(path, readonly, try_direct)?;
         let (size, block_device) = image_size(&file, path)?;
         // No `dontfork()`: tapdisk does not fork once serving, and it needs `madvise`, which
         // small kernels (tinyconfig without ADVISE_SYSCALLS) lack.
@@ -169,7 +174,61 @@ impl AioBackend {
             done: Vec::new(),
             active: 0,
             enters: 0,
+            readers: Vec::new(),
         })
+    }
+
+    /// Opens `path` read-only beside the image, with `O_DIRECT` if `try_direct` and its file
+    /// system allows it (buffered otherwise, and after a direct read fails as the image's do):
+    /// [`AioBackend::queue_read`] reads it through the same ring. Returns its number (from 1).
+    pub fn add_reader(&mut self, path: &Path, try_direct: bool) -> Result<usize> {
+        let (file, direct) = open_file(path, true, try_direct)?;
+        let (size, _) = image_size(&file, path)?;
+        self.readers.push(Reader {
+            file,
+            retired: None,
+            path: path.into(),
+            size,
+            direct,
+        });
+        Ok(self.readers.len())
+    }
+
+    /// Whether file `file` (0 the image, else a reader) is open with `O_DIRECT`.
+    pub fn file_direct(&self, file: usize) -> Option<bool> {
+        match file {
+            0 => Some(self.direct),
+            i => self.readers.get(i - 1).map(|r| r.direct),
+        }
+    }
+
+    /// Queues a read from file `file` (the number [`AioBackend::add_reader`] gave), as
+    /// [`Backend::queue`] does on the image; anything but a read, or an unknown file, fails
+    /// (`EINVAL`). File 0 is the image: any I/O, as [`Backend::queue`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Backend::queue`].
+    pub unsafe fn queue_read(&mut self, file: usize, io: Io) {
+        if file == 0 {
+            // SAFETY: the caller's contract.
+            return unsafe { self.queue(io) };
+        }
+        let Some(r) = self.readers.get(file - 1).filter(|_| io.op == Op::Read) else {
+            self.done.push(Completion {
+                tag: io.tag,
+                result: Err(Errno::EINVAL),
+            });
+            return;
+        };
+        if let Err(e) = check_range(&io, r.size) {
+            self.done.push(Completion {
+                tag: io.tag,
+                result: Err(e),
+            });
+            return;
+        }
+        self.start(io, file);
     }
 
     /// Whether the image is open with `O_DIRECT`.
@@ -189,28 +248,45 @@ impl AioBackend {
         &self.path
     }
 
-    /// Reopens the image without `O_DIRECT` after a direct transfer failed with `errno`.
-    /// Returns whether later transfers go through the page cache now.
-    fn fall_back_to_buffered(&mut self, errno: Errno) -> bool {
+    /// Reopens file `file` (0 the image, else a reader) without `O_DIRECT` after a direct
+    /// transfer failed with `errno`, unless an earlier failure did. Returns whether later
+    /// transfers go through the page cache now.
+    fn fall_back_to_buffered(&mut self, file: usize, errno: Errno) -> bool {
+        let readonly = self.readonly;
+        let (current, retired, path, direct) = match file {
+            0 => (
+                &mut self.file,
+                &mut self.retired,
+                &self.path,
+                &mut self.direct,
+            ),
+            i => match self.readers.get_mut(i - 1) {
+                Some(r) => (&mut r.file, &mut r.retired, &r.path, &mut r.direct),
+                None => return false,
+            },
+        };
+        if !*direct {
+            return true;
+        }
         let reopened = OpenOptions::new()
             .read(true)
-            .write(!self.readonly)
-            .open(&self.path);
+            .write(file == 0 && !readonly)
+            .open(path);
         match reopened {
-            Ok(file) => {
+            Ok(f) => {
                 log::warn!(
                     "aio {}: O_DIRECT transfer failed ({errno}); using buffered I/O",
-                    self.path.display()
+                    path.display()
                 );
-                self.retired = Some(std::mem::replace(&mut self.file, file));
-                self.direct = false;
+                *retired = Some(std::mem::replace(current, f));
+                *direct = false;
                 true
             }
             Err(e) => {
                 log::warn!(
                     "aio {}: O_DIRECT transfer failed ({errno}) and reopening without \
                      it failed: {e}",
-                    self.path.display()
+                    path.display()
                 );
                 false
             }
@@ -227,8 +303,17 @@ impl AioBackend {
 
     /// Puts the remaining part of I/O `token` on the submission queue.
     fn push(&mut self, token: usize) {
-        let fd = types::Fd(self.file.as_raw_fd());
-        let direct = self.direct;
+        let Some(file) = self.ops.get(token).and_then(Option::as_ref).map(|p| p.file) else {
+            return;
+        };
+        let (fd, direct) = match file {
+            0 => (self.file.as_raw_fd(), self.direct),
+            i => match self.readers.get(i - 1) {
+                Some(r) => (r.file.as_raw_fd(), r.direct),
+                None => return self.complete(token, Err(Errno::EINVAL)),
+            },
+        };
+        let fd = types::Fd(fd);
         let Some(p) = self.ops.get_mut(token).and_then(Option::as_mut) else {
             return;
         };
@@ -302,10 +387,11 @@ impl AioBackend {
             }
             // (An I/O in flight on the direct descriptor when another one made the fall-back
             // is retried on the buffered one.)
+            let (file, was_direct) = (p.file, p.direct);
             if matches!(errno, Errno::EFAULT | Errno::EINVAL)
                 && p.op.has_data()
-                && p.direct
-                && (!self.direct || self.fall_back_to_buffered(errno))
+                && was_direct
+                && self.fall_back_to_buffered(file, errno)
             {
                 self.push(token);
                 return true;
@@ -331,6 +417,42 @@ impl AioBackend {
         }
         self.push(token);
         true
+    }
+
+    /// Hands `io` (checked against the file's size) on file `file` to the kernel; its buffers
+    /// are valid until its completion (the `queue` contract).
+    fn start(&mut self, io: Io, file: usize) {
+        let remaining = io.len();
+        if remaining == 0 && io.op.has_data() {
+            self.done.push(Completion {
+                tag: io.tag,
+                result: Ok(()),
+            });
+            return;
+        }
+        let pending = Pending {
+            tag: io.tag,
+            op: io.op,
+            offset: io.offset,
+            iov: io.iov,
+            first: 0,
+            remaining,
+            retries: 0,
+            direct: false,
+            file,
+        };
+        let token = match self.free.pop() {
+            Some(t) => {
+                self.ops[t] = Some(pending);
+                t
+            }
+            None => {
+                self.ops.push(Some(pending));
+                self.ops.len() - 1
+            }
+        };
+        self.active += 1;
+        self.push(token);
     }
 
     /// Takes every completion the kernel has posted. Returns whether transfers were continued.
@@ -376,35 +498,7 @@ impl Backend for AioBackend {
             });
             return;
         }
-        if remaining == 0 && io.op.has_data() {
-            self.done.push(Completion {
-                tag: io.tag,
-                result: Ok(()),
-            });
-            return;
-        }
-        let pending = Pending {
-            tag: io.tag,
-            op: io.op,
-            offset: io.offset,
-            iov: io.iov,
-            first: 0,
-            remaining,
-            retries: 0,
-            direct: false,
-        };
-        let token = match self.free.pop() {
-            Some(t) => {
-                self.ops[t] = Some(pending);
-                t
-            }
-            None => {
-                self.ops.push(Some(pending));
-                self.ops.len() - 1
-            }
-        };
-        self.active += 1;
-        self.push(token);
+        self.start(io, 0);
     }
 
     fn submit(&mut self) -> Result<()> {
@@ -473,6 +567,27 @@ impl Drop for AioBackend {
         if let Err(e) = self.drain(&mut lost) {
             log::warn!("aio {}: {e}", self.path.display());
         }
+    }
+}
+
+/// Opens `path` (read-only or not), with `O_DIRECT` if `try_direct` and its file system allows
+/// it: the file, and whether it is direct.
+fn open_file(path: &Path, readonly: bool, try_direct: bool) -> Result<(File, bool)> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(!readonly);
+    let direct_open = if try_direct {
+        opts.clone().custom_flags(libc::O_DIRECT).open(path)
+    } else {
+        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    match direct_open {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((
+            opts.open(path)
+                .map_err(|e| Error::io("cannot open", path, e))?,
+            false,
+        )),
+        Err(e) => Err(Error::io("cannot open", path, e)),
     }
 }
 
@@ -983,6 +1098,7 @@ mod tests {
             remaining: 16,
             retries: 0,
             direct: false,
+            file: 0,
         };
         p.advance(6);
         assert_eq!((p.offset, p.remaining, p.first), (106, 10, 1));
@@ -1079,5 +1195,77 @@ mod tests {
         assert!(content[..1 << 20].iter().all(|&b| b == 0));
         assert!(content[2 << 20..3 << 20].iter().all(|&b| b == 0x3c));
         std::fs::remove_file(path).unwrap();
+    }
+
+    /// Files added beside the image are read through the same ring, each at its own offsets
+    /// and checked against its own size; they take reads only.
+    #[test]
+    fn readers_beside_the_image_are_read_through_the_same_ring() {
+        let main = scratch("main", 1 << 20);
+        let other = scratch("other", 64 << 10);
+        std::fs::write(&other, vec![0x6bu8; 64 << 10]).unwrap();
+        let mut aio = AioBackend::open(&main, false).unwrap();
+        let n = aio.add_reader(&other, true).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(aio.file_direct(1), Some(aio.direct()));
+        assert_eq!(aio.file_direct(2), None);
+        let buf = Mapping::anonymous(4 * 4096).unwrap();
+        let p = buf.as_ptr().as_ptr();
+        let read = |tag, offset, at: usize, len| Io {
+            tag,
+            op: Op::Read,
+            offset,
+            // SAFETY: (pointer arithmetic) inside `buf`.
+            iov: vec![iov(unsafe { p.add(at) }, len)],
+            discard_len: 0,
+        };
+        // SAFETY: the pages are inside `buf`, which outlives the I/Os (waited for below).
+        unsafe {
+            aio.queue_read(1, read(1, 60 << 10, 0, 4096));
+            aio.queue_read(0, read(2, 0, 4096, 4096));
+            // Past the reader's end (the image is longer): refused.
+            aio.queue_read(1, read(3, 64 << 10, 8192, 512));
+            // No such file.
+            aio.queue_read(2, read(4, 0, 8192, 512));
+            // A write to a reader.
+            let mut w = read(5, 0, 8192, 512);
+            w.op = Op::Write;
+            aio.queue_read(1, w);
+        }
+        aio.submit().unwrap();
+        let mut done = wait_for(&mut aio, 5);
+        done.sort_by_key(|c| c.tag);
+        let results: Vec<_> = done.iter().map(|c| c.result).collect();
+        assert_eq!(
+            results,
+            [
+                Ok(()),
+                Ok(()),
+                Err(Errno::EIO),
+                Err(Errno::EINVAL),
+                Err(Errno::EINVAL)
+            ]
+        );
+        // SAFETY: every I/O has completed; nothing else touches the buffer.
+        let back = unsafe { std::slice::from_raw_parts(p, 8192) };
+        assert!(back[..4096].iter().all(|&b| b == 0x6b));
+        assert!(back[4096..].iter().all(|&b| b == 0));
+        if aio.direct() {
+            // A read O_DIRECT refuses (no multiple of the block size) makes that reader, and
+            // only it, fall back to the page cache.
+            let mut odd = read(6, 512, 3, 100);
+            odd.iov[0].iov_len = 100;
+            // SAFETY: as above.
+            unsafe { aio.queue_read(1, odd) };
+            aio.submit().unwrap();
+            assert_eq!(wait_for(&mut aio, 1)[0].result, Ok(()));
+            assert_eq!(aio.file_direct(1), Some(false));
+            assert!(aio.direct());
+            // SAFETY: the read completed.
+            assert_eq!(unsafe { p.add(3 + 99).read() }, 0x6b);
+        }
+        drop(aio);
+        std::fs::remove_file(main).unwrap();
+        std::fs::remove_file(other).unwrap();
     }
 }

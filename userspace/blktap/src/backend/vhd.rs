@@ -4,14 +4,35 @@
 //! sectors a layer lacks, writes go to the leaf and allocate its blocks in a crash-safe order
 //! (see [`crate::vhd::image`]).
 //!
-//! Two paths ([`Vhd`]): a read or write wholly inside blocks the leaf holds whole (and every
-//! sector of a fixed disk) is done by the event loop itself with io_uring, straight between the
-//! leaf file and the ring's pages (`aio:`'s engine, `O_DIRECT` where the file system allows it);
-//! everything else (allocations, partly present blocks, parents, flushes, FUA writes, discards) is
-//! done by a worker thread ([`super::threaded`]) with `pread`/`pwrite` through a bounce buffer.
-//! The worker tells the loop which blocks are whole ([`crate::vhd::shared::LeafState`]) once their
+//! Two paths ([`Vhd`]), and for each piece of an I/O (split at the leaf's block ends) one of
+//! three answers:
+//!
+//! 1. in a block the leaf holds whole (every sector's bit set; every sector of a fixed disk): a
+//!    read or plain write is done by the event loop itself with io_uring, straight between the
+//!    leaf file and the ring's pages (`aio:`'s engine, `O_DIRECT` where the file system allows
+//!    it);
+//! 2. in a block a differencing leaf lacks entirely (no BAT entry, or no sector's bit set) whose
+//!    every sector lies in a parent (none read as zeros: past a parent's end, or in no image):
+//!    a read is done by the loop too, from the parents' files (opened again, read-only, on the
+//!    same ring: `O_DIRECT` tried as for the leaf), split where the block's runs change image
+//!    (at most 32 runs; one, when the first ancestor holding the block holds it whole);
+//! 3. everything else (allocations, partly present blocks, the rest of the parents' sectors,
+//!    flushes, FUA writes, discards) is done by a worker thread ([`super::threaded`]) with
+//!    `pread`/`pwrite` through a bounce buffer.
+//!
+//! An I/O is the loop's only if each of its pieces is (1) (a write) or (1) or (2) (a read). The
+//! worker tells the loop which blocks are whole ([`crate::vhd::shared::LeafState`]) once their
 //! data, bitmap and BAT entry are written; its flushes (`fdatasync` of the leaf) cover the loop's
-//! writes too. FUA writes are a write and a flush, on the worker. Discard is done on a leaf without parent (fixed or dynamic), where
+//! writes too. FUA writes are a write and a flush, on the worker. Where the parents hold a block
+//! (2) the worker works out when it first reads the block (the loop's first read of it is the
+//! worker's); parents never change while open, so that holds until the leaf writes into the
+//! block: the worker withdraws it before it writes the first byte of such a write, so before
+//! the write's completion, and a read the loop starts after that completion goes to the worker
+//! (or to the leaf, once the block is whole). A withdrawn block stays so (a differencing leaf
+//! does not discard). Reopening (unpause) starts over with nothing known. The parents' entries
+//! in the `stats` count the sectors read from each, by the worker or the loop.
+//!
+//! Discard is done on a leaf without parent (fixed or dynamic), where
 //! a forgotten range reads as zeros and whole blocks are given back
 //! ([`crate::vhd::VhdImage::discard`]); a differencing leaf does not do it (its forgotten
 //! sectors would read as the parent's).
@@ -29,7 +50,8 @@ use super::layer::{merge, slice_iov};
 use super::threaded::Threaded;
 use super::{check_range, Backend, Completion, Extent, Features, ImageKind, Io, LayerStats};
 use crate::ring::Op;
-use crate::vhd::shared::LeafState;
+use crate::vhd::chain::ChainReads;
+use crate::vhd::shared::{LeafState, Piece};
 use crate::vhd::{Chain, VhdError};
 use crate::{Error, Result};
 
@@ -70,8 +92,9 @@ impl VhdBackend {
     }
 }
 
-/// The `vhd:` backend: the loop's io_uring path for data the leaf holds whole, the worker for
-/// the rest (see the module's documentation).
+/// The `vhd:` backend: the loop's io_uring path for data the leaf holds whole and for reads of
+/// blocks the parents hold (the leaf lacking them), the worker for the rest (see the module's
+/// documentation).
 pub struct Vhd {
     worker: Threaded,
     data: AioBackend,
@@ -79,12 +102,15 @@ pub struct Vhd {
     readonly: bool,
     /// The leaf has parents (its unallocated blocks are theirs, not holes).
     has_parents: bool,
-    /// A piece's tag: the tag of the I/O it is part of.
-    pieces: HashMap<u64, u64>,
+    /// What was read from each image (the loop counts its reads of the parents).
+    reads: Arc<ChainReads>,
+    /// A piece's tag: the tag of the I/O it is part of, the image it reads or writes (0 the
+    /// leaf), its sectors.
+    pieces: HashMap<u64, (u64, usize, u64)>,
     /// An I/O split in pieces: the pieces left, the first error.
     split: HashMap<u64, (usize, std::result::Result<(), Errno>)>,
     next: u64,
-    located: Vec<(u64, u64)>,
+    located: Vec<Piece>,
     scratch: Vec<Completion>,
     done: Vec<Completion>,
     epoll: Epoll,
@@ -108,10 +134,17 @@ impl Vhd {
         let mut inner = VhdBackend::open(path, readonly)?;
         let leaf = inner.chain.share_leaf();
         let has_parents = inner.chain.layers().len() > 1;
+        let reads = inner.chain.reads();
         let mut data = AioBackend::open_with(path, readonly, direct)?;
         // The leaf grows as the worker appends blocks; the offsets come from its BAT (at most
         // 2 TiB: 32-bit sector numbers).
         data.set_limit(u64::from(u32::MAX) * 512 + leaf.block_size.max(1 << 21) * 2);
+        // The parents, read-only, read by the loop where they hold blocks the leaf lacks: file
+        // `i` of the engine is image `i` of the chain.
+        for (i, layer) in inner.chain.layers().iter().enumerate().skip(1) {
+            let n = data.add_reader(layer.path(), direct)?;
+            debug_assert_eq!(n, i);
+        }
         let worker = Threaded::new(inner)?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| Error::os("vhd: epoll_create1", e))?;
@@ -130,6 +163,7 @@ impl Vhd {
             leaf,
             readonly,
             has_parents,
+            reads,
             pieces: HashMap::new(),
             split: HashMap::new(),
             next: 0,
@@ -141,32 +175,36 @@ impl Vhd {
         })
     }
 
-    /// I/Os the loop did itself (io_uring on the leaf) so far.
+    /// I/Os the loop did itself (io_uring on the chain's files) so far.
     pub fn fast_ios(&self) -> u64 {
         self.fast_ios
     }
 
-    /// Whether the loop may do `io` itself: a read or plain write, aligned, wholly in present
-    /// blocks (then `self.located` has its pieces).
+    /// Whether the loop may do `io` itself (then `self.located` has its pieces): a read or
+    /// plain write, aligned, wholly in blocks the leaf holds whole, or for a read also in blocks
+    /// the leaf lacks entirely and the parents hold (see the module's documentation).
     fn fast(&mut self, io: &Io) -> bool {
-        match io.op {
-            Op::Read => {}
-            Op::Write if !self.readonly => {}
+        let parents = match io.op {
+            Op::Read => self.has_parents,
+            Op::Write if !self.readonly => false,
             _ => return false,
-        }
+        };
         let len = io.len();
         len > 0
             && io.offset.is_multiple_of(512)
             && len.is_multiple_of(512)
-            && self.leaf.locate(io.offset, len, &mut self.located)
+            && self.leaf.locate(io.offset, len, parents, &mut self.located)
     }
 
     /// Hands the data path's completions out, joining the pieces of split I/Os.
     fn collect(&mut self) {
         for c in self.scratch.drain(..) {
-            let Some(tag) = self.pieces.remove(&c.tag) else {
+            let Some((tag, image, sectors)) = self.pieces.remove(&c.tag) else {
                 continue;
             };
+            if image > 0 && c.result.is_ok() {
+                self.reads.add(image, sectors);
+            }
             let Some(entry) = self.split.get_mut(&tag) else {
                 continue;
             };
@@ -307,10 +345,10 @@ impl Backend for Vhd {
         self.split.insert(tag, (self.located.len(), Ok(())));
         let mut pos = 0;
         for i in 0..self.located.len() {
-            let (at, n) = self.located[i];
+            let (image, at, n) = self.located[i];
             self.next = self.next.wrapping_add(1);
             let piece = self.next;
-            self.pieces.insert(piece, tag);
+            self.pieces.insert(piece, (tag, image, n / 512));
             let iov = if self.located.len() == 1 {
                 // One piece: the I/O's own buffers, as they are.
                 std::mem::take(&mut io.iov)
@@ -326,8 +364,9 @@ impl Backend for Vhd {
                 discard_len: 0,
             };
             // SAFETY: the pieces' buffers are the I/O's, valid until its completion (the
-            // caller's contract), which comes after every piece's.
-            unsafe { self.data.queue(part) };
+            // caller's contract), which comes after every piece's. (Only reads have pieces
+            // on the parents.)
+            unsafe { self.data.queue_read(image, part) };
         }
     }
 
@@ -493,6 +532,17 @@ mod tests {
     /// and writes into whole blocks, FUA writes, discards, flushes), against a model; every read
     /// checked, then the image reopened and read whole.
     fn exercise(path: &std::path::Path, model: &mut [u8], seed: u64, rounds: usize) -> u64 {
+        exercise_with(path, model, seed, rounds, 0)
+    }
+
+    /// [`exercise`], with `more_reads` more chances in 12 of an I/O being a read.
+    fn exercise_with(
+        path: &std::path::Path,
+        model: &mut [u8],
+        seed: u64,
+        rounds: usize,
+        more_reads: u64,
+    ) -> u64 {
         let discards = Vhd::open(path, true, false).unwrap().features().discard;
         let mut b = Vhd::open(path, false, false).unwrap();
         let size = model.len() as u64;
@@ -514,8 +564,8 @@ mod tests {
                     continue;
                 }
                 taken.push((off, len));
-                let op = match rnd(12) {
-                    0..=5 => Op::Read,
+                let op = match rnd(12 + more_reads) {
+                    0..=5 | 12.. => Op::Read,
                     6..=9 => Op::Write,
                     11 if discards => Op::Discard,
                     _ => Op::WriteFua,
@@ -608,6 +658,13 @@ mod tests {
             }
         }
         crate::vhd::create::snapshot(&leaf, &base, false).unwrap();
+        // Mostly reads first: the loop reads the parent's blocks where the leaf has none of
+        // them (the leaf's few writes fill no block of it whole).
+        let fast = exercise_with(&leaf, &mut model, 8, 60, 96);
+        assert!(
+            fast > 60,
+            "only {fast} reads of the parent took the loop's path"
+        );
         // Blocks of a differencing leaf become whole only once every sector was written; the
         // long writes (up to 300 KiB) fill few. Most I/O goes through the worker here.
         exercise(&leaf, &mut model, 9, 120);
@@ -632,7 +689,298 @@ mod tests {
         assert_eq!(shown, [(2, true), (2, false), (4, true)]);
         // The new block's data starts on a 4 KiB boundary of the file.
         let mut at = Vec::new();
-        assert!(b.leaf.locate(2 << 20, 4096, &mut at));
-        assert_eq!(at[0].0 % 4096, 0, "{at:?}");
+        assert!(b.leaf.locate(2 << 20, 4096, false, &mut at));
+        assert_eq!(at[0].1 % 4096, 0, "{at:?}");
+    }
+
+    const MIB: u64 = 1 << 20;
+    /// No image holds the sector (it reads as zeros).
+    const NONE: u8 = u8::MAX;
+
+    /// The bottom of a test chain: a dynamic VHD, or a raw file of this many bytes.
+    #[derive(Debug, Clone, Copy)]
+    enum Base {
+        Vhd,
+        Raw(u64),
+    }
+
+    /// A chain of depth 4 over 20 MiB (10 blocks of 2 MiB), leaf first: `leaf` (image 0), `mid2`
+    /// (1), `mid1` (2), the base (3). The base holds the first 16 MiB (a VHD: blocks 8 and 9
+    /// read as zeros) or all of its length (a raw file: past its end, zeros); `mid1` holds
+    /// block 1, the first half of block 2 and 8 runs of 64 KiB of block 3; `mid2` the second
+    /// half of block 4 and block 5; the leaf 64 KiB of block 8.
+    struct TestChain {
+        _dir: tempfile::TempDir,
+        leaf: std::path::PathBuf,
+        mid2: std::path::PathBuf,
+        /// The disk's bytes.
+        model: Vec<u8>,
+        /// The disk's bytes without the leaf's.
+        parents: Vec<u8>,
+        /// Which image holds each sector (the leaf 0; `NONE`).
+        owner: Vec<u8>,
+    }
+
+    fn build_chain(base: Base, seed: u64) -> TestChain {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 20 * MIB;
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut model = vec![0u8; size as usize];
+        let mut owner = vec![NONE; (size / 512) as usize];
+        let (mid1, mid2, leaf) = (
+            dir.path().join("mid1.vhd"),
+            dir.path().join("mid2.vhd"),
+            dir.path().join("leaf.vhd"),
+        );
+        let base_vhd = dir.path().join("base.vhd");
+        match base {
+            Base::Vhd => crate::vhd::create::create_dynamic(&base_vhd, size, None).map(drop),
+            Base::Raw(len) => {
+                let path = dir.path().join("base.raw");
+                let mut data = vec![0u8; len as usize];
+                rng.fill(&mut data);
+                std::fs::write(&path, &data).unwrap();
+                let n = data.len().min(model.len());
+                model[..n].copy_from_slice(&data[..n]);
+                // The worker counts a raw parent's sectors past its end as read from it.
+                owner.fill(3);
+                crate::vhd::create::snapshot(&mid1, &path, true).unwrap();
+                if len < size {
+                    crate::vhd::create::resize(&mid1, size).unwrap();
+                }
+                Ok(())
+            }
+        }
+        .unwrap();
+        let mut put = |path: &std::path::Path, image: u8, off: u64, len: u64, model: &mut [u8]| {
+            let r = off as usize..(off + len) as usize;
+            rng.fill(&mut model[r.clone()]);
+            let mut chain = Chain::open(path, true).unwrap();
+            chain.write(off, &model[r]).unwrap();
+            chain.flush().unwrap();
+            owner[(off / 512) as usize..((off + len) / 512) as usize].fill(image);
+        };
+        if let Base::Vhd = base {
+            put(&base_vhd, 3, 0, 16 * MIB, &mut model);
+            crate::vhd::create::snapshot(&mid1, &base_vhd, false).unwrap();
+        }
+        put(&mid1, 2, 2 * MIB, 2 * MIB, &mut model);
+        put(&mid1, 2, 4 * MIB, MIB, &mut model);
+        for k in 0..8 {
+            put(&mid1, 2, 6 * MIB + k * (256 << 10), 64 << 10, &mut model);
+        }
+        crate::vhd::create::snapshot(&mid2, &mid1, false).unwrap();
+        put(&mid2, 1, 9 * MIB, MIB, &mut model);
+        put(&mid2, 1, 10 * MIB, 2 * MIB, &mut model);
+        let parents = model.clone();
+        crate::vhd::create::snapshot(&leaf, &mid2, false).unwrap();
+        put(&leaf, 0, 16 * MIB + (128 << 10), 64 << 10, &mut model);
+        TestChain {
+            _dir: dir,
+            leaf,
+            mid2,
+            model,
+            parents,
+            owner,
+        }
+    }
+
+    /// The chains tried: a VHD base, a raw base of the disk's size, a raw base ending inside
+    /// block 6; and the blocks the loop reads from the parents in each, once learnt.
+    fn chains() -> [(Base, Vec<u64>); 3] {
+        [
+            (Base::Vhd, (0..=7).collect()),
+            (Base::Raw(20 * MIB), vec![0, 1, 2, 3, 4, 5, 6, 7, 9]),
+            (Base::Raw(13 * MIB + 4096), (0..=5).collect()),
+        ]
+    }
+
+    /// Runs `ios` (tag, op, offset, buffer) on `b` together and waits for all of them.
+    fn run(b: &mut Vhd, ios: &mut [(Op, u64, Vec<u8>)]) {
+        for (tag, (op, off, buf)) in ios.iter_mut().enumerate() {
+            // SAFETY: the buffers outlive the wait below.
+            unsafe { b.queue(io(tag as u64, *op, *off, buf)) };
+        }
+        b.submit().unwrap();
+        let mut done = Vec::new();
+        while b.in_flight() > 0 {
+            let fd = b.event_fd().unwrap();
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut fds, 10000u16).unwrap();
+            b.reap(&mut done);
+        }
+        assert_eq!(done.len(), ios.len());
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    }
+
+    /// Once the worker has read a block the leaf lacks, the loop reads it from the parent(s)
+    /// holding it (split at their runs), and counts the sectors for each; blocks the leaf has
+    /// some of, or with sectors read as zeros (past a raw parent's end, in no image), stay on
+    /// the worker. (Before the loop read parents, not one of these reads was the loop's.)
+    #[test]
+    fn reads_of_blocks_the_parents_hold_take_the_loop_path() {
+        let bs = 2 * MIB;
+        for (base, fast_blocks) in chains() {
+            let c = build_chain(base, 21);
+            let mut b = Vhd::open(&c.leaf, false, true).unwrap();
+            // The first read of the whole disk: the worker's; it learns where the blocks are.
+            let mut all = vec![(Op::Read, 0, vec![0xeeu8; 20 << 20])];
+            run(&mut b, &mut all);
+            assert!(all[0].2 == c.model, "{base:?}: the first read");
+            assert_eq!(b.fast_ios(), 0);
+            let mut at = Vec::new();
+            for blk in 0..10 {
+                assert_eq!(
+                    b.leaf.locate(blk * bs, bs, true, &mut at),
+                    fast_blocks.contains(&blk),
+                    "{base:?}: block {blk}: {at:?}"
+                );
+            }
+            // Block 3 is 16 runs: 8 of mid1's, each followed by one of the base's.
+            assert!(b.leaf.locate(3 * bs, bs, true, &mut at));
+            assert_eq!(at.len(), 16, "{base:?}: {at:?}");
+            assert!(at.iter().all(|&(i, _, _)| i == 2 || i == 3));
+            // 64 KiB reads over the whole disk, 16 at a time, each checked.
+            let mut expect_fast = 0;
+            for batch in 0..20u64 {
+                let mut ios: Vec<_> = (0..16u64)
+                    .map(|k| (Op::Read, (batch * 16 + k) << 16, vec![0xeeu8; 64 << 10]))
+                    .collect();
+                expect_fast += ios
+                    .iter()
+                    .filter(|(_, off, _)| fast_blocks.contains(&(off / bs)))
+                    .count() as u64;
+                run(&mut b, &mut ios);
+                for (_, off, buf) in &ios {
+                    let r = *off as usize..*off as usize + buf.len();
+                    assert!(buf[..] == c.model[r.clone()], "{base:?}: read {r:?}");
+                }
+            }
+            assert_eq!(b.fast_ios(), expect_fast, "{base:?}");
+            // Each parent's count: its sectors, read twice (by the worker, then by the loop or
+            // the worker).
+            let mut layers = Vec::new();
+            b.layers(&mut layers);
+            let hits: Vec<u64> = layers.iter().map(|l| l.hits[0]).collect();
+            let want: Vec<u64> = (1..=3u8)
+                .map(|i| 2 * c.owner.iter().filter(|&&o| o == i).count() as u64)
+                .collect();
+            assert_eq!(hits, want, "{base:?}");
+        }
+    }
+
+    /// The model-based run over each chain: reads through the loop (from the leaf and from
+    /// the parents) and the worker, writes into blocks the parents hold among them; the image
+    /// reopened and read whole at the end.
+    #[test]
+    fn chains_of_parents_stay_right_with_the_loop_reading_them() {
+        for (i, (base, _)) in chains().into_iter().enumerate() {
+            let mut c = build_chain(base, 30 + i as u64);
+            // Mostly reads (a write into a block the parents hold sends its reads to the worker
+            // until the leaf holds all of it).
+            let fast = exercise_with(&c.leaf, &mut c.model, 40 + i as u64, 150, 96);
+            assert!(fast > 60, "{base:?}: only {fast} I/Os took the loop's path");
+            let problems = crate::vhd::check::check(&c.leaf);
+            assert!(problems.is_empty(), "{base:?}: {problems:?}");
+        }
+    }
+
+    /// Reads (the loop's, from the parents, where it may) and writes (the worker's) in flight
+    /// together in blocks the parents hold, never on the same sectors at once, every read
+    /// checked: each sees every write that completed before it was issued, the first write
+    /// into a block included (the loop stops reading the block from the parents before that
+    /// write completes), and a write's range is read back the moment it completes. A new
+    /// leaf each round, so that each round has first writes into the parents' blocks.
+    #[test]
+    fn reads_issued_after_a_write_into_a_parent_block_completes_see_it() {
+        let (bs, size) = (2 * MIB, 20 * MIB);
+        let c = build_chain(Base::Vhd, 50);
+        let mut rng = crate::rng::Rng::new(51);
+        let (mut from_loop, mut read_back) = (0, 0);
+        for round in 0..12 {
+            std::fs::remove_file(&c.leaf).unwrap();
+            crate::vhd::create::snapshot(&c.leaf, &c.mid2, false).unwrap();
+            let mut model = c.parents.clone();
+            let mut b = Vhd::open(&c.leaf, false, true).unwrap();
+            // The worker reads everything once: the loop knows the parents' blocks from now.
+            let mut all = vec![(Op::Read, 0, vec![0u8; size as usize])];
+            run(&mut b, &mut all);
+            let learnt = b.fast_ios();
+            let mut flight: HashMap<u64, (Op, u64, Vec<u8>)> = HashMap::new();
+            let mut written: Vec<(u64, u64)> = Vec::new();
+            let (mut tag, mut issued) = (0u64, 0);
+            while issued < 400 || !flight.is_empty() {
+                let mut attempts = 0;
+                while issued < 400 && flight.len() < 16 && attempts < 8 {
+                    attempts += 1;
+                    let (op, off, len) = match written.pop() {
+                        // What a write just completed, with a sector either side.
+                        Some((off, len)) => {
+                            let a = off.saturating_sub(512);
+                            (Op::Read, a, (off + len + 512).min(size) - a)
+                        }
+                        None => {
+                            let most = if rng.chance(1, 4) { 256 } else { 16 };
+                            let len = 512 * (1 + rng.below(most));
+                            let off =
+                                (rng.below(8) * bs + rng.below(bs / 512) * 512).min(size - len);
+                            let op = if rng.chance(1, 16) {
+                                Op::Write
+                            } else {
+                                Op::Read
+                            };
+                            (op, off, len)
+                        }
+                    };
+                    if flight
+                        .values()
+                        .any(|(_, a, buf)| off < a + buf.len() as u64 && *a < off + len)
+                    {
+                        continue;
+                    }
+                    let mut buf = vec![0xeeu8; len as usize];
+                    if op == Op::Write {
+                        rng.fill(&mut buf);
+                    } else if len > 0 {
+                        read_back += 1;
+                    }
+                    tag += 1;
+                    let entry = flight.entry(tag).or_insert((op, off, buf));
+                    // SAFETY: the buffer's heap block stays put in `flight` until the I/O's
+                    // completion is reaped below.
+                    unsafe { b.queue(io(tag, op, off, &mut entry.2)) };
+                    issued += 1;
+                }
+                b.submit().unwrap();
+                let fd = b.event_fd().unwrap();
+                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+                nix::poll::poll(&mut fds, 10000u16).unwrap();
+                let mut done = Vec::new();
+                b.reap(&mut done);
+                for c in done {
+                    let (op, off, buf) = flight.remove(&c.tag).unwrap();
+                    assert_eq!(c.result, Ok(()), "round {round}: {op:?} at {off}");
+                    let r = off as usize..off as usize + buf.len();
+                    if op == Op::Write {
+                        model[r].copy_from_slice(&buf);
+                        written.push((off, buf.len() as u64));
+                    } else {
+                        assert!(buf[..] == model[r.clone()], "round {round}: read {r:?}");
+                    }
+                }
+            }
+            from_loop += b.fast_ios() - learnt;
+            drop(b);
+            let mut b = Vhd::open(&c.leaf, true, true).unwrap();
+            let mut all = vec![(Op::Read, 0, vec![0u8; size as usize])];
+            run(&mut b, &mut all);
+            assert!(all[0].2 == model, "round {round}: the leaf reopened");
+            let problems = crate::vhd::check::check(&c.leaf);
+            assert!(problems.is_empty(), "{problems:?}");
+        }
+        assert!(
+            from_loop > 1000 && read_back > 2000,
+            "{from_loop} of {read_back} reads the loop's"
+        );
     }
 }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use super::header::{Header, Locator, PLAT_MACX, PLAT_W2KU, PLAT_W2RU};
 use super::image::VhdImage;
+use super::shared::{LeafState, Source};
 use super::{uuid_string, VhdError, MAX_CHAIN};
 
 /// A raw image at the bottom of a chain.
@@ -132,7 +133,14 @@ impl Layer {
 pub struct Chain {
     layers: Vec<Layer>,
     reads: Arc<ChainReads>,
+    /// What the event loop is told of a differencing leaf, once asked: also where the parents
+    /// hold the blocks it lacks ([`Chain::read`] works it out).
+    shared: Option<Arc<LeafState>>,
 }
+
+/// The most runs a block read from the parents by the event loop may be in (more: the worker
+/// reads it).
+const MAX_RUNS: usize = 32;
 
 /// What was read from each image of a chain, for its statistics: shared, so that another
 /// thread can report it while the chain is read.
@@ -147,6 +155,13 @@ impl ChainReads {
     /// Sectors read from image `i` (0: the leaf).
     pub fn sectors(&self, i: usize) -> u64 {
         self.sectors.get(i).map_or(0, |s| s.load(Ordering::Relaxed))
+    }
+
+    /// Counts `n` sectors read from image `i` elsewhere (the event loop's reads).
+    pub fn add(&self, i: usize, n: u64) {
+        if let Some(s) = self.sectors.get(i) {
+            s.fetch_add(n, Ordering::Relaxed);
+        }
     }
 }
 
@@ -282,12 +297,20 @@ impl Chain {
                 .collect(),
             sectors: layers.iter().map(|_| AtomicU64::new(0)).collect(),
         });
-        Ok(Self { layers, reads })
+        Ok(Self {
+            layers,
+            reads,
+            shared: None,
+        })
     }
 
     /// What the event loop may know of the leaf ([`super::shared::LeafState`]).
-    pub fn share_leaf(&mut self) -> Arc<super::shared::LeafState> {
-        self.leaf().share()
+    pub fn share_leaf(&mut self) -> Arc<LeafState> {
+        let s = self.leaf().share();
+        if self.layers.len() > 1 {
+            self.shared = Some(Arc::clone(&s));
+        }
+        s
     }
 
     /// What was read from each image.
@@ -322,7 +345,53 @@ impl Chain {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(VhdError::OutOfRange { offset, len, size });
         }
-        read_layers(&mut self.layers, &self.reads.sectors, offset, buf)
+        read_layers(&mut self.layers, &self.reads.sectors, offset, buf)?;
+        self.learn(offset, len);
+        Ok(())
+    }
+
+    /// Tells the event loop, for each block of the leaf that `[offset, offset + len)` touches
+    /// and it does not know yet, where the parents hold it: their runs if the leaf lacks it
+    /// entirely and every sector of it lies in a parent (none past a parent's end, none read as
+    /// zeros), in at most [`MAX_RUNS`] runs; else that they do not hold it alone. Parents never
+    /// change, so the answer holds until the leaf writes into the block (which revokes it).
+    fn learn(&mut self, offset: u64, len: u64) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let bs = shared.block_size;
+        if bs == 0 || len == 0 {
+            return;
+        }
+        let size = self.size();
+        for b in offset / bs..=(offset + len - 1) / bs {
+            // CAST: below the leaf's block count, a `u32`.
+            let b = b as u32;
+            if shared.parents_known(b) {
+                continue;
+            }
+            let start = u64::from(b) * bs;
+            match self.parents_of(start, bs.min(size - start)) {
+                Ok(runs) => shared.set_parents(b, runs.unwrap_or_default().into()),
+                Err(e) => log::warn!("vhd: block {b}: {e}"),
+            }
+        }
+    }
+
+    /// Where the parents hold `[start, start + len)` (a block of the leaf): none if the leaf
+    /// has any of it, if some of it reads as zeros, or if it is in more than [`MAX_RUNS`] runs.
+    fn parents_of(&mut self, start: u64, len: u64) -> Result<Option<Vec<Source>>, VhdError> {
+        let Some((Layer::Vhd(leaf), parents)) = self.layers.split_first_mut() else {
+            return Ok(None);
+        };
+        if leaf.map(start, len)? != [(len, None)] {
+            return Ok(None);
+        }
+        let mut runs = Vec::new();
+        if !map_layers(parents, 1, start, len, &mut runs)? || runs.len() > MAX_RUNS {
+            return Ok(None);
+        }
+        Ok(Some(runs))
     }
 
     /// Writes `data` at `offset` of the disk (whole sectors), into the leaf.
@@ -347,6 +416,52 @@ impl Chain {
     /// Makes the leaf's writes durable.
     pub fn flush(&mut self) -> Result<(), VhdError> {
         self.leaf().flush()
+    }
+}
+
+/// Appends to `runs` where `layers` (the first of which is image `index` of the chain) hold
+/// `[offset, offset + len)`, joining runs that continue each other. False if some of it reads
+/// as zeros (past an image's end, or in no image).
+fn map_layers(
+    layers: &mut [Layer],
+    index: usize,
+    offset: u64,
+    len: u64,
+    runs: &mut Vec<Source>,
+) -> Result<bool, VhdError> {
+    let push = |runs: &mut Vec<Source>, image: usize, at: u64, len: u64| match runs.last_mut() {
+        Some(last) if last.image == image && last.at + last.len == at => last.len += len,
+        _ => runs.push(Source { image, at, len }),
+    };
+    let Some((first, rest)) = layers.split_first_mut() else {
+        return Ok(false);
+    };
+    match first {
+        Layer::Raw(r) => {
+            if offset + len > r.size() {
+                return Ok(false);
+            }
+            push(runs, index, offset, len);
+            Ok(true)
+        }
+        Layer::Vhd(image) => {
+            if offset + len > image.size() {
+                return Ok(false);
+            }
+            let mut pos = offset;
+            for (n, at) in image.map(offset, len)? {
+                match at {
+                    Some(at) => push(runs, index, at, n),
+                    None => {
+                        if !map_layers(rest, index + 1, pos, n, runs)? {
+                            return Ok(false);
+                        }
+                    }
+                }
+                pos += n;
+            }
+            Ok(true)
+        }
     }
 }
 

@@ -433,6 +433,13 @@ impl VhdImage {
         if self.header.is_none() {
             return self.write_file(offset, data);
         }
+        if let Some(s) = &self.shared {
+            // Before any byte is written (so before the write completes): the loop stops
+            // reading these blocks from the parents.
+            for (block, _, _) in pieces(offset, data.len() as u64, self.block_size) {
+                s.revoke_parents(block);
+            }
+        }
         let mut done = 0usize;
         for (block, within, n) in pieces(offset, data.len() as u64, self.block_size) {
             // CAST: `n` is at most `data.len()`.

@@ -1,23 +1,52 @@
 //! What the thread that owns a leaf VHD ([`super::VhdImage`], on the `vhd:` backend's worker)
-//! tells the event loop about it, so that the loop can do I/O on the leaf's data itself
+//! tells the event loop about it, so that the loop can do I/O on the chain's data itself
 //! (io_uring, straight into the ring's pages) where no metadata is involved: which blocks are
-//! wholly present in the leaf and where their data is, which blocks the leaf has allocated, and
-//! whether the loop wrote since the last flush.
+//! wholly present in the leaf and where their data is, which blocks the leaf lacks entirely and
+//! where the parents hold their sectors, which blocks the leaf has allocated, and whether the
+//! loop wrote since the last flush.
 //!
 //! A block becomes "present" only after its data, bitmap and BAT entry are on disk (the worker
 //! marks it at the end of the allocation, or when it reads a full bitmap); it stops being present
 //! before the worker touches its BAT entry to free it (a discard). The loop reads each entry once
 //! per I/O; I/Os in flight together with a discard of the same range have no defined outcome, as
 //! for any disk.
+//!
+//! A block of a differencing leaf that the leaf lacks entirely (no BAT entry, or no sector's bit
+//! set) is read from its parents: where each run of it is (which image, where in its file) is
+//! worked out by the worker when it first reads the block ([`LeafState::set_parents`]) and never
+//! changes, as parents do not. The worker withdraws it ([`LeafState::revoke_parents`]) before it
+//! writes the first byte of a write into the block, so before that write's completion: a read
+//! the loop starts after the completion reads the leaf (through the worker, or the loop once
+//! the block is whole). A withdrawn block stays withdrawn (a differencing leaf never frees a
+//! block: it does not discard).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
+/// Where a run of a block the leaf lacks is: `len` bytes of image `image` of the chain (1 the
+/// leaf's parent, 2 its parent, ...) at byte `at` of its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    /// The image, counted from the leaf (0).
+    pub image: usize,
+    /// Byte offset in the image's file.
+    pub at: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// A piece of an I/O located by [`LeafState::locate`]: image (0 the leaf), byte offset in its
+/// file, length.
+pub type Piece = (usize, u64, u64);
 /// A leaf's state, shared between its worker and the event loop.
 ///
 /// # Invariants
 ///
 /// `data_at[b]` is 0, or 1 + the byte offset in the leaf file of block `b`'s data, every sector
 /// of which the leaf holds (its bitmap is full) and whose BAT entry is on disk.
+///
+/// While `revoked[b]` is false, `parents[b]`, if set and not empty, covers block `b` with runs in
+/// order, each from one parent, and the leaf holds no sector of the block.
 #[derive(Debug)]
 pub struct LeafState {
     /// The disk's size in bytes.
@@ -26,6 +55,11 @@ pub struct LeafState {
     pub block_size: u64,
     data_at: Vec<AtomicU64>,
     allocated: Vec<AtomicBool>,
+    /// Per block, once the worker worked it out: where the parents hold it, in runs (empty:
+    /// not from the parents alone: the leaf has some of it, or some reads as zeros).
+    parents: Vec<OnceLock<Box<[Source]>>>,
+    /// Per block: the leaf has (or is about to have) some of it; never cleared.
+    revoked: Vec<AtomicBool>,
     /// Whether the loop wrote to the file since the worker's last flush.
     written: AtomicBool,
 }
@@ -38,6 +72,8 @@ impl LeafState {
             block_size: 0,
             data_at: Vec::new(),
             allocated: Vec::new(),
+            parents: Vec::new(),
+            revoked: Vec::new(),
             written: AtomicBool::new(false),
         }
     }
@@ -50,6 +86,8 @@ impl LeafState {
             size,
             block_size,
             data_at: allocated.iter().map(|_| AtomicU64::new(0)).collect(),
+            parents: allocated.iter().map(|_| OnceLock::new()).collect(),
+            revoked: allocated.iter().map(|_| AtomicBool::new(false)).collect(),
             allocated,
             written: AtomicBool::new(false),
         }
@@ -86,37 +124,88 @@ impl LeafState {
                 .is_some_and(|e| e.load(Ordering::Acquire))
     }
 
-    /// Where `[offset, offset + len)` of the disk is in the file, if the leaf holds all of it
-    /// in wholly present blocks: the pieces `(file offset, length)`, one per block, in order.
-    /// None if any part is elsewhere (then the worker does the I/O).
-    pub fn locate(&self, offset: u64, len: u64, out: &mut Vec<(u64, u64)>) -> bool {
+    /// Whether the worker has worked out where the parents hold block `b` (or that they do not
+    /// hold it alone).
+    pub fn parents_known(&self, b: u32) -> bool {
+        self.parents
+            .get(b as usize)
+            .is_some_and(|p| p.get().is_some())
+    }
+
+    /// Block `b`, which the leaf lacks entirely, is `runs` of the parents, in order, covering it
+    /// (empty: it is not the parents' alone). Only the worker calls this, and only once per
+    /// block (later calls change nothing).
+    pub fn set_parents(&self, b: u32, runs: Box<[Source]>) {
+        if let Some(p) = self.parents.get(b as usize) {
+            let _ = p.set(runs);
+        }
+    }
+
+    /// The leaf is about to hold some of block `b`: the loop no longer reads it from the
+    /// parents. Called by the worker before it writes any byte into the block.
+    pub fn revoke_parents(&self, b: u32) {
+        if let Some(r) = self.revoked.get(b as usize) {
+            r.store(true, Ordering::Release);
+        }
+    }
+
+    /// Where `[offset, offset + len)` of the disk is, if all of it is in blocks the leaf holds
+    /// wholly, or (if `parents`) in blocks the leaf lacks entirely and the parents hold: the
+    /// pieces `(image, file offset, length)`, split at block ends (and at the ends of the
+    /// parents' runs), in order. None if any part is elsewhere (then the worker does the I/O).
+    pub fn locate(&self, offset: u64, len: u64, parents: bool, out: &mut Vec<Piece>) -> bool {
         out.clear();
         let Some(end) = offset.checked_add(len).filter(|&e| e <= self.size) else {
             return false;
         };
         if self.block_size == 0 {
-            out.push((offset, len));
+            out.push((0, offset, len));
             return true;
         }
         let mut pos = offset;
         while pos < end {
-            let b = pos / self.block_size;
+            let b = (pos / self.block_size) as usize;
             let within = pos % self.block_size;
             let n = (self.block_size - within).min(end - pos);
-            let Some(at) = self
-                .data_at
-                .get(b as usize)
-                .map(|e| e.load(Ordering::Acquire))
-            else {
+            let Some(at) = self.data_at.get(b).map(|e| e.load(Ordering::Acquire)) else {
                 return false;
             };
-            if at == 0 {
+            if at != 0 {
+                out.push((0, at - 1 + within, n));
+            } else if !parents || !self.locate_in_parents(b, within, n, out) {
                 return false;
             }
-            out.push((at - 1 + within, n));
             pos += n;
         }
         true
+    }
+
+    /// Pushes where the parents hold `[within, within + n)` of block `b`, if they hold the
+    /// block and the leaf has not claimed it.
+    fn locate_in_parents(&self, b: usize, within: u64, n: u64, out: &mut Vec<Piece>) -> bool {
+        if self
+            .revoked
+            .get(b)
+            .is_none_or(|r| r.load(Ordering::Acquire))
+        {
+            return false;
+        }
+        let Some(runs) = self.parents.get(b).and_then(OnceLock::get) else {
+            return false;
+        };
+        let (end, mut start, mut covered) = (within + n, 0, 0);
+        for r in runs.iter() {
+            let (a, z) = (start.max(within), (start + r.len).min(end));
+            if a < z {
+                out.push((r.image, r.at + (a - start), z - a));
+                covered += z - a;
+            }
+            start += r.len;
+            if start >= end {
+                break;
+            }
+        }
+        covered == n
     }
 
     /// The loop is about to write to the file.
@@ -139,27 +228,67 @@ mod tests {
         let bs = 2 << 20;
         let s = LeafState::dynamic(8 << 20, bs, [true, false, false, false].into_iter());
         let mut out = Vec::new();
-        assert!(!s.locate(0, 4096, &mut out), "allocated, not known present");
+        assert!(
+            !s.locate(0, 4096, true, &mut out),
+            "allocated, not known present"
+        );
         s.set_present(0, 1 << 20);
         s.set_present(1, 9 << 20);
-        assert!(s.locate(4096, 8192, &mut out));
-        assert_eq!(out, [((1 << 20) + 4096, 8192)]);
-        assert!(s.locate(bs - 512, 1024, &mut out));
-        assert_eq!(out, [((1 << 20) + bs - 512, 512), (9 << 20, 512)]);
+        assert!(s.locate(4096, 8192, true, &mut out));
+        assert_eq!(out, [(0, (1 << 20) + 4096, 8192)]);
+        assert!(s.locate(bs - 512, 1024, true, &mut out));
+        assert_eq!(out, [(0, (1 << 20) + bs - 512, 512), (0, 9 << 20, 512)]);
         assert!(
-            !s.locate(2 * bs - 512, 1024, &mut out),
+            !s.locate(2 * bs - 512, 1024, true, &mut out),
             "block 2 is not present"
         );
-        assert!(!s.locate(8 << 20, 512, &mut out), "past the end");
-        assert!(!s.locate(u64::MAX - 10, 512, &mut out));
+        assert!(!s.locate(8 << 20, 512, true, &mut out), "past the end");
+        assert!(!s.locate(u64::MAX - 10, 512, true, &mut out));
         s.clear_present(1);
-        assert!(!s.locate(bs, 512, &mut out));
+        assert!(!s.locate(bs, 512, true, &mut out));
         assert!(s.allocated(1) && !s.allocated(2));
         let f = LeafState::fixed(1 << 20);
-        assert!(f.locate(512, 1024, &mut out) && out == [(512, 1024)]);
+        assert!(f.locate(512, 1024, true, &mut out) && out == [(0, 512, 1024)]);
         assert!(f.allocated(7));
         assert!(!f.take_written());
         f.note_write();
         assert!(f.take_written() && !f.take_written());
+    }
+
+    #[test]
+    fn blocks_the_parents_hold_are_located_in_their_runs_until_revoked() {
+        let bs = 8192;
+        let s = LeafState::dynamic(4 * bs, bs, [false; 4].into_iter());
+        let mut out = Vec::new();
+        assert!(!s.locate(0, 512, true, &mut out), "not worked out yet");
+        assert!(!s.parents_known(0));
+        let src = |image, at, len| Source { image, at, len };
+        // Block 0: 4 KiB of image 1, then 4 KiB of image 3; block 1: image 2 whole; block 2: not
+        // the parents' alone.
+        s.set_parents(0, [src(1, 100 << 10, 4096), src(3, 7 << 20, 4096)].into());
+        s.set_parents(1, [src(2, 1 << 20, bs)].into());
+        s.set_parents(2, Box::new([]));
+        assert!(s.parents_known(0) && s.parents_known(2) && !s.parents_known(3));
+        assert!(s.locate(3584, 1024, true, &mut out));
+        assert_eq!(out, [(1, (100 << 10) + 3584, 512), (3, 7 << 20, 512)]);
+        assert!(
+            !s.locate(3584, 1024, false, &mut out),
+            "writes: the leaf only"
+        );
+        assert!(s.locate(bs - 512, 1024, true, &mut out));
+        assert_eq!(out, [(3, (7 << 20) + 3584, 512), (2, 1 << 20, 512)]);
+        assert!(!s.locate(2 * bs - 512, 1024, true, &mut out), "block 2");
+        // A second answer for a block changes nothing.
+        s.set_parents(1, [src(1, 0, bs)].into());
+        // A leaf block present wins; a leaf block revoked is no longer the parents'.
+        s.set_present(0, 1 << 20);
+        assert!(s.locate(0, bs + 512, true, &mut out));
+        assert_eq!(out, [(0, 1 << 20, bs), (2, 1 << 20, 512)]);
+        s.revoke_parents(1);
+        assert!(!s.locate(bs, 512, true, &mut out));
+        // Runs that do not cover the block (a bug) are not trusted.
+        s.set_parents(3, [src(1, 0, 4096)].into());
+        assert!(!s.locate(3 * bs + 4096, 512, true, &mut out));
+        assert!(s.locate(3 * bs, 4096, true, &mut out));
     }
 }
