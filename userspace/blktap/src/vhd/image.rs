@@ -568,20 +568,29 @@ impl VhdImage {
             problem = Some(format!(
                 "{sectors} sectors are too few for the BAT's entries"
             ));
-        } else if offset < bat_end + 512 || end.is_none_or(|e| e > self.footer_offset) {
+        } else if offset < bat_end + 512
+            || !offset.is_multiple_of(512)
+            || end.is_none_or(|e| e > self.footer_offset)
+        {
             problem = Some(format!("its map at {offset:#x} is outside the metadata"));
         } else {
             map = vec![0u8; bytes as usize];
             if let Err(e) = self.file.read_exact_at(&mut map, offset) {
                 problem = Some(e.to_string());
             } else {
-                let computed = super::checksum(&map);
+                let computed = super::batmap_checksum(&map, version);
                 if computed != stored {
                     problem = Some(format!(
                         "checksum {stored:#010x} does not match {computed:#010x}"
                     ));
                 }
             }
+        }
+        if problem.is_none() && version > super::BATMAP_VERSION {
+            problem = Some(format!(
+                "unsupported version {version:#010x} (XenServer's tools know {:#010x} at most)",
+                super::BATMAP_VERSION
+            ));
         }
         if problem.is_some() {
             log::warn!("{}: batmap: {problem:?}", path.display());

@@ -952,6 +952,32 @@ fn a_batmap_is_kept_out_of_the_blocks_way_and_checked() {
     );
     assert!(Chain::open(&p, false).is_ok());
     corrupt(&p, 2600, &[0]);
+    // A version past 1.2 is one XenServer's tools refuse: check reports it.
+    corrupt(&p, 2068, &0x0001_0003u32.to_be_bytes());
+    let problems = check(&p);
+    assert!(
+        problems.len() == 1 && problems[0].contains("batmap: unsupported version 0x00010003"),
+        "{problems:?}"
+    );
+    // Version 1.1 summed the map's bytes as signed chars.
+    corrupt(&p, 2068, &0x0001_0001u32.to_be_bytes());
+    corrupt(&p, 2600, &[0x80]);
+    let signed = !(0u32.wrapping_sub(0x80));
+    corrupt(&p, 2072, &signed.to_be_bytes());
+    assert!(check(&p).is_empty(), "{:?}", check(&p));
+    corrupt(&p, 2068, &0x0001_0002u32.to_be_bytes());
+    assert!(check(&p)[0].contains("batmap: checksum"), "{:?}", check(&p));
+    corrupt(&p, 2600, &[0]);
+    corrupt(&p, 2072, &super::checksum(&[0u8; 512]).to_be_bytes());
+    // A map off the sector grid is reported.
+    corrupt(&p, 2056, &2561u64.to_be_bytes());
+    assert!(
+        check(&p)[0].contains("outside the metadata"),
+        "{:?}",
+        check(&p)
+    );
+    corrupt(&p, 2056, &2560u64.to_be_bytes());
+    assert!(check(&p).is_empty(), "{:?}", check(&p));
     // A BAT entry into the batmap is refused.
     set_bat(&p, 2, 5);
     let e = Chain::open(&p, false).unwrap_err();

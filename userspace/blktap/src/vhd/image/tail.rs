@@ -131,7 +131,7 @@ impl VhdImage {
             self.write_file(b.offset, &vec![0u8; b.bytes as usize])?;
             let mut hb = [0u8; 512];
             super::read_exact(&self.file, &self.path, &mut hb, self.bat_end())?;
-            let sum = crate::vhd::checksum(&vec![0u8; b.bytes as usize]);
+            let sum = crate::vhd::batmap_checksum(&vec![0u8; b.bytes as usize], b.version);
             crate::vhd::put32(&mut hb, 24, sum);
             self.write_file(self.bat_end(), &hb)?;
             self.barrier()?;
