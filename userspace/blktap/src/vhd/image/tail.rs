@@ -18,7 +18,7 @@ impl VhdImage {
     }
 
     /// The end of the BAT's sectors (where a batmap's header is).
-    fn bat_end(&self) -> u64 {
+    pub(super) fn bat_end(&self) -> u64 {
         self.header.as_ref().map_or(0, |h| {
             h.table_offset + (u64::from(h.max_table_entries) * 4).next_multiple_of(512)
         })
