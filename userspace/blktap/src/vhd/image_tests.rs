@@ -1808,6 +1808,80 @@ fn a_batmap_moves_with_the_bat_grown_past_its_room() {
     assert!(map[0] == 0x81 && map[1..].iter().all(|&x| x == 0));
 }
 
+/// A snapshot of a base of 16 MiB with data, laid out as XenServer's vhd-util makes one:
+/// creator `tap` 1.2, a batmap (header and a sector of map) after the BAT, the locators after
+/// the map; then data of its own, its first block right after the locators.
+fn batmap_child_with_data(dir: &Path, rng: &mut Rng) -> (PathBuf, PathBuf, Written) {
+    let base = dir.join("bbase.vhd");
+    let mut written = dynamic_with_data(&base, rng);
+    let child = dir.join("bchild.vhd");
+    snapshot(&child, &base, false).unwrap();
+    let image = VhdImage::open(&child, false).unwrap();
+    let end = bat_end(&child);
+    let locators = image.header().unwrap().locators;
+    assert!(locators
+        .iter()
+        .filter(|l| l.code != 0)
+        .all(|l| l.data_offset >= end));
+    drop(image);
+    let old = std::fs::read(&child).unwrap();
+    let e = end as usize;
+    let mut b = old[..e].to_vec();
+    let mut hb = [0u8; 512];
+    hb[..8].copy_from_slice(b"tdbatmap");
+    hb[8..16].copy_from_slice(&(end + 512).to_be_bytes());
+    hb[16..20].copy_from_slice(&1u32.to_be_bytes());
+    hb[20..24].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    hb[24..28].copy_from_slice(&super::checksum(&[0u8; 512]).to_be_bytes());
+    b.extend_from_slice(&hb);
+    b.extend_from_slice(&[0u8; 512]);
+    b.extend_from_slice(&old[e..]);
+    for (i, l) in locators.iter().enumerate().filter(|(_, l)| l.code != 0) {
+        let at = 512 + 576 + 24 * i + 16;
+        b[at..at + 8].copy_from_slice(&(l.data_offset + 1024).to_be_bytes());
+    }
+    let n = b.len();
+    for at in [32, n - 512 + 32] {
+        b[at..at + 4].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    }
+    std::fs::write(&child, &b).unwrap();
+    fix_checksums(&child);
+    assert!(check(&child).is_empty(), "{:?}", check(&child));
+    assert_eq!(
+        VhdImage::open(&child, false)
+            .unwrap()
+            .batmap()
+            .unwrap()
+            .offset,
+        end + 512
+    );
+    let mine = Written::write(&child, &[(6 << 20, 8192), (14 << 20, 1 << 20)], rng);
+    written.0.extend(mine.0);
+    (base, child, written)
+}
+
+#[test]
+fn a_child_with_a_batmap_grown_past_its_bat_room_keeps_its_locators() {
+    let dir = scratch("grow-batmap-child");
+    let mut rng = Rng::new(22);
+    let (base, child, written) = batmap_child_with_data(&dir, &mut rng);
+    crash_after_each_step(&child, 8 << 30, &written, &mut rng);
+    locators_name(&child, &base);
+    let image = VhdImage::open(&child, false).unwrap();
+    let b = image.batmap().unwrap().clone();
+    assert_eq!((b.offset, b.bytes), (bat_end(&child) + 512, 512));
+    assert!(image
+        .header()
+        .unwrap()
+        .locators
+        .iter()
+        .filter(|l| l.code != 0)
+        .all(|l| l.data_offset >= b.offset + b.bytes));
+    drop(image);
+    assert_eq!(Chain::open(&child, false).unwrap().size(), 8 << 30);
+    // (qemu-img does not read differencing VHDs.)
+}
+
 #[test]
 fn a_batmap_grows_within_the_room_and_refuses_what_xenserver_refuses() {
     let dir = scratch("grow-batmap-room");
