@@ -308,7 +308,8 @@ fn print_batmap_header(w: &mut impl Write, image: &VhdImage, hex: bool) -> io::R
             be32(&hb, 24)
         )?;
     } else {
-        writeln!(w, "{}", checksum_line(be32(&hb, 24), checksum(&map)))?;
+        let computed = blktap::vhd::batmap_checksum(&map, be32(&hb, 20));
+        writeln!(w, "{}", checksum_line(be32(&hb, 24), computed))?;
     }
     writeln!(w)
 }

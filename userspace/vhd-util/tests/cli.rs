@@ -1545,15 +1545,12 @@ fn vhd_sum(b: &[u8]) -> u32 {
     !b.iter().fold(0u32, |s, &x| s.wrapping_add(u32::from(x)))
 }
 
-#[test]
-fn read_prints_a_batmap_and_modify_z_clears_it() {
-    // An 8 MiB image made by create (footer copy, header at 512, BAT at 1536: 2048 bytes of
-    // metadata), turned into one of XenServer's: creator tap 1.2, a batmap header after the BAT
-    // and one sector of map, blocks 0 and 2 marked full.
-    let dir = scratch("batmap");
-    let p = dir.join("b.vhd");
-    ok(&["create", "-n", s(&p), "-s", "8"]);
-    let mut b = std::fs::read(&p).unwrap();
+/// An 8 MiB image made by create (footer copy, header at 512, BAT at 1536: 2048 bytes of
+/// metadata), turned into one of XenServer's: creator tap 1.2, a batmap header after the BAT
+/// and one sector of map, blocks 0 and 2 marked full. Returns the map.
+fn xenserver_image(p: &Path) -> [u8; 512] {
+    ok(&["create", "-n", s(p), "-s", "8"]);
+    let mut b = std::fs::read(p).unwrap();
     assert_eq!(b.len(), 2560);
     let mut footer = b[2048..].to_vec();
     footer[32..36].copy_from_slice(&0x0001_0002u32.to_be_bytes());
@@ -1573,9 +1570,16 @@ fn read_prints_a_batmap_and_modify_z_clears_it() {
     b.extend_from_slice(&header);
     b.extend_from_slice(&map);
     b.extend_from_slice(&footer);
-    std::fs::write(&p, &b).unwrap();
-    assert_eq!(ok(&["check", "-n", s(&p)]), format!("{} is valid\n", s(&p)));
+    std::fs::write(p, &b).unwrap();
+    assert_eq!(ok(&["check", "-n", s(p)]), format!("{} is valid\n", s(p)));
+    map
+}
 
+#[test]
+fn read_prints_a_batmap_and_modify_z_clears_it() {
+    let dir = scratch("batmap");
+    let p = dir.join("b.vhd");
+    let map = xenserver_image(&p);
     let text = ok(&["read", "-n", s(&p), "-p"]);
     let summary = format!(
         "VHD Batmap Summary:\n-------------------\nBatmap offset       : 2560\nBatmap size (secs)  : 1\nBatmap version      : 0x00010002\nChecksum            : {0:#x}|{0:#x} (Good!)\n",
@@ -1603,4 +1607,39 @@ fn read_prints_a_batmap_and_modify_z_clears_it() {
     )));
     assert_eq!(len(&p), 3072 + 512, "the metadata and the footer");
     assert_eq!(ok(&["check", "-n", s(&p)]), format!("{} is valid\n", s(&p)));
+}
+
+#[test]
+fn resize_moves_a_batmap_with_the_bat() {
+    let dir = scratch("resize-batmap");
+    let p = dir.join("b.vhd");
+    let map = xenserver_image(&p);
+    // Every block allocated (right after the map), as the bits for blocks 0 and 2 say.
+    ok(&["fill", "-n", s(&p)]);
+    // 512 blocks: a BAT of 2048 bytes (to 3584), the batmap's header after it, its map at
+    // 4096; the blocks in their way move to the end.
+    ok(&["resize", "-n", s(&p), "-s", "1024"]);
+    assert!(!dir.join("b.vhd.journal").exists());
+    assert_eq!(ok(&["check", "-n", s(&p)]), format!("{} is valid\n", s(&p)));
+    let text = ok(&["read", "-n", s(&p), "-p"]);
+    let summary = format!(
+        "VHD Batmap Summary:\n-------------------\nBatmap offset       : 4096\nBatmap size (secs)  : 1\nBatmap version      : 0x00010002\nChecksum            : {0:#x}|{0:#x} (Good!)\n",
+        vhd_sum(&map)
+    );
+    assert!(text.contains(&summary), "{text}");
+    assert!(raw_stdout(&["read", "-n", s(&p), "-a"]) == map);
+    assert_eq!(
+        ok(&["read", "-n", s(&p), "-j", "0", "-c", "5"]),
+        "batmap for block 0: 1\nbatmap for block 1: 0\nbatmap for block 2: 1\nbatmap for block 3: 0\nbatmap for block 4: 0\n"
+    );
+    // An invalid batmap is refused, as XenServer's vhd-util refuses it.
+    let mut b = std::fs::read(&p).unwrap();
+    b[4096] ^= 1;
+    std::fs::write(&p, &b).unwrap();
+    refused(
+        &["resize", "-n", s(&p), "-s", "4096"],
+        libc::EINVAL,
+        "its batmap is invalid (checksum",
+    );
+    assert!(std::fs::read(&p).unwrap() == b);
 }

@@ -568,20 +568,29 @@ impl VhdImage {
             problem = Some(format!(
                 "{sectors} sectors are too few for the BAT's entries"
             ));
-        } else if offset < bat_end + 512 || end.is_none_or(|e| e > self.footer_offset) {
+        } else if offset < bat_end + 512
+            || !offset.is_multiple_of(512)
+            || end.is_none_or(|e| e > self.footer_offset)
+        {
             problem = Some(format!("its map at {offset:#x} is outside the metadata"));
         } else {
             map = vec![0u8; bytes as usize];
             if let Err(e) = self.file.read_exact_at(&mut map, offset) {
                 problem = Some(e.to_string());
             } else {
-                let computed = super::checksum(&map);
+                let computed = super::batmap_checksum(&map, version);
                 if computed != stored {
                     problem = Some(format!(
                         "checksum {stored:#010x} does not match {computed:#010x}"
                     ));
                 }
             }
+        }
+        if problem.is_none() && version > super::BATMAP_VERSION {
+            problem = Some(format!(
+                "unsupported version {version:#010x} (XenServer's tools know {:#010x} at most)",
+                super::BATMAP_VERSION
+            ));
         }
         if problem.is_some() {
             log::warn!("{}: batmap: {problem:?}", path.display());
@@ -711,15 +720,20 @@ impl VhdImage {
                 ),
             ));
         }
-        if blocks > entries && self.batmap.is_some() {
-            return Err(VhdError::invalid(
-                &self.path,
-                "growing the BAT of an image with a batmap is not supported",
-            ));
-        }
         let have = self.bat.len() as u64;
         if blocks > have {
             self.refuse_used_tail(&header, blocks)?;
+            self.refuse_full_bits(have, blocks)?;
+            if let Some(b) = self.batmap.as_ref().filter(|b| blocks > b.bytes * 8) {
+                return Err(VhdError::invalid(
+                    &self.path,
+                    format!(
+                        "its batmap of {} bytes has no bit for block {}",
+                        b.bytes,
+                        blocks - 1
+                    ),
+                ));
+            }
             let at = header.table_offset + have * 4;
             let raw = vec![0xffu8; ((blocks - have) * 4) as usize];
             self.write_file(at, &raw)?;
@@ -755,16 +769,19 @@ impl VhdImage {
     /// room too, as XenServer's `vhd-util resize` does: the BAT then grows in place, the blocks
     /// and parent locators' data in its way moving to the end of the file, under the journal
     /// `journal` ([`super::journal`]), which must not exist (it would be the trace of a resize
-    /// cut short: `vhd-util revert` undoes it). An image with a batmap is refused when its BAT
-    /// must grow past its room.
+    /// cut short: `vhd-util revert` undoes it). A XenServer batmap moves with the BAT: its
+    /// header right after the grown BAT, its map (grown to a bit per block, the new bits clear)
+    /// right after that; a map in their way moves to the end first.
     ///
     /// Crash-safe order: the journal (the original length, UUID and bytes of every region of
     /// the image the resize overwrites), durable; the old footer at the new end and the copies
     /// of what moves, past the old end, durable; the moved blocks' BAT entries and the
-    /// locators' offsets repointed, durable; the grown BAT over the old places, durable; the
+    /// locators' offsets (and the batmap header's map offset) repointed, durable; the new
+    /// batmap's map and header, durable; the grown BAT over the old places, durable; the
     /// header's `max_table_entries`, durable; the trailing footer with the new size, durable;
     /// its copy at offset 0, durable; the journal removed. Every state before the last is a
-    /// valid image (the old one until the trailing footer is written) and the journal restores
+    /// valid image (the old one until the trailing footer is written; between the grown BAT and
+    /// the header, one without a batmap header, which reads the same) and the journal restores
     /// the old one byte for byte. A failure on the way reverts from the journal at once.
     pub fn resize(&mut self, size: u64, journal: &Path) -> Result<(), VhdError> {
         self.resize_stopping(size, journal, None)
@@ -813,6 +830,12 @@ impl VhdImage {
                 "a fixed disk cannot be resized",
             ));
         };
+        if let Some(problem) = self.batmap.as_ref().and_then(|b| b.problem.as_ref()) {
+            return Err(VhdError::invalid(
+                &self.path,
+                format!("its batmap is invalid ({problem}): not resizing it, as XenServer's vhd-util does not"),
+            ));
+        }
         let (bs, blocks) = (self.block_size, size.div_ceil(self.block_size));
         if blocks > super::MAX_BLOCKS {
             return Err(VhdError::invalid(
@@ -824,6 +847,29 @@ impl VhdImage {
             ));
         }
         Ok(Some((header, blocks)))
+    }
+
+    /// Refuses to grow the disk over blocks `from..to` (not allocated) if the batmap marks one
+    /// of them full (XenServer's `vhd-util check` reports such a bit), or has no bit for it (a
+    /// map always covers the BAT's room: whole sectors of 4096 bits, the BAT's of 128
+    /// entries; a resize past the room grows the map).
+    pub(super) fn refuse_full_bits(&self, from: u64, to: u64) -> Result<(), VhdError> {
+        let Some(b) = self.batmap.as_ref().filter(|b| b.bytes > 0) else {
+            return Ok(());
+        };
+        let to_bit = to.min(b.bytes * 8);
+        // CAST: at most 2 MiB (`MAX_BLOCKS` bits).
+        let mut map = vec![0u8; b.bytes as usize];
+        read_exact(&self.file, &self.path, &mut map, b.offset)?;
+        if let Some(block) = (from..to_bit).find(|&i| bit(&map, i)) {
+            return Err(VhdError::invalid(
+                &self.path,
+                format!(
+                    "its batmap marks block {block} full, which is not allocated: not growing over it"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The blocks the BAT's sectors have room for.

@@ -952,6 +952,32 @@ fn a_batmap_is_kept_out_of_the_blocks_way_and_checked() {
     );
     assert!(Chain::open(&p, false).is_ok());
     corrupt(&p, 2600, &[0]);
+    // A version past 1.2 is one XenServer's tools refuse: check reports it.
+    corrupt(&p, 2068, &0x0001_0003u32.to_be_bytes());
+    let problems = check(&p);
+    assert!(
+        problems.len() == 1 && problems[0].contains("batmap: unsupported version 0x00010003"),
+        "{problems:?}"
+    );
+    // Version 1.1 summed the map's bytes as signed chars.
+    corrupt(&p, 2068, &0x0001_0001u32.to_be_bytes());
+    corrupt(&p, 2600, &[0x80]);
+    let signed = !(0u32.wrapping_sub(0x80));
+    corrupt(&p, 2072, &signed.to_be_bytes());
+    assert!(check(&p).is_empty(), "{:?}", check(&p));
+    corrupt(&p, 2068, &0x0001_0002u32.to_be_bytes());
+    assert!(check(&p)[0].contains("batmap: checksum"), "{:?}", check(&p));
+    corrupt(&p, 2600, &[0]);
+    corrupt(&p, 2072, &super::checksum(&[0u8; 512]).to_be_bytes());
+    // A map off the sector grid is reported.
+    corrupt(&p, 2056, &2561u64.to_be_bytes());
+    assert!(
+        check(&p)[0].contains("outside the metadata"),
+        "{:?}",
+        check(&p)
+    );
+    corrupt(&p, 2056, &2560u64.to_be_bytes());
+    assert!(check(&p).is_empty(), "{:?}", check(&p));
     // A BAT entry into the batmap is refused.
     set_bat(&p, 2, 5);
     let e = Chain::open(&p, false).unwrap_err();
@@ -1566,7 +1592,9 @@ fn a_child_grown_past_its_bat_room_keeps_its_locators_and_data() {
 fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut Rng) {
     use super::image::Step;
     let orig = std::fs::read(image).unwrap();
-    let old_size = VhdImage::open(image, false).unwrap().size();
+    let old = VhdImage::open(image, false).unwrap();
+    let (old_size, old_batmap) = (old.size(), old.batmap().cloned());
+    drop(old);
     let journal = super::journal::default_path(image);
     for step in Step::ALL {
         VhdImage::open(image, true)
@@ -1577,6 +1605,20 @@ fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut R
         let grown = matches!(step, Step::Footer | Step::FooterCopy);
         let now = VhdImage::open(image, false).unwrap_or_else(|e| panic!("{step:?}: {e}"));
         assert_eq!(now.size(), if grown { size } else { old_size }, "{step:?}");
+        // A batmap: the old one until the grown BAT is written over its header, none until the
+        // header counts the new entries, then the new one after the grown BAT.
+        if let Some(b) = &old_batmap {
+            match (step, now.batmap()) {
+                (Step::Bat, None) => {}
+                (Step::Journal | Step::Copy | Step::Repoint | Step::Batmap, Some(now)) => {
+                    assert_eq!(now.bytes, b.bytes, "{step:?}")
+                }
+                (Step::Header | Step::Footer | Step::FooterCopy, Some(now)) => {
+                    assert!(now.offset > b.offset, "{step:?}")
+                }
+                (_, now) => panic!("{step:?}: {now:?}"),
+            }
+        }
         drop(now);
         if step == Step::Journal {
             assert!(
@@ -1584,15 +1626,17 @@ fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut R
                 "the image is untouched"
             );
         }
-        // The image is whole after the last step, but the journal is left: `check` names it
-        // (and only it), as `tapdisk` refuses it.
-        if step == Step::FooterCopy {
-            let problems = check(image);
-            assert!(
-                problems.len() == 1 && problems[0].contains("vhd-util revert"),
-                "{problems:?}"
-            );
-        }
+        // The image is valid at every step, but the journal is left: `check` names it (and
+        // only it, but for the footer copy not yet rewritten after the footer), as `tapdisk`
+        // refuses it.
+        let problems = check(image);
+        let stale_copy = step == Step::Footer;
+        assert!(
+            problems.len() == 1 + usize::from(stale_copy)
+                && problems[0].contains("vhd-util revert")
+                && (!stale_copy || problems[1].contains("footer copy at offset 0 differs")),
+            "{step:?}: {problems:?}"
+        );
         written.check_reads(image, old_size, false, rng);
         let e = resize(image, size).unwrap_err();
         assert!(e.to_string().contains("vhd-util revert"), "{e}");
@@ -1619,6 +1663,14 @@ fn a_resize_cut_short_after_any_step_reverts_byte_for_byte() {
     crash_after_each_step(&d, 4 << 30, &written, &mut rng);
     let (_, child, written) = child_with_data(&dir, &mut rng);
     crash_after_each_step(&child, 64 << 30, &written, &mut rng);
+    // With a batmap: its map in the way of its new header (moved first); blocks in the way.
+    for (i, size) in [512u64 << 20, 4 << 30].into_iter().enumerate() {
+        let b = dir.join(format!("b{i}.vhd"));
+        let written = batmap_with_data(&b, &mut rng);
+        crash_after_each_step(&b, size, &written, &mut rng);
+        let (_, map) = batmap_of(&b);
+        assert!(map[0] == 0x81 && map[1..].iter().all(|&x| x == 0));
+    }
     // An empty image: nothing moves, the grown BAT covers the old footer.
     let e = dir.join("e.vhd");
     create_dynamic(&e, 4 << 20, None).unwrap();
@@ -1659,20 +1711,227 @@ fn revert_refuses_a_damaged_journal_or_another_image() {
     written.check_reads(&d, 16 << 20, true, &mut rng);
 }
 
+/// The batmap's header sector and map in the image at `path` (its header after the BAT).
+fn batmap_of(path: &Path) -> ([u8; 512], Vec<u8>) {
+    let image = VhdImage::open(path, false).unwrap();
+    let b = image.batmap().unwrap().clone();
+    assert_eq!(b.problem, None);
+    let mut hb = [0u8; 512];
+    image.read_file(bat_end(path), &mut hb).unwrap();
+    let mut map = vec![0u8; b.bytes as usize];
+    image.read_file(b.offset, &mut map).unwrap();
+    (hb, map)
+}
+
+/// A XenServer image of 16 MiB with a batmap and data in four blocks: block 0 (whole, right
+/// after the batmap's map), 3 (partly), 7 (whole, the disk's last) and 5 (partly); the batmap
+/// marks blocks 0 and 7 full (as tapdisk would), and its header's marker byte is set.
+fn batmap_with_data(path: &Path, rng: &mut Rng) -> Written {
+    const MB: u64 = 1 << 20;
+    image_with_batmap(path, 16 * MB);
+    let written = Written::write(
+        path,
+        &[
+            (0, 2 << 20),
+            (6 * MB + 4096, 64 << 10),
+            (14 * MB, 2 << 20),
+            (10 * MB + 512, 512),
+        ],
+        rng,
+    );
+    assert_eq!(VhdImage::open(path, false).unwrap().bat()[0], 3584 / 512);
+    let mut map = [0u8; 512];
+    map[0] = 0x81;
+    corrupt(path, 2560, &map);
+    corrupt(path, 2072, &super::checksum(&map).to_be_bytes());
+    corrupt(path, 2076, &[1]);
+    assert!(check(path).is_empty(), "{:?}", check(path));
+    written
+}
+
 #[test]
-fn a_bat_with_a_batmap_is_not_moved() {
+fn a_batmap_moves_with_the_bat_grown_past_its_room() {
     let dir = scratch("grow-batmap");
-    let p = dir.join("b.vhd");
-    image_with_batmap(&p, 8 << 20);
-    let orig = std::fs::read(&p).unwrap();
-    let e = resize(&p, 1 << 30).unwrap_err();
-    assert!(e.to_string().contains("batmap"), "{e}");
-    assert!(!super::journal::default_path(&p).exists());
-    assert!(std::fs::read(&p).unwrap() == orig);
-    // Nor are its entries grown within the room (as before).
-    let e = resize(&p, 64 << 20).unwrap_err();
-    assert!(e.to_string().contains("batmap"), "{e}");
-    assert!(std::fs::read(&p).unwrap() == orig);
+    let mut rng = Rng::new(20);
+    let orig = dir.join("orig.vhd");
+    let written = batmap_with_data(&orig, &mut rng);
+    let before = VhdImage::open(&orig, false).unwrap().bat().to_vec();
+    // 512 MiB: a BAT of 2 sectors, whose batmap header goes where the map was (the map moves
+    // first); 4 GiB: 16 sectors, block 0 moves; 1.5 TiB: 3 MiB, blocks 0 and 3 move, and the
+    // map grows to 96 KiB.
+    for (size, moved) in [(512u64 << 20, 0usize), (4 << 30, 1), (1536 << 30, 2)] {
+        let d = dir.join(format!("d{}m.vhd", size >> 20));
+        std::fs::copy(&orig, &d).unwrap();
+        resize(&d, size).unwrap();
+        assert!(!super::journal::default_path(&d).exists());
+        assert!(check(&d).is_empty(), "{:?}", check(&d));
+        let blocks = size / (2 << 20);
+        let image = VhdImage::open(&d, false).unwrap();
+        assert_eq!(image.size(), size);
+        assert_eq!(u64::from(image.header().unwrap().max_table_entries), blocks);
+        let bat = image.bat().to_vec();
+        let b = image.batmap().unwrap().clone();
+        drop(image);
+        let end = bat_end(&d);
+        assert_eq!(
+            b.offset,
+            end + 512,
+            "the map right after the batmap's header"
+        );
+        assert_eq!(b.bytes, blocks.div_ceil(8).next_multiple_of(512).max(512));
+        let changed = (0..8).filter(|&i| bat[i] != before[i]).count();
+        assert_eq!(changed, moved, "blocks moved out of the way");
+        assert!(bat
+            .iter()
+            .filter(|&&e| e != super::UNALLOCATED)
+            .all(|&e| u64::from(e) * 512 >= b.offset + b.bytes));
+        let (hb, map) = batmap_of(&d);
+        assert_eq!(&hb[..8], b"tdbatmap");
+        assert_eq!(super::be32(&hb, 20), 0x0001_0002, "the version is kept");
+        assert_eq!(hb[28], 1, "the marker byte is kept");
+        assert_eq!(map[0], 0x81, "blocks 0 and 7 are still marked full");
+        assert!(map[1..].iter().all(|&x| x == 0), "the new bits are clear");
+        written.check_reads(&d, 16 << 20, size <= 4 << 30, &mut rng);
+        if qemu_img() {
+            written.check_with_qemu(&d, size, size <= 4 << 30);
+        }
+    }
+    // Grown again (its map now moves with blocks written since), and within the room.
+    let d = dir.join("d512m.vhd");
+    let mut more = Written::write(&d, &[((512 << 20) - 4096, 4096)], &mut rng);
+    let mut all = written;
+    all.0.append(&mut more.0);
+    resize(&d, 100 << 30).unwrap();
+    assert!(check(&d).is_empty(), "{:?}", check(&d));
+    all.check_reads(&d, 512 << 20, false, &mut rng);
+    let (_, map) = batmap_of(&d);
+    assert!(map[0] == 0x81 && map[1..].iter().all(|&x| x == 0));
+}
+
+/// A snapshot of a base of 16 MiB with data, laid out as XenServer's vhd-util makes one:
+/// creator `tap` 1.2, a batmap (header and a sector of map) after the BAT, the locators after
+/// the map; then data of its own, its first block right after the locators.
+fn batmap_child_with_data(dir: &Path, rng: &mut Rng) -> (PathBuf, PathBuf, Written) {
+    let base = dir.join("bbase.vhd");
+    let mut written = dynamic_with_data(&base, rng);
+    let child = dir.join("bchild.vhd");
+    snapshot(&child, &base, false).unwrap();
+    let image = VhdImage::open(&child, false).unwrap();
+    let end = bat_end(&child);
+    let locators = image.header().unwrap().locators;
+    assert!(locators
+        .iter()
+        .filter(|l| l.code != 0)
+        .all(|l| l.data_offset >= end));
+    drop(image);
+    let old = std::fs::read(&child).unwrap();
+    let e = end as usize;
+    let mut b = old[..e].to_vec();
+    let mut hb = [0u8; 512];
+    hb[..8].copy_from_slice(b"tdbatmap");
+    hb[8..16].copy_from_slice(&(end + 512).to_be_bytes());
+    hb[16..20].copy_from_slice(&1u32.to_be_bytes());
+    hb[20..24].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    hb[24..28].copy_from_slice(&super::checksum(&[0u8; 512]).to_be_bytes());
+    b.extend_from_slice(&hb);
+    b.extend_from_slice(&[0u8; 512]);
+    b.extend_from_slice(&old[e..]);
+    for (i, l) in locators.iter().enumerate().filter(|(_, l)| l.code != 0) {
+        let at = 512 + 576 + 24 * i + 16;
+        b[at..at + 8].copy_from_slice(&(l.data_offset + 1024).to_be_bytes());
+    }
+    let n = b.len();
+    for at in [32, n - 512 + 32] {
+        b[at..at + 4].copy_from_slice(&0x0001_0002u32.to_be_bytes());
+    }
+    std::fs::write(&child, &b).unwrap();
+    fix_checksums(&child);
+    assert!(check(&child).is_empty(), "{:?}", check(&child));
+    assert_eq!(
+        VhdImage::open(&child, false)
+            .unwrap()
+            .batmap()
+            .unwrap()
+            .offset,
+        end + 512
+    );
+    let mine = Written::write(&child, &[(6 << 20, 8192), (14 << 20, 1 << 20)], rng);
+    written.0.extend(mine.0);
+    (base, child, written)
+}
+
+#[test]
+fn a_child_with_a_batmap_grown_past_its_bat_room_keeps_its_locators() {
+    let dir = scratch("grow-batmap-child");
+    let mut rng = Rng::new(22);
+    let (base, child, written) = batmap_child_with_data(&dir, &mut rng);
+    crash_after_each_step(&child, 8 << 30, &written, &mut rng);
+    locators_name(&child, &base);
+    let image = VhdImage::open(&child, false).unwrap();
+    let b = image.batmap().unwrap().clone();
+    assert_eq!((b.offset, b.bytes), (bat_end(&child) + 512, 512));
+    assert!(image
+        .header()
+        .unwrap()
+        .locators
+        .iter()
+        .filter(|l| l.code != 0)
+        .all(|l| l.data_offset >= b.offset + b.bytes));
+    drop(image);
+    assert_eq!(Chain::open(&child, false).unwrap().size(), 8 << 30);
+    // (qemu-img does not read differencing VHDs.)
+}
+
+#[test]
+fn a_batmap_grows_within_the_room_and_refuses_what_xenserver_refuses() {
+    let dir = scratch("grow-batmap-room");
+    let mut rng = Rng::new(21);
+    let d = dir.join("d.vhd");
+    let written = batmap_with_data(&d, &mut rng);
+    let (hb, map) = batmap_of(&d);
+    // 100 blocks: within the BAT's sector; the batmap stays as it is.
+    resize(&d, 200 << 20).unwrap();
+    assert!(check(&d).is_empty(), "{:?}", check(&d));
+    let image = VhdImage::open(&d, false).unwrap();
+    assert_eq!(image.header().unwrap().max_table_entries, 100);
+    assert_eq!(image.batmap().unwrap().offset, 2560);
+    drop(image);
+    assert!(batmap_of(&d) == (hb, map));
+    written.check_reads(&d, 16 << 20, true, &mut rng);
+
+    // A bit set for a block that is not allocated (XenServer's check reports it) is not grown
+    // over, within the room or past it; nothing is written.
+    let mut map = [0u8; 512];
+    map[0] = 0x81;
+    map[110 / 8] = 0x80 >> (110 % 8);
+    corrupt(&d, 2560, &map);
+    corrupt(&d, 2072, &super::checksum(&map).to_be_bytes());
+    let orig = std::fs::read(&d).unwrap();
+    for size in [240u64 << 20, 1 << 30] {
+        let e = resize(&d, size).unwrap_err();
+        assert!(e.to_string().contains("marks block 110 full"), "{e}");
+        assert!(std::fs::read(&d).unwrap() == orig);
+        assert!(!super::journal::default_path(&d).exists());
+    }
+    // Below it, the disk grows.
+    resize(&d, 220 << 20).unwrap();
+    let orig = std::fs::read(&d).unwrap();
+    // An invalid batmap (XenServer's vhd-util does not read it, nor resize the image): a
+    // checksum that does not hold, a version past 1.2.
+    corrupt(&d, 2600, &[1]);
+    let e = resize(&d, 1 << 30).unwrap_err();
+    assert!(e.to_string().contains("batmap is invalid (checksum"), "{e}");
+    corrupt(&d, 2600, &[0]);
+    corrupt(&d, 2068, &0x0001_0003u32.to_be_bytes());
+    let e = resize(&d, 230 << 20).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("batmap is invalid (unsupported version 0x00010003"),
+        "{e}"
+    );
+    corrupt(&d, 2068, &0x0001_0002u32.to_be_bytes());
+    assert!(std::fs::read(&d).unwrap() == orig);
+    assert!(!super::journal::default_path(&d).exists());
 }
 
 /// Whether every block of the image at `path` is allocated with every sector of the disk's

@@ -4,9 +4,9 @@
 //!
 //! It holds the image's length and UUID before the resize and the original bytes of every
 //! region of the image (within that length) the resize overwrites: the footer copy, the dynamic
-//! header, the new BAT's extent (the old BAT, and the blocks and locator data that were in its
-//! way) and the old trailing footer. Everything else the resize writes lies past the old end,
-//! which reverting cuts off.
+//! header, the new BAT's extent and the batmap's after it (the old BAT and batmap, and the
+//! blocks, locator data and map that were in their way) and the old trailing footer.
+//! Everything else the resize writes lies past the old end, which reverting cuts off.
 //!
 //! # Format
 //!
@@ -36,8 +36,9 @@ pub const JOURNAL_MAGIC: &[u8; 8] = b"vhdjrnl1";
 const TRAILER_MAGIC: &[u8; 8] = b"vhdjend1";
 /// The most records a journal may hold (a resize writes a handful).
 const MAX_RECORDS: u32 = 64;
-/// The most bytes a record may hold (a BAT of `MAX_BLOCKS` entries is 64 MiB).
-const MAX_RECORD: u64 = 4 * super::MAX_BLOCKS + (1 << 20);
+/// The most bytes a record may hold: the metadata from the footer copy to the end of a grown
+/// BAT of `MAX_BLOCKS` entries (64 MiB) and the batmap after it (2 MiB of map).
+const MAX_RECORD: u64 = 4 * super::MAX_BLOCKS + super::MAX_BLOCKS / 8 + (1 << 20);
 
 /// What an image was before a resize.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,4 +274,28 @@ pub fn revert(image: &Path, journal: &Path) -> Result<(), VhdError> {
         .map_err(|e| VhdError::io("cannot restore", image, e))?;
     drop(file);
     remove(journal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_record_a_resize_makes_parses() {
+        // A resize to `MAX_BLOCKS` blocks of an image with a batmap: one record from the footer
+        // copy to the end of the grown batmap (footer copy, header, BAT, batmap header, map).
+        let n = 1536 + 4 * crate::vhd::MAX_BLOCKS + 512 + crate::vhd::MAX_BLOCKS / 8;
+        let j = Journal {
+            len: n + 512,
+            uuid: [7; 16],
+            records: vec![(0, vec![0xa5; n as usize])],
+        };
+        let path = Path::new("j");
+        assert_eq!(Journal::parse(path, &j.to_bytes()).unwrap(), j);
+        let mut too_big = j;
+        too_big.records[0].1.resize(MAX_RECORD as usize + 1, 0);
+        too_big.len = MAX_RECORD + 1;
+        let e = Journal::parse(path, &too_big.to_bytes()).unwrap_err();
+        assert!(e.to_string().contains("cut short"), "{e}");
+    }
 }

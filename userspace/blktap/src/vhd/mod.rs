@@ -214,6 +214,21 @@ pub fn checksum(bytes: &[u8]) -> u32 {
         .fold(0u32, |s, &b| s.wrapping_add(u32::from(b)))
 }
 
+/// The newest batmap version XenServer's tools know (1.2); they refuse a later one.
+pub const BATMAP_VERSION: u32 = 0x0001_0002;
+
+/// The checksum of a batmap's map (all its sectors) as XenServer's tools compute it: the VHD
+/// checksum, except that version 1.1 summed the bytes as signed `char`s.
+pub fn batmap_checksum(map: &[u8], version: u32) -> u32 {
+    if version == 0x0001_0001 {
+        // CAST: a byte as a signed `char`, sign-extended, as the original sums it.
+        !map.iter()
+            .fold(0u32, |s, &b| s.wrapping_add(i32::from(b as i8) as u32))
+    } else {
+        checksum(map)
+    }
+}
+
 /// Now, as a VHD timestamp (seconds since 2000-01-01 UTC; 0 before then).
 pub fn now_timestamp() -> u32 {
     let unix = std::time::SystemTime::now()

@@ -18,7 +18,7 @@ impl VhdImage {
     }
 
     /// The end of the BAT's sectors (where a batmap's header is).
-    fn bat_end(&self) -> u64 {
+    pub(super) fn bat_end(&self) -> u64 {
         self.header.as_ref().map_or(0, |h| {
             h.table_offset + (u64::from(h.max_table_entries) * 4).next_multiple_of(512)
         })
@@ -131,7 +131,7 @@ impl VhdImage {
             self.write_file(b.offset, &vec![0u8; b.bytes as usize])?;
             let mut hb = [0u8; 512];
             super::read_exact(&self.file, &self.path, &mut hb, self.bat_end())?;
-            let sum = crate::vhd::checksum(&vec![0u8; b.bytes as usize]);
+            let sum = crate::vhd::batmap_checksum(&vec![0u8; b.bytes as usize], b.version);
             crate::vhd::put32(&mut hb, 24, sum);
             self.write_file(self.bat_end(), &hb)?;
             self.barrier()?;
