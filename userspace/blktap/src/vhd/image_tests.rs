@@ -1405,6 +1405,49 @@ fn bat_end(path: &Path) -> u64 {
     h.table_offset + (u64::from(h.max_table_entries) * 4).next_multiple_of(512)
 }
 
+/// Checks the layout of the image at `path` that XenServer's vhd-util gives a disk grown past
+/// its BAT's room: the batmap (if any) right after the BAT, its map right after its header; the
+/// parent locators after the BAT right after those, in file order, each in its reserved space
+/// (in whole sectors); every block after the end of all that metadata; and `check` clean.
+fn assert_grown_layout(path: &Path) {
+    let image = VhdImage::open(path, false).unwrap();
+    let h = image.header().unwrap();
+    let end = bat_end(path);
+    let mut at = match image.batmap() {
+        Some(b) => {
+            assert_eq!(
+                b.offset,
+                end + 512,
+                "the map right after the batmap's header"
+            );
+            b.offset + b.bytes
+        }
+        None => end,
+    };
+    let mut locators: Vec<_> = h
+        .locators
+        .iter()
+        .filter(|l| l.code != 0 && l.data_offset >= h.table_offset)
+        .collect();
+    locators.sort_by_key(|l| l.data_offset);
+    for l in locators {
+        assert_eq!(
+            l.data_offset, at,
+            "the locators right after the BAT and batmap: {l:?}"
+        );
+        at += l.reserved_bytes().next_multiple_of(512);
+    }
+    assert_eq!(image.end_of_metadata(), at);
+    for (block, &s) in image.bat().iter().enumerate() {
+        assert!(
+            s == super::UNALLOCATED || u64::from(s) * 512 >= at,
+            "block {block} at sector {s} starts before the end of the metadata at {at:#x}"
+        );
+    }
+    drop(image);
+    assert!(check(path).is_empty(), "{:?}", check(path));
+}
+
 /// A dynamic disk of 16 MiB with data in four blocks, allocated so that block 3 lies right
 /// after the BAT, then blocks 0, 7 (the disk's last bytes) and 5.
 fn dynamic_with_data(path: &Path, rng: &mut Rng) -> Written {
@@ -1465,7 +1508,7 @@ fn resize_past_the_bat_room_moves_the_blocks_in_its_way() {
             "a moved block's data is 4 KiB aligned"
         );
         drop(image);
-        assert!(check(&d).is_empty(), "{:?}", check(&d));
+        assert_grown_layout(&d);
         written.check_reads(&d, 16 << 20, size <= 4 << 30, &mut rng);
         if qemu_img() {
             written.check_with_qemu(&d, size, size <= 4 << 30);
@@ -1487,7 +1530,7 @@ fn resize_past_the_bat_room_moves_the_blocks_in_its_way() {
     all.0.append(&mut more.0);
     let more = all;
     resize(&d, 256 << 30).unwrap();
-    assert!(check(&d).is_empty(), "{:?}", check(&d));
+    assert_grown_layout(&d);
     more.check_reads(&d, 4 << 30, false, &mut rng);
     if qemu_img() {
         more.check_with_qemu(&d, 256 << 30, false);
@@ -1559,18 +1602,19 @@ fn a_child_grown_past_its_bat_room_keeps_its_locators_and_data() {
             old.data_offset < end && new.data_offset >= end,
             "the locator moved out of the BAT's way: {old:?} {new:?}"
         );
+        assert!(new.data_offset.is_multiple_of(512), "{new:?}");
         assert_eq!(
             (old.code, old.data_len, old.data_space),
             (new.code, new.data_len, new.data_space)
         );
     }
     drop(image);
+    assert_grown_layout(&child);
     locators_name(&child, &base);
     let chain = Chain::open(&child, false).unwrap();
     assert_eq!(chain.layers().len(), 2);
     assert_eq!(chain.size(), 4 << 30);
     drop(chain);
-    assert!(check(&child).is_empty(), "{:?}", check(&child));
     written.check_reads(&child, 16 << 20, false, &mut rng);
     // The base is left as it was, until the child is coalesced into it: then it grows past
     // its BAT's room too.
@@ -1581,14 +1625,15 @@ fn a_child_grown_past_its_bat_room_keeps_its_locators_and_data() {
     coalesce(&child).unwrap();
     assert!(!super::journal::default_path(&base).exists());
     assert_eq!(VhdImage::open(&base, false).unwrap().size(), 4 << 30);
-    assert!(check(&base).is_empty(), "{:?}", check(&base));
+    assert_grown_layout(&base);
     written.check_reads(&base, 16 << 20, false, &mut rng);
     written.check_reads(&child, 16 << 20, false, &mut rng);
 }
 
 /// Plays a crash after each step of a resize of `image` to `size`: the image is a valid VHD
 /// at every step, a resize refuses while the journal is there, and reverting restores it byte
-/// for byte. Then the resize run to its end leaves the new image and no journal.
+/// for byte. Then the resize run to its end leaves the new image, laid out as XenServer's
+/// vhd-util lays it out, and no journal.
 fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut Rng) {
     use super::image::Step;
     let orig = std::fs::read(image).unwrap();
@@ -1605,14 +1650,15 @@ fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut R
         let grown = matches!(step, Step::Footer | Step::FooterCopy);
         let now = VhdImage::open(image, false).unwrap_or_else(|e| panic!("{step:?}: {e}"));
         assert_eq!(now.size(), if grown { size } else { old_size }, "{step:?}");
-        // A batmap: the old one until the grown BAT is written over its header, none until the
-        // header counts the new entries, then the new one after the grown BAT.
+        // A batmap: the old one (in its place) until the grown BAT is written over its header,
+        // none until the header counts the new entries, then the new one after the grown BAT.
         if let Some(b) = &old_batmap {
             match (step, now.batmap()) {
-                (Step::Bat, None) => {}
-                (Step::Journal | Step::Copy | Step::Repoint | Step::Batmap, Some(now)) => {
-                    assert_eq!(now.bytes, b.bytes, "{step:?}")
-                }
+                (Step::Bat | Step::Metadata, None) => {}
+                (
+                    Step::Journal | Step::Copy | Step::Repoint | Step::Stage | Step::Restage,
+                    Some(now),
+                ) => assert_eq!((now.offset, now.bytes), (b.offset, b.bytes), "{step:?}"),
                 (Step::Header | Step::Footer | Step::FooterCopy, Some(now)) => {
                     assert!(now.offset > b.offset, "{step:?}")
                 }
@@ -1650,7 +1696,7 @@ fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut R
     resize(image, size).unwrap();
     assert!(!journal.exists());
     assert_eq!(VhdImage::open(image, false).unwrap().size(), size);
-    assert!(check(image).is_empty(), "{:?}", check(image));
+    assert_grown_layout(image);
     written.check_reads(image, old_size, false, rng);
 }
 
@@ -1870,13 +1916,19 @@ fn a_child_with_a_batmap_grown_past_its_bat_room_keeps_its_locators() {
     let image = VhdImage::open(&child, false).unwrap();
     let b = image.batmap().unwrap().clone();
     assert_eq!((b.offset, b.bytes), (bat_end(&child) + 512, 512));
-    assert!(image
+    // Its locators right after the map, in their reserved sectors (the blocks after them).
+    let mut offsets: Vec<(u64, u64)> = image
         .header()
         .unwrap()
         .locators
         .iter()
         .filter(|l| l.code != 0)
-        .all(|l| l.data_offset >= b.offset + b.bytes));
+        .map(|l| (l.data_offset, l.reserved_bytes().next_multiple_of(512)))
+        .collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets.len(), 3);
+    assert_eq!(offsets[0].0, b.offset + b.bytes);
+    assert!(offsets.windows(2).all(|w| w[1].0 == w[0].0 + w[0].1));
     drop(image);
     assert_eq!(Chain::open(&child, false).unwrap().size(), 8 << 30);
     // (qemu-img does not read differencing VHDs.)
