@@ -357,6 +357,92 @@ fn resize_past_the_bat_room_uses_a_journal_and_revert_restores() {
     ok(&["check", "-n", s(&d)]);
 }
 
+/// The `data_offset` and `data_space` of each locator `read -p` prints for `path`.
+fn printed_locators(path: &Path) -> Vec<(u64, u64)> {
+    let text = ok(&["read", "-n", s(path), "-p"]);
+    let field = |name: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix(name))
+            .map(|v| v.trim_start_matches([' ', ':']).trim().parse().unwrap())
+            .collect()
+    };
+    let (offsets, spaces) = (field("data_offset"), field("data_space"));
+    assert_eq!(offsets.len(), spaces.len());
+    offsets.into_iter().zip(spaces).collect()
+}
+
+#[test]
+fn resize_puts_a_childs_locators_right_after_the_grown_bat() {
+    let mut rng = Rng::new(14);
+    let dir = scratch("grow-child");
+    let base = dir.join("base.vhd");
+    ok(&["create", "-n", s(&base), "-s", "16"]);
+    let mut model = vec![0u8; 16 << 20];
+    write_random(&base, &mut rng, &mut model);
+    let leaf = dir.join("leaf.vhd");
+    ok(&["snapshot", "-n", s(&leaf), "-p", s(&base)]);
+    write_random(&leaf, &mut rng, &mut model);
+    // 4 GiB: a BAT of 2048 entries at 1536, 8 KiB; the locators right after it (at 9728), each
+    // in its reserved sector(s); the blocks in their way at the end.
+    ok(&["resize", "-n", s(&leaf), "-s", "4096"]);
+    assert_eq!(
+        ok(&["check", "-n", s(&leaf)]),
+        format!("{} is valid\n", s(&leaf))
+    );
+    let mut at = 1536 + 8192;
+    let locators = printed_locators(&leaf);
+    assert_eq!(locators.len(), 3);
+    for (offset, space) in locators {
+        assert_eq!(offset, at);
+        at += space.next_multiple_of(512);
+    }
+    let mut buf = vec![0u8; 16 << 20];
+    Chain::open(&leaf, false)
+        .unwrap()
+        .read(0, &mut buf)
+        .unwrap();
+    assert!(buf == model);
+
+    // A locator past the blocks (as earlier versions' resize left it): the image reads well, but
+    // check says that a block starts before the end of the metadata (XenServer's check refuses
+    // it); the next resize past the room lays it out again.
+    let mut b = std::fs::read(&leaf).unwrap();
+    let n = b.len() - 512;
+    let (offset, space) = printed_locators(&leaf)[2];
+    let data = b[offset as usize..(offset + space) as usize].to_vec();
+    let footer = b.split_off(n);
+    b.extend_from_slice(&data);
+    b.extend_from_slice(&footer);
+    b[512 + 576 + 48 + 16..][..8].copy_from_slice(&(n as u64).to_be_bytes());
+    b[512 + 36..512 + 40].fill(0);
+    let sum = vhd_sum(&b[512..1536]);
+    b[512 + 36..512 + 40].copy_from_slice(&sum.to_be_bytes());
+    std::fs::write(&leaf, &b).unwrap();
+    let out = vhd_util(&["check", "-n", s(&leaf)]);
+    assert_eq!(out.status.code(), Some(libc::EINVAL));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("appears invalid") && text.contains("clobbers headers"),
+        "{text}"
+    );
+    ok(&["resize", "-n", s(&leaf), "-s", "65536"]);
+    assert_eq!(
+        ok(&["check", "-n", s(&leaf)]),
+        format!("{} is valid\n", s(&leaf))
+    );
+    // 32768 entries: 128 KiB of BAT.
+    let mut at = 1536 + (128 << 10);
+    for (offset, space) in printed_locators(&leaf) {
+        assert_eq!(offset, at);
+        at += space.next_multiple_of(512);
+    }
+    Chain::open(&leaf, false)
+        .unwrap()
+        .read(0, &mut buf)
+        .unwrap();
+    assert!(buf == model);
+}
+
 /// A journal as a resize of `path` (whose bytes were `orig`) writes before it touches the
 /// image: the magic, the original length and UUID, records of the original bytes (here one of
 /// the whole file, a superset of what a resize overwrites) and the hashed trailer. (A crash

@@ -1,6 +1,7 @@
 //! Finding what is wrong with an image: everything [`VhdImage::open`] checks (cookies,
 //! checksums, sizes, the BAT's entries against the file and its metadata), the footer copy of a
-//! dynamic disk, and the parent chain (locators, parent UUID and size, loops).
+//! dynamic disk, blocks that start before the end of the metadata (XenServer's `vhd-util check`
+//! refuses them), and the parent chain (locators, parent UUID and size, loops).
 
 use std::path::Path;
 
@@ -39,6 +40,9 @@ pub fn check(path: &Path) -> Vec<String> {
             if let Some(problem) = image.batmap().and_then(|b| b.problem.as_ref()) {
                 problems.push(format!("batmap: {problem}"));
             }
+            if let Some(problem) = block_before_metadata_end(&image) {
+                problems.push(problem);
+            }
             if image.has_parent() {
                 if let Err(e) = Chain::open(path, false) {
                     problems.push(e.to_string());
@@ -47,6 +51,32 @@ pub fn check(path: &Path) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The first block (in BAT order, as XenServer's check) that starts before the end of the
+/// metadata (footer copy, header, BAT, batmap, parent locators' reserved space), if any.
+/// `VhdImage::open` refuses a block that overlaps the metadata; one that lies between pieces of
+/// it (before a locator placed after the blocks, say) reads well but XenServer's `vhd-util
+/// check` reports it ("block N clobbers headers": every block must start after the end of the
+/// headers, as its `vhd_end_of_headers` computes it).
+fn block_before_metadata_end(image: &VhdImage) -> Option<String> {
+    let end = image.end_of_metadata();
+    let mut before = image
+        .bat()
+        .iter()
+        .enumerate()
+        .filter(|&(_, &s)| s != super::UNALLOCATED && u64::from(s) * 512 < end);
+    let (block, &sector) = before.next()?;
+    let more = before.count();
+    let others = match more {
+        0 => String::new(),
+        1 => " (and 1 other block)".to_string(),
+        n => format!(" (and {n} other blocks)"),
+    };
+    Some(format!(
+        "block {block} at {:#x} starts before the end of the metadata at {end:#x}{others}: XenServer's vhd-util check refuses it (\"block {block} clobbers headers\")",
+        u64::from(sector) * 512
+    ))
 }
 
 fn read_footer_at(path: &Path, at: u64) -> Result<Footer, String> {

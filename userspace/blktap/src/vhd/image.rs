@@ -766,23 +766,29 @@ impl VhdImage {
     }
 
     /// Grows the virtual disk to `size` bytes as [`VhdImage::grow`] does, and past the BAT's
-    /// room too, as XenServer's `vhd-util resize` does: the BAT then grows in place, the blocks
-    /// and parent locators' data in its way moving to the end of the file, under the journal
-    /// `journal` ([`super::journal`]), which must not exist (it would be the trace of a resize
-    /// cut short: `vhd-util revert` undoes it). A XenServer batmap moves with the BAT: its
-    /// header right after the grown BAT, its map (grown to a bit per block, the new bits clear)
-    /// right after that; a map in their way moves to the end first.
+    /// room too, as XenServer's `vhd-util resize` does, under the journal `journal`
+    /// ([`super::journal`]), which must not exist (it would be the trace of a resize cut short:
+    /// `vhd-util revert` undoes it). The result is laid out as the original lays it out: the BAT
+    /// grown in place; a XenServer batmap's header right after it and its map (grown to a bit per
+    /// block, the new bits clear) right after that; the data of the parent locators after the
+    /// BAT right after those, in file order, each in its reserved space (whole sectors); the
+    /// blocks in the way of this metadata moved to the end of the file. Every block then starts
+    /// after the end of the metadata, which XenServer's `vhd-util check` requires.
     ///
-    /// Crash-safe order: the journal (the original length, UUID and bytes of every region of
-    /// the image the resize overwrites), durable; the old footer at the new end and the copies
-    /// of what moves, past the old end, durable; the moved blocks' BAT entries and the
-    /// locators' offsets (and the batmap header's map offset) repointed, durable; the new
-    /// batmap's map and header, durable; the grown BAT over the old places, durable; the
-    /// header's `max_table_entries`, durable; the trailing footer with the new size, durable;
-    /// its copy at offset 0, durable; the journal removed. Every state before the last is a
-    /// valid image (the old one until the trailing footer is written; between the grown BAT and
-    /// the header, one without a batmap header, which reads the same) and the journal restores
-    /// the old one byte for byte. A failure on the way reverts from the journal at once.
+    /// Crash-safe order, each step durable: the journal (the original length, UUID and bytes of
+    /// every region of the image the resize overwrites); the old footer at the new end and the
+    /// copies of the blocks in the way past the old end; their BAT entries repointed; the
+    /// locators whose places the grown BAT or the new metadata take copied to a staging space
+    /// (the first space after the new metadata clear of the old, where no block is left); the
+    /// header's locators pointed at those copies; the grown BAT over the old places (it covers
+    /// the old batmap's header: until the header counts the new entries the image has no
+    /// batmap, and reads the same); the new batmap's map and header and the locators' data at
+    /// their new places; the header's `max_table_entries` and locator offsets, in one write; the
+    /// trailing footer with the new size; its copy at offset 0; the journal removed. Every state
+    /// before the last is a valid image (the old size until the trailing footer is written)
+    /// that `check` finds valid but for the journal (and the stale footer copy before the last
+    /// step), and the journal restores the old one byte for byte. A failure on the way reverts
+    /// from the journal at once.
     pub fn resize(&mut self, size: u64, journal: &Path) -> Result<(), VhdError> {
         self.resize_stopping(size, journal, None)
     }

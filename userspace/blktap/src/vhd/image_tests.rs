@@ -1405,6 +1405,49 @@ fn bat_end(path: &Path) -> u64 {
     h.table_offset + (u64::from(h.max_table_entries) * 4).next_multiple_of(512)
 }
 
+/// Checks the layout of the image at `path` that XenServer's vhd-util gives a disk grown past
+/// its BAT's room: the batmap (if any) right after the BAT, its map right after its header; the
+/// parent locators after the BAT right after those, in file order, each in its reserved space
+/// (in whole sectors); every block after the end of all that metadata; and `check` clean.
+fn assert_grown_layout(path: &Path) {
+    let image = VhdImage::open(path, false).unwrap();
+    let h = image.header().unwrap();
+    let end = bat_end(path);
+    let mut at = match image.batmap() {
+        Some(b) => {
+            assert_eq!(
+                b.offset,
+                end + 512,
+                "the map right after the batmap's header"
+            );
+            b.offset + b.bytes
+        }
+        None => end,
+    };
+    let mut locators: Vec<_> = h
+        .locators
+        .iter()
+        .filter(|l| l.code != 0 && l.data_offset >= h.table_offset)
+        .collect();
+    locators.sort_by_key(|l| l.data_offset);
+    for l in locators {
+        assert_eq!(
+            l.data_offset, at,
+            "the locators right after the BAT and batmap: {l:?}"
+        );
+        at += l.reserved_bytes().next_multiple_of(512);
+    }
+    assert_eq!(image.end_of_metadata(), at);
+    for (block, &s) in image.bat().iter().enumerate() {
+        assert!(
+            s == super::UNALLOCATED || u64::from(s) * 512 >= at,
+            "block {block} at sector {s} starts before the end of the metadata at {at:#x}"
+        );
+    }
+    drop(image);
+    assert!(check(path).is_empty(), "{:?}", check(path));
+}
+
 /// A dynamic disk of 16 MiB with data in four blocks, allocated so that block 3 lies right
 /// after the BAT, then blocks 0, 7 (the disk's last bytes) and 5.
 fn dynamic_with_data(path: &Path, rng: &mut Rng) -> Written {
@@ -1465,7 +1508,7 @@ fn resize_past_the_bat_room_moves_the_blocks_in_its_way() {
             "a moved block's data is 4 KiB aligned"
         );
         drop(image);
-        assert!(check(&d).is_empty(), "{:?}", check(&d));
+        assert_grown_layout(&d);
         written.check_reads(&d, 16 << 20, size <= 4 << 30, &mut rng);
         if qemu_img() {
             written.check_with_qemu(&d, size, size <= 4 << 30);
@@ -1487,7 +1530,7 @@ fn resize_past_the_bat_room_moves_the_blocks_in_its_way() {
     all.0.append(&mut more.0);
     let more = all;
     resize(&d, 256 << 30).unwrap();
-    assert!(check(&d).is_empty(), "{:?}", check(&d));
+    assert_grown_layout(&d);
     more.check_reads(&d, 4 << 30, false, &mut rng);
     if qemu_img() {
         more.check_with_qemu(&d, 256 << 30, false);
@@ -1539,6 +1582,88 @@ fn child_with_data(dir: &Path, rng: &mut Rng) -> (PathBuf, PathBuf, Written) {
     (base, child, written)
 }
 
+/// Moves the data of locator `index` of the image at `path` past its blocks (the trailing
+/// footer after it), as the resize of earlier versions did; returns the new end of the metadata.
+fn put_locator_past_the_blocks(path: &Path, index: usize) -> u64 {
+    let image = VhdImage::open(path, false).unwrap();
+    let l = image.header().unwrap().locators[index];
+    drop(image);
+    let mut b = std::fs::read(path).unwrap();
+    let n = b.len() - 512;
+    let footer = b[n..].to_vec();
+    let from = l.data_offset as usize;
+    let data = b[from..from + l.reserved_bytes() as usize].to_vec();
+    b.truncate(n);
+    b.extend_from_slice(&data);
+    b.extend_from_slice(&footer);
+    let at = 512 + 576 + 24 * index + 16;
+    b[at..at + 8].copy_from_slice(&(n as u64).to_be_bytes());
+    std::fs::write(path, &b).unwrap();
+    fix_checksums(path);
+    let end = (n + data.len()) as u64;
+    assert_eq!(VhdImage::open(path, false).unwrap().end_of_metadata(), end);
+    end
+}
+
+#[test]
+fn check_reports_a_block_before_the_end_of_the_metadata() {
+    let dir = scratch("check-eoh");
+    let mut rng = Rng::new(23);
+    let (_, child, written) = child_with_data(&dir, &mut rng);
+    assert!(check(&child).is_empty(), "{:?}", check(&child));
+    // Locator 2's data moved past the blocks: the image reads the same and opens (nothing
+    // overlaps), but its blocks start before the end of its metadata, which XenServer's
+    // vhd-util check refuses ("block N clobbers headers").
+    let image = VhdImage::open(&child, false).unwrap();
+    let allocated = image
+        .bat()
+        .iter()
+        .filter(|&&s| s != super::UNALLOCATED)
+        .count();
+    let first = (0..image.bat().len())
+        .find(|&i| image.bat()[i] != super::UNALLOCATED)
+        .unwrap();
+    drop(image);
+    let end = put_locator_past_the_blocks(&child, 2);
+    let problems = check(&child);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(allocated, 2);
+    assert!(
+        problems[0].contains(&format!("block {first} at "))
+            && problems[0].contains(&format!(
+                "starts before the end of the metadata at {end:#x} (and 1 other block)"
+            ))
+            && problems[0].contains(&format!("block {first} clobbers headers")),
+        "{problems:?}"
+    );
+    written.check_reads(&child, 16 << 20, true, &mut rng);
+}
+
+#[test]
+fn a_resize_past_the_room_puts_a_locator_left_past_the_blocks_after_the_bat() {
+    // What the resize of earlier versions left (a locator past the blocks): the next resize
+    // past the room lays the metadata out again, each step valid, revert byte for byte.
+    let dir = scratch("grow-legacy");
+    let mut rng = Rng::new(24);
+    let (base, child, written) = child_with_data(&dir, &mut rng);
+    put_locator_past_the_blocks(&child, 2);
+    let before = VhdImage::open(&child, false).unwrap().bat().to_vec();
+    crash_after_each_step(&child, 4 << 30, &written, &mut rng, true);
+    locators_name(&child, &base);
+    // The locators staged on the way wait right after the new metadata, not past the blocks:
+    // only the block in the way of the new metadata moves (block 3, right after the old
+    // locators), not block 7 after it.
+    let after = VhdImage::open(&child, false).unwrap().bat().to_vec();
+    let moved: Vec<usize> = (0..before.len())
+        .filter(|&i| before[i] != super::UNALLOCATED && before[i] != after[i])
+        .collect();
+    assert_eq!(moved, [3]);
+    let (bbase, bchild, written) = batmap_child_with_data(&dir, &mut rng);
+    put_locator_past_the_blocks(&bchild, 0);
+    crash_after_each_step(&bchild, 512 << 20, &written, &mut rng, true);
+    locators_name(&bchild, &bbase);
+}
+
 #[test]
 fn a_child_grown_past_its_bat_room_keeps_its_locators_and_data() {
     let dir = scratch("grow-child");
@@ -1559,18 +1684,19 @@ fn a_child_grown_past_its_bat_room_keeps_its_locators_and_data() {
             old.data_offset < end && new.data_offset >= end,
             "the locator moved out of the BAT's way: {old:?} {new:?}"
         );
+        assert!(new.data_offset.is_multiple_of(512), "{new:?}");
         assert_eq!(
             (old.code, old.data_len, old.data_space),
             (new.code, new.data_len, new.data_space)
         );
     }
     drop(image);
+    assert_grown_layout(&child);
     locators_name(&child, &base);
     let chain = Chain::open(&child, false).unwrap();
     assert_eq!(chain.layers().len(), 2);
     assert_eq!(chain.size(), 4 << 30);
     drop(chain);
-    assert!(check(&child).is_empty(), "{:?}", check(&child));
     written.check_reads(&child, 16 << 20, false, &mut rng);
     // The base is left as it was, until the child is coalesced into it: then it grows past
     // its BAT's room too.
@@ -1581,15 +1707,24 @@ fn a_child_grown_past_its_bat_room_keeps_its_locators_and_data() {
     coalesce(&child).unwrap();
     assert!(!super::journal::default_path(&base).exists());
     assert_eq!(VhdImage::open(&base, false).unwrap().size(), 4 << 30);
-    assert!(check(&base).is_empty(), "{:?}", check(&base));
+    assert_grown_layout(&base);
     written.check_reads(&base, 16 << 20, false, &mut rng);
     written.check_reads(&child, 16 << 20, false, &mut rng);
 }
 
 /// Plays a crash after each step of a resize of `image` to `size`: the image is a valid VHD
 /// at every step, a resize refuses while the journal is there, and reverting restores it byte
-/// for byte. Then the resize run to its end leaves the new image and no journal.
-fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut Rng) {
+/// for byte. Then the resize run to its end leaves the new image, laid out as XenServer's
+/// vhd-util lays it out, and no journal. `clobbered`: the image has blocks before the end of
+/// its metadata (a locator past them), which `check` reports until the header points at the
+/// locators' new places.
+fn crash_after_each_step(
+    image: &Path,
+    size: u64,
+    written: &Written,
+    rng: &mut Rng,
+    clobbered: bool,
+) {
     use super::image::Step;
     let orig = std::fs::read(image).unwrap();
     let old = VhdImage::open(image, false).unwrap();
@@ -1605,14 +1740,15 @@ fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut R
         let grown = matches!(step, Step::Footer | Step::FooterCopy);
         let now = VhdImage::open(image, false).unwrap_or_else(|e| panic!("{step:?}: {e}"));
         assert_eq!(now.size(), if grown { size } else { old_size }, "{step:?}");
-        // A batmap: the old one until the grown BAT is written over its header, none until the
-        // header counts the new entries, then the new one after the grown BAT.
+        // A batmap: the old one (in its place) until the grown BAT is written over its header,
+        // none until the header counts the new entries, then the new one after the grown BAT.
         if let Some(b) = &old_batmap {
             match (step, now.batmap()) {
-                (Step::Bat, None) => {}
-                (Step::Journal | Step::Copy | Step::Repoint | Step::Batmap, Some(now)) => {
-                    assert_eq!(now.bytes, b.bytes, "{step:?}")
-                }
+                (Step::Bat | Step::Metadata, None) => {}
+                (
+                    Step::Journal | Step::Copy | Step::Repoint | Step::Stage | Step::Restage,
+                    Some(now),
+                ) => assert_eq!((now.offset, now.bytes), (b.offset, b.bytes), "{step:?}"),
                 (Step::Header | Step::Footer | Step::FooterCopy, Some(now)) => {
                     assert!(now.offset > b.offset, "{step:?}")
                 }
@@ -1629,7 +1765,11 @@ fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut R
         // The image is valid at every step, but the journal is left: `check` names it (and
         // only it, but for the footer copy not yet rewritten after the footer), as `tapdisk`
         // refuses it.
-        let problems = check(image);
+        let mut problems = check(image);
+        if clobbered && !matches!(step, Step::Header | Step::Footer | Step::FooterCopy) {
+            let last = problems.pop().unwrap_or_default();
+            assert!(last.contains("clobbers headers"), "{step:?}: {last}");
+        }
         let stale_copy = step == Step::Footer;
         assert!(
             problems.len() == 1 + usize::from(stale_copy)
@@ -1650,7 +1790,7 @@ fn crash_after_each_step(image: &Path, size: u64, written: &Written, rng: &mut R
     resize(image, size).unwrap();
     assert!(!journal.exists());
     assert_eq!(VhdImage::open(image, false).unwrap().size(), size);
-    assert!(check(image).is_empty(), "{:?}", check(image));
+    assert_grown_layout(image);
     written.check_reads(image, old_size, false, rng);
 }
 
@@ -1660,21 +1800,21 @@ fn a_resize_cut_short_after_any_step_reverts_byte_for_byte() {
     let mut rng = Rng::new(18);
     let d = dir.join("d.vhd");
     let written = dynamic_with_data(&d, &mut rng);
-    crash_after_each_step(&d, 4 << 30, &written, &mut rng);
+    crash_after_each_step(&d, 4 << 30, &written, &mut rng, false);
     let (_, child, written) = child_with_data(&dir, &mut rng);
-    crash_after_each_step(&child, 64 << 30, &written, &mut rng);
+    crash_after_each_step(&child, 64 << 30, &written, &mut rng, false);
     // With a batmap: its map in the way of its new header (moved first); blocks in the way.
     for (i, size) in [512u64 << 20, 4 << 30].into_iter().enumerate() {
         let b = dir.join(format!("b{i}.vhd"));
         let written = batmap_with_data(&b, &mut rng);
-        crash_after_each_step(&b, size, &written, &mut rng);
+        crash_after_each_step(&b, size, &written, &mut rng, false);
         let (_, map) = batmap_of(&b);
         assert!(map[0] == 0x81 && map[1..].iter().all(|&x| x == 0));
     }
     // An empty image: nothing moves, the grown BAT covers the old footer.
     let e = dir.join("e.vhd");
     create_dynamic(&e, 4 << 20, None).unwrap();
-    crash_after_each_step(&e, 1 << 30, &Written(Vec::new()), &mut rng);
+    crash_after_each_step(&e, 1 << 30, &Written(Vec::new()), &mut rng, false);
 }
 
 #[test]
@@ -1865,18 +2005,24 @@ fn a_child_with_a_batmap_grown_past_its_bat_room_keeps_its_locators() {
     let dir = scratch("grow-batmap-child");
     let mut rng = Rng::new(22);
     let (base, child, written) = batmap_child_with_data(&dir, &mut rng);
-    crash_after_each_step(&child, 8 << 30, &written, &mut rng);
+    crash_after_each_step(&child, 8 << 30, &written, &mut rng, false);
     locators_name(&child, &base);
     let image = VhdImage::open(&child, false).unwrap();
     let b = image.batmap().unwrap().clone();
     assert_eq!((b.offset, b.bytes), (bat_end(&child) + 512, 512));
-    assert!(image
+    // Its locators right after the map, in their reserved sectors (the blocks after them).
+    let mut offsets: Vec<(u64, u64)> = image
         .header()
         .unwrap()
         .locators
         .iter()
         .filter(|l| l.code != 0)
-        .all(|l| l.data_offset >= b.offset + b.bytes));
+        .map(|l| (l.data_offset, l.reserved_bytes().next_multiple_of(512)))
+        .collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets.len(), 3);
+    assert_eq!(offsets[0].0, b.offset + b.bytes);
+    assert!(offsets.windows(2).all(|w| w[1].0 == w[0].0 + w[0].1));
     drop(image);
     assert_eq!(Chain::open(&child, false).unwrap().size(), 8 << 30);
     // (qemu-img does not read differencing VHDs.)

@@ -4,8 +4,9 @@
 //!
 //! It holds the image's length and UUID before the resize and the original bytes of every
 //! region of the image (within that length) the resize overwrites: the footer copy, the dynamic
-//! header, the new BAT's extent and the batmap's after it (the old BAT and batmap, and the
-//! blocks, locator data and map that were in their way) and the old trailing footer.
+//! header, the extent of the new metadata (the grown BAT, the batmap and the parent locators'
+//! data after it) and of the staging space after that (the old BAT, batmap and locators, and the
+//! blocks that were in their way) and the old trailing footer.
 //! Everything else the resize writes lies past the old end, which reverting cuts off.
 //!
 //! # Format
@@ -37,8 +38,10 @@ const TRAILER_MAGIC: &[u8; 8] = b"vhdjend1";
 /// The most records a journal may hold (a resize writes a handful).
 const MAX_RECORDS: u32 = 64;
 /// The most bytes a record may hold: the metadata from the footer copy to the end of a grown
-/// BAT of `MAX_BLOCKS` entries (64 MiB) and the batmap after it (2 MiB of map).
-const MAX_RECORD: u64 = 4 * super::MAX_BLOCKS + super::MAX_BLOCKS / 8 + (1 << 20);
+/// BAT of `MAX_BLOCKS` entries (64 MiB), the batmap after it (2 MiB of map), the parent
+/// locators after that and the staging space after them (the locators again, and an old map);
+/// 8 MiB are left for the locators (the most a resize moves: it refuses more).
+pub(crate) const MAX_RECORD: u64 = 4 * super::MAX_BLOCKS + super::MAX_BLOCKS / 4 + (8 << 20);
 
 /// What an image was before a resize.
 #[derive(Debug, Clone, PartialEq, Eq)]
