@@ -528,6 +528,18 @@ mod tests {
         );
     }
 
+    /// Waits for every I/O `b` has in flight (polling its eventfd) and returns their completions.
+    fn wait_all(b: &mut Vhd) -> Vec<Completion> {
+        let mut done = Vec::new();
+        while b.in_flight() > 0 {
+            let fd = b.event_fd().unwrap();
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut fds, 10000u16).unwrap();
+            b.reap(&mut done);
+        }
+        done
+    }
+
     /// Random batches of I/Os in flight together on disjoint ranges (reads, writes that allocate
     /// and writes into whole blocks, FUA writes, discards, flushes), against a model; every read
     /// checked, then the image reopened and read whole.
@@ -598,13 +610,7 @@ mod tests {
                 unsafe { b.queue(io(999, Op::Flush, 0, &mut [])) };
             }
             b.submit().unwrap();
-            let mut done = Vec::new();
-            while b.in_flight() > 0 {
-                let fd = b.event_fd().unwrap();
-                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-                nix::poll::poll(&mut fds, 10000u16).unwrap();
-                b.reap(&mut done);
-            }
+            let done = wait_all(&mut b);
             assert!(
                 done.iter().all(|c| c.result.is_ok()),
                 "round {round}: {done:?}"
@@ -802,13 +808,7 @@ mod tests {
             unsafe { b.queue(io(tag as u64, *op, *off, buf)) };
         }
         b.submit().unwrap();
-        let mut done = Vec::new();
-        while b.in_flight() > 0 {
-            let fd = b.event_fd().unwrap();
-            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-            nix::poll::poll(&mut fds, 10000u16).unwrap();
-            b.reap(&mut done);
-        }
+        let done = wait_all(b);
         assert_eq!(done.len(), ios.len());
         assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
     }

@@ -139,28 +139,21 @@ impl VhdImage {
                 m.problem = None;
             }
         }
+        // CAST: blocks are counted in `u32` (at most `MAX_BLOCKS`).
+        let allocated: Vec<u32> = (0..self.bat.len() as u32)
+            .filter(|&b| self.bat[b as usize] != UNALLOCATED)
+            .collect();
         if let Some(s) = &self.shared {
-            for (block, _) in self
-                .bat
-                .iter()
-                .enumerate()
-                .filter(|(_, &e)| e != UNALLOCATED)
-            {
-                // CAST: blocks are counted in `u32`.
-                s.clear_present(block as u32);
+            for &block in &allocated {
+                s.clear_present(block);
             }
         }
         let entries = vec![0xffu8; header.max_table_entries as usize * 4];
         self.write_file(header.table_offset, &entries)?;
         self.barrier()?;
         if let Some(s) = &self.shared {
-            for (block, _) in self
-                .bat
-                .iter()
-                .enumerate()
-                .filter(|(_, &e)| e != UNALLOCATED)
-            {
-                s.set_allocated(block as u32, false);
+            for &block in &allocated {
+                s.set_allocated(block, false);
             }
         }
         self.bat.fill(UNALLOCATED);
