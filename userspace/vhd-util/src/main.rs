@@ -168,48 +168,8 @@ enum Command {
         /// The image.
         #[arg(short = 'n')]
         name: PathBuf,
-        /// Print the footer, header, parent locators and batmap header.
-        #[arg(short = 'p')]
-        headers: bool,
-        /// Translate sectors (from SEC) to their place in the file.
-        #[arg(short = 't', value_name = "SEC")]
-        translate: Option<u64>,
-        /// Print BAT entries (from BLK).
-        #[arg(short = 'b', value_name = "BLK")]
-        bat: Option<u64>,
-        /// Print the whole BAT as a bitmap (raw).
-        #[arg(short = 'B')]
-        bat_bitmap: bool,
-        /// Print blocks' sector bitmaps (from BLK, raw).
-        #[arg(short = 'm', value_name = "BLK")]
-        bitmap: Option<u64>,
-        /// Test sectors' bits (from SEC).
-        #[arg(short = 'i', value_name = "SEC")]
-        test_bitmap: Option<u64>,
-        /// Print the runs of sectors present (from SEC).
-        #[arg(short = 'e', value_name = "SEC")]
-        extents: Option<u64>,
-        /// Print the batmap (raw).
-        #[arg(short = 'a')]
-        batmap: bool,
-        /// Test blocks' batmap bits (from BLK).
-        #[arg(short = 'j', value_name = "BLK")]
-        test_batmap: Option<u64>,
-        /// Print blocks' data (from BLK, raw).
-        #[arg(short = 'd', value_name = "BLK")]
-        data: Option<u64>,
-        /// How many sectors, blocks or bytes.
-        #[arg(short = 'c', value_name = "NUM", default_value_t = 1)]
-        count: u64,
-        /// Read sectors of the disk (from SEC, raw, through its parents).
-        #[arg(short = 'r', value_name = "SEC")]
-        sectors: Option<u64>,
-        /// Read bytes of the disk (from BYTE, raw, through its parents).
-        #[arg(short = 'R', value_name = "BYTE")]
-        bytes: Option<u64>,
-        /// Numbers in hex.
-        #[arg(short = 'x')]
-        hex: bool,
+        #[command(flatten)]
+        opts: read::Options,
         /// Open with a cache (accepted, ignored).
         #[arg(short = 'C')]
         cache: bool,
@@ -422,38 +382,9 @@ fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Read {
             name,
-            headers,
-            translate,
-            bat,
-            bat_bitmap,
-            bitmap,
-            test_bitmap,
-            extents,
-            batmap,
-            test_batmap,
-            data,
-            count,
-            sectors,
-            bytes,
-            hex,
+            opts,
             cache: _,
         } => {
-            let opts = read::Options {
-                headers,
-                translate,
-                bat,
-                bat_bitmap,
-                bitmap,
-                test_bitmap,
-                extents,
-                batmap,
-                test_batmap,
-                data,
-                sectors,
-                bytes,
-                count,
-                hex,
-            };
             read::run(&name, &opts).map_err(|(m, e)| Failure(m, e))?;
         }
         Command::Scan {

@@ -25,35 +25,49 @@ use blktap::vhd::image::bit;
 use blktap::vhd::{checksum, uuid_string, VhdError, VhdImage, UNALLOCATED, VHD_EPOCH_OFFSET};
 
 /// What to print.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Options {
-    /// `-p`: the headers.
+    /// Print the footer, header, parent locators and batmap header.
+    #[arg(short = 'p')]
     pub headers: bool,
-    /// `-t SEC`: where sectors are in the file.
+    /// Translate sectors (from SEC) to their place in the file.
+    #[arg(short = 't', value_name = "SEC")]
     pub translate: Option<u64>,
-    /// `-b BLK`: BAT entries.
+    /// Print BAT entries (from BLK).
+    #[arg(short = 'b', value_name = "BLK")]
     pub bat: Option<u64>,
-    /// `-B`: the BAT as a bitmap.
+    /// Print the whole BAT as a bitmap (raw).
+    #[arg(short = 'B')]
     pub bat_bitmap: bool,
-    /// `-m BLK`: blocks' sector bitmaps.
+    /// Print blocks' sector bitmaps (from BLK, raw).
+    #[arg(short = 'm', value_name = "BLK")]
     pub bitmap: Option<u64>,
-    /// `-i SEC`: sectors' bits.
+    /// Test sectors' bits (from SEC).
+    #[arg(short = 'i', value_name = "SEC")]
     pub test_bitmap: Option<u64>,
-    /// `-e SEC`: runs of present sectors.
+    /// Print the runs of sectors present (from SEC).
+    #[arg(short = 'e', value_name = "SEC")]
     pub extents: Option<u64>,
-    /// `-a`: the batmap.
+    /// Print the batmap (raw).
+    #[arg(short = 'a')]
     pub batmap: bool,
-    /// `-j BLK`: blocks' batmap bits.
+    /// Test blocks' batmap bits (from BLK).
+    #[arg(short = 'j', value_name = "BLK")]
     pub test_batmap: Option<u64>,
-    /// `-d BLK`: blocks' data.
+    /// Print blocks' data (from BLK, raw).
+    #[arg(short = 'd', value_name = "BLK")]
     pub data: Option<u64>,
-    /// `-r SEC`: sectors of the disk.
-    pub sectors: Option<u64>,
-    /// `-R BYTE`: bytes of the disk.
-    pub bytes: Option<u64>,
-    /// `-c NUM`: how many.
+    /// How many sectors, blocks or bytes.
+    #[arg(short = 'c', value_name = "NUM", default_value_t = 1)]
     pub count: u64,
-    /// `-x`: numbers in hex.
+    /// Read sectors of the disk (from SEC, raw, through its parents).
+    #[arg(short = 'r', value_name = "SEC")]
+    pub sectors: Option<u64>,
+    /// Read bytes of the disk (from BYTE, raw, through its parents).
+    #[arg(short = 'R', value_name = "BYTE")]
+    pub bytes: Option<u64>,
+    /// Numbers in hex.
+    #[arg(short = 'x')]
     pub hex: bool,
 }
 
