@@ -106,9 +106,9 @@ pub struct Daemon {
     /// Connections waiting for a pause to finish: (connection, tap).
     waiters: Vec<(u64, u32)>,
     /// The generation of each tap's image whose backend fd is polled.
-    backend_watch: HashMap<u32, u64>,
+    backend_watch: BTreeMap<u32, u64>,
     /// Each open tap's NBD export (`nbd<pid>.<minor>` beside the control socket).
-    exports: HashMap<u32, TapExport>,
+    exports: BTreeMap<u32, TapExport>,
     exit_when_idle: bool,
     had_taps: bool,
     quit: bool,
@@ -150,8 +150,8 @@ impl Daemon {
             taps: BTreeMap::new(),
             tap_options: opts.tap,
             waiters: Vec::new(),
-            backend_watch: HashMap::new(),
-            exports: HashMap::new(),
+            backend_watch: BTreeMap::new(),
+            exports: BTreeMap::new(),
             exit_when_idle: opts.exit_when_idle,
             had_taps: false,
             quit: false,
@@ -409,6 +409,9 @@ impl Daemon {
     /// Answers every connection waiting for tap `minor` to pause, and goes on with their
     /// requests.
     fn answer_waiters(&mut self, minor: u32, response: CtlResponse) {
+        if !self.waiters.iter().any(|&(_, m)| m == minor) {
+            return;
+        }
         let (ready, rest): (Vec<_>, Vec<_>) =
             self.waiters.drain(..).partition(|&(_, m)| m == minor);
         self.waiters = rest;
@@ -711,7 +714,8 @@ impl TapHost for Daemon {
                 log!("tap {minor}: {e}");
                 self.answer_waiters(minor, CtlResponse::failed(&e));
             }
-            None if !pausing => {
+            // Nobody waits (the usual case: every ring event comes here): no answer to build.
+            None if !pausing && self.waiters.iter().any(|&(_, m)| m == minor) => {
                 let e = Error::os(
                     format!("tap {minor} stopped pausing before it was paused"),
                     Errno::EIO,

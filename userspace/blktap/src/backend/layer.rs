@@ -9,7 +9,7 @@
 //! [`Backend::drain`], hand out the lower's [`Backend::event_fd`]), give it an [`ImageKind`]
 //! and a prefix in [`ImageSpec`](super::ImageSpec), and open it in [`super::open_for_tap`].
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::os::fd::BorrowedFd;
 
 use nix::errno::Errno;
@@ -37,7 +37,7 @@ pub struct Lower {
     driver: String,
     name: String,
     /// Per tag in flight: whether it reads, writes (or neither), and its sectors.
-    pending: HashMap<u64, (Option<usize>, u64)>,
+    pending: FxHashMap<u64, (Option<usize>, u64)>,
     hits: [u64; 2],
     fail: [u64; 2],
     scratch: Vec<Completion>,
@@ -66,7 +66,7 @@ impl Lower {
             backend,
             driver,
             name,
-            pending: HashMap::new(),
+            pending: FxHashMap::default(),
             hits: [0; 2],
             fail: [0; 2],
             scratch: Vec::new(),

@@ -10,7 +10,7 @@
 //!
 //! `sector` and `len` are in 512-byte sectors; discards show their range as writes do.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
@@ -26,7 +26,7 @@ pub struct TraceLayer {
     /// What the lines name: the layer below's `type:path`.
     image: String,
     /// Per tag: the operation, its first sector and length in sectors, and when it was queued.
-    started: HashMap<u64, (Op, u64, u64, Instant)>,
+    started: FxHashMap<u64, (Op, u64, u64, Instant)>,
     scratch: Vec<Completion>,
 }
 
@@ -36,7 +36,7 @@ impl TraceLayer {
         Self {
             lower,
             image,
-            started: HashMap::new(),
+            started: FxHashMap::default(),
             scratch: Vec::new(),
         }
     }

@@ -37,7 +37,7 @@
 //! ([`crate::vhd::VhdImage::discard`]); a differencing leaf does not do it (its forgotten
 //! sectors would read as the parent's).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
@@ -106,9 +106,9 @@ pub struct Vhd {
     reads: Arc<ChainReads>,
     /// A piece's tag: the tag of the I/O it is part of, the image it reads or writes (0 the
     /// leaf), its sectors.
-    pieces: HashMap<u64, (u64, usize, u64)>,
+    pieces: FxHashMap<u64, (u64, usize, u64)>,
     /// An I/O split in pieces: the pieces left, the first error.
-    split: HashMap<u64, (usize, std::result::Result<(), Errno>)>,
+    split: FxHashMap<u64, (usize, std::result::Result<(), Errno>)>,
     next: u64,
     located: Vec<Piece>,
     scratch: Vec<Completion>,
@@ -164,8 +164,8 @@ impl Vhd {
             readonly,
             has_parents,
             reads,
-            pieces: HashMap::new(),
-            split: HashMap::new(),
+            pieces: FxHashMap::default(),
+            split: FxHashMap::default(),
             next: 0,
             located: Vec::new(),
             scratch: Vec::new(),
@@ -906,7 +906,7 @@ mod tests {
             let mut all = vec![(Op::Read, 0, vec![0u8; size as usize])];
             run(&mut b, &mut all);
             let learnt = b.fast_ios();
-            let mut flight: HashMap<u64, (Op, u64, Vec<u8>)> = HashMap::new();
+            let mut flight: FxHashMap<u64, (Op, u64, Vec<u8>)> = FxHashMap::default();
             let mut written: Vec<(u64, u64)> = Vec::new();
             let (mut tag, mut issued) = (0u64, 0);
             while issued < 400 || !flight.is_empty() {

@@ -240,7 +240,7 @@ pub struct Server<M: RingMemory> {
     completions: Vec<Completion>,
     /// External I/Os handed to the backend, by tag; their buffers live here (an `AlignedBuf`'s
     /// memory does not move when the map does) until their completion.
-    external: std::collections::HashMap<u64, ExternalIo>,
+    external: rustc_hash::FxHashMap<u64, ExternalIo>,
     next_external: u64,
     /// Whether the backend's reads return zeros ([`Backend::reads_zeros`]): then `unzeroed`
     /// is kept.
@@ -298,7 +298,7 @@ impl<M: RingMemory> Server<M> {
             fault: None,
             fetched: Vec::with_capacity(abi::RING_SIZE),
             completions: Vec::with_capacity(abi::RING_SIZE),
-            external: std::collections::HashMap::new(),
+            external: rustc_hash::FxHashMap::default(),
             next_external: EXTERNAL_TAG,
             reads_zeros: features_reads_zeros,
             unzeroed: [ALL_PAGES; abi::RING_SIZE],

@@ -22,7 +22,7 @@
 pub mod file;
 pub mod map;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
@@ -125,9 +125,9 @@ pub struct CowLayer {
     store: Option<Store>,
     next_tag: u64,
     /// Sub-I/O tag: its parent's tag, and what it is.
-    subs: HashMap<u64, (u64, Sub)>,
+    subs: FxHashMap<u64, (u64, Sub)>,
     /// Parent tag: the I/O this layer was given.
-    parents: HashMap<u64, Parent>,
+    parents: FxHashMap<u64, Parent>,
     done: Vec<Completion>,
     epoll: Option<Epoll>,
     scratch: Vec<Completion>,
@@ -227,8 +227,8 @@ impl CowLayer {
             map,
             store,
             next_tag: 0,
-            subs: HashMap::new(),
-            parents: HashMap::new(),
+            subs: FxHashMap::default(),
+            parents: FxHashMap::default(),
             done: Vec::new(),
             epoll,
             scratch: Vec::new(),

@@ -1,6 +1,7 @@
 //! The overlay against a model of the disk, over memory and over files, with I/Os in flight
 //! together; its file kept across a close; its map stored only for durable data.
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
 use super::*;
