@@ -49,6 +49,7 @@ use super::immediate::SyncBackend;
 use super::layer::{merge, slice_iov};
 use super::threaded::Threaded;
 use super::{check_range, Backend, Completion, Extent, Features, ImageKind, Io, LayerStats};
+use crate::mapping::AlignedBuf;
 use crate::ring::Op;
 use crate::vhd::chain::ChainReads;
 use crate::vhd::shared::{LeafState, Piece};
@@ -61,8 +62,9 @@ pub struct VhdBackend {
     chain: Chain,
     readonly: bool,
     size: u64,
-    /// The bounce buffer, kept from one transfer to the next (it grows to the largest).
-    bounce: Vec<u8>,
+    /// The bounce buffer, kept from one transfer to the next (it grows to the largest);
+    /// page-aligned, so that the leaf's writes of whole pages can go with `O_DIRECT`.
+    bounce: AlignedBuf,
 }
 
 impl VhdBackend {
@@ -82,7 +84,7 @@ impl VhdBackend {
             chain,
             readonly,
             size,
-            bounce: Vec::new(),
+            bounce: AlignedBuf::zeroed(0),
         })
     }
 
@@ -260,11 +262,11 @@ impl SyncBackend for VhdBackend {
         }
         let len = usize::try_from(io.len()).map_err(|_| Errno::EINVAL)?;
         if self.bounce.len() < len {
-            self.bounce.resize(len, 0);
+            self.bounce = AlignedBuf::zeroed(len);
         }
         // Every byte of `buf` is written before it is read: by the chain (a read) or from the
         // request's pages (a write).
-        let buf = &mut self.bounce[..len];
+        let buf = &mut self.bounce.as_mut_slice()[..len];
         if io.op == Op::Read {
             self.chain.read(io.offset, buf).map_err(|e| errno(&e))?;
             let mut pos = 0;
