@@ -848,8 +848,8 @@ STACK_DIR = Path("/tmp/bench-stack")
 VHDUTIL = str(RELEASE / "vhd-util")
 CHAIN_DEPTH = 10
 NBDKIT_SOCK = "/tmp/bench-nbdkit.sock"
-STACK_ROUNDS = 6
-STACK_RUNTIME = 3
+STACK_ROUNDS = 8
+STACK_RUNTIME = 5
 # name -> (device, reference, jobs, what it shows). The job that fills an image: one pass of
 # 1 MiB writes at QD8, also the first-write comparison's job.
 FILL_JOB = "seqwrite-1m-qd8"
@@ -1090,13 +1090,17 @@ def run_stack(name, jobs, rounds, runtime, loops, before):
 
 
 class StackDisk:
-    """Where the image stacks' files live: ext4 on a memory-backed null_blk (4 KiB blocks,
-    inline completion, discard so that removed images give their memory back) mounted on
-    STACK_DIR; if that cannot be set up, the guest's tmpfs (said in the `stack-storage`
-    record)."""
+    """Where the image stacks' files live: ext4 on a memory-backed null_blk (inline
+    completion, discard so that removed images give their memory back) mounted on STACK_DIR;
+    if that cannot be set up, the guest's tmpfs (said in the `stack-storage` record).
+
+    512-byte logical blocks, as most hosts' disks have: the tapdevs take 512-byte I/O, and on a
+    4 KiB-sector device `O_DIRECT` refuses it, which makes `aio:` fall back to buffered I/O
+    for the whole file (every later write then invalidates page-cache pages, on an io-wq
+    thread)."""
 
     params = ["nr_devices=1", "queue_mode=2", "irqmode=0", "memory_backed=1", "discard=1",
-              "gb=1", "bs=4096", "submit_queues=1", "hw_queue_depth=128"]
+              "gb=1", "bs=512", "submit_queues=1", "hw_queue_depth=128"]
 
     def __init__(self):
         self.mounted = self.loaded = False
