@@ -332,7 +332,27 @@ impl VhdImage {
                 .open(&self.path)
                 .ok();
         }
+        // What opening read (footer, header, BAT) is clean: out of the page cache with it.
+        self.drop_clean_pages();
         s
+    }
+
+    /// Drops the file's clean page-cache pages, where the loop shares the leaf. The loop's
+    /// `O_DIRECT` writes cost a fifth more while the file has any page cached at all (the
+    /// kernel then looks for pages to invalidate around every one of them; measured with
+    /// `aio:` on a raw file with one page cached, 29.9k against 36.4k IOPS), and this thread
+    /// reads and writes its metadata (footer, header, BAT, bitmaps) through the page cache.
+    /// Called where nothing is dirty (after opening, after an `fdatasync`). Advice only
+    /// (kernels without `CONFIG_ADVISE_SYSCALLS` refuse it).
+    fn drop_clean_pages(&self) {
+        if self.shared.is_some() {
+            let _ = nix::fcntl::posix_fadvise(
+                &self.file,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
     }
 
     /// Whether `bitmap` marks every sector of a block.
@@ -464,7 +484,9 @@ impl VhdImage {
         self.dirty = false;
         self.file
             .sync_data()
-            .map_err(|e| VhdError::io("cannot sync", &self.path, e))
+            .map_err(|e| VhdError::io("cannot sync", &self.path, e))?;
+        self.drop_clean_pages();
+        Ok(())
     }
 
     /// Makes every write so far durable (the event loop's too: see [`LeafState`]).
