@@ -409,7 +409,7 @@ impl Daemon {
     /// Answers every connection waiting for tap `minor` to pause, and goes on with their
     /// requests.
     fn answer_waiters(&mut self, minor: u32, response: CtlResponse) {
-        if !self.waiters.iter().any(|&(_, m)| m == minor) {
+        if !self.waits_for(minor) {
             return;
         }
         let (ready, rest): (Vec<_>, Vec<_>) =
@@ -430,6 +430,11 @@ impl Daemon {
                 self.rearm(id, conn);
             }
         }
+    }
+
+    /// Whether a connection waits for tap `minor` to pause.
+    fn waits_for(&self, minor: u32) -> bool {
+        self.waiters.iter().any(|&(_, m)| m == minor)
     }
 
     /// With `exit_when_idle`, decides to exit once the last tap is gone, and removes the socket
@@ -715,7 +720,7 @@ impl TapHost for Daemon {
                 self.answer_waiters(minor, CtlResponse::failed(&e));
             }
             // Nobody waits (the usual case: every ring event comes here): no answer to build.
-            None if !pausing && self.waiters.iter().any(|&(_, m)| m == minor) => {
+            None if !pausing && self.waits_for(minor) => {
                 let e = Error::os(
                     format!("tap {minor} stopped pausing before it was paused"),
                     Errno::EIO,

@@ -303,6 +303,13 @@ impl VhdImage {
             let full = self.full(&b);
             self.bitmaps.insert(block, b);
             if full {
+                // The read cached the bitmap's page and what readahead took of the data: the
+                // loop does the block with `O_DIRECT` from now on (see `drop_pages`). From the
+                // bitmap's page on: the page cache keeps large folios, and one that begins
+                // before the data would be kept whole if the range cut through it.
+                let base = u64::from(sector) * 512;
+                let from = base - base % 4096;
+                self.drop_pages(from, base + self.bitmap_bytes + self.block_size - from);
                 self.tell_present(block);
             }
         }
@@ -333,23 +340,26 @@ impl VhdImage {
                 .ok();
         }
         // What opening read (footer, header, BAT) is clean: out of the page cache with it.
-        self.drop_clean_pages();
+        self.drop_pages(0, 0);
         s
     }
 
-    /// Drops the file's clean page-cache pages, where the loop shares the leaf. The loop's
-    /// `O_DIRECT` writes cost a fifth more while the file has any page cached at all (the
-    /// kernel then looks for pages to invalidate around every one of them; measured with
-    /// `aio:` on a raw file with one page cached, 29.9k against 36.4k IOPS), and this thread
-    /// reads and writes its metadata (footer, header, BAT, bitmaps) through the page cache.
-    /// Called where nothing is dirty (after opening, after an `fdatasync`). Advice only
-    /// (kernels without `CONFIG_ADVISE_SYSCALLS` refuse it).
-    fn drop_clean_pages(&self) {
-        if self.shared.is_some() {
+    /// Drops the clean page-cache pages of `[at, at + len)` of the file (`len` 0: to its end),
+    /// where the loop shares the leaf. The loop's `O_DIRECT` writes cost a fifth more while the
+    /// file has any page cached at all (the kernel then looks for pages to invalidate around
+    /// every one of them; measured with `aio:` on a raw file with one page cached, 29.9k against
+    /// 36.4k IOPS), and this thread reads and writes its metadata (footer, header, BAT, bitmaps)
+    /// through the page cache. Dirty pages stay (their writeback starts). Advice only (kernels
+    /// without `CONFIG_ADVISE_SYSCALLS` refuse it).
+    fn drop_pages(&self, at: u64, len: u64) {
+        if self.shared.is_none() {
+            return;
+        }
+        if let (Ok(at), Ok(len)) = (i64::try_from(at), i64::try_from(len)) {
             let _ = nix::fcntl::posix_fadvise(
                 &self.file,
-                0,
-                0,
+                at,
+                len,
                 nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
             );
         }
@@ -361,27 +371,9 @@ impl VhdImage {
     }
 
     /// Tells the loop that allocated block `block` is wholly here now.
-    ///
-    /// The loop does such a block with `O_DIRECT`: pages of its data this thread left in the
-    /// page cache (its reads, its writes where `write_data` could not go direct) are dropped
-    /// first (see `write_data` for why). They are clean: every caller synced the data before it
-    /// made the block whole. Advice only (kernels without `CONFIG_ADVISE_SYSCALLS` refuse it).
     fn tell_present(&self, block: u32) {
         if let Some(s) = &self.shared {
-            let base = u64::from(self.bat[block as usize]) * 512;
-            let data = base + self.bitmap_bytes;
-            // From the page of the bitmap on: the page cache keeps large folios, and one that
-            // begins before the data would be kept whole if the range cut through it.
-            let from = base - base % 4096;
-            let len = data + self.block_size - from;
-            if let (Ok(at), Ok(len)) = (i64::try_from(from), i64::try_from(len)) {
-                let _ = nix::fcntl::posix_fadvise(
-                    &self.file,
-                    at,
-                    len,
-                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-                );
-            }
+            let data = u64::from(self.bat[block as usize]) * 512 + self.bitmap_bytes;
             s.set_present(block, data);
         }
     }
@@ -485,7 +477,9 @@ impl VhdImage {
         self.file
             .sync_data()
             .map_err(|e| VhdError::io("cannot sync", &self.path, e))?;
-        self.drop_clean_pages();
+        // Everything is clean now: the whole file's pages go (see `drop_pages`). This covers
+        // the blocks an allocation or a write makes whole, which follow a barrier.
+        self.drop_pages(0, 0);
         Ok(())
     }
 
