@@ -1095,9 +1095,8 @@ class StackDisk:
     if that cannot be set up, the guest's tmpfs (said in the `stack-storage` record).
 
     512-byte logical blocks, as most hosts' disks have: the tapdevs take 512-byte I/O, and on a
-    4 KiB-sector device `O_DIRECT` refuses it, which makes `aio:` fall back to buffered I/O
-    for the whole file (every later write then invalidates page-cache pages, on an io-wq
-    thread)."""
+    4 KiB-sector device `O_DIRECT` refuses it, so `aio:` sends such transfers through the page
+    cache, and the pages they leave make every direct write look for pages to invalidate."""
 
     params = ["nr_devices=1", "queue_mode=2", "irqmode=0", "memory_backed=1", "discard=1",
               "gb=1", "bs=512", "submit_queues=1", "hw_queue_depth=128"]

@@ -7,7 +7,8 @@
 #  - three mixed random read/write jobs on disjoint regions (512 B-44 KiB), each verifying its
 #    own region as it goes (verify_backlog) and at the end;
 # on aio:, on ram:, and on the Python peer, plain and with --hold (many answers in one RESPOND,
-# out of order). Every fio must exit 0 with err=0 and print no verify error.
+# out of order); and on aio: over storage with 4 KiB sectors (a file on ext4 and the device), where
+# odd transfers go through the page cache and aligned ones stay direct. Every fio must exit 0 with err=0 and print no verify error.
 # Rounds scale with BLKTAP_STRESS_SCALE.
 . tests/vm/lib.sh
 . tests/vm/stress.sh
@@ -102,6 +103,55 @@ mixed aio $dev 16M $ROUNDS
 check "aio: no refused answer, no timeout" no_refusal
 check "aio: destroy" $TAPCTL destroy -m 0
 echo "# aio: $(elapsed $t) s"
+
+# --- aio: on 4 KiB-sector storage ---------------------------------------------------------------
+# A null_blk with 4 KiB logical blocks: O_DIRECT takes only 4 KiB-aligned transfers. At once, on
+# disjoint regions, each verifying: 4 KiB random writes, 4-44 KiB random reads and writes on
+# 4 KiB boundaries, and 512 B-8 KiB ones on any sector. The odd job's transfers go through the
+# page cache one by one; the aligned jobs stay direct: their 32 MiB have no page cached (a
+# fall-back of the whole image to buffered I/O would cache them). On ext4 (a file SR's layout)
+# and on the device itself (an LVM SR's). The test kernels have no posix_fadvise, so nothing
+# drops pages behind the count.
+NB=$BLKTAP_KDIR/drivers/block/null_blk/null_blk.ko
+four_k_ok() { fio_ok k1 && fio_ok k2 && fio_ok k3; }
+# four_k_n LABEL DEV IMAGE: the three jobs on DEV, then the image's cached pages counted.
+four_k_n() {
+    label=$1 dev=$2 img=$3
+    common="--filename=$dev --direct=1 --verify=crc32c --verify_backlog=16 --verify_fatal=1 --do_verify=1"
+    run_fio k1 $common --rw=randwrite --bs=4k --offset=0 --size=16M --ioengine=io_uring --iodepth=16 --randseed=41
+    a=$!
+    run_fio k2 $common --rw=randrw --bsrange=4k-44k --blockalign=4k --offset=16M --size=16M --ioengine=libaio --iodepth=16 --randseed=42
+    b=$!
+    run_fio k3 $common --rw=randrw --bsrange=512-8k --offset=48M --size=16M --ioengine=io_uring --iodepth=8 --randseed=43
+    wait $a $b $!
+    check "$label: two 4 KiB-aligned jobs and a 512 B-8 KiB one at once, each verifying: no error" four_k_ok
+    aligned=$(python3 tests/vm/resident.py $img 0 33554432)
+    odd=$(python3 tests/vm/resident.py $img 50331648 67108864)
+    echo "# $label: pages cached: $aligned in the aligned jobs' 32 MiB, $odd in the odd job's 16 MiB"
+    check "$label: the aligned jobs' transfers went direct (none of their pages cached)" is "$aligned" 0
+    check "$label: the odd job's went through the page cache" test "$odd" -gt 0
+}
+t=$(date +%s)
+check "4Kn: a null_blk with 4 KiB blocks" insmod $NB nr_devices=1 memory_backed=1 bs=4096 gb=1 irqmode=0 queue_mode=2
+check "4Kn: its logical block size is 4096" is "$(cat /sys/block/nullb0/queue/logical_block_size)" 4096
+mkdir -p /tmp/4kn
+check "4Kn: ext4 on it" sh -c "mkfs.ext4 -q -F /dev/nullb0 && mount /dev/nullb0 /tmp/4kn"
+truncate -s 96M /tmp/4kn/c.raw
+dev=$($TAPCTL create -a aio:/tmp/4kn/c.raw)
+check "4Kn file: aio: tap created" test -b "$dev"
+four_k_n "4Kn file" $dev /tmp/4kn/c.raw
+check "4Kn file: no refused answer, no timeout" no_refusal
+check "4Kn file: destroy" $TAPCTL destroy -m 0
+check "4Kn: umount" umount /tmp/4kn
+# mkfs wrote through the device's page cache: gone before the count.
+sync; echo 3 > /proc/sys/vm/drop_caches
+dev=$($TAPCTL create -a aio:/dev/nullb0)
+check "4Kn device: aio: tap created" test -b "$dev"
+four_k_n "4Kn device" $dev /dev/nullb0
+check "4Kn device: no refused answer, no timeout" no_refusal
+check "4Kn device: destroy" $TAPCTL destroy -m 0
+check "4Kn: rmmod null_blk" rmmod null_blk
+echo "# aio on 4Kn: $(elapsed $t) s"
 
 # --- ram: --------------------------------------------------------------------------------------
 t=$(date +%s)

@@ -11,14 +11,29 @@
 //! `PUNCH_HOLE | KEEP_SIZE`), or are a `BLKDISCARD` ioctl on a block device. A file system
 //! without holes answers `EOPNOTSUPP`, which the server turns into "not supported".
 //!
-//! If an `O_DIRECT` transfer fails with `EFAULT` (buffers the kernel cannot pin, e.g. a ring
-//! mapped as raw page frames) or `EINVAL` (alignment the device does not accept), the image is
-//! reopened without `O_DIRECT` and the transfer, and every later one, goes through the page
-//! cache instead.
+//! **Direct and buffered transfers.** Each file is open twice, with and without `O_DIRECT`.
+//! A transfer goes direct when it meets the alignment `O_DIRECT` needs on that file (its
+//! offset and every buffer's length a multiple of the logical block size, every buffer's
+//! address of the memory alignment), as `statx(STATX_DIOALIGN)` reports it, or 512 bytes where
+//! the kernel does not say. Any other transfer goes through the page cache, so a 512-byte guest
+//! I/O on storage with 4 KiB sectors costs that one transfer a trip through the page cache,
+//! not the whole image. Linux keeps the two coherent: a direct transfer writes back and drops
+//! the cached pages of its range first.
+//!
+//! Where the alignment was assumed and `O_DIRECT` refuses (`EINVAL`) a transfer that met it,
+//! the file's alignment is raised to 4 KiB (offset and lengths first, then addresses) and the
+//! transfer is retried; when even that is refused, or a direct transfer fails with `EFAULT`
+//! (buffers the kernel cannot pin, e.g. a ring mapped as raw page frames), the file gives up
+//! `O_DIRECT` and every later transfer goes through the page cache.
+//!
+//! While a file is served direct, its clean cached pages are dropped (`posix_fadvise`
+//! `DONTNEED`) when it is opened and after each flush that follows buffered transfers: while a
+//! file has any page cached, every direct write must look for pages to invalidate in its
+//! range, which costs measurably (see `userspace/README.md`, "I/O").
 //!
 //! Other files can be read through the same ring, opened read-only beside the image
-//! ([`AioBackend::add_reader`], [`AioBackend::queue_read`]; `O_DIRECT` and its fall-back each
-//! their own): the `vhd:` backend reads its chain's parents so.
+//! ([`AioBackend::add_reader`], [`AioBackend::queue_read`]; each with its own alignment and
+//! fall-back): the `vhd:` backend reads its chain's parents so.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -49,6 +64,100 @@ use ioctls::{ioctl_blkdiscard, ioctl_blkgetsize64};
 const QUEUE_DEPTH: u32 = 64;
 /// How often an I/O is retried after `EAGAIN`/`EINTR` before it fails.
 const MAX_RETRIES: u32 = 16;
+
+/// What `O_DIRECT` needs of a transfer on one file: the transfer's offset and every buffer's
+/// length a multiple of `offset`, every buffer's address a multiple of `mem` (the checks Linux
+/// makes for block devices and iomap file systems).
+///
+/// # Invariants
+///
+/// `mem` and `offset` are powers of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectAlign {
+    /// Alignment of the buffers' addresses.
+    pub mem: u64,
+    /// Alignment of the offset and of each buffer's length.
+    pub offset: u64,
+    /// Reported by the kernel (`STATX_DIOALIGN`), not assumed.
+    pub reported: bool,
+}
+
+impl DirectAlign {
+    /// Assumed where the kernel does not report it: 512-byte sectors, the unit of the ring.
+    pub const ASSUMED: DirectAlign = DirectAlign {
+        mem: 512,
+        offset: 512,
+        reported: false,
+    };
+    /// The strictest alignment learned from refusals: a page, and the largest logical block
+    /// size in common use.
+    const MOST: u64 = 4096;
+
+    /// The alignment the kernel reports for `file` opened with `O_DIRECT`: `Some(None)` if it
+    /// says the file takes no direct I/O, `None` if it does not say (kernels before 6.1, file
+    /// systems that do not report it).
+    fn reported(file: &File) -> Option<Option<DirectAlign>> {
+        // SAFETY: all-zero bytes are a valid `statx` (plain integers).
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: an empty path with AT_EMPTY_PATH names the open descriptor; `st` is a
+        // writable `statx` the call fills.
+        let rc = unsafe {
+            libc::statx(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                libc::STATX_DIOALIGN,
+                &mut st,
+            )
+        };
+        if rc != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 {
+            return None;
+        }
+        let (mem, offset) = (
+            u64::from(st.stx_dio_mem_align),
+            u64::from(st.stx_dio_offset_align),
+        );
+        if mem == 0 || offset == 0 || !mem.is_power_of_two() || !offset.is_power_of_two() {
+            return Some(None);
+        }
+        Some(Some(DirectAlign {
+            mem,
+            offset,
+            reported: true,
+        }))
+    }
+
+    /// Whether a transfer at `offset` with buffers `iov` meets this alignment.
+    pub fn admits(&self, offset: u64, iov: &[libc::iovec]) -> bool {
+        offset.is_multiple_of(self.offset)
+            && iov.iter().all(|v| {
+                (v.iov_base as u64).is_multiple_of(self.mem)
+                    && (v.iov_len as u64).is_multiple_of(self.offset)
+            })
+    }
+
+    /// The alignment to try after `O_DIRECT` refused (`EINVAL`) a transfer this one admits:
+    /// 4 KiB offsets and lengths, then 4 KiB addresses too; none when the kernel reported this
+    /// one, or it is that strict already (the file gives up `O_DIRECT`).
+    pub fn stricter(&self) -> Option<DirectAlign> {
+        if self.reported {
+            None
+        } else if self.offset < Self::MOST {
+            Some(DirectAlign {
+                offset: Self::MOST,
+                mem: self.mem.min(Self::MOST),
+                ..*self
+            })
+        } else if self.mem < Self::MOST {
+            Some(DirectAlign {
+                mem: Self::MOST,
+                ..*self
+            })
+        } else {
+            None
+        }
+    }
+}
 
 /// An I/O handed to the kernel.
 #[derive(Debug)]
@@ -89,18 +198,124 @@ impl Pending {
     }
 }
 
+/// One file the ring transfers to or from: the image (file 0) or a reader.
+#[derive(Debug)]
+struct Handle {
+    /// Open without `O_DIRECT`: the transfers `align` does not admit (all of them without
+    /// it), flushes and discards.
+    buffered: File,
+    /// Open with `O_DIRECT`, if the file system allows it. It stays open after the file gives
+    /// up `O_DIRECT` (transfers on it may still be in flight, so its number must not be
+    /// reused) until drop.
+    direct: Option<File>,
+    /// What a transfer must meet to go on `direct`; none once `O_DIRECT` is given up, or if
+    /// it never was possible.
+    align: Option<DirectAlign>,
+    path: PathBuf,
+    size: u64,
+    /// A block device (else a regular file).
+    block_device: bool,
+    /// Transfers went through the page cache since its clean pages were last dropped.
+    cached: bool,
+    /// Transfers submitted direct and buffered.
+    transfers: [u64; 2],
+}
+
+impl Handle {
+    /// Opens `path` (read-only or not), also with `O_DIRECT` if `try_direct` and its file
+    /// system allows it.
+    fn open(path: &Path, readonly: bool, try_direct: bool) -> Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!readonly);
+        let buffered = opts
+            .open(path)
+            .map_err(|e| Error::io("cannot open", path, e))?;
+        let (size, block_device) = image_size(&buffered, path)?;
+        let direct = if try_direct {
+            match opts.custom_flags(libc::O_DIRECT).open(path) {
+                Ok(f) => Some(f),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+                Err(e) => return Err(Error::io("cannot open", path, e)),
+            }
+        } else {
+            None
+        };
+        let align = match &direct {
+            None => None,
+            Some(f) => DirectAlign::reported(f).unwrap_or(Some(DirectAlign::ASSUMED)),
+        };
+        let handle = Self {
+            buffered,
+            direct,
+            align,
+            path: path.into(),
+            size,
+            block_device,
+            cached: false,
+            transfers: [0; 2],
+        };
+        // Pages cached by whoever wrote the file last would slow every direct write.
+        handle.drop_clean_pages();
+        Ok(handle)
+    }
+
+    /// Drops the file's clean cached pages while it is served direct (best effort: kernels
+    /// without `posix_fadvise` answer `ENOSYS`).
+    fn drop_clean_pages(&self) {
+        if self.align.is_some() {
+            let _ = nix::fcntl::posix_fadvise(
+                &self.buffered,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+
+    /// After `O_DIRECT` failed with `errno` on a transfer at `offset` with buffers `iov`:
+    /// makes the alignment stricter or gives up `O_DIRECT`. Returns whether the transfer is
+    /// to be retried (always, unless `errno` is no refusal of direct I/O).
+    fn refused(&mut self, errno: Errno, offset: u64, iov: &[libc::iovec]) -> bool {
+        let Some(align) = self.align else {
+            // Another transfer gave up O_DIRECT since this one was submitted.
+            return true;
+        };
+        if !align.admits(offset, iov) {
+            // Another one made the alignment stricter since: this one goes buffered now.
+            return true;
+        }
+        match (errno, align.stricter()) {
+            (Errno::EINVAL, Some(next)) => {
+                log::warn!(
+                    "aio {}: O_DIRECT refused a transfer aligned to {} bytes; transfers not \
+                     aligned to {} bytes (addresses {}) go through the page cache",
+                    self.path.display(),
+                    align.offset,
+                    next.offset,
+                    next.mem
+                );
+                self.align = Some(next);
+                true
+            }
+            (Errno::EINVAL | Errno::EFAULT, _) => {
+                log::warn!(
+                    "aio {}: O_DIRECT transfer failed ({errno}); using buffered I/O",
+                    self.path.display()
+                );
+                self.align = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A raw image served through io_uring.
 pub struct AioBackend {
     uring: IoUring,
     eventfd: EventFd,
-    file: File,
-    /// The `O_DIRECT` descriptor after falling back to buffered I/O: transfers submitted on it
-    /// may still be in flight, so it stays open (its number must not be reused) until drop.
-    retired: Option<File>,
-    path: PathBuf,
-    size: u64,
-    readonly: bool,
-    direct: bool,
+    /// The image, then the files [`AioBackend::add_reader`] opened beside it.
+    files: Vec<Handle>,
     /// The image is a block device (else a regular file).
     block_device: bool,
     /// In-flight I/Os, indexed by their io_uring `user_data`.
@@ -111,28 +326,14 @@ pub struct AioBackend {
     active: usize,
     /// `io_uring_enter` calls made to submit.
     enters: u64,
-    /// Other files read through the same ring ([`AioBackend::add_reader`]).
-    readers: Vec<Reader>,
-}
-
-/// A file opened read-only beside the image, read through the same ring (the parents of a
-/// `vhd:` chain).
-#[derive(Debug)]
-struct Reader {
-    file: File,
-    /// As [`AioBackend`]'s `retired`.
-    retired: Option<File>,
-    path: PathBuf,
-    size: u64,
-    direct: bool,
 }
 
 impl std::fmt::Debug for AioBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AioBackend")
-            .field("path", &self.path)
-            .field("size", &self.size)
-            .field("direct", &self.direct)
+            .field("path", &self.image().path)
+            .field("size", &self.image().size)
+            .field("align", &self.image().align)
             .field("active", &self.active)
             .finish()
     }
@@ -146,8 +347,8 @@ impl AioBackend {
 
     /// Opens the image at `path`; `O_DIRECT` is tried only if `try_direct`.
     pub fn open_with(path: &Path, readonly: bool, try_direct: bool) -> Result<Self> {
-        let (file, direct) = open_file(path, readonly, try_direct)?;
-        let (size, block_device) = image_size(&file, path)?;
+        let image = Handle::open(path, readonly, try_direct)?;
+        let block_device = image.block_device;
         // No `dontfork()`: tapdisk does not fork once serving, and it needs `madvise`, which
         // small kernels (tinyconfig without ADVISE_SYSCALLS) lack.
         let uring = IoUring::builder()
@@ -162,44 +363,43 @@ impl AioBackend {
         Ok(Self {
             uring,
             eventfd,
-            file,
-            retired: None,
-            path: path.into(),
-            size,
-            readonly,
-            direct,
+            files: vec![image],
             block_device,
             ops: Vec::new(),
             free: Vec::new(),
             done: Vec::new(),
             active: 0,
             enters: 0,
-            readers: Vec::new(),
         })
     }
 
-    /// Opens `path` read-only beside the image, with `O_DIRECT` if `try_direct` and its file
-    /// system allows it (buffered otherwise, and after a direct read fails as the image's do):
-    /// [`AioBackend::queue_read`] reads it through the same ring. Returns its number (from 1).
-    pub fn add_reader(&mut self, path: &Path, try_direct: bool) -> Result<usize> {
-        let (file, direct) = open_file(path, true, try_direct)?;
-        let (size, _) = image_size(&file, path)?;
-        self.readers.push(Reader {
-            file,
-            retired: None,
-            path: path.into(),
-            size,
-            direct,
-        });
-        Ok(self.readers.len())
+    fn image(&self) -> &Handle {
+        &self.files[0]
     }
 
-    /// Whether file `file` (0 the image, else a reader) is open with `O_DIRECT`.
+    /// Opens `path` read-only beside the image, with `O_DIRECT` if `try_direct` and its file
+    /// system allows it (with its own alignment and fall-back, as the image's):
+    /// [`AioBackend::queue_read`] reads it through the same ring. Returns its number (from 1).
+    pub fn add_reader(&mut self, path: &Path, try_direct: bool) -> Result<usize> {
+        self.files.push(Handle::open(path, true, try_direct)?);
+        Ok(self.files.len() - 1)
+    }
+
+    /// Whether file `file` (0 the image, else a reader) is served with `O_DIRECT` (the
+    /// transfers its alignment admits).
     pub fn file_direct(&self, file: usize) -> Option<bool> {
-        match file {
-            0 => Some(self.direct),
-            i => self.readers.get(i - 1).map(|r| r.direct),
-        }
+        self.files.get(file).map(|h| h.align.is_some())
+    }
+
+    /// The alignment file `file`'s transfers must meet to go direct; none if it is served
+    /// through the page cache only (or there is no such file).
+    pub fn file_align(&self, file: usize) -> Option<DirectAlign> {
+        self.files.get(file).and_then(|h| h.align)
+    }
+
+    /// Transfers submitted on file `file`: direct, and through the page cache.
+    pub fn file_transfers(&self, file: usize) -> Option<[u64; 2]> {
+        self.files.get(file).map(|h| h.transfers)
     }
 
     /// Queues a read from file `file` (the number [`AioBackend::add_reader`] gave), as
@@ -214,14 +414,14 @@ impl AioBackend {
             // SAFETY: the caller's contract.
             return unsafe { self.queue(io) };
         }
-        let Some(r) = self.readers.get(file - 1).filter(|_| io.op == Op::Read) else {
+        let Some(h) = self.files.get(file).filter(|_| io.op == Op::Read) else {
             self.done.push(Completion {
                 tag: io.tag,
                 result: Err(Errno::EINVAL),
             });
             return;
         };
-        if let Err(e) = check_range(&io, r.size) {
+        if let Err(e) = check_range(&io, h.size) {
             self.done.push(Completion {
                 tag: io.tag,
                 result: Err(e),
@@ -231,95 +431,58 @@ impl AioBackend {
         self.start(io, file);
     }
 
-    /// Whether the image is open with `O_DIRECT`.
+    /// Whether the image is served with `O_DIRECT` (the transfers its alignment admits).
     pub fn direct(&self) -> bool {
-        self.direct
+        self.image().align.is_some()
     }
 
     /// Lets I/Os reach past the size the file had when opened, up to `limit` bytes: for a file
     /// that grows while it is served (a VHD whose blocks are appended), whose owner knows where
     /// the data is.
     pub fn set_limit(&mut self, limit: u64) {
-        self.size = limit;
+        self.files[0].size = limit;
     }
 
     /// The image's path.
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Reopens file `file` (0 the image, else a reader) without `O_DIRECT` after a direct
-    /// transfer failed with `errno`, unless an earlier failure did. Returns whether later
-    /// transfers go through the page cache now.
-    fn fall_back_to_buffered(&mut self, file: usize, errno: Errno) -> bool {
-        let readonly = self.readonly;
-        let (current, retired, path, direct) = match file {
-            0 => (
-                &mut self.file,
-                &mut self.retired,
-                &self.path,
-                &mut self.direct,
-            ),
-            i => match self.readers.get_mut(i - 1) {
-                Some(r) => (&mut r.file, &mut r.retired, &r.path, &mut r.direct),
-                None => return false,
-            },
-        };
-        if !*direct {
-            return true;
-        }
-        let reopened = OpenOptions::new()
-            .read(true)
-            .write(file == 0 && !readonly)
-            .open(path);
-        match reopened {
-            Ok(f) => {
-                log::warn!(
-                    "aio {}: O_DIRECT transfer failed ({errno}); using buffered I/O",
-                    path.display()
-                );
-                *retired = Some(std::mem::replace(current, f));
-                *direct = false;
-                true
-            }
-            Err(e) => {
-                log::warn!(
-                    "aio {}: O_DIRECT transfer failed ({errno}) and reopening without \
-                     it failed: {e}",
-                    path.display()
-                );
-                false
-            }
-        }
+        &self.image().path
     }
 
     fn complete(&mut self, token: usize, result: Result<(), Errno>) {
         if let Some(p) = self.ops.get_mut(token).and_then(Option::take) {
             self.free.push(token);
             self.active -= 1;
+            if p.op == Op::Flush && result.is_ok() {
+                if let Some(h) = self.files.get_mut(p.file).filter(|h| h.cached) {
+                    // What went through the page cache is on disk: its pages are clean.
+                    h.cached = false;
+                    h.drop_clean_pages();
+                }
+            }
             self.done.push(Completion { tag: p.tag, result });
         }
     }
 
-    /// Puts the remaining part of I/O `token` on the submission queue.
+    /// Puts the remaining part of I/O `token` on the submission queue: on the direct
+    /// descriptor if its file's alignment admits it, else on the buffered one.
     fn push(&mut self, token: usize) {
-        let Some(file) = self.ops.get(token).and_then(Option::as_ref).map(|p| p.file) else {
-            return;
-        };
-        let (fd, direct) = match file {
-            0 => (self.file.as_raw_fd(), self.direct),
-            i => match self.readers.get(i - 1) {
-                Some(r) => (r.file.as_raw_fd(), r.direct),
-                None => return self.complete(token, Err(Errno::EINVAL)),
-            },
-        };
-        let fd = types::Fd(fd);
         let Some(p) = self.ops.get_mut(token).and_then(Option::as_mut) else {
             return;
         };
-        p.direct = direct;
-        let p = &*p;
+        let Some(h) = self.files.get_mut(p.file) else {
+            return self.complete(token, Err(Errno::EINVAL));
+        };
         let rest = &p.iov[p.first..];
+        let direct = match (&h.direct, h.align) {
+            (Some(f), Some(a)) if p.op.has_data() && a.admits(p.offset, rest) => Some(f),
+            _ => None,
+        };
+        p.direct = direct.is_some();
+        if p.op.has_data() {
+            h.transfers[usize::from(!p.direct)] += 1;
+            h.cached |= !p.direct;
+        }
+        let fd = types::Fd(direct.unwrap_or(&h.buffered).as_raw_fd());
         let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
         let entry = match p.op {
             Op::Read => opcode::Readv::new(fd, ptr, len).offset(p.offset).build(),
@@ -340,13 +503,13 @@ impl AioBackend {
         for _ in 0..2 {
             // SAFETY: the entry points at `p.iov[first..]`, whose heap block stays put until the
             // I/O completes (it is only dropped in `complete`, after its CQE), and at buffers the
-            // `queue` contract keeps valid until then.
+            // `queue` contract keeps valid until then; its descriptor stays open until drop.
             if unsafe { self.uring.submission().push(&entry) }.is_ok() {
                 return;
             }
             // Queue full: hand what is queued to the kernel and retry once.
             if let Err(e) = self.submit_queued() {
-                log::warn!("aio {}: submit: {e}", self.path.display());
+                log::warn!("aio {}: submit: {e}", self.path().display());
             }
         }
         self.complete(token, Err(Errno::EAGAIN));
@@ -375,7 +538,7 @@ impl AioBackend {
     /// Handles the completion of one transfer of I/O `token`: finishes it, or continues it.
     fn handle(&mut self, token: usize, res: i32) -> bool {
         let Some(p) = self.ops.get_mut(token).and_then(Option::as_mut) else {
-            log::warn!("aio {}: unknown completion {token}", self.path.display());
+            log::warn!("aio {}: unknown completion {token}", self.path().display());
             return false;
         };
         if res < 0 {
@@ -385,16 +548,15 @@ impl AioBackend {
                 self.push(token);
                 return true;
             }
-            // (An I/O in flight on the direct descriptor when another one made the fall-back
-            // is retried on the buffered one.)
-            let (file, was_direct) = (p.file, p.direct);
-            if matches!(errno, Errno::EFAULT | Errno::EINVAL)
-                && p.op.has_data()
-                && was_direct
-                && self.fall_back_to_buffered(file, errno)
-            {
-                self.push(token);
-                return true;
+            if matches!(errno, Errno::EFAULT | Errno::EINVAL) && p.op.has_data() && p.direct {
+                let retry = self
+                    .files
+                    .get_mut(p.file)
+                    .is_some_and(|h| h.refused(errno, p.offset, &p.iov[p.first..]));
+                if retry {
+                    self.push(token);
+                    return true;
+                }
             }
             self.complete(token, Err(errno));
             return false;
@@ -476,11 +638,11 @@ impl Backend for AioBackend {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.image().size
     }
 
     unsafe fn queue(&mut self, io: Io) {
-        if let Err(e) = check_range(&io, self.size) {
+        if let Err(e) = check_range(&io, self.image().size) {
             self.done.push(Completion {
                 tag: io.tag,
                 result: Err(e),
@@ -490,8 +652,9 @@ impl Backend for AioBackend {
         let remaining = io.len();
         if io.op == Op::Discard && self.block_device {
             let range = [io.offset, remaining];
+            let fd = self.image().buffered.as_raw_fd();
             // SAFETY: BLKDISCARD reads two u64s from the pointer, which points at `range`.
-            let result = unsafe { ioctl_blkdiscard(self.file.as_raw_fd(), &range) }.map(drop);
+            let result = unsafe { ioctl_blkdiscard(fd, &range) }.map(drop);
             self.done.push(Completion {
                 tag: io.tag,
                 result,
@@ -503,7 +666,7 @@ impl Backend for AioBackend {
 
     fn submit(&mut self) -> Result<()> {
         self.submit_queued()
-            .map_err(|e| Error::io("cannot submit I/O to", &self.path, e))?;
+            .map_err(|e| Error::io("cannot submit I/O to", self.path(), e))?;
         Ok(())
     }
 
@@ -512,7 +675,7 @@ impl Backend for AioBackend {
         let _ = self.eventfd.read();
         if self.reap_kernel() {
             if let Err(e) = self.submit_queued() {
-                log::warn!("aio {}: submit: {e}", self.path.display());
+                log::warn!("aio {}: submit: {e}", self.path().display());
             }
         }
         out.append(&mut self.done);
@@ -527,7 +690,7 @@ impl Backend for AioBackend {
             match self.uring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(Error::io("cannot wait for I/O on", &self.path, e)),
+                Err(e) => return Err(Error::io("cannot wait for I/O on", self.path(), e)),
             }
             self.reap_kernel();
         }
@@ -548,7 +711,7 @@ impl Backend for AioBackend {
         if self.block_device {
             return None;
         }
-        let st = nix::sys::stat::fstat(&self.file).ok()?;
+        let st = nix::sys::stat::fstat(&self.image().buffered).ok()?;
         Some(st.st_blocks as u64 * 512)
     }
 
@@ -556,7 +719,7 @@ impl Backend for AioBackend {
         if self.block_device {
             return None;
         }
-        super::seek_extents(self.file.as_fd(), offset, len)
+        super::seek_extents(self.image().buffered.as_fd(), offset, len)
     }
 }
 
@@ -565,29 +728,8 @@ impl Drop for AioBackend {
         // The kernel must be done with the caller's buffers before they may go away.
         let mut lost = Vec::new();
         if let Err(e) = self.drain(&mut lost) {
-            log::warn!("aio {}: {e}", self.path.display());
+            log::warn!("aio {}: {e}", self.path().display());
         }
-    }
-}
-
-/// Opens `path` (read-only or not), with `O_DIRECT` if `try_direct` and its file system allows
-/// it: the file, and whether it is direct.
-fn open_file(path: &Path, readonly: bool, try_direct: bool) -> Result<(File, bool)> {
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(!readonly);
-    let direct_open = if try_direct {
-        opts.clone().custom_flags(libc::O_DIRECT).open(path)
-    } else {
-        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
-    };
-    match direct_open {
-        Ok(f) => Ok((f, true)),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((
-            opts.open(path)
-                .map_err(|e| Error::io("cannot open", path, e))?,
-            false,
-        )),
-        Err(e) => Err(Error::io("cannot open", path, e)),
     }
 }
 
@@ -863,121 +1005,262 @@ mod tests {
         std::fs::remove_file(path).unwrap();
     }
 
+    /// Pages of `path` in the page cache (mincore over a shared mapping of it).
+    fn resident_pages(path: &Path) -> usize {
+        let f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        // SAFETY: a fresh read-only shared mapping of `len` bytes of `f`, unmapped below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: `at` is the mapping of `len` bytes; `vec` has a byte per page of it.
+        assert_eq!(unsafe { libc::mincore(at, len, vec.as_mut_ptr()) }, 0);
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(at, len) };
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    /// Queues `io`, submits it and waits for it: it succeeds.
+    ///
+    /// # Safety
+    ///
+    /// `io`'s buffers are valid for the transfer.
+    unsafe fn run_one(aio: &mut AioBackend, io: Io) {
+        let tag = io.tag;
+        // SAFETY: the caller's contract; `drain` waits for the I/O.
+        unsafe { aio.queue(io) };
+        aio.submit().unwrap();
+        let mut done = Vec::new();
+        aio.drain(&mut done).unwrap();
+        assert_eq!(
+            done,
+            [Completion {
+                tag,
+                result: Ok(())
+            }]
+        );
+    }
+
+    fn one(tag: u64, op: Op, offset: u64, base: *mut u8, len: usize) -> Io {
+        Io {
+            tag,
+            op,
+            offset,
+            iov: if op.has_data() {
+                vec![iov(base, len)]
+            } else {
+                Vec::new()
+            },
+            discard_len: 0,
+        }
+    }
+
+    /// A transfer `O_DIRECT` cannot take (a length no multiple of the block size, a buffer at
+    /// an odd address) goes through the page cache; the others, in flight beside it, stay
+    /// direct, and the file stays served direct.
     #[test]
-    fn direct_transfers_in_flight_together_all_fall_back() {
-        let path = scratch("fallback-many", 65536);
+    fn transfers_direct_io_cannot_take_go_through_the_page_cache_alone() {
+        let path = scratch("mixed", 65536);
         // Data, not holes: an O_DIRECT read of a hole is not checked for alignment.
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .write_all(&[5u8; 65536])
-            .unwrap();
+        std::fs::write(&path, [5u8; 65536]).unwrap();
         let mut aio = AioBackend::open(&path, false).unwrap();
-        if !aio.direct() {
+        let Some(align) = aio.file_align(0) else {
+            // No O_DIRECT in the temporary directory's file system.
             std::fs::remove_file(path).unwrap();
             return;
-        }
-        let buf = Mapping::anonymous(65536).unwrap();
+        };
+        let buf = Mapping::anonymous(16 * 4096).unwrap();
         let p = buf.as_ptr().as_ptr();
-        // Eight unaligned reads at once: the first EINVAL makes the fall-back, the others, on
-        // the direct descriptor too, are tried again on the buffered one.
-        for i in 0..8u64 {
+        // Eight odd reads and eight page reads at once, the odd ones first.
+        for i in 0..16u64 {
+            let io = if i < 8 {
+                // SAFETY: (pointer arithmetic) inside `buf`.
+                one(
+                    i,
+                    Op::Read,
+                    512 * i,
+                    unsafe { p.add(3 + 4096 * i as usize) },
+                    100,
+                )
+            } else {
+                // SAFETY: as above.
+                one(
+                    i,
+                    Op::Read,
+                    4096 * i,
+                    unsafe { p.add(4096 * i as usize) },
+                    4096,
+                )
+            };
             // SAFETY: the buffer outlives the I/Os, which `drain` waits for.
-            unsafe {
-                aio.queue(Io {
-                    tag: i,
-                    op: Op::Read,
-                    offset: 512 * i,
-                    iov: vec![iov(p.add(3 + 4096 * i as usize), 100)],
-                    discard_len: 0,
-                });
-            }
+            unsafe { aio.queue(io) };
         }
         aio.submit().unwrap();
         let mut done = Vec::new();
         aio.drain(&mut done).unwrap();
-        assert_eq!(done.len(), 8);
+        assert_eq!(done.len(), 16);
         assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
-        assert!(!aio.direct());
         for i in 0..8 {
             // SAFETY: the reads completed.
             assert_eq!(unsafe { p.add(3 + 4096 * i + 99).read() }, 5);
         }
+        // SAFETY: as above.
+        let pages = unsafe { std::slice::from_raw_parts(p.add(8 * 4096), 8 * 4096) };
+        assert!(pages.iter().all(|&b| b == 5));
+        assert_eq!(
+            aio.file_align(0),
+            Some(align),
+            "the alignment did not change"
+        );
+        assert_eq!(aio.file_transfers(0), Some([8, 8]));
         std::fs::remove_file(path).unwrap();
     }
 
+    /// Where the alignment is only assumed, a refusal makes it stricter (4 KiB offsets and
+    /// lengths, then addresses) and the refused transfer is retried through the page cache;
+    /// transfers meeting the stricter one stay direct.
     #[test]
-    fn direct_transfers_the_device_refuses_fall_back_to_buffered() {
-        let path = scratch("fallback", 8192);
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .write_all(&[9u8; 8192])
-            .unwrap();
+    fn refusals_make_an_assumed_alignment_stricter() {
+        let path = scratch("learn", 8192);
+        std::fs::write(&path, [9u8; 8192]).unwrap();
         let mut aio = AioBackend::open(&path, false).unwrap();
-        if !aio.direct() {
-            // The temporary directory's file system has no O_DIRECT: nothing to fall back from.
+        if aio.file_align(0).is_none() {
             std::fs::remove_file(path).unwrap();
             return;
         }
-        let buf = Mapping::anonymous(8192).unwrap();
+        // A guess weaker than any device's: O_DIRECT refuses some transfers it admits.
+        aio.files[0].align = Some(DirectAlign {
+            mem: 1,
+            offset: 1,
+            reported: false,
+        });
+        let buf = Mapping::anonymous(4 * 4096).unwrap();
         let p = buf.as_ptr().as_ptr();
-        // A length that is no multiple of the block size: O_DIRECT refuses it (EINVAL), the page
-        // cache does not.
-        // SAFETY: the buffer outlives the I/O, which `drain` waits for.
-        unsafe {
-            aio.queue(Io {
-                tag: 1,
-                op: Op::Read,
-                offset: 512,
-                iov: vec![iov(p.add(3), 100)],
-                discard_len: 0,
-            });
-        }
-        aio.submit().unwrap();
-        let mut done = Vec::new();
-        aio.drain(&mut done).unwrap();
-        assert_eq!(
-            done,
-            [Completion {
-                tag: 1,
-                result: Ok(())
-            }]
-        );
-        assert!(!aio.direct());
+        // 100 bytes at 512: refused, so offsets and lengths need 4 KiB now.
+        // SAFETY: the I/O stays inside `buf`, which outlives it.
+        unsafe { run_one(&mut aio, one(1, Op::Read, 512, p.add(3), 100)) };
         // SAFETY: the read completed.
         assert_eq!(unsafe { p.add(3 + 99).read() }, 9);
-        // The image stays writable through the page cache.
-        // SAFETY: as above.
-        unsafe {
-            std::ptr::write_bytes(p.add(3), 7, 100);
-            aio.queue(Io {
-                tag: 2,
-                op: Op::Write,
-                offset: 1000,
-                iov: vec![iov(p.add(3), 100)],
-                discard_len: 0,
-            });
-        }
-        aio.submit().unwrap();
-        done.clear();
-        aio.drain(&mut done).unwrap();
+        let step = DirectAlign {
+            mem: 1,
+            offset: 4096,
+            reported: false,
+        };
+        assert_eq!(aio.file_align(0), Some(step));
+        assert_eq!(aio.file_transfers(0), Some([1, 1]));
+        // A page into a page: direct.
+        // SAFETY: the I/O stays inside `buf`, which outlives it.
+        unsafe { run_one(&mut aio, one(2, Op::Read, 4096, p.add(4096), 4096)) };
+        assert_eq!(aio.file_transfers(0), Some([2, 1]));
+        // 4091 bytes: not admitted, through the page cache; the alignment stays.
+        // SAFETY: nothing else touches the buffer.
+        unsafe { std::ptr::write_bytes(p.add(8192), 7, 8192) };
+        // SAFETY: the I/O stays inside `buf`, which outlives it.
+        unsafe { run_one(&mut aio, one(3, Op::Write, 4096, p.add(8192), 4091)) };
+        assert_eq!(aio.file_align(0), Some(step));
+        assert_eq!(aio.file_transfers(0), Some([2, 2]));
+        // A page from an odd address: refused, so addresses need 4 KiB too; written through
+        // the page cache.
+        // SAFETY: the I/O stays inside `buf`, which outlives it.
+        unsafe { run_one(&mut aio, one(4, Op::Write, 0, p.add(8192 + 3), 4096)) };
         assert_eq!(
-            done,
-            [Completion {
-                tag: 2,
-                result: Ok(())
-            }]
+            aio.file_align(0),
+            Some(DirectAlign {
+                mem: 4096,
+                offset: 4096,
+                reported: false,
+            })
         );
-        let mut content = Vec::new();
-        File::open(&path)
-            .unwrap()
-            .read_to_end(&mut content)
-            .unwrap();
-        assert!(content[1000..1100].iter().all(|&b| b == 7));
-        assert_eq!(content[1100], 9);
+        assert_eq!(aio.file_transfers(0), Some([3, 3]));
+        assert!(aio.direct());
+        let content = std::fs::read(&path).unwrap();
+        assert!(content[..8187].iter().all(|&b| b == 7));
+        assert!(content[8187..].iter().all(|&b| b == 9));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// The fall-back's decisions: stricter while the alignment is assumed, then none; a
+    /// reported alignment is not second-guessed; `EFAULT` gives up at once; a transfer submitted
+    /// under a rule that has changed since is retried as it is; other errors are not retried.
+    #[test]
+    fn refusals_step_through_the_alignments_then_give_up() {
+        let path = scratch("steps", 4096);
+        let mut h = Handle::open(&path, true, false).unwrap();
+        let page = [iov(4096 as *mut u8, 4096)];
+        let sector = [iov(512 as *mut u8, 512)];
+        h.align = Some(DirectAlign::ASSUMED);
+        assert!(h.refused(Errno::EINVAL, 512, &sector));
+        let offsets = DirectAlign {
+            mem: 512,
+            offset: 4096,
+            reported: false,
+        };
+        assert_eq!(h.align, Some(offsets));
+        // In flight under the old rule: retried, the rule unchanged.
+        assert!(h.refused(Errno::EINVAL, 512, &sector));
+        assert_eq!(h.align, Some(offsets));
+        assert!(h.refused(Errno::EINVAL, 4096, &page));
+        let strict = DirectAlign {
+            mem: 4096,
+            ..offsets
+        };
+        assert_eq!(h.align, Some(strict));
+        assert!(h.refused(Errno::EINVAL, 4096, &page));
+        assert_eq!(h.align, None, "refused at 4 KiB: O_DIRECT given up");
+        assert!(h.refused(Errno::EINVAL, 4096, &page), "retried buffered");
+        // A reported alignment: the first refusal gives up.
+        h.align = Some(DirectAlign {
+            reported: true,
+            ..DirectAlign::ASSUMED
+        });
+        assert!(h.refused(Errno::EINVAL, 4096, &page));
+        assert_eq!(h.align, None);
+        h.align = Some(DirectAlign::ASSUMED);
+        assert!(h.refused(Errno::EFAULT, 4096, &page));
+        assert_eq!(h.align, None);
+        h.align = Some(DirectAlign::ASSUMED);
+        assert!(!h.refused(Errno::EIO, 4096, &page));
+        assert_eq!(h.align, Some(DirectAlign::ASSUMED));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// While a file is served direct, its clean cached pages are dropped when it is opened and
+    /// by the flush after a transfer went through the page cache.
+    #[test]
+    fn cached_pages_are_dropped_at_open_and_after_a_flush() {
+        let path = scratch("drop", 16 * 4096);
+        std::fs::write(&path, [3u8; 16 * 4096]).unwrap();
+        File::open(&path).unwrap().sync_all().unwrap();
+        assert!(
+            resident_pages(&path) > 0,
+            "a buffered write leaves pages cached"
+        );
+        let mut aio = AioBackend::open(&path, false).unwrap();
+        if aio.file_align(0).is_none() {
+            std::fs::remove_file(path).unwrap();
+            return;
+        }
+        assert_eq!(resident_pages(&path), 0, "dropped at open");
+        let buf = Mapping::anonymous(4096).unwrap();
+        let p = buf.as_ptr().as_ptr();
+        // SAFETY: the buffer outlives the I/Os.
+        unsafe { run_one(&mut aio, one(1, Op::Write, 5 * 4096 + 7, p, 100)) };
+        assert!(
+            resident_pages(&path) > 0,
+            "an odd write goes through the page cache"
+        );
+        // SAFETY: no buffers.
+        unsafe { run_one(&mut aio, one(2, Op::Flush, 0, p, 0)) };
+        assert_eq!(resident_pages(&path), 0, "dropped after the flush");
         std::fs::remove_file(path).unwrap();
     }
 
@@ -1251,16 +1534,17 @@ mod tests {
         assert!(back[..4096].iter().all(|&b| b == 0x6b));
         assert!(back[4096..].iter().all(|&b| b == 0));
         if aio.direct() {
-            // A read O_DIRECT refuses (no multiple of the block size) makes that reader, and
-            // only it, fall back to the page cache.
+            // A read O_DIRECT cannot take (no multiple of the block size) goes through the
+            // page cache, counted on that reader alone.
             let mut odd = read(6, 512, 3, 100);
             odd.iov[0].iov_len = 100;
             // SAFETY: as above.
             unsafe { aio.queue_read(1, odd) };
             aio.submit().unwrap();
             assert_eq!(wait_for(&mut aio, 1)[0].result, Ok(()));
-            assert_eq!(aio.file_direct(1), Some(false));
-            assert!(aio.direct());
+            assert_eq!(aio.file_direct(1), Some(true));
+            assert_eq!(aio.file_transfers(1), Some([1, 1]));
+            assert_eq!(aio.file_transfers(0), Some([1, 0]));
             // SAFETY: the read completed.
             assert_eq!(unsafe { p.add(3 + 99).read() }, 0x6b);
         }
