@@ -164,6 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let started = (|| {
         logging::init(sink).context("cannot open the log")?;
+        raise_open_files_limit();
         let opts = Options {
             ctl_dir,
             exit_when_idle: !cli.keep_running,
@@ -198,6 +199,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     daemon.run()
 }
 
+/// Raises the soft limit on open files to the hard one. Every image is open twice (with and
+/// without `O_DIRECT`), a `vhd:` chain's files again by its worker, and one tapdisk may serve
+/// many taps: the usual soft limit of 1024 (kept low for `select`, which tapdisk does not use)
+/// would refuse a tap long before memory runs short. Failing leaves the limit as it was.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => log!("cannot read the open-files limit: {e}"),
+    }
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -212,6 +230,16 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let low = hard.min(256);
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+        raise_open_files_limit();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
 
     #[test]
     fn command_line() {
