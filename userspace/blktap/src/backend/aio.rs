@@ -263,12 +263,7 @@ impl Handle {
     /// without `posix_fadvise` answer `ENOSYS`).
     fn drop_clean_pages(&self) {
         if self.align.is_some() {
-            let _ = nix::fcntl::posix_fadvise(
-                &self.buffered,
-                0,
-                0,
-                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-            );
+            super::drop_clean_pages(self.buffered.as_fd(), 0, 0);
         }
     }
 
@@ -316,8 +311,6 @@ pub struct AioBackend {
     eventfd: EventFd,
     /// The image, then the files [`AioBackend::add_reader`] opened beside it.
     files: Vec<Handle>,
-    /// The image is a block device (else a regular file).
-    block_device: bool,
     /// In-flight I/Os, indexed by their io_uring `user_data`.
     ops: Vec<Option<Pending>>,
     free: Vec<usize>,
@@ -348,7 +341,6 @@ impl AioBackend {
     /// Opens the image at `path`; `O_DIRECT` is tried only if `try_direct`.
     pub fn open_with(path: &Path, readonly: bool, try_direct: bool) -> Result<Self> {
         let image = Handle::open(path, readonly, try_direct)?;
-        let block_device = image.block_device;
         // No `dontfork()`: tapdisk does not fork once serving, and it needs `madvise`, which
         // small kernels (tinyconfig without ADVISE_SYSCALLS) lack.
         let uring = IoUring::builder()
@@ -364,7 +356,6 @@ impl AioBackend {
             uring,
             eventfd,
             files: vec![image],
-            block_device,
             ops: Vec::new(),
             free: Vec::new(),
             done: Vec::new(),
@@ -650,7 +641,7 @@ impl Backend for AioBackend {
             return;
         }
         let remaining = io.len();
-        if io.op == Op::Discard && self.block_device {
+        if io.op == Op::Discard && self.image().block_device {
             let range = [io.offset, remaining];
             let fd = self.image().buffered.as_raw_fd();
             // SAFETY: BLKDISCARD reads two u64s from the pointer, which points at `range`.
@@ -708,7 +699,7 @@ impl Backend for AioBackend {
     }
 
     fn allocated_bytes(&self) -> Option<u64> {
-        if self.block_device {
+        if self.image().block_device {
             return None;
         }
         let st = nix::sys::stat::fstat(&self.image().buffered).ok()?;
@@ -716,7 +707,7 @@ impl Backend for AioBackend {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Option<Vec<super::Extent>> {
-        if self.block_device {
+        if self.image().block_device {
             return None;
         }
         super::seek_extents(self.image().buffered.as_fd(), offset, len)
@@ -980,26 +971,8 @@ mod tests {
         let buf = Mapping::anonymous(4096).unwrap();
         let p = buf.as_ptr().as_ptr();
         // An unaligned piece is fine without O_DIRECT.
-        // SAFETY: the buffer outlives the I/O, which `drain` waits for.
-        unsafe {
-            aio.queue(Io {
-                tag: 5,
-                op: Op::Read,
-                offset: 4096,
-                iov: vec![iov(p.add(1), 100)],
-                discard_len: 0,
-            });
-        }
-        aio.submit().unwrap();
-        let mut done = Vec::new();
-        aio.drain(&mut done).unwrap();
-        assert_eq!(
-            done,
-            [Completion {
-                tag: 5,
-                result: Ok(())
-            }]
-        );
+        // SAFETY: the buffer outlives the I/O.
+        unsafe { run_one(&mut aio, one(5, Op::Read, 4096, p.add(1), 100)) };
         // SAFETY: the read completed.
         assert_eq!(unsafe { p.add(1).read() }, 7);
         std::fs::remove_file(path).unwrap();
@@ -1082,27 +1055,16 @@ mod tests {
         let p = buf.as_ptr().as_ptr();
         // Eight odd reads and eight page reads at once, the odd ones first.
         for i in 0..16u64 {
-            let io = if i < 8 {
-                // SAFETY: (pointer arithmetic) inside `buf`.
-                one(
-                    i,
-                    Op::Read,
-                    512 * i,
-                    unsafe { p.add(3 + 4096 * i as usize) },
-                    100,
-                )
+            let page = 4096 * i as usize;
+            let (offset, at, len) = if i < 8 {
+                (512 * i, page + 3, 100)
             } else {
-                // SAFETY: as above.
-                one(
-                    i,
-                    Op::Read,
-                    4096 * i,
-                    unsafe { p.add(4096 * i as usize) },
-                    4096,
-                )
+                (4096 * i, page, 4096)
             };
+            // SAFETY: (pointer arithmetic) inside `buf`.
+            let base = unsafe { p.add(at) };
             // SAFETY: the buffer outlives the I/Os, which `drain` waits for.
-            unsafe { aio.queue(io) };
+            unsafe { aio.queue(one(i, Op::Read, offset, base, len)) };
         }
         aio.submit().unwrap();
         let mut done = Vec::new();

@@ -202,6 +202,21 @@ pub struct Extent {
 /// Most extents [`seek_extents`] returns at once.
 pub const MAX_EXTENTS: usize = 1024;
 
+/// Drops the clean page-cache pages of `[at, at + len)` of a file (`len` 0: to its end) with
+/// `posix_fadvise(DONTNEED)`; dirty pages stay (their writeback starts). For files served with
+/// `O_DIRECT`: while a file has any page cached, every direct write must look for pages to
+/// invalidate in its range. Advice only: kernels without `CONFIG_ADVISE_SYSCALLS` refuse it.
+pub(crate) fn drop_clean_pages(fd: BorrowedFd<'_>, at: u64, len: u64) {
+    if let (Ok(at), Ok(len)) = (i64::try_from(at), i64::try_from(len)) {
+        let _ = nix::fcntl::posix_fadvise(
+            fd,
+            at,
+            len,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
 /// The allocation of `[offset, offset + len)` of a file, from `SEEK_DATA`/`SEEK_HOLE` (at most
 /// [`MAX_EXTENTS`] extents); none if its file system cannot say.
 pub fn seek_extents(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Option<Vec<Extent>> {
