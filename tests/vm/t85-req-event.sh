@@ -4,7 +4,8 @@
 # (a) the Rust tapdisk negotiates it with BLKTAP_REQ_EVENT=true (not by default): two verifying fio jobs
 #     at full speed, and two paced ones (a pause before every request: tapdisk sleeps between
 #     them and each must wake it), with and without; suppressed signals are counted (`quiet`)
-#     only with it;
+#     only with it; the same without the spin-wait hint in tapdisk's watch of the rings
+#     (BLKTAP_POLL_PAUSE=false);
 # (b) the Python peer, with and without staged writes, on an edge-triggered epoll that arms
 #     req_event once after serving (a lost signal stalls the disk): the same four jobs;
 # (c) a peer that negotiates it and never writes req_event (0): every request is signalled;
@@ -44,12 +45,17 @@ paced2() {
 }
 
 # --- (a) the Rust tapdisk --------------------------------------------------------------------
-for setting in true default; do
+for setting in true default nopause; do
     case $setting in
         true) dev=$(BLKTAP_REQ_EVENT=true $TAPCTL create -a ram:32M); want=1 ;;
+        nopause) dev=$(BLKTAP_POLL_PAUSE=false $TAPCTL create -a ram:32M); want=0 ;;
         default) dev=$($TAPCTL create -a ram:32M); want=0 ;;
     esac
     check "tapdisk ($setting): req_event=$want in debug" req_event_is $want
+    if [ $setting = nopause ]; then
+        check "tapdisk ($setting): the tapdisk serving it has BLKTAP_POLL_PAUSE=false" \
+            sh -c 'tr "\0" "\n" < /proc/$(pgrep -n -x tapdisk)/environ | grep -qx BLKTAP_POLL_PAUSE=false'
+    fi
     verify2 "tapdisk ($setting)" $dev
     paced2 "tapdisk ($setting)" $dev
     check "tapdisk ($setting): none refused or timed out" \

@@ -85,6 +85,8 @@ const POLL_STRETCH: Duration = Duration::from_millis(2);
 pub struct Options {
     /// After answering requests, how long to watch the rings for new ones before sleeping.
     pub poll: Duration,
+    /// Whether that watch runs the CPU's spin-wait hint between two looks at the rings.
+    pub poll_pause: bool,
     /// Directory of the control socket `ctl<pid>`.
     pub ctl_dir: PathBuf,
     /// Exit once the last tap is gone (after at least one was attached).
@@ -113,6 +115,7 @@ pub struct Daemon {
     had_taps: bool,
     quit: bool,
     poll: Duration,
+    poll_pause: bool,
     /// Taps that answered requests since epoll returned: the rings worth watching.
     active: Vec<u32>,
     /// Whether the last stretch of polling ended with requests still coming: epoll is then
@@ -156,6 +159,7 @@ impl Daemon {
             had_taps: false,
             quit: false,
             poll: opts.poll,
+            poll_pause: opts.poll_pause,
             active: Vec::new(),
             poll_again: false,
         };
@@ -319,7 +323,7 @@ impl Daemon {
                 }
             } else if now.duration_since(last) >= self.poll {
                 break;
-            } else {
+            } else if self.poll_pause {
                 std::hint::spin_loop();
             }
         }

@@ -100,6 +100,12 @@ struct Cli {
     #[arg(long, value_name = "US", default_value_t = daemon::DEFAULT_POLL_US, env = "BLKTAP_POLL_US",
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     poll_us: u64,
+    /// Whether the watch of `--poll-us` runs the CPU's spin-wait hint (`pause` on x86) between
+    /// two looks at the rings: kind to a sibling hyperthread on hardware; under QEMU's TCG it
+    /// leaves the emulated CPU's translated code each time.
+    #[arg(long, value_name = "BOOL", default_value_t = true, env = "BLKTAP_POLL_PAUSE",
+          action = clap::ArgAction::Set)]
+    poll_pause: bool,
 }
 
 /// Forks; the parent waits until the child says it listens (exit 0) or failed (exit 1). The
@@ -169,6 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ctl_dir,
             exit_when_idle: !cli.keep_running,
             poll: Duration::from_micros(cli.poll_us),
+            poll_pause: cli.poll_pause,
             tap: TapOptions {
                 server: ServerOptions {
                     deadline: Duration::from_secs(cli.deadline),
@@ -273,5 +280,19 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["tapdisk", "--keep-running", "--exit-when-idle"]).is_err());
         assert!(Cli::try_parse_from(["tapdisk", "extra"]).is_err());
+        assert_eq!(cli_poll(&["tapdisk"]), Some((100, true)));
+        assert_eq!(cli_poll(&["tapdisk", "--poll-us", "0"]), Some((0, true)));
+        assert_eq!(
+            cli_poll(&["tapdisk", "--poll-pause", "false"]),
+            Some((100, false))
+        );
+        assert_eq!(cli_poll(&["tapdisk", "--poll-pause", "maybe"]), None);
+        assert_eq!(cli_poll(&["tapdisk", "--poll-us", "10001"]), None);
+    }
+
+    fn cli_poll(args: &[&str]) -> Option<(u64, bool)> {
+        Cli::try_parse_from(args)
+            .ok()
+            .map(|c| (c.poll_us, c.poll_pause))
     }
 }
