@@ -78,7 +78,8 @@ SETTLE_S = 0.3
 # Every device is used over the same 256 MiB (the ram: tap holds it in tapdisk's memory).
 SPAN = "256M"
 DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapdev-null-nopoll",
-           "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large"]
+           "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large",
+           "tapdev-null-nopause"]
 # What `make bench` runs; the others only when named (--devices): tapdev-null-nopoll is
 # tapdev-null with tapdisk sleeping in epoll as soon as it has answered (BLKTAP_POLL_US=0), to
 # measure what watching the ring after answering brings; tapdev-null-nostage is tapdev-null
@@ -87,7 +88,10 @@ DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapde
 # wake-up suppression (BLKTAP_REQ_EVENT=true: the kernel signals the ring's poll queue only
 # when tapdisk is about to sleep; off by default, bench/reqev), to measure what it brings;
 # tapdev-null-large is tapdev-null with large requests (BLKTAP_MAX_SEGMENTS=128: requests of up
-# to 512 KiB instead of 44, 16 MiB of ring pages per tap), to measure what they bring.
+# to 512 KiB instead of 44, 16 MiB of ring pages per tap), to measure what they bring;
+# tapdev-null-nopause is tapdev-null with tapdisk watching its rings without the spin-wait hint
+# (BLKTAP_POLL_PAUSE=false: no `pause` between two looks, which under TCG leaves the vCPU's
+# translated code each time), to measure what the hint costs.
 DEFAULT_DEVICES = DEVICES[:5]
 # A device that may be missing, with the reason printed instead of numbers.
 OPTIONAL = {"rnull"}
@@ -291,6 +295,8 @@ def make_device(name):
                                                   {"BLKTAP_STAGED_WRITES": "false"}),
             "tapdev-null-reqev": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-reqev",
                                                 {"BLKTAP_REQ_EVENT": "true"}),
+            "tapdev-null-nopause": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nopause",
+                                                  {"BLKTAP_POLL_PAUSE": "false"}),
             "tapdev-null-large": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-large",
                                                 {"BLKTAP_MAX_SEGMENTS": "128"})}[name]()
 
@@ -544,7 +550,8 @@ def measure_memory(n):
 COUNTER_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqwrite-44k-qd32", "seqread-1m-qd8",
                 "randrw70-4k-qd16x2"]
 COUNTER_DEVICES = ["tapdev-null", "ublk-null", "null_blk", "tapdev-null-nopoll",
-                   "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large"]
+                   "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large",
+                   "tapdev-null-nopause"]
 SYSCALL_EVENT = "raw_syscalls:sys_enter"
 
 
