@@ -37,7 +37,7 @@
 //! ([`crate::vhd::VhdImage::discard`]); a differencing leaf does not do it (its forgotten
 //! sectors would read as the parent's).
 
-use rustc_hash::FxHashMap;
+use slab::Slab;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
@@ -106,12 +106,12 @@ pub struct Vhd {
     has_parents: bool,
     /// What was read from each image (the loop counts its reads of the parents).
     reads: Arc<ChainReads>,
-    /// A piece's tag: the tag of the I/O it is part of, the image it reads or writes (0 the
-    /// leaf), its sectors.
-    pieces: FxHashMap<u64, (u64, usize, u64)>,
-    /// An I/O split in pieces: the pieces left, the first error.
-    split: FxHashMap<u64, (usize, std::result::Result<(), Errno>)>,
-    next: u64,
+    /// The loop's pieces in flight, keyed by the tag they have on the data path.
+    pieces: Slab<PieceOf>,
+    /// The loop's I/Os in more than one piece.
+    split: Slab<Split>,
+    /// The loop's I/Os in flight (whole or split).
+    fast_in_flight: usize,
     located: Vec<Piece>,
     scratch: Vec<Completion>,
     done: Vec<Completion>,
@@ -166,9 +166,9 @@ impl Vhd {
             readonly,
             has_parents,
             reads,
-            pieces: FxHashMap::default(),
-            split: FxHashMap::default(),
-            next: 0,
+            pieces: Slab::new(),
+            split: Slab::new(),
+            fast_in_flight: 0,
             located: Vec::new(),
             scratch: Vec::new(),
             done: Vec::new(),
@@ -201,24 +201,67 @@ impl Vhd {
     /// Hands the data path's completions out, joining the pieces of split I/Os.
     fn collect(&mut self) {
         for c in self.scratch.drain(..) {
-            let Some((tag, image, sectors)) = self.pieces.remove(&c.tag) else {
+            // The data path's tags are this loop's keys (`queue`); anything else is not ours.
+            let Some(piece) = usize::try_from(c.tag)
+                .ok()
+                .and_then(|k| self.pieces.try_remove(k))
+            else {
                 continue;
             };
-            if image > 0 && c.result.is_ok() {
-                self.reads.add(image, sectors);
+            if piece.image > 0 && c.result.is_ok() {
+                self.reads.add(piece.image, piece.sectors);
             }
-            let Some(entry) = self.split.get_mut(&tag) else {
-                continue;
-            };
-            merge(&mut entry.1, c.result);
-            entry.0 -= 1;
-            if entry.0 == 0 {
-                if let Some((_, result)) = self.split.remove(&tag) {
-                    self.done.push(Completion { tag, result });
+            let done = match piece.of {
+                Owner::Whole(tag) => Some(Completion {
+                    tag,
+                    result: c.result,
+                }),
+                Owner::Part(k) => {
+                    let last = self.split.get_mut(k).is_some_and(|entry| {
+                        merge(&mut entry.result, c.result);
+                        entry.left -= 1;
+                        entry.left == 0
+                    });
+                    last.then(|| self.split.try_remove(k))
+                        .flatten()
+                        .map(|whole| Completion {
+                            tag: whole.tag,
+                            result: whole.result,
+                        })
                 }
+            };
+            if let Some(done) = done {
+                self.fast_in_flight -= 1;
+                self.done.push(done);
             }
         }
     }
+}
+
+/// What a piece the loop has in flight belongs to.
+#[derive(Debug, Clone, Copy)]
+enum Owner {
+    /// The whole I/O of this tag (one piece).
+    Whole(u64),
+    /// Part of the split I/O of this key in [`Vhd::split`].
+    Part(usize),
+}
+
+/// A piece the loop has in flight: whose it is, the image it reads or writes (0 the leaf), its
+/// sectors.
+#[derive(Debug)]
+struct PieceOf {
+    of: Owner,
+    image: usize,
+    sectors: u64,
+}
+
+/// An I/O the loop does in more than one piece: its tag, the pieces left, the first error.
+#[derive(Debug)]
+struct Split {
+    tag: u64,
+    left: usize,
+    result: std::result::Result<(), Errno>,
 }
 
 fn errno(e: &VhdError) -> Errno {
@@ -343,23 +386,35 @@ impl Backend for Vhd {
             self.leaf.note_write();
         }
         self.fast_ios += 1;
-        let tag = io.tag;
-        self.split.insert(tag, (self.located.len(), Ok(())));
+        self.fast_in_flight += 1;
+        let n = self.located.len();
+        let of = if n == 1 {
+            Owner::Whole(io.tag)
+        } else {
+            Owner::Part(self.split.insert(Split {
+                tag: io.tag,
+                left: n,
+                result: Ok(()),
+            }))
+        };
         let mut pos = 0;
-        for i in 0..self.located.len() {
-            let (image, at, n) = self.located[i];
-            self.next = self.next.wrapping_add(1);
-            let piece = self.next;
-            self.pieces.insert(piece, (tag, image, n / 512));
-            let iov = if self.located.len() == 1 {
+        for i in 0..n {
+            let (image, at, len) = self.located[i];
+            let key = self.pieces.insert(PieceOf {
+                of,
+                image,
+                sectors: len / 512,
+            });
+            let iov = if n == 1 {
                 // One piece: the I/O's own buffers, as they are.
                 std::mem::take(&mut io.iov)
             } else {
-                slice_iov(&io.iov, pos, n)
+                slice_iov(&io.iov, pos, len)
             };
-            pos += n;
+            pos += len;
             let part = Io {
-                tag: piece,
+                // CAST: a usize fits in a u64.
+                tag: key as u64,
                 op: io.op,
                 offset: at,
                 iov,
@@ -385,7 +440,7 @@ impl Backend for Vhd {
     }
 
     fn in_flight(&self) -> usize {
-        self.worker.in_flight() + self.split.len() + self.done.len()
+        self.worker.in_flight() + self.fast_in_flight + self.done.len()
     }
 
     fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
@@ -908,7 +963,8 @@ mod tests {
             let mut all = vec![(Op::Read, 0, vec![0u8; size as usize])];
             run(&mut b, &mut all);
             let learnt = b.fast_ios();
-            let mut flight: FxHashMap<u64, (Op, u64, Vec<u8>)> = FxHashMap::default();
+            let mut flight: rustc_hash::FxHashMap<u64, (Op, u64, Vec<u8>)> =
+                rustc_hash::FxHashMap::default();
             let mut written: Vec<(u64, u64)> = Vec::new();
             let (mut tag, mut issued) = (0u64, 0);
             while issued < 400 || !flight.is_empty() {
