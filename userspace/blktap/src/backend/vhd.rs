@@ -11,25 +11,27 @@
 //!    read or plain write is done by the event loop itself with io_uring, straight between the
 //!    leaf file and the ring's pages (`aio:`'s engine, `O_DIRECT` where the file system allows
 //!    it);
-//! 2. in a block a differencing leaf lacks entirely (no BAT entry, or no sector's bit set) whose
-//!    every sector lies in a parent (none read as zeros: past a parent's end, or in no image):
-//!    a read is done by the loop too, from the parents' files (opened again, read-only, on the
-//!    same ring: `O_DIRECT` tried as for the leaf), split where the block's runs change image
-//!    (at most 32 runs; one, when the first ancestor holding the block holds it whole);
-//! 3. everything else (allocations, partly present blocks, the rest of the parents' sectors,
-//!    flushes, FUA writes, discards) is done by a worker thread ([`super::threaded`]) with
-//!    `pread`/`pwrite` through a bounce buffer.
+//! 2. in a block a differencing leaf holds in part or not at all (no BAT entry, or some
+//!    sectors' bits clear) whose every sector lies in the leaf or a parent (none read as zeros:
+//!    past a parent's end, or in no image): a read is done by the loop too, from the leaf's file
+//!    for the sectors it has and from the parents' files (opened again, read-only, on the same
+//!    ring: `O_DIRECT` tried as for the leaf) for the others, split where the block's runs
+//!    change image (at most 32 runs; one, when the first image holding the block holds it
+//!    whole);
+//! 3. everything else (allocations, writes into blocks not wholly present, the rest of the
+//!    parents' sectors, flushes, FUA writes, discards) is done by a worker thread
+//!    ([`super::threaded`]) with `pread`/`pwrite` through a bounce buffer.
 //!
 //! An I/O is the loop's only if each of its pieces is (1) (a write) or (1) or (2) (a read). The
 //! worker tells the loop which blocks are whole ([`crate::vhd::shared::LeafState`]) once their
 //! data, bitmap and BAT entry are written; its flushes (`fdatasync` of the leaf) cover the loop's
-//! writes too. FUA writes are a write and a flush, on the worker. Where the parents hold a block
-//! (2) the worker works out when it first reads the block (the loop's first read of it is the
-//! worker's); parents never change while open, so that holds until the leaf writes into the
-//! block: the worker withdraws it before it writes the first byte of such a write, so before
-//! the write's completion, and a read the loop starts after that completion goes to the worker
-//! (or to the leaf, once the block is whole). A withdrawn block stays so (a differencing leaf
-//! does not discard). Reopening (unpause) starts over with nothing known. The parents' entries
+//! writes too. FUA writes are a write and a flush, on the worker. Where the leaf and the parents
+//! hold a block (2) the worker works out when it first reads the block (the loop's first read
+//! of it is the worker's); parents never change while open, and the leaf's sectors of the
+//! block only when the leaf writes into it, so that holds until then: the worker withdraws the
+//! block before it writes the first byte of such a write, so before the write's completion,
+//! and a read the loop starts after that completion goes to the worker (or to the leaf, once
+//! the block is whole). A withdrawn block stays so (a differencing leaf does not discard). Reopening (unpause) starts over with nothing known. The parents' entries
 //! in the `stats` count the sectors read from each, by the worker or the loop.
 //!
 //! Discard is done on a leaf without parent (fixed or dynamic), where
@@ -141,7 +143,7 @@ impl Vhd {
         // The leaf grows as the worker appends blocks; the offsets come from its BAT (at most
         // 2 TiB: 32-bit sector numbers).
         data.set_limit(u64::from(u32::MAX) * 512 + leaf.block_size.max(1 << 21) * 2);
-        // The parents, read-only, read by the loop where they hold blocks the leaf lacks: file
+        // The parents, read-only, read by the loop where they hold what the leaf lacks: file
         // `i` of the engine is image `i` of the chain.
         for (i, layer) in inner.chain.layers().iter().enumerate().skip(1) {
             let n = data.add_reader(layer.path(), direct)?;
@@ -184,7 +186,7 @@ impl Vhd {
 
     /// Whether the loop may do `io` itself (then `self.located` has its pieces): a read or
     /// plain write, aligned, wholly in blocks the leaf holds whole, or for a read also in blocks
-    /// the leaf lacks entirely and the parents hold (see the module's documentation).
+    /// the leaf and its parents hold (see the module's documentation).
     fn fast(&mut self, io: &Io) -> bool {
         let parents = match io.op {
             Op::Read => self.has_parents,
@@ -849,11 +851,12 @@ mod tests {
     }
 
     /// The chains tried: a VHD base, a raw base of the disk's size, a raw base ending inside
-    /// block 6; and the blocks the loop reads from the parents in each, once learnt.
+    /// block 6; and the blocks the loop reads (from the leaf and the parents) in each, once
+    /// learnt.
     fn chains() -> [(Base, Vec<u64>); 3] {
         [
             (Base::Vhd, (0..=7).collect()),
-            (Base::Raw(20 * MIB), vec![0, 1, 2, 3, 4, 5, 6, 7, 9]),
+            (Base::Raw(20 * MIB), (0..=9).collect()),
             (Base::Raw(13 * MIB + 4096), (0..=5).collect()),
         ]
     }
@@ -870,10 +873,12 @@ mod tests {
         assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
     }
 
-    /// Once the worker has read a block the leaf lacks, the loop reads it from the parent(s)
-    /// holding it (split at their runs), and counts the sectors for each; blocks the leaf has
-    /// some of, or with sectors read as zeros (past a raw parent's end, in no image), stay on
-    /// the worker. (Before the loop read parents, not one of these reads was the loop's.)
+    /// Once the worker has read a block the leaf holds in part or not at all, the loop reads
+    /// it from the leaf and the parent(s) holding it (split at their runs), and counts the
+    /// sectors for each parent; blocks with sectors read as zeros (past a raw parent's end, in
+    /// no image) stay on the worker. (Before the loop read parents, not one of these reads was
+    /// the loop's; before it read the leaf's part of a block, block 8 of the chain on a raw
+    /// base of the disk's size was the worker's.)
     #[test]
     fn reads_of_blocks_the_parents_hold_take_the_loop_path() {
         let bs = 2 * MIB;
@@ -924,6 +929,41 @@ mod tests {
                 .collect();
             assert_eq!(hits, want, "{base:?}");
         }
+    }
+
+    /// A block the leaf holds in part (64 KiB of block 8, over a raw base of the disk's size):
+    /// once learnt, the loop reads it from the leaf and the base; a write into it (a sector the
+    /// leaf lacked) withdraws it, and the read after that write's completion, the worker's,
+    /// sees the write.
+    #[test]
+    fn a_block_the_leaf_holds_in_part_is_read_by_the_loop_until_the_leaf_writes_into_it() {
+        let bs = 2 * MIB;
+        let mut c = build_chain(Base::Raw(20 * MIB), 22);
+        let mut b = Vhd::open(&c.leaf, false, true).unwrap();
+        let mut block = vec![(Op::Read, 8 * bs, vec![0xeeu8; bs as usize])];
+        run(&mut b, &mut block);
+        assert_eq!(b.fast_ios(), 0, "the first read is the worker's");
+        let r = (8 * bs) as usize..(9 * bs) as usize;
+        assert!(block[0].2 == c.model[r.clone()]);
+        let mut at = Vec::new();
+        assert!(b.leaf.locate(8 * bs, bs, true, &mut at));
+        assert_eq!(
+            at.iter().map(|&(i, _, n)| (i, n)).collect::<Vec<_>>(),
+            [(3, 128 << 10), (0, 64 << 10), (3, bs - (192 << 10))]
+        );
+        block[0].2.fill(0xee);
+        run(&mut b, &mut block);
+        assert_eq!(b.fast_ios(), 1, "the second read is the loop's");
+        assert!(block[0].2 == c.model[r.clone()]);
+        // 4 KiB at the block's start: the base's until now.
+        let mut write = vec![(Op::Write, 8 * bs, vec![0x3cu8; 4096])];
+        run(&mut b, &mut write);
+        c.model[r.start..r.start + 4096].fill(0x3c);
+        assert!(!b.leaf.locate(8 * bs, bs, true, &mut at), "withdrawn");
+        block[0].2.fill(0xee);
+        run(&mut b, &mut block);
+        assert_eq!(b.fast_ios(), 1, "the read after the write is the worker's");
+        assert!(block[0].2 == c.model[r]);
     }
 
     /// The model-based run over each chain: reads through the loop (from the leaf and from

@@ -351,10 +351,11 @@ impl Chain {
     }
 
     /// Tells the event loop, for each block of the leaf that `[offset, offset + len)` touches
-    /// and it does not know yet, where the parents hold it: their runs if the leaf lacks it
-    /// entirely and every sector of it lies in a parent (none past a parent's end, none read as
-    /// zeros), in at most [`MAX_RUNS`] runs; else that they do not hold it alone. Parents never
-    /// change, so the answer holds until the leaf writes into the block (which revokes it).
+    /// and it does not know yet, where the chain holds it: the runs of the leaf (what it has of
+    /// the block) and of its parents (the rest) if every sector of it lies in one of them (none
+    /// past a parent's end, none read as zeros), in at most [`MAX_RUNS`] runs; else that the
+    /// chain does not hold it so. Parents never change, and the leaf's runs change only when it
+    /// writes into the block (which revokes the answer first), so the answer holds until then.
     fn learn(&mut self, offset: u64, len: u64) {
         let Some(shared) = self.shared.clone() else {
             return;
@@ -367,28 +368,26 @@ impl Chain {
         for b in offset / bs..=(offset + len - 1) / bs {
             // CAST: below the leaf's block count, a `u32`.
             let b = b as u32;
-            if shared.parents_known(b) {
+            if shared.sources_known(b) {
                 continue;
             }
             let start = u64::from(b) * bs;
-            match self.parents_of(start, bs.min(size - start)) {
-                Ok(runs) => shared.set_parents(b, runs.unwrap_or_default().into()),
+            match self.sources_of(start, bs.min(size - start)) {
+                Ok(runs) => shared.set_sources(b, runs.unwrap_or_default().into()),
                 Err(e) => log::warn!("vhd: block {b}: {e}"),
             }
         }
     }
 
-    /// Where the parents hold `[start, start + len)` (a block of the leaf): none if the leaf
-    /// has any of it, if some of it reads as zeros, or if it is in more than [`MAX_RUNS`] runs.
-    fn parents_of(&mut self, start: u64, len: u64) -> Result<Option<Vec<Source>>, VhdError> {
-        let Some((Layer::Vhd(leaf), parents)) = self.layers.split_first_mut() else {
-            return Ok(None);
-        };
-        if leaf.map(start, len)? != [(len, None)] {
+    /// Where the leaf (image 0) and its parents hold `[start, start + len)` (a block of the
+    /// leaf), in runs: none without parents, if some of it reads as zeros, or if it is in more
+    /// than [`MAX_RUNS`] runs.
+    fn sources_of(&mut self, start: u64, len: u64) -> Result<Option<Vec<Source>>, VhdError> {
+        if self.layers.len() < 2 {
             return Ok(None);
         }
         let mut runs = Vec::new();
-        if !map_layers(parents, 1, start, len, &mut runs)? || runs.len() > MAX_RUNS {
+        if !map_layers(&mut self.layers, 0, start, len, &mut runs)? || runs.len() > MAX_RUNS {
             return Ok(None);
         }
         Ok(Some(runs))

@@ -500,7 +500,7 @@ impl VhdImage {
             // Before any byte is written (so before the write completes): the loop stops
             // reading these blocks from the parents.
             for (block, _, _) in pieces(offset, data.len() as u64, self.block_size) {
-                s.revoke_parents(block);
+                s.revoke_sources(block);
             }
         }
         let mut done = 0usize;

@@ -1,9 +1,9 @@
 //! What the thread that owns a leaf VHD ([`super::VhdImage`], on the `vhd:` backend's worker)
 //! tells the event loop about it, so that the loop can do I/O on the chain's data itself
 //! (io_uring, straight into the ring's pages) where no metadata is involved: which blocks are
-//! wholly present in the leaf and where their data is, which blocks the leaf lacks entirely and
-//! where the parents hold their sectors, which blocks the leaf has allocated, and whether the
-//! loop wrote since the last flush.
+//! wholly present in the leaf and where their data is, for the other blocks of a differencing
+//! leaf where the leaf and its parents hold their sectors, which blocks the leaf has allocated,
+//! and whether the loop wrote since the last flush.
 //!
 //! A block becomes "present" only after its data, bitmap and BAT entry are on disk (the worker
 //! marks it at the end of the allocation, or when it reads a full bitmap); it stops being present
@@ -11,20 +11,22 @@
 //! per I/O; I/Os in flight together with a discard of the same range have no defined outcome, as
 //! for any disk.
 //!
-//! A block of a differencing leaf that the leaf lacks entirely (no BAT entry, or no sector's bit
-//! set) is read from its parents: where each run of it is (which image, where in its file) is
-//! worked out by the worker when it first reads the block ([`LeafState::set_parents`]) and never
-//! changes, as parents do not. The worker withdraws it ([`LeafState::revoke_parents`]) before it
-//! writes the first byte of a write into the block, so before that write's completion: a read
-//! the loop starts after the completion reads the leaf (through the worker, or the loop once
-//! the block is whole). A withdrawn block stays withdrawn (a differencing leaf never frees a
-//! block: it does not discard).
+//! A block of a differencing leaf that the leaf holds in part or not at all (no BAT entry, or
+//! some sectors' bits clear) is read from the leaf's sectors of it and its parents' for the
+//! rest: where each run of it is (which image, where in its file) is worked out by the worker
+//! when it first reads the block ([`LeafState::set_sources`]). The parents' runs never change,
+//! as parents do not; the leaf's change only when the leaf writes into the block (a new
+//! sector's bit, or the block's allocation). The worker withdraws the block
+//! ([`LeafState::revoke_sources`]) before it writes the first byte of a write into it, so
+//! before that write's completion: a read the loop starts after the completion goes to the
+//! worker (or to the leaf, once the block is whole). A withdrawn block stays withdrawn (a
+//! differencing leaf never frees a block: it does not discard).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-/// Where a run of a block the leaf lacks is: `len` bytes of image `image` of the chain (1 the
-/// leaf's parent, 2 its parent, ...) at byte `at` of its file.
+/// Where a run of a block is: `len` bytes of image `image` of the chain (0 the leaf, 1 its
+/// parent, 2 that one's parent, ...) at byte `at` of its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Source {
     /// The image, counted from the leaf (0).
@@ -45,8 +47,9 @@ pub type Piece = (usize, u64, u64);
 /// `data_at[b]` is 0, or 1 + the byte offset in the leaf file of block `b`'s data, every sector
 /// of which the leaf holds (its bitmap is full) and whose BAT entry is on disk.
 ///
-/// While `revoked[b]` is false, `parents[b]`, if set and not empty, covers block `b` with runs in
-/// order, each from one parent, and the leaf holds no sector of the block.
+/// While `revoked[b]` is false, `sources[b]`, if set and not empty, covers block `b` with runs in
+/// order, each from one image of the chain, the leaf's runs being exactly the sectors of the
+/// block it holds.
 #[derive(Debug)]
 pub struct LeafState {
     /// The disk's size in bytes.
@@ -55,10 +58,10 @@ pub struct LeafState {
     pub block_size: u64,
     data_at: Vec<AtomicU64>,
     allocated: Vec<AtomicBool>,
-    /// Per block, once the worker worked it out: where the parents hold it, in runs (empty:
-    /// not from the parents alone: the leaf has some of it, or some reads as zeros).
-    parents: Vec<OnceLock<Box<[Source]>>>,
-    /// Per block: the leaf has (or is about to have) some of it; never cleared.
+    /// Per block, once the worker worked it out: where the leaf and its parents hold it, in
+    /// runs (empty: not so: some of it reads as zeros, or it is in too many runs).
+    sources: Vec<OnceLock<Box<[Source]>>>,
+    /// Per block: the leaf wrote (or is about to write) into it; never cleared.
     revoked: Vec<AtomicBool>,
     /// Whether the loop wrote to the file since the worker's last flush.
     written: AtomicBool,
@@ -72,7 +75,7 @@ impl LeafState {
             block_size: 0,
             data_at: Vec::new(),
             allocated: Vec::new(),
-            parents: Vec::new(),
+            sources: Vec::new(),
             revoked: Vec::new(),
             written: AtomicBool::new(false),
         }
@@ -86,7 +89,7 @@ impl LeafState {
             size,
             block_size,
             data_at: allocated.iter().map(|_| AtomicU64::new(0)).collect(),
-            parents: allocated.iter().map(|_| OnceLock::new()).collect(),
+            sources: allocated.iter().map(|_| OnceLock::new()).collect(),
             revoked: allocated.iter().map(|_| AtomicBool::new(false)).collect(),
             allocated,
             written: AtomicBool::new(false),
@@ -124,36 +127,36 @@ impl LeafState {
                 .is_some_and(|e| e.load(Ordering::Acquire))
     }
 
-    /// Whether the worker has worked out where the parents hold block `b` (or that they do not
-    /// hold it alone).
-    pub fn parents_known(&self, b: u32) -> bool {
-        self.parents
+    /// Whether the worker has worked out where the chain holds block `b` (or that the loop
+    /// cannot read it).
+    pub fn sources_known(&self, b: u32) -> bool {
+        self.sources
             .get(b as usize)
             .is_some_and(|p| p.get().is_some())
     }
 
-    /// Block `b`, which the leaf lacks entirely, is `runs` of the parents, in order, covering it
-    /// (empty: it is not the parents' alone). Only the worker calls this, and only once per
-    /// block (later calls change nothing).
-    pub fn set_parents(&self, b: u32, runs: Box<[Source]>) {
-        if let Some(p) = self.parents.get(b as usize) {
+    /// Block `b`, which the leaf holds in part or not at all, is `runs` of the leaf and its
+    /// parents, in order, covering it (empty: the loop cannot read it). Only the worker calls
+    /// this, and only once per block (later calls change nothing).
+    pub fn set_sources(&self, b: u32, runs: Box<[Source]>) {
+        if let Some(p) = self.sources.get(b as usize) {
             let _ = p.set(runs);
         }
     }
 
-    /// The leaf is about to hold some of block `b`: the loop no longer reads it from the
-    /// parents. Called by the worker before it writes any byte into the block.
-    pub fn revoke_parents(&self, b: u32) {
+    /// The leaf is about to write into block `b`: the loop no longer reads it from the runs it
+    /// was told. Called by the worker before it writes any byte into the block.
+    pub fn revoke_sources(&self, b: u32) {
         if let Some(r) = self.revoked.get(b as usize) {
             r.store(true, Ordering::Release);
         }
     }
 
     /// Where `[offset, offset + len)` of the disk is, if all of it is in blocks the leaf holds
-    /// wholly, or (if `parents`) in blocks the leaf lacks entirely and the parents hold: the
+    /// wholly, or (if `chain`) in blocks whose runs in the leaf and its parents are known: the
     /// pieces `(image, file offset, length)`, split at block ends (and at the ends of the
-    /// parents' runs), in order. None if any part is elsewhere (then the worker does the I/O).
-    pub fn locate(&self, offset: u64, len: u64, parents: bool, out: &mut Vec<Piece>) -> bool {
+    /// runs), in order. None if any part is elsewhere (then the worker does the I/O).
+    pub fn locate(&self, offset: u64, len: u64, chain: bool, out: &mut Vec<Piece>) -> bool {
         out.clear();
         let Some(end) = offset.checked_add(len).filter(|&e| e <= self.size) else {
             return false;
@@ -172,7 +175,7 @@ impl LeafState {
             };
             if at != 0 {
                 out.push((0, at - 1 + within, n));
-            } else if !parents || !self.locate_in_parents(b, within, n, out) {
+            } else if !chain || !self.locate_in_sources(b, within, n, out) {
                 return false;
             }
             pos += n;
@@ -180,9 +183,9 @@ impl LeafState {
         true
     }
 
-    /// Pushes where the parents hold `[within, within + n)` of block `b`, if they hold the
-    /// block and the leaf has not claimed it.
-    fn locate_in_parents(&self, b: usize, within: u64, n: u64, out: &mut Vec<Piece>) -> bool {
+    /// Pushes where the chain holds `[within, within + n)` of block `b`, if its runs are known
+    /// and the leaf has not written into it since.
+    fn locate_in_sources(&self, b: usize, within: u64, n: u64, out: &mut Vec<Piece>) -> bool {
         if self
             .revoked
             .get(b)
@@ -190,7 +193,7 @@ impl LeafState {
         {
             return false;
         }
-        let Some(runs) = self.parents.get(b).and_then(OnceLock::get) else {
+        let Some(runs) = self.sources.get(b).and_then(OnceLock::get) else {
             return false;
         };
         let (end, mut start, mut covered) = (within + n, 0, 0);
@@ -261,14 +264,14 @@ mod tests {
         let s = LeafState::dynamic(4 * bs, bs, [false; 4].into_iter());
         let mut out = Vec::new();
         assert!(!s.locate(0, 512, true, &mut out), "not worked out yet");
-        assert!(!s.parents_known(0));
+        assert!(!s.sources_known(0));
         let src = |image, at, len| Source { image, at, len };
         // Block 0: 4 KiB of image 1, then 4 KiB of image 3; block 1: image 2 whole; block 2: not
         // the parents' alone.
-        s.set_parents(0, [src(1, 100 << 10, 4096), src(3, 7 << 20, 4096)].into());
-        s.set_parents(1, [src(2, 1 << 20, bs)].into());
-        s.set_parents(2, Box::new([]));
-        assert!(s.parents_known(0) && s.parents_known(2) && !s.parents_known(3));
+        s.set_sources(0, [src(1, 100 << 10, 4096), src(3, 7 << 20, 4096)].into());
+        s.set_sources(1, [src(2, 1 << 20, bs)].into());
+        s.set_sources(2, Box::new([]));
+        assert!(s.sources_known(0) && s.sources_known(2) && !s.sources_known(3));
         assert!(s.locate(3584, 1024, true, &mut out));
         assert_eq!(out, [(1, (100 << 10) + 3584, 512), (3, 7 << 20, 512)]);
         assert!(
@@ -279,16 +282,42 @@ mod tests {
         assert_eq!(out, [(3, (7 << 20) + 3584, 512), (2, 1 << 20, 512)]);
         assert!(!s.locate(2 * bs - 512, 1024, true, &mut out), "block 2");
         // A second answer for a block changes nothing.
-        s.set_parents(1, [src(1, 0, bs)].into());
+        s.set_sources(1, [src(1, 0, bs)].into());
         // A leaf block present wins; a leaf block revoked is no longer the parents'.
         s.set_present(0, 1 << 20);
         assert!(s.locate(0, bs + 512, true, &mut out));
         assert_eq!(out, [(0, 1 << 20, bs), (2, 1 << 20, 512)]);
-        s.revoke_parents(1);
+        s.revoke_sources(1);
         assert!(!s.locate(bs, 512, true, &mut out));
         // Runs that do not cover the block (a bug) are not trusted.
-        s.set_parents(3, [src(1, 0, 4096)].into());
+        s.set_sources(3, [src(1, 0, 4096)].into());
         assert!(!s.locate(3 * bs + 4096, 512, true, &mut out));
         assert!(s.locate(3 * bs, 4096, true, &mut out));
+    }
+
+    #[test]
+    fn a_block_the_leaf_holds_in_part_is_located_in_the_leaf_and_the_parents() {
+        let bs = 8192;
+        let s = LeafState::dynamic(2 * bs, bs, [true, false].into_iter());
+        let mut out = Vec::new();
+        let src = |image, at, len| Source { image, at, len };
+        // Block 0: 2 KiB of the parent, 4 KiB of the leaf's own data (at 1 MiB of its file),
+        // 2 KiB of the parent's parent.
+        s.set_sources(
+            0,
+            [src(1, 4096, 2048), src(0, 1 << 20, 4096), src(2, 0, 2048)].into(),
+        );
+        assert!(s.locate(1024, 6144, true, &mut out));
+        assert_eq!(out, [(1, 5120, 1024), (0, 1 << 20, 4096), (2, 0, 1024)]);
+        assert!(
+            !s.locate(1024, 512, false, &mut out),
+            "writes: whole blocks only"
+        );
+        // The worker is about to write into it: the leaf's runs may change, none is used.
+        s.revoke_sources(0);
+        assert!(!s.locate(2048, 512, true, &mut out));
+        // Once whole, the leaf's block is read where it is.
+        s.set_present(0, 1 << 20);
+        assert!(s.locate(2048, 512, true, &mut out) && out == [(0, (1 << 20) + 2048, 512)]);
     }
 }
