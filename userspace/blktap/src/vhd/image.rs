@@ -498,7 +498,7 @@ impl VhdImage {
         }
         if let Some(s) = &self.shared {
             // Before any byte is written (so before the write completes): the loop stops
-            // reading these blocks from the parents.
+            // reading these blocks from the leaf's and the parents' runs it was told.
             for (block, _, _) in pieces(offset, data.len() as u64, self.block_size) {
                 s.revoke_sources(block);
             }
