@@ -31,8 +31,9 @@
 //! block only when the leaf writes into it, so that holds until then: the worker withdraws the
 //! block before it writes the first byte of such a write, so before the write's completion,
 //! and a read the loop starts after that completion goes to the worker (or to the leaf, once
-//! the block is whole). A withdrawn block stays so (a differencing leaf does not discard). Reopening (unpause) starts over with nothing known. The parents' entries
-//! in the `stats` count the sectors read from each, by the worker or the loop.
+//! the block is whole). A withdrawn block stays so (a differencing leaf does not discard).
+//! Reopening (unpause) starts over with nothing known. The parents' entries in the `stats`
+//! count the sectors read from each, by the worker or the loop.
 //!
 //! Discard is done on a leaf without parent (fixed or dynamic), where
 //! a forgotten range reads as zeros and whole blocks are given back
@@ -188,7 +189,7 @@ impl Vhd {
     /// plain write, aligned, wholly in blocks the leaf holds whole, or for a read also in blocks
     /// the leaf and its parents hold (see the module's documentation).
     fn fast(&mut self, io: &Io) -> bool {
-        let parents = match io.op {
+        let chain = match io.op {
             Op::Read => self.has_parents,
             Op::Write if !self.readonly => false,
             _ => return false,
@@ -197,7 +198,7 @@ impl Vhd {
         len > 0
             && io.offset.is_multiple_of(512)
             && len.is_multiple_of(512)
-            && self.leaf.locate(io.offset, len, parents, &mut self.located)
+            && self.leaf.locate(io.offset, len, chain, &mut self.located)
     }
 
     /// Hands the data path's completions out, joining the pieces of split I/Os.
@@ -224,12 +225,14 @@ impl Vhd {
                         entry.left -= 1;
                         entry.left == 0
                     });
-                    last.then(|| self.split.try_remove(k))
-                        .flatten()
-                        .map(|whole| Completion {
+                    if last {
+                        self.split.try_remove(k).map(|whole| Completion {
                             tag: whole.tag,
                             result: whole.result,
                         })
+                    } else {
+                        None
+                    }
                 }
             };
             if let Some(done) = done {
