@@ -40,7 +40,24 @@ class ScanTest(unittest.TestCase):
         ]:
             with self.subTest(line=line):
                 problems, _ = run.scan_kernel_log(CLEAN + f"[   10.5] {line}\n")
-                self.assertEqual(len(problems), 1, problems)
+                # The problem, then the report it starts.
+                self.assertEqual(len(problems), 2, problems)
+                self.assertIn(line, problems[1])
+
+    def test_the_first_report_comes_with_its_lines_and_when_it_came(self):
+        report = ("[    0.068000] BUG: KASAN: wild-memory-access in do_raw_spin_lock+0xbc/0x1d0\n"
+                  "[    0.068000] Read of size 4 at addr 1fffffffffffff03 by task swapper/0/0\n"
+                  "[    0.068000] Call Trace:\n"
+                  "[    0.068000]  <TASK>\n"
+                  "[    0.068000]  dump_stack_lvl+0x5d/0x80\n")
+        head, tail = CLEAN.split("ok - ", 1)
+        problems, _ = run.scan_kernel_log(head + report + "BLKTAP-VM-START t\nok - " + tail)
+        self.assertEqual(len(problems), 3, problems)
+        self.assertIn("during boot, before the test started", problems[2])
+        self.assertIn("Read of size 4", problems[2])
+        self.assertIn("dump_stack_lvl", problems[2])
+        problems, _ = run.scan_kernel_log("BLKTAP-VM-START t\n" + report)
+        self.assertIn("while the test ran", problems[-1])
 
 
 class KtapTest(unittest.TestCase):
