@@ -674,15 +674,41 @@ class Counters(unittest.TestCase):
         self.assertEqual(GUEST.per_io(nc, 10, None)["cpu_us_per_io"], None)
         self.assertEqual(GUEST.perf_events("why"), ["task-clock", "context-switches"])
 
+    def test_interrupts_of_one_vcpu_per_io(self):
+        text = ("           CPU0       CPU1       \n"
+                "  0:         40          0   IO-APIC   2-edge      timer\n"
+                " 24:        100        300   PCI-MSIX-0000:00:04.0   0-edge      virtio0\n"
+                "LOC:       5000       6000   Local timer interrupts\n"
+                "RES:         70         80   Rescheduling interrupts\n"
+                "ERR:          0\n")
+        with tempfile.TemporaryDirectory() as d:
+            f = Path(d) / "interrupts"
+            f.write_text(text)
+            real = GUEST.Path
+            GUEST.Path = lambda p: f if p == "/proc/interrupts" else real(p)
+            try:
+                self.assertEqual(GUEST.cpu_interrupts(0), {"0": 40, "24": 100, "LOC": 5000, "RES": 70})
+                self.assertEqual(GUEST.cpu_interrupts(1)["24"], 300)
+            finally:
+                GUEST.Path = real
+        self.assertEqual(GUEST.irqs_per_io({"LOC": 10, "RES": 5}, {"LOC": 30, "RES": 5, "CAL": 4}, 8),
+                         {"CAL": 0.5, "LOC": 2.5, "all": 3.0})
+        self.assertIsNone(GUEST.irqs_per_io({}, {"LOC": 1}, 0))
+
     def test_counters_table_with_errors_and_missing_values(self):
         recs = records(lambda d, j, r: {}, jobs=["randread-4k-qd1"], rounds=2, extra=[
             {"kind": "counters", "device": "tapdev-null", "job": "randread-4k-qd1", "iops": 900.0,
              "ios": 0, "syscalls_counted": False, "why_not": "no tracepoints",
              "fio": {"syscalls_per_io": None, "cpu_us_per_io": None, "ctxt_per_io": math.nan}},
             {"kind": "counters", "device": "ublk-null", "job": "randread-4k-qd1", "error": "perf died"},
+            {"kind": "counters", "device": "null_blk", "job": "randread-4k-qd1", "iops": 1000.0,
+             "ios": 4000, "fio": {"syscalls_per_io": 1.0, "cpu_us_per_io": 12.0, "ctxt_per_io": 0.0},
+             "fio_cpu_irqs_per_io": {"LOC": 0.05, "RES": 0.5, "CAL": 0.25, "all": 0.8}},
             {"kind": "counters", "error": "perf is not installed"}])
         out, md = report(recs)
-        self.assertIn("| tapdev-null | randread-4k-qd1 | 900 | - | - | - | - | - | - |", md)
+        self.assertIn("| tapdev-null | randread-4k-qd1 | 900 | - | - | - | - | - | - | - | - |", md)
+        self.assertIn("| null_blk | randread-4k-qd1 | 1000 | 1.00 | 12.0 | 0.00 | - | - | - | 0.80 | 0.75 |",
+                      md)
         self.assertIn("| ublk-null | randread-4k-qd1 | error: perf died |", md)
         self.assertIn("| - | - | error: perf is not installed |", md)
         self.assertIn("System calls not counted: no tracepoints", md)

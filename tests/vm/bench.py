@@ -597,6 +597,31 @@ def per_io(stat, ios, no_syscalls):
             "ctxt_per_io": each(stat.get("context-switches"))}
 
 
+def cpu_interrupts(cpu):
+    """Interrupts taken by vCPU `cpu` so far, by /proc/interrupts row (rescheduling and
+    function-call IPIs, the local timer, each device line, ...)."""
+    out = {}
+    lines = Path("/proc/interrupts").read_text().splitlines()
+    ncpu = len(lines[0].split())
+    for line in lines[1:]:
+        parts = line.split()
+        if len(parts) < 1 + ncpu or not all(x.isdigit() for x in parts[1:1 + ncpu]):
+            continue
+        name = parts[0].rstrip(":")
+        out[name] = int(parts[1 + cpu])
+    return out
+
+
+def irqs_per_io(before, after, ios):
+    """The interrupts fio's vCPU took per completed I/O: each row that moved, and their sum."""
+    if not ios:
+        return None
+    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    out = {k: round(v / ios, 4) for k, v in sorted(moved.items())}
+    out["all"] = round(sum(moved.values()) / ios, 4)
+    return out
+
+
 def count_device(name, path, server, job, runtime):
     """One fio run of `job` under perf stat, the server's processes counted beside it: a
     `counters` record."""
@@ -610,10 +635,12 @@ def count_device(name, path, server, job, runtime):
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)
     t0 = task_counters(pids)
+    i0 = cpu_interrupts(FIO_CPU)
     try:
         r = fio(path, [job], runtime, 0, out="/tmp/fio-counted.json",
                 prefix=["perf", "stat", "-x,", "-o", "/tmp/perf-fio.csv", "-e", events, "--"])[job]
     finally:
+        i1 = cpu_interrupts(FIO_CPU)
         t1 = task_counters(pids)
         if srv is not None:
             srv.send_signal(signal.SIGINT)
@@ -621,7 +648,8 @@ def count_device(name, path, server, job, runtime):
     ios = r["ios"]
     rec = {"device": name, "job": job, "iops": r["iops"], "ios": ios, "lat_mean_us": r["lat_mean_us"],
            "syscalls_counted": why is None, "why_not": why,
-           "fio": per_io(parse_perf_stat(Path("/tmp/perf-fio.csv").read_text()), ios, why)}
+           "fio": per_io(parse_perf_stat(Path("/tmp/perf-fio.csv").read_text()), ios, why),
+           "fio_cpu_irqs_per_io": irqs_per_io(i0, i1, ios)}
     if pids:
         rec["server"] = per_io(parse_perf_stat(Path("/tmp/perf-server.csv").read_text()), ios, why)
         rec["server"]["wakeups_per_io"] = round((t1["voluntary"] - t0["voluntary"]) / ios, 4) if ios else None
