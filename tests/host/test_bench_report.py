@@ -465,6 +465,7 @@ class GuestRun(unittest.TestCase):
             emit("counters", device=name, job=job, iops=1000.0, ios=5000, lat_mean_us=0.0,
                  syscalls_counted=True, why_not=None,
                  fio={"syscalls_per_io": 1.5, "cpu_us_per_io": 20.0, "ctxt_per_io": 0.5},
+                 fio_cpu_irqs_per_io={"LOC": 0.01, "all": 0.01},
                  **({} if name == "null_blk" else
                     {"server": {"syscalls_per_io": 2.0, "cpu_us_per_io": 30.0, "ctxt_per_io": 1.0,
                                 "wakeups_per_io": 1.0, "threads": 1}}))
@@ -558,6 +559,16 @@ class GuestRun(unittest.TestCase):
                 self.assertEqual(GUEST.check(f.name), 1)
             self.assertIn("stack nbd-client: fio-nbd randread-4k-qd32: no result",
                           [c.args[0] for c in pr.call_args_list])
+            # So does a counted run without fio's vCPU's interrupts.
+            f.seek(0)
+            f.truncate()
+            f.write("\n".join(l.replace('"fio_cpu_irqs_per_io": {"LOC": 0.01, "all": 0.01}',
+                                         '"fio_cpu_irqs_per_io": null') for l in lines) + "\n")
+            f.flush()
+            with unittest.mock.patch("builtins.print") as pr:
+                self.assertEqual(GUEST.check(f.name), 1)
+            self.assertTrue(any("no interrupt counted on fio's vCPU" in c.args[0]
+                                for c in pr.call_args_list))
         out, md = report(recs)
         st = out["stacks"]["vhd"]
         self.assertEqual(st["ratios"]["randread-4k-qd32"]["iops"]["pairs"], 2)

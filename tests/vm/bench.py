@@ -1321,6 +1321,9 @@ def check(path):
             elif not (cs[0]["fio"]["cpu_us_per_io"] or 0) > 0 or \
                     (dev != "null_blk" and not (cs[0].get("server") or {}).get("cpu_us_per_io")):
                 problems.append(f"counters {dev} {job}: no CPU time counted: {cs[0]}")
+            elif not ((cs[0].get("fio_cpu_irqs_per_io") or {}).get("all") or 0) > 0:
+                # fio's vCPU takes at least its timer ticks during a run.
+                problems.append(f"counters {dev} {job}: no interrupt counted on fio's vCPU: {cs[0]}")
     for name, spec in (meta[0].get("stacks") or {} if meta else {}).items():
         for r in recs:
             if r["kind"] == "stack-device" and r.get("stack") == name and "error" in r:
