@@ -27,6 +27,7 @@ disturbed.
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import re
@@ -599,17 +600,10 @@ def per_io(stat, ios, no_syscalls):
 
 def cpu_interrupts(cpu):
     """Interrupts taken by vCPU `cpu` so far, by /proc/interrupts row (rescheduling and
-    function-call IPIs, the local timer, each device line, ...)."""
-    out = {}
-    lines = Path("/proc/interrupts").read_text().splitlines()
-    ncpu = len(lines[0].split())
-    for line in lines[1:]:
-        parts = line.split()
-        if len(parts) < 1 + ncpu or not all(x.isdigit() for x in parts[1:1 + ncpu]):
-            continue
-        name = parts[0].rstrip(":")
-        out[name] = int(parts[1 + cpu])
-    return out
+    function-call IPIs, the local timer, each device line, ...); rows without a count per vCPU
+    (ERR, MIS) are left out."""
+    ncpu, rows = interrupt_rows()
+    return {name: counts[cpu] for name, counts, _ in rows if len(counts) >= ncpu}
 
 
 def irqs_per_io(before, after, ios):
@@ -706,17 +700,23 @@ def task_counters(pids):
     return c
 
 
-def interrupts():
-    out = {}
-    for line in Path("/proc/interrupts").read_text().splitlines()[1:]:
+def interrupt_rows():
+    """/proc/interrupts: the number of vCPUs (its header's columns) and its rows, each (name,
+    the counts that follow the name, the description after them)."""
+    lines = Path("/proc/interrupts").read_text().splitlines()
+    rows = []
+    for line in lines[1:]:
         parts = line.split()
         if not parts:
             continue
-        name = parts[0].rstrip(":")
-        counts = [int(x) for x in parts[1:] if x.isdigit()]
-        desc = " ".join(p for p in parts[1 + len(counts):])
-        out[f"{name} {desc}".strip()] = sum(counts)
-    return out
+        counts = list(map(int, itertools.takewhile(str.isdigit, parts[1:])))
+        rows.append((parts[0].rstrip(":"), counts, " ".join(parts[1 + len(counts):])))
+    return len(lines[0].split()) if lines else 0, rows
+
+
+def interrupts():
+    """Every row's count summed over the vCPUs, by name and description."""
+    return {f"{name} {desc}".strip(): sum(counts) for name, counts, desc in interrupt_rows()[1]}
 
 
 def system_ctxt():
