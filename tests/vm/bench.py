@@ -80,7 +80,7 @@ SETTLE_S = 0.3
 SPAN = "256M"
 DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapdev-null-nopoll",
            "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large",
-           "tapdev-null-nopause"]
+           "tapdev-null-nopause", "tapdev-null-poll20"]
 # What `make bench` runs; the others only when named (--devices): tapdev-null-nopoll is
 # tapdev-null with tapdisk sleeping in epoll as soon as it has answered (BLKTAP_POLL_US=0), to
 # measure what watching the ring after answering brings; tapdev-null-nostage is tapdev-null
@@ -92,7 +92,9 @@ DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapde
 # to 512 KiB instead of 44, 16 MiB of ring pages per tap), to measure what they bring;
 # tapdev-null-nopause is tapdev-null with tapdisk watching its rings without the spin-wait hint
 # (BLKTAP_POLL_PAUSE=false: no `pause` between two looks, which under TCG leaves the vCPU's
-# translated code each time), to measure what the hint costs.
+# translated code each time), to measure what the hint costs; tapdev-null-poll20 is tapdev-null
+# with tapdisk watching its rings for 20 us after answering instead of 100 (BLKTAP_POLL_US=20,
+# bench/poll-window), to measure what a shorter watch brings.
 DEFAULT_DEVICES = DEVICES[:5]
 # A device that may be missing, with the reason printed instead of numbers.
 OPTIONAL = {"rnull"}
@@ -292,6 +294,8 @@ def make_device(name):
             "tapdev-ram": lambda: Tapdev(f"ram:{SPAN}"),
             "tapdev-null-nopoll": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nopoll",
                                                  {"BLKTAP_POLL_US": "0"}),
+            "tapdev-null-poll20": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-poll20",
+                                                 {"BLKTAP_POLL_US": "20"}),
             "tapdev-null-nostage": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nostage",
                                                   {"BLKTAP_STAGED_WRITES": "false"}),
             "tapdev-null-reqev": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-reqev",
@@ -552,7 +556,7 @@ COUNTER_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqwrite-44k-qd32", "seq
                 "randrw70-4k-qd16x2"]
 COUNTER_DEVICES = ["tapdev-null", "ublk-null", "null_blk", "tapdev-null-nopoll",
                    "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large",
-                   "tapdev-null-nopause"]
+                   "tapdev-null-nopause", "tapdev-null-poll20"]
 SYSCALL_EVENT = "raw_syscalls:sys_enter"
 
 
