@@ -80,7 +80,7 @@ SETTLE_S = 0.3
 SPAN = "256M"
 DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapdev-null-nopoll",
            "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large",
-           "tapdev-null-nopause", "tapdev-null-poll20"]
+           "tapdev-null-nopause", "tapdev-null-poll20", "ublk-null-busy", "tapdev-null-busy"]
 # What `make bench` runs; the others only when named (--devices): tapdev-null-nopoll is
 # tapdev-null with tapdisk sleeping in epoll as soon as it has answered (BLKTAP_POLL_US=0), to
 # measure what watching the ring after answering brings; tapdev-null-nostage is tapdev-null
@@ -94,7 +94,10 @@ DEVICES = ["null_blk", "rnull", "ublk-null", "tapdev-null", "tapdev-ram", "tapde
 # (BLKTAP_POLL_PAUSE=false: no `pause` between two looks, which under TCG leaves the vCPU's
 # translated code each time), to measure what the hint costs; tapdev-null-poll20 is tapdev-null
 # with tapdisk watching its rings for 20 us after answering instead of 100 (BLKTAP_POLL_US=20,
-# bench/poll-window), to measure what a shorter watch brings.
+# bench/poll-window), to measure what a shorter watch brings; ublk-null-busy and
+# tapdev-null-busy are ublk-null and tapdev-null with the servers' vCPU kept from halting during
+# their runs (Busy, bench/vcpu-busy), to measure what a vCPU that never halts does to fio's and
+# to the server's wake-ups.
 DEFAULT_DEVICES = DEVICES[:5]
 # A device that may be missing, with the reason printed instead of numbers.
 OPTIONAL = {"rnull"}
@@ -200,39 +203,83 @@ class RNull:
 
 
 class Ublk:
-    name = "ublk-null"
+    """A ublk device on rublk's null target, with the device id `number` (0 for ublk-null)."""
 
-    def __init__(self):
+    def __init__(self, number=0, name="ublk-null"):
         self.rublk = None
+        self.number = number
+        self.name = name
 
     def setup(self):
         self.rublk = find_rublk()
         if not self.rublk:
             raise RuntimeError("rublk not found (scripts/setup installs it with cargo install)")
-        sh(["insmod", str(KDIR / "drivers/block/ublk_drv.ko")])
+        if not os.path.exists("/dev/ublk-control"):
+            sh(["insmod", str(KDIR / "drivers/block/ublk_drv.ko")])
         if not wait_for("/dev/ublk-control"):
             raise RuntimeError("/dev/ublk-control did not appear")
         # One queue (as one tapdisk serves one ring), depth 32 (the blktap ring's). rublk's null
         # target is 250 GiB and touches no data; fio uses the first 256 MiB, as everywhere.
-        out = sh([self.rublk, "add", "null", "-q", "1", "-d", "32"])
-        if not wait_for("/dev/ublkb0"):
-            raise RuntimeError(f"/dev/ublkb0 did not appear: {out}")
+        n = self.number
+        out = sh([self.rublk, "add", "null", "-n", str(n), "-q", "1", "-d", "32"])
+        if not wait_for(f"/dev/ublkb{n}"):
+            raise RuntimeError(f"/dev/ublkb{n} did not appear: {out}")
         version = sh([self.rublk, "--version"], check=False)
-        return "/dev/ublkb0", {"params": "rublk add null -q 1 -d 32",
-                               "rublk": version}
+        return f"/dev/ublkb{n}", {"params": f"rublk add null -n {n} -q 1 -d 32",
+                                  "rublk": version}
 
     def teardown(self):
+        n = self.number
         if self.rublk:
-            sh([self.rublk, "del", "-a"], check=False)
+            sh([self.rublk, "del", "-n", str(n)], check=False)
         for _ in range(50):
-            if not os.path.exists("/dev/ublkb0"):
+            if not os.path.exists(f"/dev/ublkb{n}"):
                 break
             time.sleep(0.1)
-        sh(["rmmod", "ublk_drv"], check=False)
+        # Only once the last ublk device is gone (another may still be set up).
+        if not glob.glob("/dev/ublkb*"):
+            sh(["rmmod", "ublk_drv"], check=False)
 
     def server_pids(self):
-        # rublk's daemon: the process that has /dev/ublkc0 open.
-        return pids_with_open("/dev/ublkc0")
+        # rublk's daemon: the process that has the device's char node open.
+        return pids_with_open(f"/dev/ublkc{self.number}")
+
+
+class Busy:
+    """Another device (`inner`) measured with the servers' vCPU kept busy during each of its fio
+    runs: a shell loop pinned to SERVER_CPU at SCHED_IDLE, so the server preempts it whenever it
+    wakes, but the vCPU never halts. It asks whether a vCPU that keeps running (as tapdisk's
+    does while it watches its rings) slows the other vCPU, fio's, under TCG, or spares the
+    server a halted vCPU's wake-up. The loop is stopped before the gauge times the vCPUs."""
+
+    def __init__(self, inner, name):
+        self.inner = inner
+        self.name = name
+        self.loop = None
+
+    def setup(self):
+        path, info = self.inner.setup()
+        info["params"] += f"; vCPU {SERVER_CPU} kept busy by a SCHED_IDLE loop during each run"
+        return path, info
+
+    def run_started(self):
+        if SERVER_CPU is None:
+            return
+        self.loop = subprocess.Popen(["chrt", "-i", "0", "taskset", "-c", str(SERVER_CPU),
+                                      "sh", "-c", "while :; do :; done"])
+
+    def run_ended(self):
+        if self.loop:
+            self.loop.kill()
+            self.loop.wait()
+            self.loop = None
+
+    def teardown(self):
+        self.run_ended()
+        self.inner.teardown()
+
+    def server_pids(self):
+        return self.inner.server_pids()
 
 
 def pin_servers(pids, cpu):
@@ -303,7 +350,10 @@ def make_device(name):
             "tapdev-null-nopause": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-nopause",
                                                   {"BLKTAP_POLL_PAUSE": "false"}),
             "tapdev-null-large": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-large",
-                                                {"BLKTAP_MAX_SEGMENTS": "128"})}[name]()
+                                                {"BLKTAP_MAX_SEGMENTS": "128"}),
+            "ublk-null-busy": lambda: Busy(Ublk(1, "ublk-null-busy"), "ublk-null-busy"),
+            "tapdev-null-busy": lambda: Busy(Tapdev(f"null:{SPAN}", "tapdev-null-busy"),
+                                             "tapdev-null-busy")}[name]()
 
 
 def no_scheduler(path):
@@ -556,7 +606,8 @@ COUNTER_JOBS = ["randread-4k-qd1", "randread-4k-qd32", "seqwrite-44k-qd32", "seq
                 "randrw70-4k-qd16x2"]
 COUNTER_DEVICES = ["tapdev-null", "ublk-null", "null_blk", "tapdev-null-nopoll",
                    "tapdev-null-nostage", "tapdev-null-reqev", "tapdev-null-large",
-                   "tapdev-null-nopause", "tapdev-null-poll20"]
+                   "tapdev-null-nopause", "tapdev-null-poll20", "ublk-null-busy",
+                   "tapdev-null-busy"]
 SYSCALL_EVENT = "raw_syscalls:sys_enter"
 
 
@@ -634,10 +685,13 @@ def count_device(name, path, server, job, runtime):
         time.sleep(0.5)
     t0 = task_counters(pids)
     i0 = cpu_interrupts(FIO_CPU)
+    # As in measure(): the device's own set-up around each run (Busy's loop).
+    getattr(server, "run_started", lambda: None)()
     try:
         r = fio(path, [job], runtime, 0, out="/tmp/fio-counted.json",
                 prefix=["perf", "stat", "-x,", "-o", "/tmp/perf-fio.csv", "-e", events, "--"])[job]
     finally:
+        getattr(server, "run_ended", lambda: None)()
         i1 = cpu_interrupts(FIO_CPU)
         t1 = task_counters(pids)
         if srv is not None:
@@ -844,18 +898,22 @@ def set_up_devices(names):
     return ready, failed
 
 
-def measure(name, path, job, rnd, runtime, ramp, loops, before, stack=None, size=SPAN):
+def measure(name, path, job, rnd, runtime, ramp, loops, before, stack=None, size=SPAN, dev=None):
     """One fio run of `job` on a device, between two readings of the gauge, as a `run` record
     (with `error` instead of numbers if fio failed), or a `stack-run` record of the image stack
     comparison `stack`. The calibration after the run, which is the next run's before. Whether
-    fio failed."""
+    fio failed. `dev`, the device's object: its run_started() and run_ended(), where it has
+    them, are called around fio (Busy)."""
     where = {"stack": stack} if stack else {}
     emit("start", device=name, job=job, round=rnd, **where)
     t0 = cpu_ticks()
+    getattr(dev, "run_started", lambda: None)()
     try:
         res, err = fio(path, [job], runtime, ramp, size=size)[job], None
     except Exception as e:  # noqa: BLE001 - reported in the record
         res, err = None, str(e)
+    finally:
+        getattr(dev, "run_ended", lambda: None)()
     t1 = cpu_ticks()
     after = calibrate(loops)
     gauge = {"before_ms": before, "after_ms": after, "steal_ticks": t1["steal"] - t0["steal"],
@@ -1233,7 +1291,8 @@ def run(args):
         try:
             before = calibrate(loops)
             for rnd, job, name in plan(list(ready), jobs, rounds):
-                before, bad = measure(name, ready[name][1], job, rnd, runtime, ramp, loops, before)
+                d, path = ready[name]
+                before, bad = measure(name, path, job, rnd, runtime, ramp, loops, before, dev=d)
                 failed += bad
             note("counters")
             failed += count_all(ready, jobs, runtime)
