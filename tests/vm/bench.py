@@ -26,6 +26,7 @@ disturbed.
 """
 
 import argparse
+import contextlib
 import glob
 import itertools
 import json
@@ -252,9 +253,9 @@ class Busy:
     does while it watches its rings) slows the other vCPU, fio's, under TCG, or spares the
     server a halted vCPU's wake-up. The loop is stopped before the gauge times the vCPUs."""
 
-    def __init__(self, inner, name):
+    def __init__(self, inner):
         self.inner = inner
-        self.name = name
+        self.name = inner.name
         self.loop = None
 
     def setup(self):
@@ -280,6 +281,17 @@ class Busy:
 
     def server_pids(self):
         return self.inner.server_pids()
+
+
+@contextlib.contextmanager
+def device_run(dev):
+    """One run on `dev` inside what the device sets up around each of its runs: its
+    run_started() and run_ended(), where it has them (Busy's loop)."""
+    getattr(dev, "run_started", lambda: None)()
+    try:
+        yield
+    finally:
+        getattr(dev, "run_ended", lambda: None)()
 
 
 def pin_servers(pids, cpu):
@@ -351,9 +363,8 @@ def make_device(name):
                                                   {"BLKTAP_POLL_PAUSE": "false"}),
             "tapdev-null-large": lambda: Tapdev(f"null:{SPAN}", "tapdev-null-large",
                                                 {"BLKTAP_MAX_SEGMENTS": "128"}),
-            "ublk-null-busy": lambda: Busy(Ublk(1, "ublk-null-busy"), "ublk-null-busy"),
-            "tapdev-null-busy": lambda: Busy(Tapdev(f"null:{SPAN}", "tapdev-null-busy"),
-                                             "tapdev-null-busy")}[name]()
+            "ublk-null-busy": lambda: Busy(Ublk(1, "ublk-null-busy")),
+            "tapdev-null-busy": lambda: Busy(Tapdev(f"null:{SPAN}", "tapdev-null-busy"))}[name]()
 
 
 def no_scheduler(path):
@@ -685,13 +696,12 @@ def count_device(name, path, server, job, runtime):
         time.sleep(0.5)
     t0 = task_counters(pids)
     i0 = cpu_interrupts(FIO_CPU)
-    # As in measure(): the device's own set-up around each run (Busy's loop).
-    getattr(server, "run_started", lambda: None)()
     try:
-        r = fio(path, [job], runtime, 0, out="/tmp/fio-counted.json",
-                prefix=["perf", "stat", "-x,", "-o", "/tmp/perf-fio.csv", "-e", events, "--"])[job]
+        with device_run(server):
+            r = fio(path, [job], runtime, 0, out="/tmp/fio-counted.json",
+                    prefix=["perf", "stat", "-x,", "-o", "/tmp/perf-fio.csv", "-e", events,
+                            "--"])[job]
     finally:
-        getattr(server, "run_ended", lambda: None)()
         i1 = cpu_interrupts(FIO_CPU)
         t1 = task_counters(pids)
         if srv is not None:
@@ -902,18 +912,15 @@ def measure(name, path, job, rnd, runtime, ramp, loops, before, stack=None, size
     """One fio run of `job` on a device, between two readings of the gauge, as a `run` record
     (with `error` instead of numbers if fio failed), or a `stack-run` record of the image stack
     comparison `stack`. The calibration after the run, which is the next run's before. Whether
-    fio failed. `dev`, the device's object: its run_started() and run_ended(), where it has
-    them, are called around fio (Busy)."""
+    fio failed. `dev`, the device's object: fio runs inside device_run(dev)."""
     where = {"stack": stack} if stack else {}
     emit("start", device=name, job=job, round=rnd, **where)
     t0 = cpu_ticks()
-    getattr(dev, "run_started", lambda: None)()
     try:
-        res, err = fio(path, [job], runtime, ramp, size=size)[job], None
+        with device_run(dev):
+            res, err = fio(path, [job], runtime, ramp, size=size)[job], None
     except Exception as e:  # noqa: BLE001 - reported in the record
         res, err = None, str(e)
-    finally:
-        getattr(dev, "run_ended", lambda: None)()
     t1 = cpu_ticks()
     after = calibrate(loops)
     gauge = {"before_ms": before, "after_ms": after, "steal_ticks": t1["steal"] - t0["steal"],
