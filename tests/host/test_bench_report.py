@@ -173,6 +173,40 @@ class Order(unittest.TestCase):
                 seq = "".join("a" if d == a else "b" for _, j, d in order if j == job and d in (a, b))
                 self.assertEqual(seq, "abba" * (GUEST.ROUNDS // 2), (job, a, b))
 
+    def test_focus_rounds_go_on_abba_for_the_focus_jobs_only(self):
+        devs = GUEST.DEFAULT_DEVICES
+        jobs = list(GUEST.JOBS)
+        order = GUEST.plan(devs, jobs, GUEST.ROUNDS, GUEST.FOCUS_ROUNDS)
+        extra = GUEST.FOCUS_ROUNDS - GUEST.ROUNDS
+        self.assertGreater(extra, 0)
+        self.assertEqual(len(order), len(devs) * len(jobs) * GUEST.ROUNDS
+                         + extra * sum(len(GUEST.FOCUS[j]) for j in GUEST.FOCUS))
+        self.assertEqual(order[:len(devs) * len(jobs) * GUEST.ROUNDS], GUEST.plan(devs, jobs, GUEST.ROUNDS))
+        for job in jobs:
+            for a, b in itertools.combinations(devs, 2):
+                seq = "".join("a" if d == a else "b" for _, j, d in order if j == job and d in (a, b))
+                both = job in GUEST.FOCUS and {a, b} <= set(GUEST.FOCUS[job])
+                n = GUEST.FOCUS_ROUNDS if both else GUEST.ROUNDS
+                if both or not ({a, b} & set(GUEST.FOCUS.get(job, ()))):
+                    self.assertEqual(seq, "abba" * (n // 2), (job, a, b))
+        late = {(j, d) for r, j, d in order if r >= GUEST.ROUNDS}
+        self.assertEqual(late, {(j, d) for j, ds in GUEST.FOCUS.items() for d in ds})
+        # The targets these jobs are the closest to compare tapdev-null with ublk-null.
+        for ds in GUEST.FOCUS.values():
+            self.assertLessEqual({"tapdev-null", "ublk-null"}, set(ds))
+        # No more rounds than --rounds, or an empty focus: the plain plan.
+        self.assertEqual(GUEST.plan(devs, jobs, 8, 6), GUEST.plan(devs, jobs, 8))
+        self.assertEqual(GUEST.plan(devs, jobs, 8, 24, {}), GUEST.plan(devs, jobs, 8))
+        # A focus device that is not there runs nothing; one device alone gives no pair.
+        self.assertEqual(GUEST.focus_of(["ublk-null", "tapdev-null", "rnull"], jobs, 24, 8),
+                         {"randread-4k-qd32": ["ublk-null", "tapdev-null"],
+                          "randwrite-4k-qd32": ["ublk-null", "tapdev-null"],
+                          "randrw70-4k-qd16x2": ["ublk-null", "tapdev-null"]})
+        self.assertEqual(GUEST.focus_of(["null_blk", "tapdev-null"], jobs, 24, 8),
+                         {"randread-4k-qd32": ["null_blk", "tapdev-null"]})
+        self.assertEqual(GUEST.focus_of(devs, jobs, 8, 8), {})
+        self.assertEqual(GUEST.focus_of(devs, ["seqread-1m-qd8"], 24, 8), {})
+
     def test_jobs_of_issue_14(self):
         j = GUEST.JOBS
         self.assertEqual((j["seqread-1m-qd8"]["rw"], j["seqread-1m-qd8"]["bs"], j["seqread-1m-qd8"]["qd"]),
@@ -431,7 +465,7 @@ class GuestRun(unittest.TestCase):
     # tests/vm/bench.py's run() on the host: stand-in devices, fio and memory measurement, the
     # real order, gauge, records and smoke check; then the report on its records.
 
-    def guest_run(self, fail=None, rounds=2, stacks="none"):
+    def guest_run(self, fail=None, rounds=2, stacks="none", focus_rounds=None):
         lines = []
         calls = []
 
@@ -488,7 +522,8 @@ class GuestRun(unittest.TestCase):
         with unittest.mock.patch.multiple(GUEST, **stubs):
             args = GUEST.argparse.Namespace(smoke=True, rounds=rounds, runtime=1, ramp=0, taps=2,
                                             profile=False, no_devices=False, devices=None,
-                                            stacks=stacks, stack_rounds=rounds, stack_runtime=1)
+                                            stacks=stacks, stack_rounds=rounds, stack_runtime=1,
+                                            focus_rounds=focus_rounds)
             rc = GUEST.run(args)
         return rc, lines, calls
 
@@ -524,6 +559,51 @@ class GuestRun(unittest.TestCase):
         self.assertIn("| tapdev-null | randread-4k-qd32 | 1000 | 1.50 | 20.0 | 0.50 | 2.00 | 30.0 | 1.00 |", md)
         self.assertEqual(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]["pairs"], 2)
         self.assertIsNone(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["lat_p99"]["median"])
+
+    def test_focus_rounds_in_the_guest_and_the_report(self):
+        # The smoke's default: one round of both jobs, a second of randread-4k-qd32 (a focus
+        # job) on the focus devices there, reversed.
+        rc, lines, calls = self.guest_run(rounds=1)
+        self.assertEqual(rc, 0)
+        fio = [(c[1].rsplit("/", 1)[1], c[2]) for c in calls if c[0] == "fio"]
+        devs = ["null_blk", "ublk-null", "tapdev-null", "tapdev-ram"]  # rnull skipped
+        self.assertEqual(fio, [(d, j) for j in GUEST.SMOKE_JOBS for d in devs]
+                         + [(d, "randread-4k-qd32") for d in ["tapdev-null", "ublk-null", "null_blk"]])
+        recs = GUEST.read_results("\n".join(lines))
+        meta = next(r for r in recs if r["kind"] == "meta")
+        self.assertEqual((meta["rounds"], meta["focus_rounds"]), (1, 2))
+        self.assertEqual(meta["focus"], {"randread-4k-qd32": ["null_blk", "ublk-null", "tapdev-null"]})
+        with tempfile.NamedTemporaryFile("w", suffix=".log") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            with unittest.mock.patch("builtins.print"):
+                self.assertEqual(GUEST.check(f.name), 0)
+        # The check counts the runs against the plan: one focus run missing is a problem.
+        drop = max(i for i, l in enumerate(lines) if '"kind": "run"' in l and '"tapdev-null"' in l)
+        with tempfile.NamedTemporaryFile("w", suffix=".log") as f:
+            f.write("\n".join(lines[:drop] + lines[drop + 1:]) + "\n")
+            f.flush()
+            with unittest.mock.patch("builtins.print") as pr:
+                self.assertEqual(GUEST.check(f.name), 1)
+            self.assertIn("tapdev-null randread-4k-qd32: 1 runs, 2 planned",
+                          " ".join(str(c.args[0]) for c in pr.call_args_list))
+        out, md = report(recs)
+        self.assertEqual(out["method"]["focus_rounds"], 2)
+        self.assertIn("the jobs closest to their targets go on to 2 rounds on the devices those "
+                      "targets compare (randread-4k-qd32 on null_blk, ublk-null, tapdev-null)", md)
+        self.assertEqual(out["ratios"]["tapdev-null"]["randread-4k-qd32"]["ublk-null"]["iops"]["pairs"], 2)
+        self.assertEqual(out["ratios"]["tapdev-null"]["seqwrite-44k-qd32"]["ublk-null"]["iops"]["pairs"], 1)
+        # No focus rounds asked for: none run, none said.
+        rc, lines, calls = self.guest_run(rounds=1, focus_rounds=0)
+        self.assertEqual(len([c for c in calls if c[0] == "fio"]), 8)
+        recs = GUEST.read_results("\n".join(lines))
+        self.assertEqual(next(r for r in recs if r["kind"] == "meta")["focus"], {})
+        self.assertNotIn("closest to their targets", report(recs)[1])
+
+    def test_timeout_counts_the_focus_runs(self):
+        plain = B.guest_timeout(len(GUEST.plan(GUEST.DEFAULT_DEVICES, list(GUEST.JOBS), 8)), 5, 1, False)
+        more = B.guest_timeout(len(GUEST.plan(GUEST.DEFAULT_DEVICES, list(GUEST.JOBS), 8, 24)), 5, 1, False)
+        self.assertEqual(more - plain, 2 * 16 * 7 * 10)
 
     def test_image_stacks_one_comparison_at_a_time(self):
         rc, lines, calls = self.guest_run(stacks="vhd-first-write,nbd-client,vhd", rounds=2)
