@@ -2,8 +2,9 @@
 //! for the ones in use: `create`, `snapshot`, `query`, `check`, `coalesce`, `repair`, `set`,
 //! `resize` (growing the BAT past its room under a journal), `revert` (undoing a resize cut
 //! short, from its journal), `modify` (re-parenting a differencing image, setting its physical
-//! size, forgetting its blocks), `fill` (allocating every block), `read` (printing an image's
-//! structures and data, [`read`]) and `scan` (listing the VHDs among files, [`scan`]).
+//! size, forgetting its blocks), `fill` (allocating every block, or with `-b` reserving them
+//! without their data), `read` (printing an image's structures and data, [`read`]) and `scan`
+//! (listing the VHDs among files, [`scan`]).
 //!
 //! Errors go to stderr, one line, and the exit status is the errno (as the original tools; a
 //! command line that does not parse is `EINVAL`, as the original's usage). `--debug`,
@@ -21,7 +22,7 @@ use blktap::vhd::check::check;
 use blktap::vhd::create::{
     coalesce, create_dynamic, create_fixed, resize_with_journal, revert, snapshot,
 };
-use blktap::vhd::fill::fill;
+use blktap::vhd::fill::{fill, reserve};
 use blktap::vhd::journal::default_path;
 use blktap::vhd::modify::{set_parent, set_physical_size, zero_blocks};
 use blktap::vhd::repair::repair;
@@ -150,16 +151,18 @@ enum Command {
         /// The image.
         #[arg(short = 'n')]
         name: PathBuf,
-        /// Initialise the BAT and bitmaps only (not supported).
+        /// Initialise the BAT and bitmaps only, without writing the data blocks (much faster;
+        /// the disk reads the same; blocks already allocated are kept).
         #[arg(short = 'b')]
         bat_only: bool,
-        /// From this sector, with -b (not supported).
+        /// From this sector, with -b.
         #[arg(short = 'f')]
         from: Option<u64>,
-        /// Up to this sector, with -b (not supported).
+        /// Up to this sector (inclusive), with -b.
         #[arg(short = 't')]
         to: Option<u64>,
-        /// Ignore the 2 TiB limit, with -b (not supported).
+        /// Accepted with -b for compatibility: a block past what the BAT's 32-bit sector
+        /// offsets address (2 TiB) is refused all the same.
         #[arg(short = 'B')]
         past_2tb: bool,
     },
@@ -372,13 +375,17 @@ fn run(command: Command) -> Result<(), Failure> {
             to,
             past_2tb,
         } => {
-            if bat_only || from.is_some() || to.is_some() || past_2tb {
+            if !bat_only && (from.is_some() || to.is_some() || past_2tb) {
                 return Err(Failure(
-                    "fill: -b (the BAT and bitmaps without the data), -f, -t and -B are not supported; fill writes every block".into(),
-                    libc::ENOSYS,
+                    "fill: -f, -t and -B can only be used with -b".into(),
+                    libc::EINVAL,
                 ));
             }
-            fill(&name)?;
+            if bat_only {
+                reserve(&name, from, to)?;
+            } else {
+                fill(&name)?;
+            }
         }
         Command::Read {
             name,

@@ -1,6 +1,7 @@
 //! vhd-util end to end: images made and inspected through the command line, data written
 //! through the library, qemu-img as an independent reader where installed.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -1523,19 +1524,29 @@ fn fill_allocates_every_block_and_qemu_reads_the_same_bytes() {
         (vec!["fill", "-n", s(&f)], libc::EINVAL, "is a fixed disk"),
         (vec!["fill", "-n", s(&child)], libc::ENOENT, "not found"),
         (
-            vec!["fill", "-n", s(&d), "-b"],
-            libc::ENOSYS,
-            "not supported",
-        ),
-        (
-            vec!["fill", "-n", s(&d), "-b", "-f", "0", "-t", "100"],
-            libc::ENOSYS,
-            "not supported",
+            vec!["fill", "-n", s(&d), "-f", "0", "-t", "100"],
+            libc::EINVAL,
+            "can only be used with -b",
         ),
         (
             vec!["fill", "-n", s(&d), "-B"],
-            libc::ENOSYS,
-            "not supported",
+            libc::EINVAL,
+            "can only be used with -b",
+        ),
+        (
+            vec!["fill", "-n", s(&d), "-b", "-f", "8192"],
+            libc::EINVAL,
+            "past the disk's end",
+        ),
+        (
+            vec!["fill", "-n", s(&d), "-b", "-f", "100", "-t", "99"],
+            libc::EINVAL,
+            "invalid sector range",
+        ),
+        (
+            vec!["fill", "-n", s(&f), "-b"],
+            libc::EINVAL,
+            "is a fixed disk",
         ),
         (vec!["fill", "-n", s(&missing)], libc::ENOENT, "cannot open"),
         (vec!["fill"], libc::EINVAL, "-n <NAME>"),
@@ -1547,6 +1558,88 @@ fn fill_allocates_every_block_and_qemu_reads_the_same_bytes() {
     std::fs::write(&journal, b"x").unwrap();
     refused(&["fill", "-n", s(&d)], libc::EINVAL, "vhd-util revert");
     assert!(std::fs::read(&d).unwrap() == bytes);
+}
+
+#[test]
+fn fill_b_allocates_the_bat_and_bitmaps_and_the_disk_reads_the_same() {
+    let dir = scratch("fill-b");
+    let mut rng = Rng::new(43);
+    let base = dir.join("base.vhd");
+    ok(&["create", "-n", s(&base), "-s", "20"]);
+    let mut model = vec![0u8; 20 << 20];
+    write_random(&base, &mut rng, &mut model);
+    let base_model = model.clone();
+    let child = dir.join("child.vhd");
+    ok(&["snapshot", "-n", s(&child), "-p", s(&base)]);
+    write_random(&child, &mut rng, &mut model);
+    let qemu = have_qemu();
+    for (p, model) in [(&child, &model), (&base, &base_model)] {
+        let stored = std::fs::metadata(p).unwrap().blocks() * 512;
+        let out = vhd_util(&["fill", "-n", s(p), "-b"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout.is_empty() && out.stderr.is_empty());
+        assert!(
+            read_all(p) == *model,
+            "{}: the disk reads differently",
+            p.display()
+        );
+        assert_eq!(ok(&["check", "-n", s(p)]), format!("{} is valid\n", s(p)));
+        let bat = ok(&["read", "-n", s(p), "-b", "0", "-c", "10"]);
+        assert_eq!(bat.lines().count(), 10);
+        assert!(!bat.contains("not allocated"), "{bat}");
+        // The data blocks were not written: the file stores less than a block more.
+        let grew = std::fs::metadata(p).unwrap().blocks() * 512 - stored;
+        assert!(grew < 2 << 20, "{}: {grew} bytes more", p.display());
+        if qemu && p == &base {
+            // qemu reads the dynamic disk the same, every block of it mapped in the file.
+            assert!(qemu_raw(p) == *model);
+            let map = qemu_map(p);
+            assert!(map.iter().all(|&(_, _, off)| off.is_some()), "{map:?}");
+        }
+        // Again: nothing to do, nothing written.
+        let bytes = std::fs::read(p).unwrap();
+        ok(&["fill", "-n", s(p), "-b"]);
+        assert!(std::fs::read(p).unwrap() == bytes);
+    }
+    // The child's reserved blocks mark no sector: it still reads its parent's.
+    assert!(read_all(&child) == model);
+    // Writes into reserved blocks read back.
+    write_random(&child, &mut rng, &mut model);
+    assert!(read_all(&child) == model);
+    assert_eq!(
+        ok(&["check", "-n", s(&child)]),
+        format!("{} is valid\n", s(&child))
+    );
+
+    // -f and -t: the blocks holding those sectors (2 MiB blocks of 4096 sectors), -t past the
+    // end clamped; -B accepted with -b.
+    let d = dir.join("d.vhd");
+    ok(&["create", "-n", s(&d), "-s", "20"]);
+    ok(&["fill", "-n", s(&d), "-b", "-f", "4096", "-t", "4097"]);
+    ok(&[
+        "fill",
+        "-n",
+        s(&d),
+        "-b",
+        "-B",
+        "-f",
+        "36863",
+        "-t",
+        "999999",
+    ]);
+    let bat = ok(&["read", "-n", s(&d), "-b", "0", "-c", "10"]);
+    let allocated: Vec<bool> = bat.lines().map(|l| !l.contains("not allocated")).collect();
+    assert_eq!(
+        allocated,
+        [false, true, false, false, false, false, false, false, true, true],
+        "{bat}"
+    );
+    assert_eq!(ok(&["check", "-n", s(&d)]), format!("{} is valid\n", s(&d)));
+    assert!(read_all(&d) == vec![0u8; 20 << 20]);
 }
 
 #[test]

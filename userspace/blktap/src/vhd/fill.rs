@@ -9,12 +9,15 @@
 //! already allocated are written and made durable before their bits are set. A kill at any point
 //! leaves a valid image that reads as before (at worst with a block no entry references); the
 //! BAT entries are made durable at the end.
+//!
+//! [`reserve`] (`vhd-util fill -b`) allocates blocks without writing their data: see
+//! [`VhdImage::reserve`].
 
 use std::path::Path;
 
 use super::chain::Chain;
 use super::image::bit;
-use super::{journal, VhdError, UNALLOCATED};
+use super::{journal, VhdError, VhdImage, UNALLOCATED};
 
 /// The most bytes read and written at a time (a block's part).
 const CHUNK: u64 = 2 << 20;
@@ -66,4 +69,40 @@ pub fn fill(path: &Path) -> Result<u64, VhdError> {
     }
     chain.flush()?;
     Ok(written)
+}
+
+/// Reserves the blocks of the dynamic or differencing image at `path` that hold sectors
+/// `from..=to` of the disk (every block when both are None; `to` past the end means up to the
+/// end), without writing their data (`vhd-util fill -b`, see [`VhdImage::reserve`]). Returns how
+/// many blocks it reserved. Refused: a fixed disk, a range that starts past the disk's end or
+/// ends before it starts, a resize journal beside the image.
+pub fn reserve(path: &Path, from: Option<u64>, to: Option<u64>) -> Result<u64, VhdError> {
+    journal::refuse_existing(path, &journal::default_path(path))?;
+    let mut image = VhdImage::open(path, true)?;
+    if image.header().is_none() {
+        return Err(VhdError::invalid(
+            path,
+            "is a fixed disk: it holds every sector already",
+        ));
+    }
+    let sectors = image.size() / 512;
+    let (from, to) = (from.unwrap_or(0), to.unwrap_or(u64::MAX));
+    if to < from {
+        return Err(VhdError::invalid(
+            path,
+            format!("invalid sector range {from}-{to}"),
+        ));
+    }
+    if from >= sectors {
+        return Err(VhdError::invalid(
+            path,
+            format!("sector {from} is past the disk's end ({sectors} sectors)"),
+        ));
+    }
+    let spb = image.block_size() / 512;
+    // CAST: below the disk's sector count, so a block index (at most `MAX_BLOCKS`); the end is
+    // clamped to the last block by `reserve`.
+    let first = (from / spb) as u32;
+    let last = u32::try_from(to / spb).unwrap_or(u32::MAX);
+    image.reserve(first..=last)
 }

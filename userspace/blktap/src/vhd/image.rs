@@ -31,6 +31,7 @@ use super::{VhdError, UNALLOCATED};
 use crate::mapping::AlignedBuf;
 
 mod grow;
+mod reserve;
 mod tail;
 
 #[cfg(test)]

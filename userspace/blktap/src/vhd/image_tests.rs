@@ -2141,6 +2141,109 @@ fn fill_allocates_every_block_and_the_disk_reads_the_same() {
 }
 
 #[test]
+fn reserve_allocates_blocks_without_their_data_and_the_disk_reads_the_same() {
+    use super::fill::reserve;
+    let mut rng = Rng::new(33);
+    let dir = scratch("reserve");
+    // A dynamic disk with one block written (its last block partial), a chain of three.
+    let d = dir.join("d.vhd");
+    create_dynamic(&d, (7 << 20) + 4096, None).unwrap();
+    let data = pattern(&mut rng, 8192);
+    Chain::open(&d, true)
+        .unwrap()
+        .write((3 << 20) + 4096, &data)
+        .unwrap();
+    let (leaf, _) = build_chain(&dir, 2, &mut rng);
+    for p in [&d, &leaf] {
+        let before = read_all(p);
+        let file_before = std::fs::read(p).unwrap();
+        let held: Vec<u32> = VhdImage::open(p, false).unwrap().bat().to_vec();
+        let blocks = held.len() as u64;
+        let unallocated = held.iter().filter(|&&s| s == super::UNALLOCATED).count() as u64;
+        assert!(unallocated > 0);
+        let stored = std::fs::metadata(p).unwrap().blocks() * 512;
+        assert_eq!(
+            reserve(p, None, None).unwrap(),
+            unallocated,
+            "{}",
+            p.display()
+        );
+        assert!(read_all(p) == before, "{}: reads differ", p.display());
+        assert!(check(p).is_empty(), "{}: {:?}", p.display(), check(p));
+        let mut image = VhdImage::open(p, false).unwrap();
+        assert_eq!(image.bat().len() as u64, blocks);
+        // Every block allocated; those held before where they were, with their bitmaps.
+        for (b, &was) in held.iter().enumerate() {
+            let now = image.bat()[b];
+            assert_ne!(now, super::UNALLOCATED);
+            if was != super::UNALLOCATED {
+                assert_eq!(now, was);
+                let at = u64::from(was) * 512;
+                let bm = image.bitmap(b as u32).unwrap().to_vec();
+                assert!(file_before[at as usize..at as usize + bm.len()] == bm[..]);
+            }
+        }
+        // The data was not written: the file stores a few bitmaps more, not the blocks.
+        let grew = std::fs::metadata(p).unwrap().blocks() * 512 - stored;
+        assert!(grew < unallocated * (2 << 20) / 8, "{grew}");
+        let mut chain = Chain::open(p, false).unwrap();
+        let mut buf = vec![0u8; chain.size() as usize];
+        chain.read(0, &mut buf).unwrap();
+        if chain.layers().len() == 1 {
+            // A dynamic disk: every sector is marked present, and reads as zeros where
+            // nothing was written.
+            assert!(wholly_allocated(p), "{}", p.display());
+            assert_eq!(chain.reads().sectors(0), chain.size() / 512);
+        } else {
+            // A differencing disk: the reserved blocks mark nothing, their sectors still come
+            // from the parents.
+            assert!(!wholly_allocated(p), "{}", p.display());
+            assert!(chain.reads().sectors(1) + chain.reads().sectors(2) > 0);
+        }
+        // Writes into reserved blocks read back, and the disk still checks clean.
+        let w = pattern(&mut rng, 4096);
+        let mut model = before.clone();
+        model[(5 << 20)..(5 << 20) + 4096].copy_from_slice(&w);
+        let mut chain = Chain::open(p, true).unwrap();
+        chain.write(5 << 20, &w).unwrap();
+        chain.flush().unwrap();
+        assert!(read_all(p) == model, "{}", p.display());
+        assert!(check(p).is_empty(), "{}: {:?}", p.display(), check(p));
+        // Again: nothing left to reserve, nothing written.
+        let file = std::fs::read(p).unwrap();
+        assert_eq!(reserve(p, None, None).unwrap(), 0);
+        assert!(std::fs::read(p).unwrap() == file);
+    }
+    // A range of sectors: the blocks holding them, the last one clamped to the disk.
+    let r = dir.join("r.vhd");
+    create_dynamic(&r, 8 << 20, None).unwrap();
+    assert_eq!(reserve(&r, Some(4096), Some(4096 + 1)).unwrap(), 1);
+    assert_eq!(reserve(&r, Some(3 * 4096 - 1), Some(u64::MAX)).unwrap(), 2);
+    let image = VhdImage::open(&r, false).unwrap();
+    let allocated: Vec<bool> = image
+        .bat()
+        .iter()
+        .map(|&s| s != super::UNALLOCATED)
+        .collect();
+    assert_eq!(allocated, [false, true, true, true]);
+    assert!(check(&r).is_empty(), "{:?}", check(&r));
+    // Refused, and nothing written: past the end, a reversed range, a fixed disk.
+    let bytes = std::fs::read(&r).unwrap();
+    for (from, to, says) in [
+        (Some(4 * 4096), None, "past the disk's end"),
+        (Some(100), Some(99), "invalid sector range 100-99"),
+    ] {
+        let e = reserve(&r, from, to).unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+    }
+    assert!(std::fs::read(&r).unwrap() == bytes);
+    let f = dir.join("f.vhd");
+    create_fixed(&f, 1 << 20).unwrap();
+    let e = reserve(&f, None, None).unwrap_err();
+    assert!(e.to_string().contains("fixed"), "{e}");
+}
+
+#[test]
 fn physical_size_moves_the_footer_and_refuses_to_cut_data() {
     let mut rng = Rng::new(32);
     let dir = scratch("physical");

@@ -7,7 +7,7 @@ use crate::vhd::header::HEADER_SIZE;
 use crate::vhd::{VhdError, UNALLOCATED};
 
 impl VhdImage {
-    fn refuse_read_only(&self) -> Result<(), VhdError> {
+    pub(super) fn refuse_read_only(&self) -> Result<(), VhdError> {
         if self.writable {
             Ok(())
         } else {
