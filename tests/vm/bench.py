@@ -21,8 +21,8 @@ systems are read-only or tmpfs, so the console is the way out).
 Method (Documentation/benchmarks.rst): each round runs every job on every device, one fio
 process per run, the devices forwards in even rounds and backwards in odd ones, so any two
 devices run A B B A A B ...; a round gives one pair per two devices and job. The jobs closest
-to their targets (FOCUS) go on for more rounds on the devices those targets compare. fio is pinned to
-vCPU 0 and the servers (tapdisk, rublk) to vCPU 1 (taskset). Around each run a calibration loop
+to their targets (FOCUS) go on for more rounds on the devices those targets compare. fio is
+pinned to vCPU 0 and the servers (tapdisk, rublk) to vCPU 1 (taskset). Around each run a calibration loop
 is timed on each vCPU and the guest's steal time read: scripts/bench flags the runs the host
 disturbed.
 """
@@ -1320,7 +1320,8 @@ def run(args):
     focus_rounds = focus_rounds if focus else rounds
     emit("meta", kernel=os.uname().release, nproc=os.cpu_count(),
          mem_kib=meminfo()["MemTotal"], fio=sh(["fio", "--version"]), jobs=jobs, runs=rounds,
-         rounds=rounds, focus=focus, focus_rounds=focus_rounds, order="abba", devices=devices, runtime=runtime, ramp=ramp, span=SPAN,
+         rounds=rounds, focus=focus, focus_rounds=focus_rounds, order="abba", devices=devices,
+         runtime=runtime, ramp=ramp, span=SPAN,
          smoke=args.smoke, job_specs={j: JOBS[j] for j in sorted(set(jobs) | set(stack_jobs))},
          pinning=pinning, gauge={"loops": loops, "clocksource": clocksource()},
          stacks={n: {"device": STACKS[n][0], "ref": STACKS[n][1], "jobs": js, "what": STACKS[n][3]}
@@ -1417,11 +1418,11 @@ def check(path):
                 elif not (r["iops"] > 0 and r["bw_kib"] > 0 and r["lat_mean_us"] >= 0
                           and r["lat_p99_us"] >= 0):
                     problems.append(f"{dev} {job}: empty numbers {r}")
-    # Each device ready ran each job as many times as the plan says (the focus rounds included).
-    ready = [dev for dev in (meta[0].get("devices") or DEFAULT_DEVICES if meta else [])
-             if any(r["kind"] == "device" and r["device"] == dev and "path" in r for r in recs)]
+    # Each device set up ran each job as many times as the plan says (focus rounds included).
     if meta:
         m = meta[0]
+        ready = [dev for dev in m.get("devices") or DEFAULT_DEVICES
+                 if any(r["kind"] == "device" and r["device"] == dev and "path" in r for r in recs)]
         want = collections.Counter((job, dev) for _, job, dev in
                                    plan(ready, jobs, m.get("rounds") or 0, m.get("focus_rounds") or 0,
                                         m.get("focus") or {}))
