@@ -544,18 +544,23 @@ impl VhdImage {
         Ok(())
     }
 
-    fn allocate(&mut self, block: u32, within: u64, part: &[u8]) -> Result<(), VhdError> {
-        // The block's data starts on a 4 KiB boundary (its bitmap just before): a 4 KiB write
-        // of the guest is one page of the file, and O_DIRECT on 4 KiB-sector storage works.
-        // The gap after the previous end is referenced by nothing.
-        let start =
-            (self.footer_offset + self.bitmap_bytes).next_multiple_of(4096) - self.bitmap_bytes;
+    /// Where a block placed after byte `end` of the file goes: its start (its bitmap) as a byte
+    /// offset and as the BAT entry's sector. The block's data starts on a 4 KiB boundary (its
+    /// bitmap just before): a 4 KiB write of the guest is one page of the file, and O_DIRECT
+    /// on 4 KiB-sector storage works. The gap after `end` is referenced by nothing.
+    fn place_after(&self, end: u64) -> Result<(u64, u32), VhdError> {
+        let start = (end + self.bitmap_bytes).next_multiple_of(4096) - self.bitmap_bytes;
         let sector = u32::try_from(start / 512)
             .ok()
             .filter(|&s| s != UNALLOCATED)
             .ok_or_else(|| {
                 VhdError::invalid(&self.path, "the BAT cannot address a block this far")
             })?;
+        Ok((start, sector))
+    }
+
+    fn allocate(&mut self, block: u32, within: u64, part: &[u8]) -> Result<(), VhdError> {
+        let (start, sector) = self.place_after(self.footer_offset)?;
         let (bm, bs) = (self.bitmap_bytes as usize, self.block_size as usize);
         let mut bitmap = vec![0u8; bm];
         let (first, count) = if self.has_parent() {

@@ -60,18 +60,11 @@ impl VhdImage {
                 set_bit(&mut bitmap, s);
             }
         }
-        // Where each block goes: its data on a 4 KiB boundary, its bitmap just before, as an
-        // allocating write places it.
+        // Where each block goes: one after the other, as allocating writes place them.
         let mut placed = Vec::with_capacity(todo.len());
         let mut end = self.footer_offset;
         for &block in &todo {
-            let start = (end + bm).next_multiple_of(4096) - bm;
-            let sector = u32::try_from(start / 512)
-                .ok()
-                .filter(|&s| s != UNALLOCATED)
-                .ok_or_else(|| {
-                    VhdError::invalid(&self.path, "the BAT cannot address a block this far")
-                })?;
+            let (start, sector) = self.place_after(end)?;
             placed.push((block, sector));
             end = start + bm + bs;
         }
