@@ -2,7 +2,7 @@
 //! through the library, qemu-img as an independent reader where installed.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use blktap::rng::Rng;
@@ -1461,18 +1461,25 @@ fn read_refuses_ranges_past_the_end_and_what_an_image_lacks() {
     assert!(err.contains("checksum"), "{err}");
 }
 
+/// A 20 MiB dynamic VHD and a snapshot of it in `dir`, each written at random: the base, the
+/// child, and what each reads.
+fn base_and_child(dir: &Path, rng: &mut Rng) -> (PathBuf, PathBuf, Vec<u8>, Vec<u8>) {
+    let base = dir.join("base.vhd");
+    ok(&["create", "-n", s(&base), "-s", "20"]);
+    let mut model = vec![0u8; 20 << 20];
+    write_random(&base, rng, &mut model);
+    let base_model = model.clone();
+    let child = dir.join("child.vhd");
+    ok(&["snapshot", "-n", s(&child), "-p", s(&base)]);
+    write_random(&child, rng, &mut model);
+    (base, child, base_model, model)
+}
+
 #[test]
 fn fill_allocates_every_block_and_qemu_reads_the_same_bytes() {
     let dir = scratch("fill");
     let mut rng = Rng::new(41);
-    let base = dir.join("base.vhd");
-    ok(&["create", "-n", s(&base), "-s", "20"]);
-    let mut model = vec![0u8; 20 << 20];
-    write_random(&base, &mut rng, &mut model);
-    let base_model = model.clone();
-    let child = dir.join("child.vhd");
-    ok(&["snapshot", "-n", s(&child), "-p", s(&base)]);
-    write_random(&child, &mut rng, &mut model);
+    let (base, child, base_model, model) = base_and_child(&dir, &mut rng);
     let qemu = have_qemu();
     for (p, model) in [(&child, &model), (&base, &base_model)] {
         // qemu's vpc driver does not read a differencing image's parent (it reads zeros where
@@ -1564,14 +1571,7 @@ fn fill_allocates_every_block_and_qemu_reads_the_same_bytes() {
 fn fill_b_allocates_the_bat_and_bitmaps_and_the_disk_reads_the_same() {
     let dir = scratch("fill-b");
     let mut rng = Rng::new(43);
-    let base = dir.join("base.vhd");
-    ok(&["create", "-n", s(&base), "-s", "20"]);
-    let mut model = vec![0u8; 20 << 20];
-    write_random(&base, &mut rng, &mut model);
-    let base_model = model.clone();
-    let child = dir.join("child.vhd");
-    ok(&["snapshot", "-n", s(&child), "-p", s(&base)]);
-    write_random(&child, &mut rng, &mut model);
+    let (base, child, base_model, mut model) = base_and_child(&dir, &mut rng);
     let qemu = have_qemu();
     for (p, model) in [(&child, &model), (&base, &base_model)] {
         let stored = std::fs::metadata(p).unwrap().blocks() * 512;
